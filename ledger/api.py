@@ -1,0 +1,339 @@
+"""The Ledger facade: append (with inline projections, one transaction), reads, history.
+
+    >>> ledger = Ledger.open("sqlite:///ledger.db", upgrade=True)
+    >>> ledger.append([TaskState(task_id="t1", status="STARTED")])
+    >>> ledger.task_meta("t1").status
+    'STARTED'
+
+A writer always reads its own writes: the projection rows are updated in the
+transaction that appends the events.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ledger import database
+from ledger.events import (
+    ChordFired,
+    ChordPartReturned,
+    EventData,
+    NewEvent,
+    RecordedEvent,
+    validate,
+)
+from ledger.log import START, Checkpoint, Encoded, RetryableConflict, log_for
+from ledger.schema import checkpoints
+from projections.chord import ChordState
+from projections.group import GroupState
+from projections.memory import MemoryTarget, Snapshot
+from projections.sql import SqlTarget
+from projections.task_meta import TaskMeta
+
+log = logging.getLogger("ledger")
+T = TypeVar("T")
+
+
+@dataclass
+class AppendResult:
+    """What an append wrote: new events, ids that were already there, chords it completed."""
+
+    recorded: list[RecordedEvent] = field(default_factory=list)
+    duplicates: list = field(default_factory=list)
+    completed_chords: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a unit of work is retried: conflicts always, disconnects ``attempts`` times."""
+
+    attempts: int = 5
+    base_sleep: float = 0.05
+    max_sleep: float = 2.0
+
+    def sleep(self, attempt: int) -> float:
+        # Full jitter (AWS architecture blog): spreads out writers that collided.
+        return random.uniform(0, min(self.max_sleep, self.base_sleep * (2**attempt)))
+
+
+class Ledger:
+    """An event log with its projections, on one database."""
+
+    def __init__(self, engine: Engine, *, retry: RetryPolicy | None = None) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.log = log_for(self.dialect)
+        self.target = SqlTarget()
+        self.retry = retry or RetryPolicy()
+
+    @classmethod
+    def open(cls, url: str, *, upgrade: bool = False, retry: RetryPolicy | None = None) -> Ledger:
+        """Open the ledger at ``url`` (``sqlite:///file.db`` or ``postgresql+psycopg://...``).
+
+        ``upgrade=True`` runs the Alembic migrations first; otherwise the schema
+        must exist (``celery-ledger db upgrade``).
+        """
+        ledger = cls(database.engine_for(url), retry=retry)
+        if upgrade:
+            ledger.upgrade()
+        return ledger
+
+    @property
+    def url(self) -> str:
+        """The database URL with the password hidden."""
+        return database.safe_url(self.engine.url)
+
+    def upgrade(self, revision: str = "head") -> None:
+        from ledger.migrate import upgrade
+
+        upgrade(self.engine, revision)
+
+    def __repr__(self) -> str:
+        return f"Ledger({self.url!r})"
+
+    # -- writing --------------------------------------------------------------------
+
+    def append(self, events: Iterable[EventData | NewEvent]) -> AppendResult:
+        """Append events and update the projections in one transaction.
+
+        Idempotent on ``event_id``: an event already in the log is skipped and
+        listed in ``duplicates``. Raises :class:`ledger.events.InvalidEvent` for
+        an invalid payload and :class:`ledger.log.VersionConflict` when an
+        ``expected_version`` does not hold; nothing is written in either case.
+        """
+        items = [Encoded.of(self._new(e)) for e in events]
+        if not items:
+            return AppendResult()
+
+        def work(conn: Connection) -> AppendResult:
+            recorded, duplicates = self.log.append(conn, items)
+            completed = self.target.apply(conn, recorded)
+            return AppendResult(recorded, duplicates, completed)
+
+        return self._write(work)
+
+    @staticmethod
+    def _new(event: EventData | NewEvent) -> NewEvent:
+        if isinstance(event, NewEvent):
+            return NewEvent(validate(event.data), event.event_id, event.expected_version)
+        return NewEvent(validate(event))
+
+    def return_chord_part(self, chord_id: str, task_id: str, status: str) -> bool:
+        """Record that header task ``task_id`` of chord ``chord_id`` returned.
+
+        Returns True exactly once per chord: to the caller that must send the body.
+        The part's event id is derived from (chord, task), so a redelivered part
+        is the same event and counts once. The caller whose part completed the
+        chord claims the body with a ``chord.fired`` event of a fixed id in the
+        same transaction. If the process died between completing and claiming, a
+        redelivery of the completing part finds the chord complete at its own
+        event and claims then; any other duplicate returns False.
+        """
+        part_id = ChordPartReturned.deterministic_event_id(chord_id, task_id)
+        part = Encoded.of(
+            NewEvent(ChordPartReturned(chord_id=chord_id, task_id=task_id, status=status), part_id)
+        )
+        claim = Encoded.of(
+            NewEvent(ChordFired(chord_id=chord_id), ChordFired.deterministic_event_id(chord_id))
+        )
+
+        def work(conn: Connection) -> bool:
+            recorded, _ = self.log.append(conn, [part])
+            completed = self.target.apply(conn, recorded)
+            if not completed:
+                if recorded:
+                    return False
+                state = self.target.chord(conn, chord_id)
+                mine = self.log.read_positions(conn, [state.completed_position]) if (
+                    state and state.completed_position and state.fired_position is None
+                ) else []
+                if not (mine and mine[0].event_id == part_id):
+                    return False
+            fired, _ = self.log.append(conn, [claim])
+            self.target.apply(conn, fired)
+            return bool(fired)
+
+        return self._write(work)
+
+    def _write(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a write transaction, retrying conflicts and lost connections."""
+        attempt = 0
+        while True:
+            try:
+                with self.engine.connect() as conn:
+                    conn = conn.execution_options(ledger_write=True)
+                    with conn.begin():
+                        return work(conn)
+            except RetryableConflict as exc:
+                # Always safe: the transaction rolled back, the events keep their ids.
+                if attempt >= 50:
+                    raise
+                log.debug("append conflict, retrying: %s", exc)
+            except sa.exc.DBAPIError as exc:
+                if not database.is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
+                    raise
+                log.warning(
+                    "ledger write failed (%s); retry %d/%d",
+                    type(exc.orig or exc).__name__,
+                    attempt + 1,
+                    self.retry.attempts - 1,
+                )
+            time.sleep(self.retry.sleep(attempt))
+            attempt += 1
+
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                with self.engine.connect() as conn:
+                    return work(conn)
+            except sa.exc.DBAPIError as exc:
+                if not database.is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
+                    raise
+                time.sleep(self.retry.sleep(attempt))
+                attempt += 1
+
+    # -- reading projections -----------------------------------------------------------
+
+    def task_meta(self, task_id: str, *, as_of: datetime | int | None = None) -> TaskMeta | None:
+        """The task's current projection row, or as it was at a time or log position."""
+        if as_of is None:
+            return self._read(lambda c: self.target.task(c, task_id))
+        return self._replay(f"task:{task_id}", as_of).state.tasks.get(task_id)
+
+    def group(self, group_id: str) -> GroupState | None:
+        return self._read(lambda c: self.target.group(c, group_id))
+
+    def chord(self, chord_id: str) -> ChordState | None:
+        return self._read(lambda c: self.target.chord(c, chord_id))
+
+    def snapshot(self) -> Snapshot:
+        """Every live projection row (tests and verify)."""
+        return self._read(self.target.snapshot)
+
+    def _replay(self, stream_id: str, as_of: datetime | int) -> MemoryTarget:
+        if isinstance(as_of, int):
+            events = self._read(lambda c: self.log.read_stream(c, stream_id, until_position=as_of))
+        else:
+            events = self._read(lambda c: self.log.read_stream(c, stream_id, until_time=as_of))
+        target = MemoryTarget()
+        target.apply(events)
+        return target
+
+    # -- reading the log ---------------------------------------------------------------
+
+    def read_stream(self, stream_id: str) -> list[RecordedEvent]:
+        return self._read(lambda c: self.log.read_stream(c, stream_id))
+
+    def history(self, task_id: str) -> list[RecordedEvent]:
+        """Every event of the task, forgotten or not, in order."""
+        return self.read_stream(f"task:{task_id}")
+
+    def checkpoint_of(self, position: int | Checkpoint) -> Checkpoint:
+        if isinstance(position, Checkpoint):
+            return position
+        return self._read(lambda c: self.log.checkpoint_of(c, position))
+
+    def read_from(self, after: int | Checkpoint = START, limit: int = 1000) -> list[RecordedEvent]:
+        """Up to ``limit`` committed events after ``after`` in follow order.
+
+        ``after`` is a :class:`Checkpoint` or a position (0 = the beginning).
+        Follow order is position order on SQLite and ``(tx_id, position)`` on
+        PostgreSQL; in both no committed event is ever skipped.
+        """
+        cp = self.checkpoint_of(after)
+        return self._read(lambda c: self.log.read_from(c, cp, limit))
+
+    def follow(
+        self,
+        from_position: int | Checkpoint = START,
+        *,
+        batch: int = 1000,
+        stop: threading.Event | None = None,
+        idle_timeout: float | None = None,
+        poll_interval: float = 0.5,
+    ) -> Iterator[RecordedEvent]:
+        """Yield every event after ``from_position``, then new ones as they commit.
+
+        Wakes on LISTEN/NOTIFY on PostgreSQL (a poll every ``poll_interval`` as a
+        safety net) and polls on SQLite. Ends when ``stop`` is set or after
+        ``idle_timeout`` seconds without an event.
+        """
+        from ledger.listen import Listener
+
+        cp = self.checkpoint_of(from_position)
+        idle_since = time.monotonic()
+        with Listener.for_engine(self.engine) as listener:
+            while stop is None or not stop.is_set():
+                events = self._read(lambda c, cp=cp: self.log.read_from(c, cp, batch))
+                for event in events:
+                    yield event
+                    cp = Checkpoint(event.tx_id, event.position)
+                if events:
+                    idle_since = time.monotonic()
+                    continue
+                if idle_timeout is not None and time.monotonic() - idle_since >= idle_timeout:
+                    return
+                listener.wait(poll_interval)
+
+    # -- checkpoints of followers stored beside the log ----------------------------------
+
+    def load_checkpoint(self, name: str, conn: Connection | None = None) -> Checkpoint:
+        def q(c: Connection) -> Checkpoint:
+            row = c.execute(
+                sa.select(checkpoints.c.tx_id, checkpoints.c.position).where(
+                    checkpoints.c.name == name
+                )
+            ).first()
+            return Checkpoint(*row) if row else START
+
+        return q(conn) if conn is not None else self._read(q)
+
+    def save_checkpoint(self, conn: Connection, name: str, cp: Checkpoint) -> None:
+        """Store a follower's checkpoint in the caller's transaction."""
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        stmt = insert(checkpoints).values(
+            name=name, tx_id=cp.tx_id, position=cp.position, updated_at=sa.func.now()
+            if self.dialect == "postgresql"
+            else datetime.now().astimezone()
+        )
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[checkpoints.c.name],
+                set_={"tx_id": stmt.excluded.tx_id, "position": stmt.excluded.position,
+                      "updated_at": stmt.excluded.updated_at},
+            )
+        )
+
+    def follower_lag(self) -> dict:
+        """How far followers are held back: events not yet visible in follow order."""
+
+        def q(c: Connection) -> dict:
+            head = self.log.head(c)
+            info = {"head_position": head.position, "head_tx_id": head.tx_id, "held_back": 0}
+            if self.dialect == "postgresql":
+                horizon = self.log.visible_horizon(c)  # type: ignore[attr-defined]
+                t = self.log.table
+                info["visible_below_tx_id"] = horizon
+                info["held_back"] = c.execute(
+                    sa.select(sa.func.count()).where(t.c.tx_id >= horizon)
+                ).scalar_one()
+            return info
+
+        return self._read(q)
+
+    def close(self) -> None:
+        """Nothing to do per instance: engines are shared per process."""

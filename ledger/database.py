@@ -1,0 +1,155 @@
+"""Engines: one per URL per process, set up for the ledger's transaction rules.
+
+* Celery creates a backend per thread and per worker child; they all share the
+  process's engine (and its pool) from :func:`engine_for`. After ``fork`` the
+  child builds its own: pooled connections must not cross processes.
+* SQLite write transactions start with ``BEGIN IMMEDIATE`` so that writers
+  serialize at BEGIN (the only way SQLite orders commits), and the file runs in
+  WAL mode so readers never block writers.
+* URLs shown to people go through :func:`safe_url`: passwords never appear in
+  logs, errors or CLI output.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+
+_lock = threading.Lock()
+_engines: dict[str, Engine] = {}
+
+
+def _forget_engines_in_child() -> None:
+    # The parent's pooled sockets are not ours: drop references without closing
+    # them (closing would send a Terminate on the parent's connection).
+    for engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_in_child)
+
+
+class BadDatabaseURL(ValueError):
+    """The database URL cannot be used by the ledger."""
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Accept ``sqlite:///f.db``, ``postgresql://``, ``postgresql+psycopg://``, ``ledger+...``."""
+    text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
+    if text.startswith("ledger+"):
+        text = text[len("ledger+") :]
+    try:
+        u = make_url(text)
+    except Exception as exc:  # ArgumentError and friends
+        raise BadDatabaseURL(f"not a database URL: {safe_url(text)!r} ({exc.__class__.__name__})") from None
+    backend = u.get_backend_name()
+    if backend == "postgresql":
+        if u.get_driver_name() not in ("psycopg", "psycopg2") or "+" not in u.drivername:
+            u = u.set(drivername="postgresql+psycopg")
+        elif u.get_driver_name() != "psycopg":
+            raise BadDatabaseURL("the ledger needs psycopg 3: use postgresql+psycopg://")
+    elif backend != "sqlite":
+        raise BadDatabaseURL(
+            f"unsupported database {backend!r} in {safe_url(u)!r}: use postgresql+psycopg:// or sqlite:///"
+        )
+    return u
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL with any password replaced by ``***``."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    prefix = ""
+    if url.startswith("ledger+"):
+        prefix, url = "ledger+", url[len("ledger+") :]
+    try:
+        return prefix + make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        # Not parseable: strip anything between '://' and '@' that looks like credentials.
+        head, sep, tail = url.partition("://")
+        if sep and "@" in tail:
+            tail = "***@" + tail.split("@", 1)[1]
+        return prefix + head + sep + tail
+
+
+def engine_for(url: str | URL) -> Engine:
+    """The process-wide engine for ``url`` (created on first use)."""
+    u = normalize_url(url)
+    key = u.render_as_string(hide_password=False)
+    engine = _engines.get(key)
+    if engine is None:
+        with _lock:
+            engine = _engines.get(key)
+            if engine is None:
+                engine = _create(u)
+                _engines[key] = engine
+    return engine
+
+
+def _create(u: URL) -> Engine:
+    if u.get_backend_name() == "sqlite":
+        engine = sa.create_engine(
+            u,
+            connect_args={"timeout": 60, "check_same_thread": False},
+            pool_size=8,
+            max_overflow=8,
+        )
+        _setup_sqlite(engine)
+        return engine
+    return sa.create_engine(
+        u,
+        pool_size=int(os.environ.get("LEDGER_POOL_SIZE", "8")),
+        max_overflow=16,
+        pool_recycle=1800,
+        # Disconnects are handled by retrying the whole unit of work
+        # (ledger.api.Ledger._write), so no pre-ping round trip per checkout.
+        pool_pre_ping=False,
+    )
+
+
+def _setup_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record):
+        # Let SQLAlchemy's begin event (below) issue BEGIN itself.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):
+        # Writers take the write lock at BEGIN: two deferred transactions that both
+        # read and then write would otherwise deadlock-fail with SQLITE_BUSY.
+        if conn.get_execution_options().get("ledger_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """True for errors after which a fresh connection may succeed."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa.exc.OperationalError):
+        text = str(exc.orig).lower() if exc.orig is not None else str(exc).lower()
+        return any(
+            marker in text
+            for marker in (
+                "connection",
+                "server closed",
+                "terminating",
+                "shutting down",
+                "the database system is starting up",
+                "database is locked",
+                "could not receive",
+                "ssl syscall",
+                "eof detected",
+            )
+        )
+    return isinstance(exc, sa.exc.InterfaceError | sa.exc.TimeoutError)

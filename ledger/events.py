@@ -1,0 +1,357 @@
+"""Event models: what the log records, one pydantic model per event type.
+
+Every model is the *payload* of one log row. The envelope (position, event_id,
+stream, version, time) is :class:`RecordedEvent`. Payloads are validated on the
+way in, so an invalid event is rejected with an error naming the field before
+anything is written.
+
+This module is pure: it imports neither SQLAlchemy nor Kafka.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ledger import codec
+
+#: Longest task/group/chord id the projection tables accept (column limit).
+MAX_ID_LENGTH = 255
+#: Longest state name (Celery's own states are at most 8; custom states may be longer).
+MAX_STATE_LENGTH = 50
+
+Id = str
+
+
+class InvalidEvent(ValueError):
+    """An event failed validation; the message names the offending field."""
+
+
+class Encoded(BaseModel):
+    """A value serialized with the Celery app's result serializer.
+
+    Results, args and kwargs are stored exactly as the app encoded them, with the
+    content type, so that reading them back honours the app's ``accept_content``
+    (a pickle payload is never unpickled by an app that did not accept pickle).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    content_type: str
+    content_encoding: str = "utf-8"
+    data: bytes
+
+
+class EventData(BaseModel):
+    """Base of all payload models."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+    type: ClassVar[str]
+    schema_version: ClassVar[int] = 1
+    stream_prefix: ClassVar[str]
+
+    @property
+    def stream_key(self) -> str:
+        """The id this event is about (task, group or chord id)."""
+        raise NotImplementedError
+
+    @property
+    def stream_id(self) -> str:
+        return f"{self.stream_prefix}:{self.stream_key}"
+
+    # Columns lifted out of the payload so projections can be rebuilt set-based
+    # in SQL without decoding msgpack (see ledger/schema.py).
+    def index_columns(self) -> dict[str, Any]:
+        return {}
+
+
+def _check_id(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise ValueError(f"is {len(value)} characters long; the limit is {MAX_ID_LENGTH}")
+    return value
+
+
+class _TaskEvent(EventData):
+    stream_prefix: ClassVar[str] = "task"
+    task_id: Id
+
+    _task_id = field_validator("task_id")(_check_id)
+
+    @property
+    def stream_key(self) -> str:
+        return self.task_id
+
+
+class TaskState(_TaskEvent):
+    """A task reached a state (PENDING, STARTED, RETRY, SUCCESS, FAILURE, REVOKED or custom)."""
+
+    type: ClassVar[str] = "task.state"
+
+    status: str = Field(min_length=1, max_length=MAX_STATE_LENGTH)
+    result: Encoded | None = None
+    traceback: str | None = None
+    children: list[Any] | None = None
+    date_done: datetime | None = None
+    # result_extended fields (None when the app does not extend results)
+    name: str | None = None
+    args: Encoded | None = None
+    kwargs: Encoded | None = None
+    worker: str | None = None
+    retries: int | None = None
+    queue: str | None = None
+    parent_id: str | None = None
+    group_id: str | None = None
+    root_id: str | None = None
+    # Summary of an exception for audit tools that cannot decode ``result``.
+    exc_type: str | None = None
+    exc_message: str | None = None
+
+    def index_columns(self) -> dict[str, Any]:
+        return {"task_state": self.status}
+
+
+class TaskForgotten(_TaskEvent):
+    """``AsyncResult.forget()``: a tombstone. The projection row goes, the history stays."""
+
+    type: ClassVar[str] = "task.forgotten"
+
+
+class ResultExpired(_TaskEvent):
+    """``result_expires`` / ``backend.cleanup()`` dropped this task's result."""
+
+    type: ClassVar[str] = "results.expired"
+    expired_before: datetime
+
+
+class _GroupEvent(EventData):
+    stream_prefix: ClassVar[str] = "group"
+    group_id: Id
+
+    _group_id = field_validator("group_id")(_check_id)
+
+    @property
+    def stream_key(self) -> str:
+        return self.group_id
+
+
+class GroupSaved(_GroupEvent):
+    """``GroupResult.save()``: the group's membership (Celery's ``as_tuple()`` form)."""
+
+    type: ClassVar[str] = "group.saved"
+    result: Any
+
+
+class GroupForgotten(_GroupEvent):
+    type: ClassVar[str] = "group.forgotten"
+
+
+class GroupExpired(_GroupEvent):
+    type: ClassVar[str] = "group.expired"
+    expired_before: datetime
+
+
+class _ChordEvent(EventData):
+    stream_prefix: ClassVar[str] = "chord"
+    chord_id: Id
+
+    _chord_id = field_validator("chord_id")(_check_id)
+
+    @property
+    def stream_key(self) -> str:
+        return self.chord_id
+
+
+class ChordStarted(_ChordEvent):
+    """The chord's header was applied with ``size`` parts (``set_chord_size``/``apply_chord``)."""
+
+    type: ClassVar[str] = "chord.started"
+    size: int = Field(ge=0)
+    body: Any = None
+
+    def index_columns(self) -> dict[str, Any]:
+        return {"chord_size": self.size}
+
+
+class ChordPartAdded(_ChordEvent):
+    """``add_to_chord``: the header grew by one task."""
+
+    type: ClassVar[str] = "chord.part_added"
+    task_id: Id
+
+    _task_id = field_validator("task_id")(_check_id)
+
+    def index_columns(self) -> dict[str, Any]:
+        return {"ref_id": self.task_id, "chord_size": 1}
+
+
+class ChordPartReturned(_ChordEvent):
+    """A header task returned (any ready state). Counted once per distinct ``task_id``."""
+
+    type: ClassVar[str] = "chord.part_returned"
+    task_id: Id
+    status: str = Field(min_length=1, max_length=MAX_STATE_LENGTH)
+
+    _task_id = field_validator("task_id")(_check_id)
+
+    def index_columns(self) -> dict[str, Any]:
+        return {"ref_id": self.task_id, "task_state": self.status}
+
+    @staticmethod
+    def deterministic_event_id(chord_id: str, task_id: str) -> uuid.UUID:
+        """The same part returning twice (redelivery) is the same event: a no-op."""
+        return uuid.uuid5(_PART_NAMESPACE, f"{chord_id}\x00{task_id}")
+
+
+class ChordFired(_ChordEvent):
+    """The chord's body was sent (after the part that completed the chord returned)."""
+
+    type: ClassVar[str] = "chord.fired"
+    body_task_id: str | None = None
+
+    @staticmethod
+    def deterministic_event_id(chord_id: str) -> uuid.UUID:
+        return uuid.uuid5(_PART_NAMESPACE, f"{chord_id}\x00fired")
+
+
+_PART_NAMESPACE = uuid.UUID("6f1b1c2e-8d1e-4a55-9d0c-0c6b7c3f1a10")
+
+EVENT_TYPES: dict[str, type[EventData]] = {
+    cls.type: cls
+    for cls in (
+        TaskState,
+        TaskForgotten,
+        ResultExpired,
+        GroupSaved,
+        GroupForgotten,
+        GroupExpired,
+        ChordStarted,
+        ChordPartAdded,
+        ChordPartReturned,
+        ChordFired,
+    )
+}
+
+#: Types that end a task's (or group's) current life: the projection row goes.
+TOMBSTONE_TYPES = frozenset(
+    {TaskForgotten.type, ResultExpired.type, GroupForgotten.type, GroupExpired.type}
+)
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append.
+
+    ``expected_version`` is optimistic concurrency: the stream's version before
+    this event must equal it, or the append fails with
+    :class:`ledger.log.VersionConflict`. ``None`` appends at the end.
+    """
+
+    data: EventData
+    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    expected_version: int | None = None
+
+    @property
+    def stream_id(self) -> str:
+        return self.data.stream_id
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    """An event as the log stores it. ``data`` is decoded from ``payload`` on first use."""
+
+    position: int
+    event_id: uuid.UUID
+    stream_id: str
+    stream_version: int
+    type: str
+    schema_version: int
+    recorded_at: datetime
+    payload: bytes
+    tx_id: int = 0
+    _data: list = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def data(self) -> EventData:
+        if not self._data:
+            self._data.append(decode(self.type, self.schema_version, self.payload))
+        return self._data[0]
+
+    @property
+    def stream_key(self) -> str:
+        return self.stream_id.split(":", 1)[1]
+
+
+class CorruptEvent(ValueError):
+    """A stored payload could not be decoded into its event model."""
+
+
+def validate(data: EventData) -> EventData:
+    """Re-validate a payload model (models built with ``model_construct`` skip validation)."""
+    try:
+        return type(data).model_validate(data.model_dump())
+    except ValidationError as exc:
+        raise InvalidEvent(_describe(type(data).type, exc)) from None
+
+
+def make(type_: str, **fields: Any) -> EventData:
+    """Build a payload by type name; raises :class:`InvalidEvent` naming the bad field."""
+    try:
+        cls = EVENT_TYPES[type_]
+    except KeyError:
+        raise InvalidEvent(f"unknown event type {type_!r}") from None
+    try:
+        return cls(**fields)
+    except ValidationError as exc:
+        raise InvalidEvent(_describe(type_, exc)) from None
+
+
+def _describe(type_: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(event)"
+        parts.append(f"field {where!r}: {err['msg']}")
+    return f"invalid {type_} event: " + "; ".join(parts)
+
+
+def encode(data: EventData) -> bytes:
+    return codec.dumps(data.model_dump(mode="python"))
+
+
+def decode(type_: str, schema_version: int, payload: bytes) -> EventData:
+    cls = EVENT_TYPES.get(type_)
+    if cls is None:
+        raise CorruptEvent(f"unknown event type {type_!r}")
+    if schema_version > cls.schema_version:
+        raise CorruptEvent(
+            f"{type_} schema version {schema_version} is newer than this code ({cls.schema_version})"
+        )
+    try:
+        return cls.model_validate(codec.loads(payload))
+    except (ValidationError, codec.CodecError) as exc:
+        raise CorruptEvent(f"cannot decode {type_} payload: {exc}") from exc
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# Literal of all type names, for type checkers and the CLI's --type choices.
+EventTypeName = Literal[
+    "task.state",
+    "task.forgotten",
+    "results.expired",
+    "group.saved",
+    "group.forgotten",
+    "group.expired",
+    "chord.started",
+    "chord.part_added",
+    "chord.part_returned",
+    "chord.fired",
+]

@@ -1,0 +1,55 @@
+"""The log's tables. Projection tables are defined in :mod:`projections.sql`.
+
+``ledger_events`` is the log. Besides the envelope it carries three *index
+columns* lifted out of the payload (``task_state``, ``ref_id``, ``chord_size``)
+so that projections can be rebuilt with set-based SQL instead of decoding every
+msgpack payload in Python.
+
+``tx_id`` is PostgreSQL's ``pg_current_xact_id()`` of the appending transaction
+(0 on SQLite); followers order by ``(tx_id, position)`` (see ledger/log.py).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from projections.sql import LIVE, Position, UTCDateTime, metadata
+
+events = sa.Table(
+    "ledger_events",
+    metadata,
+    sa.Column(
+        "position",
+        Position,
+        sa.Identity(always=False),
+        primary_key=True,
+    ),
+    sa.Column("tx_id", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("event_id", sa.Uuid(), nullable=False, unique=True),
+    sa.Column("stream_id", sa.String(300), nullable=False),
+    sa.Column("stream_version", sa.Integer(), nullable=False),
+    sa.Column("type", sa.String(40), nullable=False),
+    sa.Column("schema_version", sa.SmallInteger(), nullable=False),
+    sa.Column("recorded_at", UTCDateTime(), nullable=False, index=True),
+    sa.Column("task_state", sa.String(50), nullable=True),
+    sa.Column("ref_id", sa.String(255), nullable=True),
+    sa.Column("chord_size", sa.Integer(), nullable=True),
+    sa.Column("payload", sa.LargeBinary(), nullable=False),
+    sa.UniqueConstraint("stream_id", "stream_version"),
+    sa.Index(None, "tx_id", "position"),
+    sqlite_autoincrement=True,  # never reuse a position, even after prune
+)
+
+#: Positions of followers (relay, remote projections) stored beside the log.
+checkpoints = sa.Table(
+    "ledger_checkpoints",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("tx_id", sa.BigInteger(), nullable=False),
+    sa.Column("position", sa.BigInteger(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+projections = LIVE
+
+__all__ = ["checkpoints", "events", "metadata", "projections"]

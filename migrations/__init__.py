@@ -1,0 +1,1 @@
+"""Alembic environment of celery-ledger (shipped in the wheel as ``ledger.migrations``)."""

@@ -1,0 +1,68 @@
+"""Chord counters, folded from ``chord:<id>`` streams.
+
+The chord is *complete* at the first event after which the number of distinct
+header task ids that returned reaches the chord's size. ``completed_position``
+records that event, once: whoever appended it (or a redelivery of the very same
+part, which is the same event) owns firing the body. Ids are counted, never
+blind increments, so a redelivered part cannot complete a chord early.
+``chord.fired`` records that the body was sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ledger.events import (
+    ChordFired,
+    ChordPartAdded,
+    ChordPartReturned,
+    ChordStarted,
+    RecordedEvent,
+)
+
+
+@dataclass(frozen=True)
+class ChordState:
+    chord_id: str
+    size: int | None
+    #: distinct header task ids that returned: (task_id, status, position of first return)
+    parts: frozenset[tuple[str, str, int]]
+    completed_position: int | None = None
+    fired_position: int | None = None
+
+    @property
+    def returned(self) -> int:
+        return len(self.parts)
+
+    @property
+    def complete(self) -> bool:
+        return self.completed_position is not None
+
+    def has_part(self, task_id: str) -> bool:
+        return any(p[0] == task_id for p in self.parts)
+
+
+def fold(state: ChordState | None, event: RecordedEvent) -> ChordState | None:
+    if event.type not in _CHORD_TYPES:
+        return state
+    if state is None:
+        state = ChordState(chord_id=event.stream_key, size=None, parts=frozenset())
+    data = event.data
+    if event.type == ChordStarted.type:
+        state = replace(state, size=data.size)  # type: ignore[attr-defined]
+    elif event.type == ChordPartAdded.type:
+        state = replace(state, size=(state.size or 0) + 1)
+    elif event.type == ChordPartReturned.type:
+        if not state.has_part(data.task_id):  # type: ignore[attr-defined]
+            part = (data.task_id, data.status, event.position)  # type: ignore[attr-defined]
+            state = replace(state, parts=state.parts | {part})
+    elif event.type == ChordFired.type and state.fired_position is None:
+        state = replace(state, fired_position=event.position)
+    if state.completed_position is None and state.size is not None and state.returned >= state.size:
+        state = replace(state, completed_position=event.position)
+    return state
+
+
+_CHORD_TYPES = frozenset(
+    {ChordStarted.type, ChordPartAdded.type, ChordPartReturned.type, ChordFired.type}
+)

@@ -1,0 +1,79 @@
+"""In-memory projection target: the folds applied to dictionaries.
+
+Used by the fast tests, by replay (``as_of``), by ``verify`` as the reference,
+and by remote consumers that need no database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ledger.events import RecordedEvent
+from projections import chord, group, task_meta
+
+
+@dataclass
+class Snapshot:
+    """Every projection's state, comparable with ``==`` across targets."""
+
+    tasks: dict[str, task_meta.TaskMeta] = field(default_factory=dict)
+    groups: dict[str, group.GroupState] = field(default_factory=dict)
+    chords: dict[str, chord.ChordState] = field(default_factory=dict)
+
+    def differences(self, other: Snapshot) -> list[str]:
+        """Human-readable differences, ``self`` being the expected side."""
+        out: list[str] = []
+        for name in ("tasks", "groups", "chords"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            for key in sorted(mine.keys() | theirs.keys()):
+                a, b = mine.get(key), theirs.get(key)
+                if a != b:
+                    out.append(f"{name}[{key!r}]: expected {_short(a)}, found {_short(b)}")
+        return out
+
+
+def _short(value: object) -> str:
+    if value is None:
+        return "no row"
+    text = repr(value)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+_FOLDS = {
+    "task": ("tasks", task_meta.fold),
+    "group": ("groups", group.fold),
+    "chord": ("chords", chord.fold),
+}
+
+
+class MemoryTarget:
+    """Applies events to a :class:`Snapshot` with the pure folds."""
+
+    def __init__(self) -> None:
+        self.state = Snapshot()
+        #: Follow-order checkpoint of the last applied event (remote runners store this).
+        self.checkpoint: tuple[int, int] = (0, 0)
+
+    def apply(self, events: Iterable[RecordedEvent]) -> list[str]:
+        """Fold events in; return the chord ids that these events completed."""
+        completed: list[str] = []
+        for event in events:
+            prefix, key = event.stream_id.split(":", 1)
+            name, fold = _FOLDS[prefix]
+            table = getattr(self.state, name)
+            before = table.get(key)
+            after = fold(before, event)
+            if after is None:
+                table.pop(key, None)
+            else:
+                table[key] = after
+            if (
+                prefix == "chord"
+                and after is not None
+                and after.completed_position == event.position
+                and (before is None or before.completed_position is None)
+            ):
+                completed.append(key)
+            self.checkpoint = (event.tx_id, event.position)
+        return completed

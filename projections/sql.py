@@ -1,0 +1,523 @@
+"""SQL projection target: tables beside the log, in the append's transaction.
+
+Every statement here is the SQL form of a fold in this package, and the
+property test (tests/test_projection_equivalence.py) proves the three forms
+equal: the memory fold, these live statements, and the set-based rebuild.
+
+Named queries live in this module only; the log's own SQL lives in ledger/log.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timezone
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ledger.events import (
+    TOMBSTONE_TYPES,
+    ChordFired,
+    ChordPartAdded,
+    ChordPartReturned,
+    ChordStarted,
+    GroupExpired,
+    GroupForgotten,
+    GroupSaved,
+    RecordedEvent,
+    ResultExpired,
+    TaskForgotten,
+    TaskState,
+)
+from projections.chord import ChordState
+from projections.group import GroupState
+from projections.memory import Snapshot
+from projections.task_meta import READY_STATES, STICKY_STATE, TaskMeta
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: One MetaData for the log and the projections; Alembic compares against it.
+metadata = sa.MetaData(naming_convention=NAMING)
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """Timezone-aware UTC datetimes on every dialect (SQLite stores naive text)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime: the ledger stores UTC only")
+        if value is not None and dialect.name == "sqlite":
+            return value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+@dataclass(frozen=True)
+class ProjectionTables:
+    """The four projection tables; ``rebuild`` fills a second set and swaps it in."""
+
+    task_meta: sa.Table
+    groups: sa.Table
+    chords: sa.Table
+    chord_parts: sa.Table
+
+    def all(self) -> tuple[sa.Table, ...]:
+        return (self.task_meta, self.groups, self.chords, self.chord_parts)
+
+    @classmethod
+    def define(cls, md: sa.MetaData, suffix: str = "") -> ProjectionTables:
+        return cls(
+            task_meta=sa.Table(
+                f"ledger_task_meta{suffix}",
+                md,
+                sa.Column("task_id", sa.String(255), primary_key=True),
+                sa.Column("status", sa.String(50), nullable=False),
+                sa.Column("position", Position, nullable=False),
+                sa.Column("done_at", UTCDateTime(), nullable=True, index=True),
+                sa.Column("payload", sa.LargeBinary(), nullable=False),
+            ),
+            groups=sa.Table(
+                f"ledger_groups{suffix}",
+                md,
+                sa.Column("group_id", sa.String(255), primary_key=True),
+                sa.Column("position", Position, nullable=False),
+                sa.Column("saved_at", UTCDateTime(), nullable=False, index=True),
+                sa.Column("payload", sa.LargeBinary(), nullable=False),
+            ),
+            chords=sa.Table(
+                f"ledger_chords{suffix}",
+                md,
+                sa.Column("chord_id", sa.String(255), primary_key=True),
+                sa.Column("size", sa.Integer(), nullable=True),
+                sa.Column("returned", sa.Integer(), nullable=False),
+                sa.Column("completed_position", Position, nullable=True),
+                sa.Column("fired_position", Position, nullable=True),
+            ),
+            chord_parts=sa.Table(
+                f"ledger_chord_parts{suffix}",
+                md,
+                sa.Column("chord_id", sa.String(255), primary_key=True),
+                sa.Column("task_id", sa.String(255), primary_key=True),
+                sa.Column("status", sa.String(50), nullable=False),
+                sa.Column("position", Position, nullable=False),
+            ),
+        )
+
+
+LIVE = ProjectionTables.define(metadata)
+
+
+def _insert(conn: Connection, table: sa.Table):
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table)
+
+
+class SqlTarget:
+    """Applies recorded events to projection tables inside the caller's transaction."""
+
+    def __init__(self, tables: ProjectionTables = LIVE) -> None:
+        self.t = tables
+
+    # -- live updates -------------------------------------------------------------
+
+    def apply(self, conn: Connection, events: Iterable[RecordedEvent]) -> list[str]:
+        """Update the projections for ``events``; return chord ids these events completed."""
+        completed: list[str] = []
+        for event in events:
+            handler = self._handlers.get(event.type)
+            if handler is not None and handler(self, conn, event):
+                completed.append(event.stream_key)
+        return completed
+
+    def _task_state(self, conn: Connection, e: RecordedEvent) -> bool:
+        t = self.t.task_meta
+        status = e.data.status  # type: ignore[attr-defined]
+        row = {
+            "task_id": e.stream_key,
+            "status": status,
+            "position": e.position,
+            "done_at": e.recorded_at if status in READY_STATES else None,
+            "payload": e.payload,
+        }
+        stmt = _insert(conn, t).values(row)
+        # SUCCESS is sticky: the row is only replaced while it is not SUCCESS.
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.c.task_id],
+            set_={k: stmt.excluded[k] for k in ("status", "position", "done_at", "payload")},
+            where=t.c.status != STICKY_STATE,
+        )
+        conn.execute(stmt)
+        return False
+
+    def _task_gone(self, conn: Connection, e: RecordedEvent) -> bool:
+        t = self.t.task_meta
+        conn.execute(sa.delete(t).where(t.c.task_id == e.stream_key))
+        return False
+
+    def _group_saved(self, conn: Connection, e: RecordedEvent) -> bool:
+        t = self.t.groups
+        stmt = _insert(conn, t).values(
+            group_id=e.stream_key, position=e.position, saved_at=e.recorded_at, payload=e.payload
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.c.group_id],
+            set_={k: stmt.excluded[k] for k in ("position", "saved_at", "payload")},
+        )
+        conn.execute(stmt)
+        return False
+
+    def _group_gone(self, conn: Connection, e: RecordedEvent) -> bool:
+        t = self.t.groups
+        conn.execute(sa.delete(t).where(t.c.group_id == e.stream_key))
+        return False
+
+    def _chord_upsert(self, conn: Connection, e: RecordedEvent, *, size, returned_inc: int) -> bool:
+        """Upsert the chord counter row and set ``completed_position`` once, atomically.
+
+        On PostgreSQL the ON CONFLICT ... DO UPDATE takes the row lock, so two
+        transactions returning the last two parts serialize here and exactly one
+        of them sees ``returned`` reach ``size``.
+        """
+        c = self.t.chords
+        new_size = sa.literal(size, sa.Integer) if size is not None else None
+        stmt = _insert(conn, c).values(
+            chord_id=e.stream_key,
+            size=size,
+            returned=returned_inc,
+            completed_position=(
+                e.position if size is not None and returned_inc >= size else None
+            ),
+            fired_position=None,
+        )
+        if new_size is None:
+            size_expr = c.c.size
+        elif e.type == ChordPartAdded.type:
+            size_expr = sa.func.coalesce(c.c.size, 0) + 1
+        else:
+            size_expr = new_size
+        returned_expr = c.c.returned + returned_inc
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[c.c.chord_id],
+            set_={
+                "size": size_expr,
+                "returned": returned_expr,
+                "completed_position": sa.case(
+                    (
+                        sa.and_(
+                            c.c.completed_position.is_(None),
+                            size_expr.is_not(None),
+                            returned_expr >= size_expr,
+                        ),
+                        e.position,
+                    ),
+                    else_=c.c.completed_position,
+                ),
+            },
+        ).returning(c.c.completed_position)
+        return conn.execute(stmt).scalar_one() == e.position
+
+    def _chord_started(self, conn: Connection, e: RecordedEvent) -> bool:
+        return self._chord_upsert(conn, e, size=e.data.size, returned_inc=0)  # type: ignore[attr-defined]
+
+    def _chord_part_added(self, conn: Connection, e: RecordedEvent) -> bool:
+        return self._chord_upsert(conn, e, size=1, returned_inc=0)
+
+    def _chord_part_returned(self, conn: Connection, e: RecordedEvent) -> bool:
+        p = self.t.chord_parts
+        data = e.data
+        inserted = conn.execute(
+            _insert(conn, p)
+            .values(chord_id=e.stream_key, task_id=data.task_id, status=data.status, position=e.position)  # type: ignore[attr-defined]
+            .on_conflict_do_nothing()
+            .returning(p.c.task_id)
+        ).first()
+        # Count distinct ids: a part that already returned changes nothing.
+        if inserted is None:
+            return False
+        return self._chord_upsert(conn, e, size=None, returned_inc=1)
+
+    def _chord_fired(self, conn: Connection, e: RecordedEvent) -> bool:
+        c = self.t.chords
+        conn.execute(
+            sa.update(c)
+            .where(c.c.chord_id == e.stream_key, c.c.fired_position.is_(None))
+            .values(fired_position=e.position)
+        )
+        return False
+
+    _handlers = {
+        TaskState.type: _task_state,
+        TaskForgotten.type: _task_gone,
+        ResultExpired.type: _task_gone,
+        GroupSaved.type: _group_saved,
+        GroupForgotten.type: _group_gone,
+        GroupExpired.type: _group_gone,
+        ChordStarted.type: _chord_started,
+        ChordPartAdded.type: _chord_part_added,
+        ChordPartReturned.type: _chord_part_returned,
+        ChordFired.type: _chord_fired,
+    }
+
+    # -- reads ----------------------------------------------------------------------
+
+    def task(self, conn: Connection, task_id: str) -> TaskMeta | None:
+        t = self.t.task_meta
+        row = conn.execute(sa.select(t).where(t.c.task_id == task_id)).first()
+        return TaskMeta(**row._mapping) if row is not None else None
+
+    def group(self, conn: Connection, group_id: str) -> GroupState | None:
+        t = self.t.groups
+        row = conn.execute(sa.select(t).where(t.c.group_id == group_id)).first()
+        return GroupState(**row._mapping) if row is not None else None
+
+    def chord(self, conn: Connection, chord_id: str) -> ChordState | None:
+        c, p = self.t.chords, self.t.chord_parts
+        row = conn.execute(sa.select(c).where(c.c.chord_id == chord_id)).first()
+        if row is None:
+            return None
+        parts = conn.execute(
+            sa.select(p.c.task_id, p.c.status, p.c.position).where(p.c.chord_id == chord_id)
+        ).all()
+        return ChordState(
+            chord_id=row.chord_id,
+            size=row.size,
+            parts=frozenset(tuple(r) for r in parts),
+            completed_position=row.completed_position,
+            fired_position=row.fired_position,
+        )
+
+    def snapshot(self, conn: Connection) -> Snapshot:
+        """Read every projection row (for verify and tests; loads everything)."""
+        snap = Snapshot()
+        for row in conn.execute(sa.select(self.t.task_meta)):
+            snap.tasks[row.task_id] = TaskMeta(**row._mapping)
+        for row in conn.execute(sa.select(self.t.groups)):
+            snap.groups[row.group_id] = GroupState(**row._mapping)
+        parts: dict[str, set] = {}
+        for row in conn.execute(sa.select(self.t.chord_parts)):
+            parts.setdefault(row.chord_id, set()).add((row.task_id, row.status, row.position))
+        for row in conn.execute(sa.select(self.t.chords)):
+            snap.chords[row.chord_id] = ChordState(
+                chord_id=row.chord_id,
+                size=row.size,
+                parts=frozenset(parts.get(row.chord_id, ())),
+                completed_position=row.completed_position,
+                fired_position=row.fired_position,
+            )
+        return snap
+
+    # -- set-based rebuild ------------------------------------------------------------
+
+    def rebuild(self, conn: Connection, events: sa.Table) -> None:
+        """Fill this target's (empty) tables from the log with one INSERT ... SELECT each.
+
+        The window functions below are the folds written as sets: per stream, the
+        current life starts after the last tombstone; the task row is the first
+        SUCCESS of that life, else its last state; a chord's completion is the
+        first event at which distinct returned parts reach the running size.
+        """
+        for stmt in rebuild_statements(events, self.t):
+            conn.execute(stmt)
+
+
+def _life(events: sa.Table, prefix: str, tombstones: Iterable[str]):
+    """Rows of ``prefix`` streams after each stream's last tombstone."""
+    e = events
+    last = (
+        sa.select(e.c.stream_id, sa.func.max(e.c.position).label("p"))
+        .where(e.c.type.in_(sorted(tombstones)), e.c.stream_id.like(f"{prefix}:%"))
+        .group_by(e.c.stream_id)
+        .subquery("last_tombstone")
+    )
+    return e.outerjoin(last, last.c.stream_id == e.c.stream_id), sa.func.coalesce(last.c.p, 0)
+
+
+def rebuild_statements(events: sa.Table, t: ProjectionTables) -> list[sa.Executable]:
+    e = events
+    key_start = {"task": 6, "group": 7, "chord": 7}  # len("task:") + 1, ...
+
+    # task meta -------------------------------------------------------------------
+    joined, life_start = _life(e, "task", TOMBSTONE_TYPES)
+    is_success = e.c.task_state == STICKY_STATE
+    ranked = (
+        sa.select(
+            e.c.stream_id,
+            e.c.task_state,
+            e.c.position,
+            e.c.recorded_at,
+            e.c.payload,
+            sa.func.row_number()
+            .over(
+                partition_by=e.c.stream_id,
+                order_by=(
+                    sa.case((is_success, 0), else_=1),
+                    sa.case((is_success, e.c.position), else_=-e.c.position),
+                ),
+            )
+            .label("rn"),
+        )
+        .select_from(joined)
+        .where(
+            e.c.type == TaskState.type,
+            e.c.stream_id.like("task:%"),
+            e.c.position > life_start,
+        )
+        .subquery("ranked")
+    )
+    tasks = sa.insert(t.task_meta).from_select(
+        ["task_id", "status", "position", "done_at", "payload"],
+        sa.select(
+            sa.func.substr(ranked.c.stream_id, key_start["task"]),
+            ranked.c.task_state,
+            ranked.c.position,
+            sa.case((ranked.c.task_state.in_(sorted(READY_STATES)), ranked.c.recorded_at)),
+            ranked.c.payload,
+        ).where(ranked.c.rn == 1),
+    )
+
+    # groups ------------------------------------------------------------------------
+    joined, life_start = _life(e, "group", TOMBSTONE_TYPES)
+    granked = (
+        sa.select(
+            e.c.stream_id,
+            e.c.position,
+            e.c.recorded_at,
+            e.c.payload,
+            sa.func.row_number()
+            .over(partition_by=e.c.stream_id, order_by=e.c.position.desc())
+            .label("rn"),
+        )
+        .select_from(joined)
+        .where(e.c.type == GroupSaved.type, e.c.position > life_start)
+        .subquery("granked")
+    )
+    groups = sa.insert(t.groups).from_select(
+        ["group_id", "position", "saved_at", "payload"],
+        sa.select(
+            sa.func.substr(granked.c.stream_id, key_start["group"]),
+            granked.c.position,
+            granked.c.recorded_at,
+            granked.c.payload,
+        ).where(granked.c.rn == 1),
+    )
+
+    # chord parts: the first return of each distinct header task -----------------
+    first_return = (
+        sa.select(
+            e.c.stream_id,
+            e.c.ref_id,
+            e.c.task_state,
+            e.c.position,
+            sa.func.row_number()
+            .over(partition_by=(e.c.stream_id, e.c.ref_id), order_by=e.c.position)
+            .label("rn"),
+        )
+        .where(e.c.type == ChordPartReturned.type)
+        .subquery("first_return")
+    )
+    parts = sa.insert(t.chord_parts).from_select(
+        ["chord_id", "task_id", "status", "position"],
+        sa.select(
+            sa.func.substr(first_return.c.stream_id, key_start["chord"]),
+            first_return.c.ref_id,
+            first_return.c.task_state,
+            first_return.c.position,
+        ).where(first_return.c.rn == 1),
+    )
+
+    # chords: running size and running distinct count per event -----------------
+    firsts = (
+        sa.select(first_return.c.stream_id, first_return.c.position)
+        .where(first_return.c.rn == 1)
+        .subquery("firsts")
+    )
+    chord_types = [ChordStarted.type, ChordPartAdded.type, ChordPartReturned.type, ChordFired.type]
+    is_start = sa.case((e.c.type == ChordStarted.type, 1), else_=0)
+    steps = (
+        sa.select(
+            e.c.stream_id,
+            e.c.position,
+            e.c.type,
+            e.c.chord_size,
+            sa.case((firsts.c.position.is_not(None), 1), else_=0).label("new_part"),
+            sa.func.sum(is_start)
+            .over(partition_by=e.c.stream_id, order_by=e.c.position)
+            .label("seg"),
+        )
+        .select_from(
+            e.outerjoin(
+                firsts,
+                sa.and_(firsts.c.stream_id == e.c.stream_id, firsts.c.position == e.c.position),
+            )
+        )
+        .where(e.c.type.in_(chord_types))
+        .subquery("steps")
+    )
+    s = steps
+    running = sa.select(
+        s.c.stream_id,
+        s.c.position,
+        s.c.type,
+        s.c.seg,
+        sa.func.sum(s.c.new_part)
+        .over(partition_by=s.c.stream_id, order_by=s.c.position)
+        .label("cnt"),
+        sa.func.max(sa.case((s.c.type == ChordStarted.type, s.c.chord_size)))
+        .over(partition_by=(s.c.stream_id, s.c.seg))
+        .label("base"),
+        sa.func.sum(sa.case((s.c.type == ChordPartAdded.type, 1), else_=0))
+        .over(partition_by=(s.c.stream_id, s.c.seg), order_by=s.c.position)
+        .label("adds"),
+    ).subquery("running")
+    r = running
+    size_now = sa.case(
+        (sa.and_(r.c.seg == 0, r.c.adds == 0), sa.null()),
+        else_=sa.func.coalesce(r.c.base, 0) + r.c.adds,
+    )
+    sized = sa.select(
+        r.c.stream_id,
+        r.c.position,
+        r.c.type,
+        r.c.cnt,
+        size_now.label("size_now"),
+        sa.func.row_number()
+        .over(partition_by=r.c.stream_id, order_by=r.c.position.desc())
+        .label("rn_last"),
+    ).subquery("sized")
+    z = sized
+    chords = sa.insert(t.chords).from_select(
+        ["chord_id", "size", "returned", "completed_position", "fired_position"],
+        sa.select(
+            sa.func.substr(z.c.stream_id, key_start["chord"]),
+            sa.func.max(sa.case((z.c.rn_last == 1, z.c.size_now))),
+            sa.func.max(z.c.cnt),
+            sa.func.min(
+                sa.case(
+                    (sa.and_(z.c.size_now.is_not(None), z.c.cnt >= z.c.size_now), z.c.position)
+                )
+            ),
+            sa.func.min(sa.case((z.c.type == ChordFired.type, z.c.position))),
+        ).group_by(z.c.stream_id),
+    )
+    return [tasks, groups, parts, chords]
