@@ -220,6 +220,20 @@ class ChordFired(_ChordEvent):
         return uuid.uuid5(_PART_NAMESPACE, f"{chord_id}\x00fired")
 
 
+class LogPruned(EventData):
+    """``celery-ledger prune``: events recorded before ``before`` were physically deleted."""
+
+    stream_prefix: ClassVar[str] = "ledger"
+    type: ClassVar[str] = "ledger.pruned"
+    before: datetime
+    events_deleted: int = Field(ge=0)
+    streams: list[str] = Field(default_factory=list)
+
+    @property
+    def stream_key(self) -> str:
+        return "maintenance"
+
+
 _PART_NAMESPACE = uuid.UUID("6f1b1c2e-8d1e-4a55-9d0c-0c6b7c3f1a10")
 
 EVENT_TYPES: dict[str, type[EventData]] = {
@@ -235,6 +249,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         ChordPartAdded,
         ChordPartReturned,
         ChordFired,
+        LogPruned,
     )
 }
 
@@ -354,4 +369,5 @@ EventTypeName = Literal[
     "chord.part_added",
     "chord.part_returned",
     "chord.fired",
+    "ledger.pruned",
 ]

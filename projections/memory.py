@@ -60,6 +60,9 @@ class MemoryTarget:
         completed: list[str] = []
         for event in events:
             prefix, key = event.stream_id.split(":", 1)
+            if prefix not in _FOLDS:  # maintenance streams feed no projection
+                self.checkpoint = (event.tx_id, event.position)
+                continue
             name, fold = _FOLDS[prefix]
             table = getattr(self.state, name)
             before = table.get(key)
