@@ -1,0 +1,434 @@
+"""Reading the log for people: ``history``, ``show --as-of``, ``export``.
+
+Everything here is read-only. Results, args and kwargs are shown only when they
+were serialized as JSON or msgpack; any other content type (pickle above all) is
+never deserialized and appears as ``<pickle N bytes>``: reading an audit trail
+must not execute what a task returned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import msgpack
+import sqlalchemy as sa
+
+from ledger.events import (
+    CorruptEvent,
+    Encoded,
+    RecordedEvent,
+    ResultExpired,
+    TaskForgotten,
+    TaskState,
+)
+
+SUMMARY_WIDTH = 80
+
+#: Content types decoded for display; everything else stays opaque bytes.
+_SAFE_DECODERS = {
+    "application/json": lambda data, enc: json.loads(data.decode(enc or "utf-8")),
+    "application/x-msgpack": lambda data, enc: msgpack.unpackb(data, raw=False),
+}
+_OPAQUE_NAMES = {
+    "application/x-python-serialize": "pickle",
+    "application/x-yaml": "yaml",
+    "application/data": "binary",
+    "application/text": "text",
+}
+
+
+class UnknownTask(LookupError):
+    """The log holds no event for this task id."""
+
+
+def decode_value(value: Encoded | None) -> tuple[bool, Any]:
+    """``(True, value)`` for JSON/msgpack values, ``(False, "<pickle N bytes>")`` otherwise."""
+    if value is None:
+        return True, None
+    decoder = _SAFE_DECODERS.get(value.content_type)
+    if decoder is not None:
+        try:
+            return True, decoder(value.data, value.content_encoding)
+        except (ValueError, UnicodeDecodeError, msgpack.UnpackException):
+            return False, f"<undecodable {value.content_type} {len(value.data)} bytes>"
+    kind = _OPAQUE_NAMES.get(value.content_type, value.content_type)
+    return False, f"<{kind} {len(value.data)} bytes>"
+
+
+def summarize(value: Encoded | None, width: int = SUMMARY_WIDTH) -> str:
+    """A one-line, length-limited rendering of a stored value (never unpickled)."""
+    if value is None:
+        return ""
+    decoded, shown = decode_value(value)
+    if not decoded:
+        return shown
+    text = json.dumps(shown, default=str, ensure_ascii=False, separators=(",", ":"))
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _exception(data: TaskState) -> tuple[str | None, str | None]:
+    """Exception type and message: the event's summary fields, else Celery's exception dict."""
+    if data.exc_type or data.exc_message:
+        return data.exc_type, data.exc_message
+    if data.status in ("FAILURE", "RETRY") and data.result is not None:
+        decoded, value = decode_value(data.result)
+        if decoded and isinstance(value, dict) and "exc_type" in value:
+            message = value.get("exc_message")
+            if isinstance(message, list | tuple):
+                message = ", ".join(str(m) for m in message)
+            return value.get("exc_type"), None if message is None else str(message)
+    return None, None
+
+
+def describe(event: RecordedEvent) -> dict[str, Any]:
+    """One event of a task stream as a flat record (the row of ``history``)."""
+    row: dict[str, Any] = {
+        "position": event.position,
+        "version": event.stream_version,
+        "time": event.recorded_at.astimezone(timezone.utc).isoformat(),
+        "event": event.type,
+        "state": None,
+        "name": None,
+        "worker": None,
+        "retries": None,
+        "exc_type": None,
+        "exc_message": None,
+        "result": None,
+    }
+    try:
+        data = event.data
+    except CorruptEvent as exc:
+        row["state"] = "CORRUPT"
+        row["exc_message"] = str(exc)
+        return row
+    if isinstance(data, TaskState):
+        exc_type, exc_message = _exception(data)
+        row.update(
+            state=data.status,
+            name=data.name,
+            worker=data.worker,
+            retries=data.retries,
+            exc_type=exc_type,
+            exc_message=exc_message,
+            result=None if exc_type else (summarize(data.result) or None),
+        )
+    elif isinstance(data, TaskForgotten):
+        row["state"] = "FORGOTTEN"
+    elif isinstance(data, ResultExpired):
+        row["state"] = "EXPIRED"
+        row["result"] = f"expired before {data.expired_before.isoformat()}"
+    return row
+
+
+def task_history(ledger, task_id: str) -> list[dict[str, Any]]:
+    """Every event of ``task_id`` described, oldest first; raises :class:`UnknownTask`."""
+    events = ledger.history(task_id)
+    if not events:
+        raise UnknownTask(task_id)
+    return [describe(e) for e in events]
+
+
+# -- rendering ------------------------------------------------------------------------
+
+_HISTORY_COLUMNS = ("version", "time", "state", "worker", "retries", "detail")
+
+
+def _detail(row: dict[str, Any]) -> str:
+    if row["exc_type"] or row["exc_message"]:
+        return f"{row['exc_type'] or 'Exception'}: {row['exc_message'] or ''}".rstrip()
+    return row["result"] or ""
+
+
+def render_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    """Left-aligned columns separated by two spaces; None shows as empty."""
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def format_history(task_id: str, rows: list[dict[str, Any]]) -> str:
+    name = next((r["name"] for r in rows if r["name"]), None)
+    head = f"task {task_id}" + (f"  {name}" if name else "") + f"  ({len(rows)} events)"
+    table = [dict(r, detail=_detail(r)) for r in rows]
+    return head + "\n" + render_table(table, _HISTORY_COLUMNS)
+
+
+# -- time and position arguments -------------------------------------------------------
+
+
+def parse_time(text: str) -> datetime:
+    """ISO 8601 date or datetime; a value without a zone is taken as UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time (e.g. 2026-01-31T12:00:00+00:00)"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def parse_as_of(text: str) -> datetime | int:
+    """A log position (an integer) or an ISO 8601 time."""
+    if text.strip().isdigit():
+        return int(text)
+    return parse_time(text)
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def _history(args: argparse.Namespace) -> int:
+    from ledger.cli import _open, print_json
+
+    ledger = _open(args)
+    try:
+        rows = task_history(ledger, args.task_id)
+    except UnknownTask:
+        print(f"celery-ledger: no events for task {args.task_id!r} in this ledger", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print_json({"task_id": args.task_id, "events": rows})
+    else:
+        print(format_history(args.task_id, rows))
+    return 0
+
+
+def show_record(ledger, task_id: str, as_of: datetime | int | None) -> dict[str, Any]:
+    """The task's projection (now or ``as_of``) as a record; PENDING when it had none."""
+    meta = ledger.task_meta(task_id, as_of=as_of)
+    record: dict[str, Any] = {"task_id": task_id, "as_of": as_of}
+    if meta is None:
+        record.update(state="PENDING", position=None)
+        return record
+    data = meta.data
+    exc_type, exc_message = _exception(data)
+    decoded, result = decode_value(data.result)
+    record.update(
+        state=meta.status,
+        position=meta.position,
+        date_done=meta.done_at,
+        name=data.name,
+        worker=data.worker,
+        retries=data.retries,
+        parent_id=data.parent_id,
+        group_id=data.group_id,
+        root_id=data.root_id,
+        exc_type=exc_type,
+        exc_message=exc_message,
+        result=result,
+        traceback=data.traceback,
+    )
+    return record
+
+
+def _show(args: argparse.Namespace) -> int:
+    from ledger.cli import _open, print_json
+
+    ledger = _open(args)
+    if not ledger.history(args.task_id):
+        print(f"celery-ledger: no events for task {args.task_id!r} in this ledger", file=sys.stderr)
+        return 1
+    record = show_record(ledger, args.task_id, args.as_of)
+    if args.format == "json":
+        print_json(record)
+        return 0
+    when = "now" if args.as_of is None else (
+        f"at position {args.as_of}" if isinstance(args.as_of, int) else f"at {args.as_of.isoformat()}"
+    )
+    print(f"task {args.task_id} {when}")
+    for key, value in record.items():
+        if key in ("task_id", "as_of") or value is None:
+            continue
+        if key == "traceback":
+            print("traceback:\n  " + str(value).rstrip().replace("\n", "\n  "))
+            continue
+        if key == "result" and not isinstance(value, str):
+            value = json.dumps(value, default=str)
+        print(f"{key}: {value}")
+    return 0
+
+
+# -- export -------------------------------------------------------------------------------
+
+EXPORT_BATCH = 5000
+_CSV_COLUMNS = (
+    "position", "recorded_at", "stream_id", "stream_version", "type", "event_id",
+    "state", "name", "worker", "retries", "exc_type", "exc_message", "result",
+)
+
+
+def _jsonable(value: Any) -> Any:
+    """Payload fields for JSON: stored values decoded when safe, else base64 with their type."""
+    if isinstance(value, dict) and {"content_type", "data"} <= value.keys():
+        encoded = Encoded(**value)
+        decoded, shown = decode_value(encoded)
+        if decoded:
+            return {"content_type": encoded.content_type, "value": shown}
+        return {
+            "content_type": encoded.content_type,
+            "content_encoding": encoded.content_encoding,
+            "data_base64": base64.b64encode(encoded.data).decode(),
+        }
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def iter_events(
+    ledger,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    task_id: str | None = None,
+    batch: int = EXPORT_BATCH,
+) -> Iterator[RecordedEvent]:
+    """Events recorded in ``[since, until)`` (optionally of one task), in position order.
+
+    Reads in keyset-paginated batches, each its own short query, so an export of
+    a large log neither holds a long transaction (which would hold followers
+    back on PostgreSQL) nor loads the log into memory.
+    """
+    from ledger.log import _SELECT, _row_to_event
+
+    t = ledger.log.table
+    q = _SELECT
+    if since is not None:
+        q = q.where(t.c.recorded_at >= since)
+    if until is not None:
+        q = q.where(t.c.recorded_at < until)
+    if task_id is not None:
+        q = q.where(t.c.stream_id == f"task:{task_id}")
+    after = 0
+    while True:
+        page = q.where(t.c.position > after).order_by(t.c.position).limit(batch)
+        rows = ledger._read(lambda c, page=page: c.execute(page).all())
+        for row in rows:
+            yield _row_to_event(row)
+        if len(rows) < batch:
+            return
+        after = rows[-1].position
+
+
+def count_events(ledger, *, since=None, until=None, task_id=None) -> int:
+    t = ledger.log.table
+    q = sa.select(sa.func.count()).select_from(t)
+    if since is not None:
+        q = q.where(t.c.recorded_at >= since)
+    if until is not None:
+        q = q.where(t.c.recorded_at < until)
+    if task_id is not None:
+        q = q.where(t.c.stream_id == f"task:{task_id}")
+    return ledger._read(lambda c: c.execute(q).scalar_one())
+
+
+def export_record(event: RecordedEvent) -> dict[str, Any]:
+    """The full event for an audit file: envelope plus decoded payload."""
+    try:
+        data = _jsonable(event.data.model_dump(mode="python"))
+    except CorruptEvent as exc:
+        data = {"corrupt": str(exc), "payload_base64": base64.b64encode(event.payload).decode()}
+    return {
+        "position": event.position,
+        "recorded_at": event.recorded_at.isoformat(),
+        "stream_id": event.stream_id,
+        "stream_version": event.stream_version,
+        "type": event.type,
+        "schema_version": event.schema_version,
+        "event_id": str(event.event_id),
+        "data": data,
+    }
+
+
+def export_row(event: RecordedEvent) -> dict[str, Any]:
+    """The flat CSV row: envelope plus the same summary ``history`` shows."""
+    row = describe(event)
+    return {
+        "position": event.position,
+        "recorded_at": event.recorded_at.isoformat(),
+        "stream_id": event.stream_id,
+        "stream_version": event.stream_version,
+        "type": event.type,
+        "event_id": str(event.event_id),
+        **{k: row[k] for k in ("state", "name", "worker", "retries", "exc_type", "exc_message", "result")},
+    }
+
+
+def export(ledger, out, *, fmt: str, since=None, until=None, task_id=None, progress=None) -> int:
+    """Write events as JSON lines or CSV to ``out``; returns how many were written."""
+    writer = None
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=_CSV_COLUMNS, extrasaction="raise")
+        writer.writeheader()
+    n = 0
+    for event in iter_events(ledger, since=since, until=until, task_id=task_id):
+        if writer is not None:
+            writer.writerow(export_row(event))
+        else:
+            out.write(json.dumps(export_record(event), ensure_ascii=False, default=str) + "\n")
+        n += 1
+        if progress is not None:
+            progress.advance()
+    return n
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ledger.cli import _open
+    from ledger.progress import Progress
+
+    ledger = _open(args)
+    filters = {"since": args.since, "until": args.until, "task_id": args.task}
+    total = count_events(ledger, **filters)
+    with (
+        open(args.output, "w", newline="", encoding="utf-8")
+        if args.output
+        else contextlib.nullcontext(sys.stdout)
+    ) as out, Progress("export", total) as progress:
+        n = export(ledger, out, fmt=args.format, progress=progress, **filters)
+    if args.output:
+        print(f"wrote {n} events to {args.output}", file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from ledger.cli import command
+
+    p = command(sub, "history", _history, "every event of a task in order, even after forget")
+    p.add_argument("task_id", metavar="TASK_ID")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = command(sub, "show", _show, "a task's state now, or as it was at a time or log position")
+    p.add_argument("task_id", metavar="TASK_ID")
+    p.add_argument(
+        "--as-of",
+        type=parse_as_of,
+        default=None,
+        metavar="TIME|POSITION",
+        help="ISO 8601 time (UTC if no zone given) or a log position",
+    )
+    p.add_argument("--format", choices=("text", "json"), default="text")
+
+    p = command(sub, "export", _export, "write events in a time range as JSON lines or CSV")
+    p.add_argument("--since", type=parse_time, default=None, metavar="TIME",
+                   help="first recorded_at included (ISO 8601, UTC if no zone)")
+    p.add_argument("--until", type=parse_time, default=None, metavar="TIME",
+                   help="recorded_at upper bound, excluded")
+    p.add_argument("--task", default=None, metavar="TASK_ID", help="only this task's events")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--output", "-o", default=None, metavar="FILE", help="default: stdout")
