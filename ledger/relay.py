@@ -1,0 +1,358 @@
+"""The outbox relay: the log, in follow order, to a Kafka topic.
+
+    Relay(ledger, "127.0.0.1:9092", "celery.task-events").run(once=True)
+
+* Reads with :meth:`Ledger.read_from` from the checkpoint named ``relay:<topic>``
+  (stored in ``ledger_checkpoints`` beside the log), produces each event (record
+  format in ledger/stream.py), flushes once per batch, checks every send's
+  acknowledgement, and only then stores the new checkpoint. A crash anywhere
+  re-sends at most the unacknowledged or uncheckpointed batch: at-least-once.
+* Per-key order: records of one key go to one partition, in follow order, and the
+  producer keeps one request in flight per connection, so a retried request can
+  never overtake a later one.
+* Kafka down: the batch fails, the producer is closed, and the relay waits with
+  capped exponential backoff (full jitter) before re-reading from its checkpoint.
+  Writers never wait: they do not know the relay exists.
+* One active relay per topic (:class:`RelayLock`); others wait on standby and take
+  over when the holder dies.
+* Follow mode wakes on LISTEN/NOTIFY on PostgreSQL and polls on SQLite.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ledger.api import Ledger
+from ledger.events import TOMBSTONE_TYPES, RecordedEvent, TaskState
+from ledger.listen import Listener
+from ledger.log import Checkpoint
+from ledger.stream import event_headers, event_key, event_value, state_value
+from projections import task_meta
+
+log = logging.getLogger("ledger.relay")
+
+TASK_TYPES = TOMBSTONE_TYPES | {TaskState.type}
+
+
+class RelayLock:
+    """At most one holder per name at a time; released when the holder's process dies."""
+
+    @staticmethod
+    def for_ledger(ledger: Ledger, name: str) -> RelayLock:
+        if ledger.dialect == "postgresql":
+            return PgRelayLock(ledger, name)
+        return FileRelayLock(ledger, name)
+
+    def try_acquire(self) -> bool:
+        raise NotImplementedError
+
+    def held(self) -> bool:
+        """Still ours (checked before each batch)."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+
+class PgRelayLock(RelayLock):
+    """A session-level advisory lock on a dedicated connection.
+
+    Session-level, not transaction-level: it must outlive the relay's many short
+    transactions. The server releases it when the connection closes, which is
+    what makes a standby relay take over from a killed one.
+    """
+
+    def __init__(self, ledger: Ledger, name: str) -> None:
+        url = ledger.engine.url.set(drivername="postgresql")
+        self._conninfo = url.render_as_string(hide_password=False)
+        self.name = name
+        self._conn: Any = None
+
+    def try_acquire(self) -> bool:
+        import psycopg
+
+        try:
+            if self._conn is None:
+                self._conn = psycopg.connect(self._conninfo, autocommit=True)
+            got = self._conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.name,)
+            ).fetchone()[0]
+        except psycopg.Error as exc:
+            log.warning("relay lock: database unreachable (%s)", type(exc).__name__)
+            self.release()
+            return False
+        return bool(got)
+
+    def held(self) -> bool:
+        import psycopg
+
+        try:
+            self._conn.execute("SELECT 1")
+            return True
+        except (psycopg.Error, AttributeError):
+            # The connection is gone, and with it the lock: another relay may be active.
+            self.release()
+            return False
+
+    def release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+
+class FileRelayLock(RelayLock):
+    """``flock`` on ``<database file>.<name>.lock`` (SQLite: relays share the host)."""
+
+    def __init__(self, ledger: Ledger, name: str) -> None:
+        db = ledger.engine.url.database or "memory"
+        self.path = f"{db}.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock"
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+class DeliveryFailed(Exception):
+    """The broker did not acknowledge every record of a batch."""
+
+
+class Relay:
+    """Relays the ledger's log to ``topic`` (and task states to ``state_topic``)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        bootstrap: str | Sequence[str],
+        topic: str,
+        *,
+        state_topic: str | None = None,
+        batch_size: int = 2000,
+        max_backoff: float = 10.0,
+        poll_interval: float = 0.5,
+        producer_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.state_topic = state_topic
+        self.batch_size = batch_size
+        self.max_backoff = max_backoff
+        self.poll_interval = poll_interval
+        self.producer_config = producer_config or {}
+        self.name = f"relay:{topic}"
+        self.checkpoint: Checkpoint = ledger.load_checkpoint(self.name)
+        #: Events acknowledged and checkpointed by this instance.
+        self.relayed = 0
+        self._producer: Any = None
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self, *, once: bool = False, stop: threading.Event | None = None) -> int:
+        """Relay until ``stop`` is set (or, with ``once``, until the log is drained).
+
+        Returns the number of events relayed by this call.
+        """
+        stop = stop or threading.Event()
+        lock = RelayLock.for_ledger(self.ledger, self.name)
+        start = self.relayed
+        try:
+            while not stop.is_set():
+                if not self._wait_for(lock, stop):
+                    break
+                log.info("relay %s: active, from checkpoint %s", self.topic, tuple(self.checkpoint))
+                if self._relay_while_held(lock, once, stop):
+                    break
+                log.warning("relay %s: lost the relay lock; back to standby", self.topic)
+        finally:
+            lock.release()
+            self._close_producer()
+        return self.relayed - start
+
+    def _wait_for(self, lock: RelayLock, stop: threading.Event) -> bool:
+        announced = False
+        while not stop.is_set():
+            if lock.try_acquire():
+                return True
+            if not announced:
+                log.info("relay %s: standby, another relay holds the lock", self.topic)
+                announced = True
+            stop.wait(self.poll_interval)
+        return False
+
+    def _relay_while_held(self, lock: RelayLock, once: bool, stop: threading.Event) -> bool:
+        """Relay while the lock is ours; True when done (stopped or drained), False if lost."""
+        failures = 0
+        with Listener.for_engine(self.ledger.engine) as listener:
+            while not stop.is_set():
+                if not lock.held():
+                    return False
+                # The checkpoint is re-read: another relay may have moved it while
+                # this one was on standby.
+                self.checkpoint = self.ledger.load_checkpoint(self.name)
+                events = self.ledger.read_from(self.checkpoint, self.batch_size)
+                if not events:
+                    if once:
+                        return True
+                    listener.wait(self.poll_interval)
+                    continue
+                try:
+                    self.send(events)
+                except Exception as exc:  # any Kafka failure: back off, resend from checkpoint
+                    from kafka.errors import KafkaError
+
+                    if not isinstance(exc, (KafkaError, DeliveryFailed)):
+                        raise
+                    self._close_producer()
+                    delay = random.uniform(0, min(self.max_backoff, 0.2 * 2**failures))
+                    failures += 1
+                    log.warning(
+                        "relay %s: Kafka failed (%s: %s); retry %d in %.2fs",
+                        self.topic, type(exc).__name__, exc, failures, delay,
+                    )
+                    stop.wait(delay)
+                    continue
+                if failures:
+                    log.info("relay %s: Kafka is back after %d failed attempts", self.topic, failures)
+                    failures = 0
+                last = events[-1]
+                cp = Checkpoint(last.tx_id, last.position)
+                self.ledger._write(lambda c, cp=cp: self.ledger.save_checkpoint(c, self.name, cp))
+                self.checkpoint = cp
+                self.relayed += len(events)
+                log.debug("relay %s: %d events up to %s", self.topic, len(events), tuple(cp))
+        return True
+
+    # -- one batch -----------------------------------------------------------------
+
+    def send(self, events: list[RecordedEvent]) -> None:
+        """Produce ``events`` (and their task states), flush, and check every acknowledgement.
+
+        Raises :class:`DeliveryFailed` or a ``kafka.errors.KafkaError`` if any record
+        was not acknowledged.
+        """
+        producer = self._producer_or_new()
+        futures = [
+            producer.send(
+                self.topic,
+                key=event_key(e),
+                value=event_value(e),
+                headers=event_headers(e),
+            )
+            for e in events
+        ]
+        if self.state_topic is not None:
+            for task_id, meta in self._task_states(events).items():
+                futures.append(
+                    producer.send(self.state_topic, key=task_id.encode(), value=state_value(meta))
+                )
+        producer.flush(timeout=self.producer_config.get("delivery_timeout_ms", 30_000) / 1000)
+        for f in futures:
+            if not f.is_done:
+                raise DeliveryFailed("flush returned before every record was acknowledged")
+            if f.failed():
+                raise f.exception
+        return None
+
+    def _task_states(self, events: list[RecordedEvent]) -> dict[str, task_meta.TaskMeta | None]:
+        """Each touched task's meta after its last event in ``events`` (None: forgotten).
+
+        One fold per task over its stream up to that event, in one read: the state
+        topic keeps the latest value per key, so intermediate states are not sent.
+        """
+        last: dict[str, int] = {}
+        for e in events:
+            if e.type in TASK_TYPES:
+                last[e.stream_key] = e.position
+
+        def read(conn) -> dict[str, task_meta.TaskMeta | None]:
+            states: dict[str, task_meta.TaskMeta | None] = {}
+            for task_id, position in last.items():
+                state = None
+                for e in self.ledger.log.read_stream(conn, f"task:{task_id}", until_position=position):
+                    state = task_meta.fold(state, e)
+                states[task_id] = state
+            return states
+
+        return self.ledger._read(read) if last else {}
+
+    def _producer_or_new(self) -> Any:
+        from kafka import KafkaProducer
+
+        if self._producer is None:
+            config = {
+                "bootstrap_servers": self.bootstrap,
+                "acks": "all",
+                "enable_idempotence": True,
+                # One request in flight: a retried request cannot overtake a later one.
+                "max_in_flight_requests_per_connection": 1,
+                "linger_ms": 5,
+                "batch_size": 1 << 20,
+                "max_request_size": 8 << 20,
+                "max_block_ms": 5_000,
+                "request_timeout_ms": 5_000,
+                "delivery_timeout_ms": 15_000,
+                "retry_backoff_ms": 200,
+                "reconnect_backoff_max_ms": 2_000,
+                "client_id": f"celery-ledger-relay-{os.getpid()}",
+            }
+            config.update(self.producer_config)
+            self._producer = KafkaProducer(**config)
+        return self._producer
+
+    def _close_producer(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=1)
+            except Exception as exc:  # closing a broken producer must not hide the real error
+                log.debug("closing producer: %s", exc)
+            finally:
+                self._producer = None
+
+
+def measure_relay(url: str, bootstrap: str, n: int = 10_000, topic: str | None = None) -> dict:
+    """Append ``n`` task events to the ledger at ``url``, relay them, report events/s.
+
+    For bench/: the relay rate is measured from the first read to the last
+    checkpoint, with the log already filled (the writers' cost is not included).
+    """
+    import uuid
+
+    from ledger.events import TaskState
+
+    topic = topic or f"bench-relay-{uuid.uuid4().hex[:8]}"
+    ledger = Ledger.open(url)
+    for i in range(0, n, 500):
+        ledger.append(
+            TaskState(task_id=f"bench-{uuid.uuid4().hex[:12]}", status="SUCCESS")
+            for _ in range(min(500, n - i))
+        )
+    relay = Relay(ledger, bootstrap, topic)
+    t0 = time.perf_counter()
+    relayed = relay.run(once=True)
+    elapsed = time.perf_counter() - t0
+    return {"events": relayed, "seconds": elapsed, "events_per_s": relayed / elapsed}

@@ -1,0 +1,353 @@
+"""The ledger as a stream: the Kafka record format, the consumer helper, ``relay`` and ``tail``.
+
+Event topic (written by :mod:`ledger.relay`, one record per log event, in follow order):
+
+* key: the stream key (task, group or chord id), UTF-8. All events of one task
+  land in one partition, so per-task order on the topic is log order.
+* value: a msgpack map ``{"event_id": str, "type": str, "schema_version": int,
+  "position": int, "tx_id": int, "stream_id": str, "stream_version": int,
+  "recorded_at": timestamp, "data": map}``. ``data`` is the event payload exactly
+  as the log stores it (msgpack of the model in ledger/events.py); timestamps
+  are msgpack's timestamp extension (-1), in UTC.
+* headers: ``type``, ``event_id``, ``position``, ``tx_id``, ``schema_version``
+  (ASCII), to route or filter without decoding the value.
+
+State topic (``relay --state-topic``): key = task id, value = a msgpack map
+``{"task_id", "status", "position", "done_at", "data"}`` (the task's latest meta;
+``data`` is its ``task.state`` payload), or a null value (a compaction tombstone)
+once the task is forgotten or its result expired.
+
+Delivery is at-least-once: a relay that dies between the broker's
+acknowledgement and storing its checkpoint sends that batch again.
+:func:`iter_events` removes those duplicates by ``event_id``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import signal
+import sys
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from ledger import codec
+from ledger.events import RecordedEvent
+
+if TYPE_CHECKING:
+    from kafka import KafkaConsumer
+
+    from projections.task_meta import TaskMeta
+
+log = logging.getLogger("ledger.stream")
+
+_ENVELOPE = ("event_id", "type", "schema_version", "position", "tx_id", "stream_id",
+             "stream_version", "recorded_at")
+
+
+class BadRecord(ValueError):
+    """A record on the topic is not in the ledger's record format."""
+
+
+def _map_with_raw(fields: dict[str, Any], raw_key: str, raw: bytes) -> bytes:
+    # ``raw`` already is msgpack: splice it in as the map's last value instead of
+    # decoding and re-encoding it. Cheaper, and consumers get the log's exact
+    # bytes. A fixmap header is 0x80 | entries (entries <= 15 here).
+    head = codec.dumps(fields)
+    return bytes([0x80 | (len(fields) + 1)]) + head[1:] + codec.dumps(raw_key) + raw
+
+
+def _split_map(value: bytes, raw_key: str) -> tuple[dict[str, Any], bytes | None]:
+    """The inverse of :func:`_map_with_raw`: the other fields, and ``raw_key``'s exact bytes."""
+    unpacker = msgpack.Unpacker(raw=False, timestamp=3, strict_map_key=False)
+    unpacker.feed(value)
+    fields: dict[str, Any] = {}
+    raw = None
+    for _ in range(unpacker.read_map_header()):
+        key = unpacker.unpack()
+        if key == raw_key:
+            start = unpacker.tell()
+            unpacker.skip()
+            raw = value[start : unpacker.tell()]
+        else:
+            fields[key] = unpacker.unpack()
+    return fields, raw
+
+
+def event_key(event: RecordedEvent) -> bytes:
+    return event.stream_key.encode()
+
+
+def event_value(event: RecordedEvent) -> bytes:
+    """The record value of ``event`` (module docstring)."""
+    return _map_with_raw(
+        {
+            "event_id": str(event.event_id),
+            "type": event.type,
+            "schema_version": event.schema_version,
+            "position": event.position,
+            "tx_id": event.tx_id,
+            "stream_id": event.stream_id,
+            "stream_version": event.stream_version,
+            "recorded_at": event.recorded_at,
+        },
+        "data",
+        event.payload,
+    )
+
+
+def event_headers(event: RecordedEvent) -> list[tuple[str, bytes]]:
+    return [
+        ("type", event.type.encode()),
+        ("event_id", str(event.event_id).encode()),
+        ("position", str(event.position).encode()),
+        ("tx_id", str(event.tx_id).encode()),
+        ("schema_version", str(event.schema_version).encode()),
+    ]
+
+
+def decode_event(value: bytes) -> RecordedEvent:
+    """The :class:`RecordedEvent` in a record value; raises :class:`BadRecord`."""
+    try:
+        fields, payload = _split_map(value, "data")
+        missing = [k for k in _ENVELOPE if k not in fields]
+        if missing or payload is None:
+            raise BadRecord(f"record lacks {', '.join(missing) or 'data'}")
+        return RecordedEvent(
+            position=fields["position"],
+            event_id=uuid.UUID(fields["event_id"]),
+            stream_id=fields["stream_id"],
+            stream_version=fields["stream_version"],
+            type=fields["type"],
+            schema_version=fields["schema_version"],
+            recorded_at=fields["recorded_at"],
+            payload=payload,
+            tx_id=fields["tx_id"],
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        if isinstance(exc, BadRecord):
+            raise
+        raise BadRecord(f"not a ledger event record ({type(exc).__name__}: {exc})") from exc
+
+
+def state_value(meta: TaskMeta | None) -> bytes | None:
+    """The state-topic value for a task's latest meta; None (tombstone) when it has none."""
+    if meta is None:
+        return None
+    return _map_with_raw(
+        {"task_id": meta.task_id, "status": meta.status, "position": meta.position,
+         "done_at": meta.done_at},
+        "data",
+        meta.payload,
+    )
+
+
+def decode_state(value: bytes | None) -> TaskMeta | None:
+    """The task meta in a state-topic value (None for a tombstone)."""
+    from projections.task_meta import TaskMeta
+
+    if value is None:
+        return None
+    fields, payload = _split_map(value, "data")
+    if payload is None:
+        raise BadRecord("state record lacks data")
+    return TaskMeta(payload=payload, **fields)
+
+
+# -- consumer helper ------------------------------------------------------------------
+
+
+class RecentIds:
+    """The last ``size`` event ids seen (a bounded LRU set) for de-duplication.
+
+    Duplicates come from a relay re-sending a batch it could not checkpoint, so
+    they are never further back than a few relay batches; the default keeps
+    100,000 ids (about 10 MB).
+    """
+
+    def __init__(self, size: int = 100_000) -> None:
+        self.size = size
+        self._ids: OrderedDict[uuid.UUID, None] = OrderedDict()
+
+    def seen(self, event_id: uuid.UUID) -> bool:
+        """True if ``event_id`` was seen before; remembers it either way."""
+        if event_id in self._ids:
+            self._ids.move_to_end(event_id)
+            return True
+        self._ids[event_id] = None
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+        return False
+
+
+def iter_events(
+    consumer: KafkaConsumer,
+    *,
+    dedup: RecentIds | None = None,
+    stop: threading.Event | None = None,
+    idle_timeout: float | None = None,
+    poll_ms: int = 500,
+) -> Iterator[RecordedEvent]:
+    """Yield the ledger events a subscribed or assigned consumer receives, each once.
+
+    * Typed: each item is a :class:`RecordedEvent`; ``.data`` is its pydantic model.
+    * De-duplicated on ``event_id`` (``dedup``, default :class:`RecentIds`).
+    * At-least-once: the offsets of a poll's records are committed only when the
+      loop asks for the next event after the last of them, i.e. after the
+      handler (the loop body) returned for every one. If the body raises, nothing
+      of that poll is committed and the records come again. The consumer must
+      have ``enable_auto_commit=False``; without a ``group_id`` nothing is committed.
+    * Ends when ``stop`` is set or after ``idle_timeout`` seconds without records.
+    """
+    from kafka.structs import OffsetAndMetadata
+
+    dedup = dedup or RecentIds()
+    commits = consumer.config.get("group_id") is not None
+    idle = 0.0
+    while stop is None or not stop.is_set():
+        polled = consumer.poll(timeout_ms=poll_ms)
+        if not polled:
+            idle += poll_ms / 1000
+            if idle_timeout is not None and idle >= idle_timeout:
+                return
+            continue
+        idle = 0.0
+        for records in polled.values():
+            for record in records:
+                try:
+                    event = decode_event(record.value)
+                except BadRecord as exc:
+                    raise BadRecord(
+                        f"{record.topic}[{record.partition}]@{record.offset}: {exc}"
+                    ) from exc
+                if not dedup.seen(event.event_id):
+                    yield event
+        if commits:
+            consumer.commit(
+                {tp: OffsetAndMetadata(rs[-1].offset + 1, "", -1) for tp, rs in polled.items()}
+            )
+
+
+# -- commands: relay, tail ------------------------------------------------------------
+
+
+def _stop_on_sigterm() -> threading.Event:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+
+def _relay(args: argparse.Namespace) -> int:
+    from ledger.api import Ledger
+    from ledger.relay import Relay
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    relay = Relay(
+        Ledger.open(args.db),
+        args.bootstrap,
+        args.topic,
+        state_topic=args.state_topic,
+        batch_size=args.batch,
+        max_backoff=args.max_backoff,
+    )
+    stop = _stop_on_sigterm()
+    try:
+        relayed = relay.run(once=args.once, stop=stop)
+    except KeyboardInterrupt:
+        relayed = relay.relayed
+    print(f"relayed {relayed} events to {args.topic}; checkpoint {tuple(relay.checkpoint)}")
+    return 0
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode()}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (datetime, uuid.UUID)):
+        return str(value)
+    return value
+
+
+def format_event(event: RecordedEvent, fmt: str = "text") -> str:
+    """One line for ``tail``: text for people, or a JSON object."""
+    if fmt == "json":
+        return json.dumps(
+            {
+                "position": event.position,
+                "tx_id": event.tx_id,
+                "event_id": str(event.event_id),
+                "stream_id": event.stream_id,
+                "stream_version": event.stream_version,
+                "type": event.type,
+                "recorded_at": event.recorded_at.isoformat(),
+                "data": _jsonable(event.data.model_dump(mode="python")),
+            }
+        )
+    state = getattr(event.data, "status", "")
+    return (
+        f"{event.recorded_at.isoformat(timespec='milliseconds')}  {event.position:>8}  "
+        f"{event.stream_id}  {event.type}  {state}".rstrip()
+    )
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from ledger.api import Ledger
+
+    ledger = Ledger.open(args.db)
+    stream_id = f"task:{args.task}" if args.task else None
+    printed: set[uuid.UUID] = set()
+    if stream_id is not None:
+        # The task's whole story first, then whatever follows it.
+        history = ledger.read_stream(stream_id)
+        start = history[0].position - 1 if history else ledger.follower_lag()["head_position"]
+        for event in history:
+            printed.add(event.event_id)
+            print(format_event(event, args.format), flush=True)
+    else:
+        start = max(0, ledger.follower_lag()["head_position"] - args.lines)
+    stop = _stop_on_sigterm()
+    for event in ledger.follow(start, stop=stop, idle_timeout=None if args.follow else 0):
+        if stream_id is not None and (event.stream_id != stream_id or event.event_id in printed):
+            continue
+        print(format_event(event, args.format), flush=True)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from ledger.cli import command
+
+    p = command(sub, "relay", _relay, "relay the log to a Kafka topic (at-least-once, in order)")
+    p.add_argument("--bootstrap", required=True, metavar="HOST:PORT", help="Kafka bootstrap servers")
+    p.add_argument("--topic", required=True, help="event topic (one record per event)")
+    p.add_argument("--state-topic", metavar="TOPIC",
+                   help="also keep each task's latest meta here (null value when forgotten)")
+    p.add_argument("--once", action="store_true", help="relay what is there, then exit")
+    p.add_argument("--batch", type=int, default=2000, help="events per flush (default %(default)s)")
+    p.add_argument("--max-backoff", type=float, default=10.0, metavar="SECONDS",
+                   help="longest wait between retries while Kafka is down (default %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every batch")
+
+    p = command(sub, "tail", _tail, "print ledger events as they happen")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    p.add_argument("--task", metavar="ID", help="only this task's events (its history first)")
+    p.add_argument("-n", "--lines", type=int, default=20,
+                   help="start this many events back (default %(default)s)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
