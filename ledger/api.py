@@ -211,6 +211,14 @@ class Ledger:
             return self._read(lambda c: self.target.task(c, task_id))
         return self._replay(f"task:{task_id}", as_of).state.tasks.get(task_id)
 
+    def task_metas(self, task_ids: Iterable[str]) -> dict[str, TaskMeta]:
+        """Current projection rows of many tasks by id (ids without a row are absent)."""
+        return {m.task_id: m for m in self._read(lambda c: self.target.tasks(c, task_ids))}
+
+    def finished_before(self, cutoff: datetime, limit: int = 1000) -> tuple[list[str], list[str]]:
+        """Ids of tasks done and groups saved before ``cutoff``: what result expiry drops."""
+        return self._read(lambda c: self.target.finished_before(c, cutoff, limit))
+
     def group(self, group_id: str) -> GroupState | None:
         return self._read(lambda c: self.target.group(c, group_id))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import datetime, timezone
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -292,6 +292,27 @@ class SqlTarget:
         return GroupState(**row._mapping) if row is not None else None
 
     def chord(self, conn: Connection, chord_id: str) -> ChordState | None:
+    def tasks(self, conn: Connection, task_ids: Iterable[str]) -> list[TaskMeta]:
+        """The rows of those of ``task_ids`` that have one (one query per 500 ids)."""
+        t, ids, found = self.t.task_meta, list(task_ids), []
+        for i in range(0, len(ids), 500):
+            rows = conn.execute(sa.select(t).where(t.c.task_id.in_(ids[i : i + 500])))
+            found += [TaskMeta(**row._mapping) for row in rows]
+        return found
+
+    def finished_before(
+        self, conn: Connection, cutoff: datetime, limit: int
+    ) -> tuple[list[str], list[str]]:
+        """Ids of tasks done and groups saved before ``cutoff`` (result expiry)."""
+        t, g = self.t.task_meta, self.t.groups
+        tasks = conn.execute(
+            sa.select(t.c.task_id).where(t.c.done_at < cutoff).order_by(t.c.done_at).limit(limit)
+        ).scalars()
+        groups = conn.execute(
+            sa.select(g.c.group_id).where(g.c.saved_at < cutoff).order_by(g.c.saved_at).limit(limit)
+        ).scalars()
+        return list(tasks), list(groups)
+
         c, p = self.t.chords, self.t.chord_parts
         row = conn.execute(sa.select(c).where(c.c.chord_id == chord_id)).first()
         if row is None:

@@ -1,0 +1,447 @@
+"""LedgerBackend: Celery's result backend contract on top of the event log.
+
+Select it by URL; nothing else in the app changes::
+
+    result_backend = "ledger+postgresql+psycopg://user@host/db"
+    result_backend = "ledger+sqlite:///results.db"
+
+Every state Celery stores (STARTED, RETRY, SUCCESS, FAILURE, REVOKED, custom
+states) is a ``task.state`` event; ``get_task_meta`` reads the task-meta
+projection written in the same transaction, so a writer always reads its own
+writes. ``forget`` and result expiry are tombstone events: the history stays.
+
+Chords are native: every returning header part appends a ``chord.part_returned``
+event whose id is derived from (chord, task), the projection counts distinct
+task ids, and the part that completes the chord claims the body with a
+``chord.fired`` event in the same transaction (:meth:`ledger.api.Ledger.return_chord_part`).
+The body is therefore sent once however often parts are redelivered, and
+``celery.chord_unlock`` is never scheduled.
+
+``AsyncResult.get()`` / ``GroupResult.join()`` wait on PostgreSQL
+LISTEN/NOTIFY (every append notifies its stream id at commit) and re-read only
+when a stream they wait for changed; on SQLite they poll every ``interval``.
+
+Celery settings read here, beside Celery's own ``result_*`` settings:
+
+* ``ledger_auto_upgrade`` (default False): run the schema migrations when the
+  backend first touches the database in this process.
+* ``ledger_redact_kwargs`` / ``ledger_redact_args``: argument names / positions
+  stored as ``"[redacted]"`` with ``result_extended`` (see :mod:`ledger.redaction`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta, timezone
+from functools import cached_property
+from typing import Any
+
+import sqlalchemy as sa
+from celery import states
+from celery.backends.base import BaseBackend
+from celery.exceptions import (
+    BackendGetMetaError,
+    BackendStoreError,
+    ChordError,
+    ImproperlyConfigured,
+    TimeoutError,
+)
+from celery.result import GroupResult, allow_join_result, result_from_tuple
+from celery.utils.log import get_logger
+from kombu.serialization import loads
+from kombu.utils.encoding import ensure_bytes
+
+from ledger import database
+from ledger.api import Ledger, RetryPolicy
+from ledger.events import (
+    ChordPartAdded,
+    ChordStarted,
+    Encoded,
+    GroupExpired,
+    GroupForgotten,
+    GroupSaved,
+    ResultExpired,
+    TaskForgotten,
+    TaskState,
+)
+from ledger.listen import Listener
+from ledger.redaction import redact_args, redact_kwargs
+from projections.task_meta import TaskMeta
+
+logger = get_logger(__name__)
+
+#: On PostgreSQL a waiter re-reads at least this often even without a
+#: notification: NOTIFY is only a wake-up, and one may be lost while the
+#: LISTEN connection reconnects.
+SAFETY_NET_SECONDS = 5.0
+#: Expired results are tombstoned this many per transaction.
+EXPIRY_BATCH = 500
+
+_upgraded: set[str] = set()
+_upgrade_lock = threading.Lock()
+
+
+class LedgerBackend(BaseBackend):
+    """Celery result backend storing every state transition as an event."""
+
+    supports_native_join = True
+    supports_autoexpire = False
+    persistent = True
+
+    def __init__(self, app=None, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app, url=url, **kwargs)
+        conf = self.app.conf
+        if not url:
+            raise ImproperlyConfigured(
+                "the ledger backend needs a database URL: set result_backend to "
+                "'ledger+postgresql+psycopg://user@host/db' or 'ledger+sqlite:///path.db'"
+            )
+        # Validates the URL now (a clear error at configuration time), connects later.
+        self._db_url = database.normalize_url(url)
+        self.auto_upgrade = bool(conf.get("ledger_auto_upgrade", False))
+        self.redact_kwargs = frozenset(conf.get("ledger_redact_kwargs") or ())
+        self.redact_args = frozenset(int(i) for i in conf.get("ledger_redact_args") or ())
+        self.extended = bool(conf.find_value_for_key("extended", "result"))
+
+    # -- connection ---------------------------------------------------------------------
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        """The ledger on the backend's database (the engine is shared per process)."""
+        # Ledger's own retry covers a transient disconnect within one unit of
+        # work; result_backend_always_retry adds Celery's outer retry loop.
+        retry = RetryPolicy(
+            attempts=3,
+            base_sleep=self.base_sleep_between_retries_ms / 1000,
+            max_sleep=self.max_sleep_between_retries_ms / 1000,
+        )
+        ledger = Ledger(database.engine_for(self._db_url), retry=retry)
+        if self.auto_upgrade:
+            key = ledger.url
+            with _upgrade_lock:
+                if key not in _upgraded:
+                    ledger.upgrade()
+                    _upgraded.add(key)
+        return ledger
+
+    def as_uri(self, include_password: bool = False) -> str:
+        if include_password:
+            return f"ledger+{self.url}"
+        return f"ledger+{database.safe_url(self._db_url)}"
+
+    def __reduce__(self, args=(), kwargs=None):
+        # The base class does not pass the URL on; prefork children need it.
+        kwargs = kwargs or {}
+        return super().__reduce__(args, dict(kwargs, expires=self.expires, url=self.url))
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        cause = exc.__cause__ if isinstance(exc, BackendStoreError | BackendGetMetaError) else exc
+        return cause is not None and database.is_disconnect(cause)
+
+    # -- storing ------------------------------------------------------------------------
+
+    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        meta = self._get_result_meta(
+            result=result, state=state, traceback=traceback, request=request, format_date=False
+        )
+        event = TaskState(
+            task_id=task_id,
+            status=state,
+            result=self._encoded(result),
+            traceback=traceback,
+            children=meta["children"],
+            date_done=meta["date_done"],
+            parent_id=meta.get("parent_id"),
+            group_id=meta.get("group_id"),
+            root_id=getattr(request, "root_id", None) if request else None,
+            **self._exception_summary(result, state),
+            **self._extended_fields(meta) if "name" in meta else {},
+        )
+        try:
+            self.ledger.append([event])
+        except sa.exc.SQLAlchemyError as exc:
+            raise BackendStoreError(
+                f"failed to store result: {type(exc).__name__}", state=state, task_id=task_id
+            ) from exc
+        # SUCCESS is sticky in the projection: a late FAILURE of a redelivered
+        # message is recorded in the log but does not replace the result.
+        return result
+
+    def _encoded(self, value: Any) -> Encoded:
+        return Encoded(
+            content_type=self.content_type,
+            content_encoding=self.content_encoding,
+            data=ensure_bytes(self.encode(value)),
+        )
+
+    def _extended_fields(self, meta: dict) -> dict:
+        args = redact_args(meta["args"], self.redact_args)
+        kwargs = redact_kwargs(meta["kwargs"], self.redact_kwargs)
+        return {
+            "name": meta["name"],
+            "args": self._encoded(list(args) if args is not None else None),
+            "kwargs": self._encoded(kwargs),
+            "worker": meta["worker"],
+            "retries": meta["retries"],
+            "queue": meta["queue"],
+        }
+
+    def _exception_summary(self, result: Any, state: str) -> dict:
+        if state not in self.EXCEPTION_STATES:
+            return {}
+        if isinstance(result, BaseException):
+            return {"exc_type": type(result).__name__, "exc_message": str(result)}
+        if isinstance(result, dict) and "exc_type" in result:
+            message = result.get("exc_message")
+            if isinstance(message, list | tuple) and len(message) == 1:
+                message = message[0]
+            return {"exc_type": str(result["exc_type"]), "exc_message": str(message)}
+        return {}
+
+    def _forget(self, task_id):
+        self._append(TaskForgotten(task_id=task_id), BackendStoreError, task_id=task_id)
+
+    def _save_group(self, group_id, result):
+        self._append(GroupSaved(group_id=group_id, result=result.as_tuple()), BackendStoreError,
+                     task_id=group_id)
+        return result
+
+    def _delete_group(self, group_id):
+        self._append(GroupForgotten(group_id=group_id), BackendStoreError, task_id=group_id)
+
+    def _append(self, event, error: type[Exception], **info: Any) -> None:
+        try:
+            self.ledger.append([event])
+        except sa.exc.SQLAlchemyError as exc:
+            raise error(f"ledger {event.type} failed: {type(exc).__name__}", **info) from exc
+
+    def cleanup(self) -> None:
+        """Tombstone results older than ``result_expires`` (the log keeps their history)."""
+        if not self.expires:
+            return
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=self.expires)
+        while True:
+            task_ids, group_ids = self.ledger.finished_before(cutoff, EXPIRY_BATCH)
+            if not task_ids and not group_ids:
+                return
+            self.ledger.append(
+                [ResultExpired(task_id=t, expired_before=cutoff) for t in task_ids]
+                + [GroupExpired(group_id=g, expired_before=cutoff) for g in group_ids]
+            )
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _get_task_meta_for(self, task_id):
+        try:
+            row = self.ledger.task_meta(task_id)
+        except sa.exc.SQLAlchemyError as exc:
+            raise BackendGetMetaError(
+                f"failed to get meta: {type(exc).__name__}", task_id=task_id
+            ) from exc
+        if row is None:
+            # The Redis backend's answer for an unknown id, key for key.
+            return {"status": states.PENDING, "result": None}
+        return self._meta(row)
+
+    def _meta(self, row: TaskMeta) -> dict:
+        ev: TaskState = row.data
+        meta = {
+            "status": ev.status,
+            "result": self._decode(ev.result),
+            "traceback": ev.traceback,
+            "children": ev.children,
+            "date_done": ev.date_done.astimezone(self.app.timezone).isoformat()
+            if ev.date_done
+            else None,
+        }
+        if ev.group_id:
+            meta["group_id"] = ev.group_id
+        if ev.parent_id:
+            meta["parent_id"] = ev.parent_id
+        if ev.args is not None or ev.kwargs is not None:
+            meta.update(
+                name=ev.name,
+                args=self._decode(ev.args),
+                kwargs=self._decode(ev.kwargs),
+                worker=ev.worker,
+                retries=ev.retries,
+                queue=ev.queue,
+            )
+        meta["task_id"] = row.task_id
+        # Exceptions are rebuilt by Celery's exception_to_python: it never
+        # imports a module and refuses a non-exception type (SecurityError).
+        return self.meta_from_decoded(meta)
+
+    def _decode(self, value: Encoded | None) -> Any:
+        if value is None:
+            return None
+        # The stored content type decides, checked against this app's accept
+        # list: a pickle payload is refused (ContentDisallowed) unless accepted.
+        return loads(
+            value.data,
+            content_type=value.content_type,
+            content_encoding=value.content_encoding,
+            accept=self.accept,
+        )
+
+    def _restore_group(self, group_id):
+        group = self.ledger.group(group_id)
+        if group is None:
+            return None
+        return {"result": result_from_tuple(group.result, self.app)}
+
+    # -- waiting ------------------------------------------------------------------------
+
+    def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None):
+        """The task's meta once it is ready; raises Celery's ``TimeoutError`` after ``timeout``."""
+        self._ensure_not_eager()
+        for _, meta in self.get_many([task_id], timeout=timeout, interval=interval,
+                                     on_interval=on_interval):
+            return meta
+        raise TimeoutError("The operation timed out.")
+
+    def get_many(self, task_ids, timeout=None, interval=0.5, no_ack=True, on_message=None,
+                 on_interval=None, max_iterations=None, READY_STATES=states.READY_STATES):
+        """Yield ``(task_id, meta)`` for each task as it becomes ready.
+
+        One query per pass for all ids still waited for. Between passes it
+        waits for a NOTIFY on one of their streams (PostgreSQL) or ``interval``
+        seconds (SQLite).
+        """
+        interval = 0.5 if interval is None else interval
+        ids = {str(t) for t in task_ids}
+        for task_id in list(ids):
+            cached = self._cache.get(task_id)
+            if cached is not None and cached["status"] in READY_STATES:
+                ids.discard(task_id)
+                yield task_id, cached
+        if not ids:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._wake_ups(enabled=max_iterations != 1) as listener:
+            iterations = 0
+            while ids:
+                for task_id, meta in self._ready(ids, READY_STATES):
+                    ids.discard(task_id)
+                    if meta["status"] == states.SUCCESS:
+                        self._cache[task_id] = meta
+                    if on_message is not None:
+                        on_message(meta)
+                    yield task_id, meta
+                if not ids:
+                    return
+                iterations += 1
+                if max_iterations and iterations >= max_iterations:
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"Operation timed out ({timeout})")
+                if on_interval:
+                    on_interval()
+                self._nap(listener, ids, deadline, interval)
+
+    def _ready(self, ids: Iterable[str], ready_states) -> Iterator[tuple[str, dict]]:
+        try:
+            rows = self.ledger.task_metas(ids)
+        except sa.exc.SQLAlchemyError as exc:
+            if not database.is_disconnect(exc):
+                raise BackendGetMetaError(
+                    f"failed to get meta: {type(exc).__name__}", task_id=next(iter(ids))
+                ) from exc
+            # A waiter outlives a database restart: try again on the next pass.
+            logger.warning("ledger read failed while waiting (%s); retrying", type(exc).__name__)
+            return
+        for task_id, row in rows.items():
+            if row.status in ready_states:
+                yield task_id, self._meta(row)
+
+    def _wake_ups(self, *, enabled: bool) -> Listener:
+        listener = Listener.for_engine(self.ledger.engine) if enabled else Listener()
+        # LISTEN before the first read, so a commit between read and wait still wakes us.
+        listener.wait(0)
+        return listener
+
+    def _nap(self, listener: Listener, ids: set[str], deadline: float | None, interval: float):
+        if self.ledger.dialect != "postgresql":
+            left = interval if deadline is None else min(interval, deadline - time.monotonic())
+            if left > 0:
+                listener.wait(left)
+            return
+        wanted = {f"task:{task_id}" for task_id in ids}
+        while True:
+            left = SAFETY_NET_SECONDS if deadline is None else min(
+                SAFETY_NET_SECONDS, deadline - time.monotonic()
+            )
+            if left <= 0:
+                return
+            notified = listener.wait(left)
+            if not notified or wanted.intersection(notified):
+                return
+
+    # -- chords -------------------------------------------------------------------------
+
+    def set_chord_size(self, group_id, chord_size):
+        self._append(ChordStarted(chord_id=group_id, size=chord_size), BackendStoreError,
+                     task_id=group_id)
+
+    def apply_chord(self, header_result_args, body, **kwargs):
+        """Save the header group; the parts' returns fire the body (no chord_unlock)."""
+        self.ensure_chords_allowed()
+        header_result = self.app.GroupResult(*header_result_args)
+        self.save_group(header_result.id, header_result)
+
+    def add_to_chord(self, chord_id, result):
+        self._append(ChordPartAdded(chord_id=chord_id, task_id=result.id), BackendStoreError,
+                     task_id=chord_id)
+
+    def on_chord_part_return(self, request, state, result, **kwargs):
+        """Count this header part; the one part that completes the chord sends the body."""
+        gid, tid = request.group, request.id
+        if not gid or not tid:
+            return None
+        if not self.ledger.return_chord_part(gid, tid, state):
+            return None
+        app = self.app
+        callback = app.signature(request.chord)
+        try:
+            deps = self._chord_header(gid)
+        except Exception as exc:
+            logger.exception("Chord %r raised: %r", gid, exc)
+            return self.chord_error_from_stack(callback, ChordError(f"Cannot restore group: {exc!r}"))
+        if deps is None:
+            return self.chord_error_from_stack(
+                callback, ChordError(f"GroupResult {gid} no longer exists")
+            )
+        try:
+            with allow_join_result():
+                ret = deps.join_native(timeout=app.conf.result_chord_join_timeout, propagate=True)
+        except Exception as exc:
+            culprit = next(
+                (r for r in deps.results if r.state in states.PROPAGATE_STATES), None
+            )
+            reason = f"Dependency {culprit.id} raised {exc!r}" if culprit else repr(exc)
+            logger.error("Chord %r raised: %s", gid, reason)
+            error = ChordError(reason)
+            error.__cause__ = exc
+            return self.chord_error_from_stack(callback, error)
+        try:
+            app.amqp._retry_publish(callback.delay, ret)
+        except Exception as exc:
+            logger.exception("Chord %r raised: %r", gid, exc)
+            error = ChordError(f"Callback error: {exc!r}")
+            error.__cause__ = exc
+            return self.chord_error_from_stack(callback, error)
+        return None
+
+    def _chord_header(self, gid: str) -> GroupResult | None:
+        """The header as saved by apply_chord, plus parts added by add_to_chord, in order."""
+        deps = self.app.GroupResult.restore(gid, backend=self)
+        if deps is None:
+            return None
+        known = {r.id for r in deps.results}
+        for event in self.ledger.read_stream(f"chord:{gid}"):
+            if event.type == ChordPartAdded.type and event.data.task_id not in known:
+                known.add(event.data.task_id)
+                deps.results.append(self.app.AsyncResult(event.data.task_id, backend=self))
+        return deps
