@@ -1,0 +1,140 @@
+"""The result backends under test, and the fresh databases they run on.
+
+Every run gets its own PostgreSQL database ``ledger_bench_<pid>`` (dropped at the
+end), its own SQLite files in a temporary directory and its own Redis database
+keys (unique ids, deleted at the end). All PostgreSQL contenders share that one
+server and database, so their figures are comparable with the raw limits.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+
+import psycopg
+from celery import Celery
+
+PG_SERVER = os.environ.get("LEDGER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+REDIS = os.environ.get("LEDGER_BENCH_REDIS", "redis://127.0.0.1:6379")
+#: Redis database numbers: results of the redis contender, and the broker that
+#: carries chord bodies (so that "the body was sent" is seen by a real broker).
+REDIS_RESULT_DB, REDIS_BROKER_DB = 14, 13
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A result backend: a name for the table and a Celery ``result_backend`` URL."""
+
+    name: str
+    url: str
+    #: Celery's database backend has no native chords: it polls celery.chord_unlock.
+    native_chords: bool = True
+    family: str = ""
+
+
+@dataclass
+class Environment:
+    """Fresh databases for one bench run; ``close()`` removes them."""
+
+    run_id: str = field(default_factory=lambda: f"{os.getpid()}_{uuid.uuid4().hex[:6]}")
+    tmpdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="ledger_bench_"))
+    created: bool = False
+
+    @property
+    def pg_db(self) -> str:
+        return f"ledger_bench_{os.getpid()}"
+
+    @property
+    def pg_url(self) -> str:
+        """libpq URL of the bench database (``postgresql://``)."""
+        return f"{PG_SERVER}/{self.pg_db}"
+
+    @property
+    def broker_url(self) -> str:
+        return f"{REDIS}/{REDIS_BROKER_DB}"
+
+    def open(self) -> Environment:
+        _admin(f'DROP DATABASE IF EXISTS "{self.pg_db}" WITH (FORCE)')
+        _admin(f'CREATE DATABASE "{self.pg_db}"')
+        self.created = True
+        return self
+
+    def close(self) -> None:
+        if self.created:
+            _admin(f'DROP DATABASE IF EXISTS "{self.pg_db}" WITH (FORCE)')
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        _redis_cleanup(self.run_id)
+
+    def contenders(self) -> list[Contender]:
+        sa_pg = self.pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
+        return [
+            Contender("ledger+postgresql", f"ledger+{sa_pg}", family="ledger"),
+            Contender("ledger+sqlite", f"ledger+sqlite:///{self.tmpdir}/ledger.db", family="ledger"),
+            Contender("db+postgresql", f"db+{sa_pg}", native_chords=False, family="db"),
+            Contender("db+sqlite", f"db+sqlite:///{self.tmpdir}/celery.db", native_chords=False, family="db"),
+            Contender("redis", f"{REDIS}/{REDIS_RESULT_DB}", family="redis"),
+        ]
+
+    def prepare(self, contender: Contender) -> None:
+        """Create the contender's schema before anything is timed."""
+        if contender.family == "ledger":
+            from ledger import database
+            from ledger.api import Ledger
+
+            ledger = Ledger.open(contender.url, upgrade=True)
+            # Children build their own engine after fork; the parent keeps none open.
+            ledger.engine.dispose()
+            database._engines.clear()
+        elif contender.family == "db":
+            app = make_app(contender, self)
+            app.backend.ResultSession().close()  # creates celery_taskmeta / celery_tasksetmeta
+
+
+def ledger_available() -> str | None:
+    """None when the ledger's Celery backend can be imported, else the reason."""
+    try:
+        from ledger.celery import LedgerBackend  # noqa: F401
+    except Exception as exc:  # any import problem means: not measurable yet
+        return f"ledger.celery not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def make_app(contender: Contender, env: Environment) -> Celery:
+    """A Celery app configured like a worker's: JSON results, Redis broker, two bench tasks."""
+    app = Celery(f"bench_{contender.name}", backend=contender.url, broker=env.broker_url, set_as_current=False)
+    app.conf.update(
+        result_serializer="json",
+        task_serializer="json",
+        accept_content=["json"],
+        result_expires=3600,
+        broker_connection_retry_on_startup=True,
+    )
+
+    @app.task(name="bench.part")
+    def part(i):  # pragma: no cover - never executed: the bench plays the worker
+        return i
+
+    @app.task(name="bench.body")
+    def body(results):  # pragma: no cover - never executed: the broker keeps it
+        return len(results)
+
+    return app
+
+
+def _admin(sql: str) -> None:
+    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def _redis_cleanup(run_id: str) -> None:
+    import redis
+
+    for db in (REDIS_RESULT_DB, REDIS_BROKER_DB):
+        client = redis.Redis.from_url(f"{REDIS}/{db}")
+        keys = list(client.scan_iter(match=f"*{run_id}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()

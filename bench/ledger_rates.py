@@ -1,0 +1,95 @@
+"""Rates of the ledger alone: bulk append, rebuild, relay to Kafka (Tansu).
+
+Rebuild and relay are measured by the functions their modules offer
+(``measure_rebuild(url, n)``, ``measure_relay(url, bootstrap, n)``), so the
+bench times exactly the code operators run; until a module offers its function
+the row says so instead of guessing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from bench.processes import Job, Slice
+from bench.stats import Run
+
+BATCH = 500
+
+
+def bulk_append(url: str, prefix: str) -> Job:
+    """One child appends batches of ``BATCH`` task.state events until the deadline."""
+
+    def job(child: int, deadline: float) -> Slice:
+        from ledger.api import Ledger
+        from ledger.events import Encoded, TaskState, utcnow
+
+        ledger = Ledger.open(url)
+        result = Encoded(content_type="application/json", data=b'{"n": 1, "ok": true}')
+        s = Slice(started=time.monotonic())
+        n = 0
+        while (t0 := time.monotonic()) < deadline:
+            events = [
+                TaskState(task_id=f"{prefix}-{child}-{n + i}", status="SUCCESS", result=result, date_done=utcnow())
+                for i in range(BATCH)
+            ]
+            ledger.append(events)
+            s.latencies.append(time.monotonic() - t0)
+            n += BATCH
+        s.ended, s.ops = time.monotonic(), n
+        return s
+
+    return job
+
+
+def find(name: str, modules: tuple[str, ...]) -> Callable[..., Any] | None:
+    """The first ``modules[i].name`` that imports; None while nobody offers it."""
+    for module in modules:
+        try:
+            fn = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if callable(fn):
+            return fn
+    return None
+
+
+REBUILD_MODULES = ("ledger.rebuild", "ledger.audit", "ledger.maintenance", "ledger.verify")
+RELAY_MODULES = ("ledger.stream", "ledger.relay")
+
+
+def _as_run(value: Any, n: int) -> Run:
+    """Accept what a measure_* function returns: a rate, seconds, or a dict with either."""
+    if isinstance(value, dict):
+        for key in ("seconds", "elapsed", "duration"):
+            if key in value:
+                return Run(ops=int(value.get("events", n)), seconds=float(value[key]))
+        for key in ("events_per_s", "events_per_second", "rate"):
+            if key in value:
+                return Run(ops=n, seconds=n / float(value[key]))
+        raise TypeError(f"cannot read a rate from {value!r}")
+    if isinstance(value, (int, float)):
+        # A float above n/0.001 cannot be seconds for n events; treat large numbers as rates.
+        return Run(ops=n, seconds=n / float(value)) if value > 1000 else Run(ops=n, seconds=float(value))
+    raise TypeError(f"cannot read a rate from {value!r}")
+
+
+def rebuild(url: str, n: int) -> Run:
+    fn = find("measure_rebuild", REBUILD_MODULES)
+    if fn is None:
+        return Run(0, 0, ok=False, note="no measure_rebuild(url, n) offered yet")
+    return _as_run(fn(url, n), n)
+
+
+def relay(url: str, bootstrap: str, n: int) -> Run:
+    fn = find("measure_relay", RELAY_MODULES)
+    if fn is None:
+        return Run(0, 0, ok=False, note="no measure_relay(url, bootstrap, n) offered yet")
+    return _as_run(fn(url, bootstrap, n), n)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,91 @@
+"""Prefork-like measurement: N forked processes start together and report their timings.
+
+As in a Celery prefork worker, whatever the parent built (an app, a backend
+that has not connected yet) is inherited through ``fork`` and each child opens
+its own connections. The children are billiard processes, like the prefork
+pool's, so the after-fork hooks that Celery and kombu register run as in a
+worker: Celery's database backend, for one, switches from a connection per
+session (NullPool) to a pooled engine only in a forked child.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import billiard
+
+from bench.stats import Run
+
+_fork = billiard.get_context("fork")
+
+
+@dataclass
+class Slice:
+    """What one child measured: its operations, their latencies, its own start and end."""
+
+    ops: int = 0
+    started: float = 0.0
+    ended: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    extra: Any = None
+
+
+Job = Callable[[int, float], Slice]
+"""``job(child_index, deadline)`` runs operations until the deadline and returns a Slice."""
+
+
+class ChildFailed(RuntimeError):
+    """A measuring child raised; the message carries its traceback."""
+
+
+def _child(job: Job, index: int, duration: float, barrier, out) -> None:
+    try:
+        barrier.wait(60)
+        # One shared start: the deadline is fixed after everybody is ready.
+        deadline = time.monotonic() + duration
+        out.send(("ok", job(index, deadline)))
+    except BaseException:  # report everything, the parent decides
+        out.send(("error", traceback.format_exc()))
+    finally:
+        out.close()
+
+
+def run_forked(job: Job, processes: int, duration: float, timeout: float = 300) -> list[Slice]:
+    """Run ``job`` in ``processes`` forked children for about ``duration`` seconds."""
+    barrier = _fork.Barrier(processes)
+    children, pipes = [], []
+    for i in range(processes):
+        recv, send = _fork.Pipe(duplex=False)
+        p = _fork.Process(target=_child, args=(job, i, duration, barrier, send), daemon=True)
+        p.start()
+        send.close()
+        children.append(p)
+        pipes.append(recv)
+    slices, errors = [], []
+    for p, pipe in zip(children, pipes, strict=True):
+        if not pipe.poll(timeout):
+            errors.append(f"child {p.pid} reported nothing within {timeout}s")
+        else:
+            try:
+                status, value = pipe.recv()
+            except EOFError:
+                status, value = "error", f"child {p.pid} died (exit code {p.exitcode})"
+            (slices if status == "ok" else errors).append(value)
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+    if errors:
+        raise ChildFailed(errors[0])
+    return slices
+
+
+def merge(slices: list[Slice], note: str = "") -> Run:
+    """Total operations over the wall time from the first start to the last end."""
+    ops = sum(s.ops for s in slices)
+    seconds = max(s.ended for s in slices) - min(s.started for s in slices)
+    latencies = [x for s in slices for x in s.latencies]
+    return Run(ops=ops, seconds=seconds, latencies=latencies, note=note)
