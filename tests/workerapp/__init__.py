@@ -1,0 +1,1 @@
+"""A Celery app for the real-worker tests: ``celery -A tests.workerapp.tasks worker``."""
