@@ -15,10 +15,10 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Callable, TypeVar
+from datetime import datetime, timezone
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -314,15 +314,16 @@ class Ledger:
         else:
             from sqlalchemy.dialects.sqlite import insert
         stmt = insert(checkpoints).values(
-            name=name, tx_id=cp.tx_id, position=cp.position, updated_at=sa.func.now()
-            if self.dialect == "postgresql"
-            else datetime.now().astimezone()
+            name=name, tx_id=cp.tx_id, position=cp.position, updated_at=datetime.now(timezone.utc)
         )
         conn.execute(
             stmt.on_conflict_do_update(
                 index_elements=[checkpoints.c.name],
-                set_={"tx_id": stmt.excluded.tx_id, "position": stmt.excluded.position,
-                      "updated_at": stmt.excluded.updated_at},
+                set_={
+                    "tx_id": stmt.excluded.tx_id,
+                    "position": stmt.excluded.position,
+                    "updated_at": stmt.excluded.updated_at,
+                },
             )
         )
 

@@ -258,11 +258,17 @@ class SqlTarget:
         return self._chord_upsert(conn, e, size=None, returned_inc=1)
 
     def _chord_fired(self, conn: Connection, e: RecordedEvent) -> bool:
+        # Firing changes neither size nor count, so it can never complete a chord.
         c = self.t.chords
+        stmt = _insert(conn, c).values(
+            chord_id=e.stream_key, size=None, returned=0, completed_position=None,
+            fired_position=e.position,
+        )
         conn.execute(
-            sa.update(c)
-            .where(c.c.chord_id == e.stream_key, c.c.fired_position.is_(None))
-            .values(fired_position=e.position)
+            stmt.on_conflict_do_update(
+                index_elements=[c.c.chord_id],
+                set_={"fired_position": sa.func.coalesce(c.c.fired_position, e.position)},
+            )
         )
         return False
 
@@ -286,12 +292,6 @@ class SqlTarget:
         row = conn.execute(sa.select(t).where(t.c.task_id == task_id)).first()
         return TaskMeta(**row._mapping) if row is not None else None
 
-    def group(self, conn: Connection, group_id: str) -> GroupState | None:
-        t = self.t.groups
-        row = conn.execute(sa.select(t).where(t.c.group_id == group_id)).first()
-        return GroupState(**row._mapping) if row is not None else None
-
-    def chord(self, conn: Connection, chord_id: str) -> ChordState | None:
     def tasks(self, conn: Connection, task_ids: Iterable[str]) -> list[TaskMeta]:
         """The rows of those of ``task_ids`` that have one (one query per 500 ids)."""
         t, ids, found = self.t.task_meta, list(task_ids), []
@@ -313,6 +313,12 @@ class SqlTarget:
         ).scalars()
         return list(tasks), list(groups)
 
+    def group(self, conn: Connection, group_id: str) -> GroupState | None:
+        t = self.t.groups
+        row = conn.execute(sa.select(t).where(t.c.group_id == group_id)).first()
+        return GroupState(**row._mapping) if row is not None else None
+
+    def chord(self, conn: Connection, chord_id: str) -> ChordState | None:
         c, p = self.t.chords, self.t.chord_parts
         row = conn.execute(sa.select(c).where(c.c.chord_id == chord_id)).first()
         if row is None:

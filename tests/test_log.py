@@ -1,0 +1,204 @@
+"""The log and its projections: one suite, run on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from ledger.api import Ledger
+from ledger.events import (
+    ChordPartReturned,
+    ChordStarted,
+    GroupForgotten,
+    GroupSaved,
+    InvalidEvent,
+    NewEvent,
+    TaskForgotten,
+    TaskState,
+)
+from ledger.log import Checkpoint, VersionConflict
+from ledger.schema import events as events_table
+
+
+class LogContract:
+    """Cases every dialect must pass. Subclasses provide the ``url`` fixture."""
+
+    @pytest.fixture
+    def ledger(self, url) -> Ledger:
+        return Ledger.open(url)
+
+    def test_append_assigns_positions_and_stream_versions(self, ledger):
+        result = ledger.append(
+            [TaskState(task_id="a", status="STARTED"), TaskState(task_id="b", status="STARTED"),
+             TaskState(task_id="a", status="SUCCESS")]
+        )
+        got = [(e.stream_id, e.stream_version) for e in result.recorded]
+        assert got == [("task:a", 1), ("task:b", 1), ("task:a", 2)]
+        positions = [e.position for e in result.recorded]
+        assert positions == sorted(positions) and len(set(positions)) == 3
+
+    def test_appending_the_same_event_id_twice_writes_one_row(self, ledger):
+        event = NewEvent(TaskState(task_id="a", status="STARTED"), event_id=uuid.uuid4())
+        first = ledger.append([event])
+        second = ledger.append([event, NewEvent(TaskState(task_id="a", status="SUCCESS"))])
+        assert len(first.recorded) == 1
+        assert second.duplicates == [event.event_id]
+        assert [e.data.status for e in ledger.history("a")] == ["STARTED", "SUCCESS"]
+        assert [e.stream_version for e in ledger.history("a")] == [1, 2]
+
+    def test_expected_version_conflict_is_a_clear_error_and_writes_nothing(self, ledger):
+        ledger.append([TaskState(task_id="a", status="STARTED")])
+        with pytest.raises(VersionConflict, match=r"stream 'task:a': expected version 0, the stream is at version 1"):
+            ledger.append(
+                [TaskState(task_id="b", status="STARTED"),
+                 NewEvent(TaskState(task_id="a", status="SUCCESS"), expected_version=0)]
+            )
+        assert ledger.history("b") == []  # the whole batch rolled back
+        ok = ledger.append([NewEvent(TaskState(task_id="a", status="SUCCESS"), expected_version=1)])
+        assert ok.recorded[0].stream_version == 2
+
+    def test_invalid_event_is_rejected_before_anything_is_written(self, ledger):
+        bad = TaskState.model_construct(task_id="a", status="")
+        with pytest.raises(InvalidEvent, match="field 'status'"):
+            ledger.append([TaskState(task_id="ok", status="STARTED"), bad])
+        assert ledger.history("ok") == []
+
+    def test_read_from_pages_through_every_event_once_in_order(self, ledger):
+        for i in range(25):
+            ledger.append([TaskState(task_id=f"t{i}", status="STARTED")])
+        seen, cp = [], Checkpoint(0, 0)
+        while batch := ledger.read_from(cp, limit=7):
+            seen += batch
+            cp = Checkpoint(batch[-1].tx_id, batch[-1].position)
+        assert [e.stream_id for e in seen] == [f"task:t{i}" for i in range(25)]
+        assert ledger.read_from(seen[9].position, limit=3) == seen[10:13]
+
+    def test_read_stream_returns_the_stream_in_version_order(self, ledger):
+        ledger.append([TaskState(task_id="a", status=s) for s in ("STARTED", "RETRY", "STARTED")])
+        ledger.append([TaskState(task_id="z", status="STARTED")])
+        assert [e.data.status for e in ledger.read_stream("task:a")] == ["STARTED", "RETRY", "STARTED"]
+
+    def test_recorded_at_is_database_time_in_utc(self, ledger):
+        e = ledger.append([TaskState(task_id="a", status="STARTED")]).recorded[0]
+        stored = ledger.history("a")[0]
+        assert stored.recorded_at.utcoffset().total_seconds() == 0
+        assert stored.recorded_at == e.recorded_at
+
+    def test_writer_reads_its_own_writes(self, ledger):
+        for status in ("STARTED", "RETRY", "STARTED", "FAILURE"):
+            ledger.append([TaskState(task_id="a", status=status)])
+            assert ledger.task_meta("a").status == status
+
+    def test_success_is_sticky_in_the_projection_but_kept_in_the_log(self, ledger):
+        ledger.append([TaskState(task_id="a", status="SUCCESS")])
+        ledger.append([TaskState(task_id="a", status="FAILURE")])
+        assert ledger.task_meta("a").status == "SUCCESS"
+        assert [e.data.status for e in ledger.history("a")] == ["SUCCESS", "FAILURE"]
+
+    def test_unknown_task_has_no_projection_row(self, ledger):
+        assert ledger.task_meta("never-seen") is None
+
+    def test_forget_is_a_tombstone_and_a_later_store_starts_a_new_life(self, ledger):
+        ledger.append([TaskState(task_id="a", status="SUCCESS")])
+        ledger.append([TaskForgotten(task_id="a")])
+        assert ledger.task_meta("a") is None
+        assert [e.type for e in ledger.history("a")] == ["task.state", "task.forgotten"]
+        ledger.append([TaskState(task_id="a", status="STARTED")])
+        assert ledger.task_meta("a").status == "STARTED"
+
+    def test_ready_states_carry_done_at(self, ledger):
+        ledger.append([TaskState(task_id="a", status="STARTED")])
+        assert ledger.task_meta("a").done_at is None
+        e = ledger.append([TaskState(task_id="a", status="FAILURE")]).recorded[0]
+        assert ledger.task_meta("a").done_at == e.recorded_at
+
+    def test_group_saved_twice_is_one_row_and_forget_removes_it(self, ledger):
+        members = [["t1", None], ["t2", None]]
+        ledger.append([GroupSaved(group_id="g", result=members)])
+        ledger.append([GroupSaved(group_id="g", result=members)])
+        assert ledger.group("g").result == members
+        ledger.append([GroupForgotten(group_id="g")])
+        assert ledger.group("g") is None
+
+    def test_redelivered_chord_part_fires_body_once(self, ledger):
+        ledger.append([ChordStarted(chord_id="c", size=3)])
+        fired = [
+            ledger.return_chord_part("c", t, "SUCCESS")
+            for t in ("p1", "p1", "p2", "p2", "p1", "p3", "p3", "p2")
+        ]
+        assert fired == [False, False, False, False, False, True, False, False]
+        state = ledger.chord("c")
+        assert state.returned == 3 and state.complete and state.fired_position is not None
+
+    def test_chord_part_returned_before_the_chord_started_still_counts(self, ledger):
+        assert ledger.return_chord_part("c", "p1", "SUCCESS") is False
+        result = ledger.append([ChordStarted(chord_id="c", size=1)])
+        assert result.completed_chords == ["c"]
+
+    def test_redelivery_of_the_completing_part_claims_the_body_if_nobody_did(self, ledger):
+        """The completer died after committing its part but before claiming the body."""
+        ledger.append([ChordStarted(chord_id="c", size=1)])
+        part_id = ChordPartReturned.deterministic_event_id("c", "p1")
+        ledger.append([NewEvent(ChordPartReturned(chord_id="c", task_id="p1", status="SUCCESS"), part_id)])
+        assert ledger.chord("c").complete and ledger.chord("c").fired_position is None
+        assert ledger.return_chord_part("c", "p1", "SUCCESS") is True
+        assert ledger.return_chord_part("c", "p1", "SUCCESS") is False
+
+    def test_as_of_position_replays_the_stream(self, ledger):
+        recorded = [
+            ledger.append([TaskState(task_id="a", status=s)]).recorded[0]
+            for s in ("STARTED", "RETRY", "SUCCESS")
+        ]
+        for event in recorded:
+            assert ledger.task_meta("a", as_of=event.position).status == event.data.status
+        assert ledger.task_meta("a", as_of=recorded[0].position - 1) is None
+
+    def test_as_of_time_replays_the_stream(self, ledger):
+        recorded = [
+            ledger.append([TaskState(task_id="a", status=s)]).recorded[0]
+            for s in ("STARTED", "SUCCESS")
+        ]
+        assert ledger.task_meta("a", as_of=recorded[0].recorded_at).status == "STARTED"
+        assert ledger.task_meta("a", as_of=recorded[1].recorded_at).status == "SUCCESS"
+
+    def test_events_are_never_updated_only_appended(self, ledger):
+        ledger.append([TaskState(task_id="a", status="STARTED")])
+        before = ledger.history("a")[0]
+        ledger.append([TaskState(task_id="a", status="SUCCESS"), TaskForgotten(task_id="a")])
+        assert ledger.history("a")[0] == before
+        with ledger.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(events_table)).scalar() == 3
+
+
+class TestLogOnSQLite(LogContract):
+    @pytest.fixture
+    def url(self, sqlite_url):
+        return sqlite_url
+
+
+@pytest.mark.postgres
+class TestLogOnPostgres(LogContract):
+    @pytest.fixture
+    def url(self, pg_url):
+        return pg_url
+
+    def test_follow_order_is_transaction_then_position(self, ledger):
+        for i in range(5):
+            ledger.append([TaskState(task_id=f"t{i}", status="STARTED")])
+        events = ledger.read_from(0)
+        keys = [(e.tx_id, e.position) for e in events]
+        assert keys == sorted(keys) and all(tx > 0 for tx, _ in keys)
+
+    def test_an_open_transaction_holds_followers_back_until_it_commits(self, ledger):
+        ledger.append([TaskState(task_id="before", status="STARTED")])
+        with ledger.engine.connect() as conn:
+            tx = conn.begin()
+            conn.execute(sa.text("SELECT pg_current_xact_id()"))  # an xid, like any writer
+            ledger.append([TaskState(task_id="after", status="STARTED")])
+            visible = [e.stream_id for e in ledger.read_from(0)]
+            assert visible == ["task:before"]
+            assert ledger.follower_lag()["held_back"] == 1
+            tx.commit()
+        assert [e.stream_id for e in ledger.read_from(0)] == ["task:before", "task:after"]
