@@ -1,0 +1,237 @@
+"""The backend API called directly, as Celery's own t/unit/backends tests do (both dialects)."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+from celery import Celery, states
+from celery.app.task import Context
+from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendGetMetaError, BackendStoreError, SecurityError, TimeoutError
+from kombu.exceptions import ContentDisallowed
+
+from ledger.celery import LedgerBackend
+from ledger.redaction import REDACTED, redact_args, redact_kwargs
+
+REDIS = "redis://127.0.0.1:6379/11"
+DEAD_PG = "postgresql+psycopg://postgres:hunter2@127.0.0.1:1/nowhere"
+
+
+def make_app(url: str, **conf) -> Celery:
+    app = Celery("unit", backend=f"ledger+{url}", set_as_current=False)
+    app.conf.update(conf)
+    return app
+
+
+def request(task_id: str, **extra) -> Context:
+    return Context(id=task_id, task="unit.add", args=[1, 2], kwargs={"z": 3}, hostname="w1@host",
+                   retries=0, delivery_info={"routing_key": "celery"}, **extra)
+
+
+@pytest.fixture
+def backend(any_url) -> LedgerBackend:
+    return make_app(any_url).backend
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def test_selected_by_url_and_pickles_with_its_url(any_url):
+    backend = make_app(any_url).backend
+    assert isinstance(backend, LedgerBackend)
+    clone = pickle.loads(pickle.dumps(backend))
+    assert isinstance(clone, LedgerBackend)
+    assert clone.url == backend.url
+
+
+def test_construction_is_cheap_and_uri_hides_the_password():
+    backend = make_app(DEAD_PG).backend  # nothing listens on port 1: no connection is made
+    assert "hunter2" not in backend.as_uri()
+    assert backend.as_uri().startswith("ledger+postgresql+psycopg://postgres:***@")
+
+
+def test_unknown_task_is_pending_like_redis(backend):
+    assert backend.get_task_meta(new_id()) == {"status": states.PENDING, "result": None}
+
+
+def test_meta_matches_the_redis_backend(any_url):
+    app = make_app(any_url, result_extended=True)
+    redis_backend = RedisBackend(app=app, url=REDIS)
+    for state, value in ((states.SUCCESS, {"a": [1, 2]}), (states.FAILURE, KeyError("k"))):
+        tid = new_id()
+        req = request(tid, group="g1", parent_id="p1")
+        for b in (app.backend, redis_backend):
+            b.store_result(tid, value, state, traceback="tb" if state == states.FAILURE else None,
+                           request=req)
+        ours, theirs = app.backend.get_task_meta(tid), redis_backend.get_task_meta(tid)
+        redis_backend.forget(tid)
+        assert ours.keys() == theirs.keys()
+        for key in ours.keys() - {"date_done", "result"}:
+            assert ours[key] == theirs[key], key
+        assert type(ours["result"]) is type(theirs["result"])
+        assert repr(ours["result"]) == repr(theirs["result"])
+        assert ours["date_done"][-6:] == theirs["date_done"][-6:]  # same timezone offset
+
+
+def test_success_is_sticky(backend):
+    tid = new_id()
+    backend.mark_as_done(tid, 42)
+    backend.mark_as_failure(tid, ValueError("late duplicate"))
+    assert backend.get_task_meta(tid)["status"] == states.SUCCESS
+    assert backend.get_task_meta(tid)["result"] == 42
+    assert [e.data.status for e in backend.ledger.history(tid)] == ["SUCCESS", "FAILURE"]
+
+
+def test_forget_is_a_tombstone_and_a_later_store_starts_a_new_life(backend):
+    tid = new_id()
+    backend.mark_as_done(tid, 1)
+    backend.forget(tid)
+    assert backend.get_task_meta(tid)["status"] == states.PENDING
+    assert [e.type for e in backend.ledger.history(tid)] == ["task.state", "task.forgotten"]
+    backend.mark_as_started(tid)
+    assert backend.get_task_meta(tid)["status"] == states.STARTED
+
+
+def test_group_save_restore_delete(backend):
+    app = backend.app
+    gid = new_id()
+    members = [app.AsyncResult(new_id()) for _ in range(3)]
+    backend.save_group(gid, app.GroupResult(gid, members))
+    restored = backend.restore_group(gid, cache=False)
+    assert [r.id for r in restored.results] == [r.id for r in members]
+    backend.delete_group(gid)
+    assert backend.restore_group(gid, cache=False) is None
+
+
+def test_cleanup_expires_old_results_as_events(any_url):
+    app = make_app(any_url, result_expires=3600)
+    backend = app.backend
+    tid, gid = new_id(), new_id()
+    backend.mark_as_done(tid, "old")
+    backend.save_group(gid, app.GroupResult(gid, [app.AsyncResult(tid)]))
+    backend.cleanup()
+    assert backend.get_task_meta(tid)["status"] == states.SUCCESS
+
+    backend.expires = 0.001
+    time.sleep(0.01)  # let the result become older than the (tiny) expiry
+    backend.cleanup()
+    assert backend.get_task_meta(tid)["status"] == states.PENDING
+    assert backend.restore_group(gid, cache=False) is None
+    assert [e.type for e in backend.ledger.history(tid)] == ["task.state", "results.expired"]
+
+
+def test_msgpack_results_round_trip(any_url):
+    backend = make_app(any_url, result_serializer="msgpack",
+                       accept_content=["json", "msgpack"]).backend
+    tid = new_id()
+    backend.mark_as_done(tid, {"bytes": b"\x00\x01", "n": [1, 2]})
+    assert backend.get_task_meta(tid)["result"] == {"bytes": b"\x00\x01", "n": [1, 2]}
+    assert backend.ledger.history(tid)[0].data.result.content_type == "application/x-msgpack"
+
+
+def test_pickle_is_read_only_by_apps_that_accept_it(any_url):
+    writer = make_app(any_url, result_serializer="pickle", accept_content=["pickle", "json"]).backend
+    tid = new_id()
+    writer.mark_as_done(tid, {1, 2, 3})
+    assert writer.get_task_meta(tid)["result"] == {1, 2, 3}
+    reader = make_app(any_url, accept_content=["json"]).backend
+    with pytest.raises(ContentDisallowed):
+        reader.get_task_meta(tid)
+
+
+def test_exception_decoding_refuses_non_exception_types(backend):
+    tid = new_id()
+    backend.store_result(tid, {"exc_type": "system", "exc_module": "os",
+                               "exc_message": ["echo pwned"]}, states.FAILURE)
+    with pytest.raises(SecurityError):
+        backend.get_task_meta(tid)
+
+
+def test_exception_decoding_never_imports_a_module(backend):
+    assert "this" not in sys.modules
+    tid = new_id()
+    backend.store_result(tid, {"exc_type": "Zen", "exc_module": "this",
+                               "exc_message": ["beautiful"]}, states.FAILURE)
+    exc = backend.get_task_meta(tid)["result"]
+    assert isinstance(exc, Exception) and type(exc).__name__ == "Zen"
+    assert "this" not in sys.modules
+
+
+def test_failure_summary_is_kept_for_audit(backend):
+    tid = new_id()
+    backend.mark_as_failure(tid, KeyError("missing"), traceback="Traceback ...")
+    event = backend.ledger.history(tid)[0].data
+    assert (event.exc_type, event.exc_message, event.traceback) == ("KeyError", "missing",
+                                                                     "Traceback ...")
+
+
+def test_get_timeout_raises_celery_timeout_error(backend):
+    with pytest.raises(TimeoutError):
+        backend.wait_for(new_id(), timeout=0.2, interval=0.05)
+
+
+def test_get_many_yields_each_result_when_ready(backend):
+    ids = [new_id() for _ in range(3)]
+    for i, tid in enumerate(ids):
+        backend.mark_as_done(tid, i)
+    got = dict(backend.get_many(ids, timeout=5, interval=0.05))
+    assert {tid: meta["result"] for tid, meta in got.items()} == dict(zip(ids, range(3), strict=True))
+
+
+def test_redaction_replaces_named_kwargs_and_positions():
+    assert redact_args(["u", "pw", 3], {1, -1}) == ["u", REDACTED, REDACTED]
+    assert redact_args(["u"], {5}) == ["u"]
+    assert redact_kwargs({"password": "x", "user": "u"}, {"password"}) == {
+        "password": REDACTED, "user": "u"}
+
+
+# -- PostgreSQL only: NOTIFY wake-ups and connection loss ---------------------------------
+
+
+def test_get_is_woken_by_notify_not_by_polling(pg_url):
+    backend = make_app(pg_url).backend
+    tid = new_id()
+    threading.Timer(0.3, lambda: make_app(pg_url).backend.mark_as_done(tid, "woken")).start()
+    # interval=60 and a 4 s deadline below the 5 s safety net: only NOTIFY can wake it in time.
+    meta = backend.wait_for(tid, timeout=4, interval=60)
+    assert meta["result"] == "woken"
+
+
+def test_store_survives_a_dropped_connection(pg_url):
+    backend = make_app(pg_url).backend
+    backend.mark_as_done(new_id(), 1)
+    dbname = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as c:
+        c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                  "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
+    tid = new_id()
+    backend.mark_as_done(tid, 2)
+    assert backend.get_task_meta(tid)["result"] == 2
+
+
+def test_errors_reaching_the_caller_are_backend_errors_with_the_cause():
+    backend = make_app(DEAD_PG).backend
+    with pytest.raises(BackendStoreError) as stored:
+        backend.mark_as_done(new_id(), 1)
+    assert stored.value.__cause__ is not None
+    assert "hunter2" not in str(stored.value)
+    with pytest.raises(BackendGetMetaError):
+        backend.get_task_meta(new_id())
+
+
+def test_always_retry_retries_then_gives_up_with_backend_store_error():
+    backend = make_app(DEAD_PG, result_backend_always_retry=True, result_backend_max_retries=2,
+                       result_backend_base_sleep_between_retries_ms=1,
+                       result_backend_max_sleep_between_retries_ms=5).backend
+    attempts = []
+    backend.on_backend_retryable_error = attempts.append
+    with pytest.raises(BackendStoreError):
+        backend.mark_as_done(new_id(), 1)
+    assert len(attempts) == 2
