@@ -103,7 +103,11 @@ def ledger_available() -> str | None:
 
 
 def make_app(contender: Contender, env: Environment) -> Celery:
-    """A Celery app configured like a worker's: JSON results, Redis broker, two bench tasks."""
+    """A Celery app configured like a worker's: JSON results, Redis broker.
+
+    The bench tasks (``bench.part``, ``bench.body``) are addressed by name only:
+    no worker runs them, the bench plays the worker.
+    """
     app = Celery(f"bench_{contender.name}", backend=contender.url, broker=env.broker_url, set_as_current=False)
     app.conf.update(
         result_serializer="json",
@@ -112,15 +116,6 @@ def make_app(contender: Contender, env: Environment) -> Celery:
         result_expires=3600,
         broker_connection_retry_on_startup=True,
     )
-
-    @app.task(name="bench.part")
-    def part(i):  # pragma: no cover - never executed: the bench plays the worker
-        return i
-
-    @app.task(name="bench.body")
-    def body(results):  # pragma: no cover - never executed: the broker keeps it
-        return len(results)
-
     return app
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -58,22 +57,15 @@ def find(name: str, modules: tuple[str, ...]) -> Callable[..., Any] | None:
 
 
 REBUILD_MODULES = ("ledger.rebuild", "ledger.audit", "ledger.maintenance", "ledger.verify")
-RELAY_MODULES = ("ledger.stream", "ledger.relay")
+RELAY_MODULES = ("ledger.relay", "ledger.stream")
 
 
 def _as_run(value: Any, n: int) -> Run:
-    """Accept what a measure_* function returns: a rate, seconds, or a dict with either."""
-    if isinstance(value, dict):
-        for key in ("seconds", "elapsed", "duration"):
-            if key in value:
-                return Run(ops=int(value.get("events", n)), seconds=float(value[key]))
-        for key in ("events_per_s", "events_per_second", "rate"):
-            if key in value:
-                return Run(ops=n, seconds=n / float(value[key]))
-        raise TypeError(f"cannot read a rate from {value!r}")
-    if isinstance(value, (int, float)):
-        # A float above n/0.001 cannot be seconds for n events; treat large numbers as rates.
-        return Run(ops=n, seconds=n / float(value)) if value > 1000 else Run(ops=n, seconds=float(value))
+    """Read what a measure_* function returns: ``{"events", "seconds"}`` or a rate in events/s."""
+    if isinstance(value, dict) and "seconds" in value:
+        return Run(ops=int(value.get("events", n)), seconds=float(value["seconds"]))
+    if isinstance(value, (int, float)) and value > 0:
+        return Run(ops=n, seconds=n / float(value))
     raise TypeError(f"cannot read a rate from {value!r}")
 
 
@@ -89,7 +81,3 @@ def relay(url: str, bootstrap: str, n: int) -> Run:
     if fn is None:
         return Run(0, 0, ok=False, note="no measure_relay(url, bootstrap, n) offered yet")
     return _as_run(fn(url, bootstrap, n), n)
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,66 @@
+"""The benchmark harness runs end to end on real services and reports what it measured.
+
+No timing is asserted (speed is what the bench reports, not what tests check):
+these tests prove that a tiny run measures every requested pair, checks chord
+bodies fire exactly once on a real broker, and writes the table and the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.stats import Run, Summary, percentile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_tiny_bench_run_prints_table_and_writes_json(tmp_path):
+    only = "redis,ledger+sqlite,postgresql (raw)"
+    ops = "store1,get,chord10,forget"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--rounds", "1", "--seconds", "0.2", "--chords", "1",
+         "--only", only, "--ops", ops, "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[round 1/1] store1" in proc.stderr  # progress while running
+    assert "| operation | backend |" in proc.stdout  # markdown table for the README
+
+    record = json.loads((tmp_path / "latest.json").read_text())
+    measured = {(r["op"], r["backend"]): r for r in record["rows"]}
+    expected = {(op, b) for op in ("store1", "get", "forget") for b in ("redis", "ledger+sqlite")}
+    expected |= {("chord10", "redis"), ("chord10", "ledger+sqlite"), ("store1", "postgresql (raw)"),
+                 ("get", "postgresql (raw)")}
+    assert expected <= set(measured), sorted(expected - set(measured))
+    for key in expected:
+        assert measured[key]["ok"], (key, measured[key]["note"])
+    for backend in ("redis", "ledger+sqlite"):
+        assert measured[("chord10", backend)]["note"] == "fired exactly once 1/1"
+        assert measured[("store1", backend)]["rate"] > 0
+    assert measured[("store1", "ledger+sqlite")]["x_redis"] is not None
+    assert {t["name"] for t in record["targets"]} >= {"rebuild >= 100,000 events/s"}
+    assert record["machine"]["cpus"] >= 1
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([], 50) is None
+
+
+def test_summary_takes_medians_over_rounds_and_keeps_failures_visible():
+    runs = [Run(ops=100, seconds=1.0), Run(ops=300, seconds=1.0), Run(ops=0, seconds=0, ok=False, note="boom")]
+    s = Summary.of(runs)
+    assert s.rate == 200.0
+    assert s.rounds == 3
+    assert not s.ok
+    assert s.note == "boom"
