@@ -168,6 +168,8 @@ class Relay:
         self.checkpoint: Checkpoint = ledger.load_checkpoint(self.name)
         #: Events acknowledged and checkpointed by this instance.
         self.relayed = 0
+        #: Batches Kafka failed to acknowledge (each followed by a backoff and a resend).
+        self.kafka_failures = 0
         self._producer: Any = None
 
     # -- the loop ------------------------------------------------------------------
@@ -207,6 +209,10 @@ class Relay:
     def _relay_while_held(self, lock: RelayLock, once: bool, stop: threading.Event) -> bool:
         """Relay while the lock is ours; True when done (stopped or drained), False if lost."""
         failures = 0
+        # --once drains what was committed when it started. On PostgreSQL that may
+        # not be visible in follow order yet (an older transaction anywhere on the
+        # server is still open), so it waits for it rather than stopping short.
+        drain_to = self.ledger._read(self.ledger.log.head) if once else None
         with Listener.for_engine(self.ledger.engine) as listener:
             while not stop.is_set():
                 if not lock.held():
@@ -216,7 +222,7 @@ class Relay:
                 self.checkpoint = self.ledger.load_checkpoint(self.name)
                 events = self.ledger.read_from(self.checkpoint, self.batch_size)
                 if not events:
-                    if once:
+                    if drain_to is not None and self.checkpoint >= drain_to:
                         return True
                     listener.wait(self.poll_interval)
                     continue
@@ -230,6 +236,7 @@ class Relay:
                     self._close_producer()
                     delay = random.uniform(0, min(self.max_backoff, 0.2 * 2**failures))
                     failures += 1
+                    self.kafka_failures += 1
                     log.warning(
                         "relay %s: Kafka failed (%s: %s); retry %d in %.2fs",
                         self.topic, type(exc).__name__, exc, failures, delay,
