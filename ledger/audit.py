@@ -432,3 +432,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default=None, metavar="TASK_ID", help="only this task's events")
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     p.add_argument("--output", "-o", default=None, metavar="FILE", help="default: stdout")
+
+    from ledger import rebuild
+
+    rebuild.add_commands(sub)

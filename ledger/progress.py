@@ -7,6 +7,7 @@ and it draws nothing when stderr is not a TTY (pipes, CI logs, tests).
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -30,13 +31,15 @@ class Progress:
         self.done = 0
         self.started = time.monotonic()
         self._drawn = 0.0
+        self._lock = threading.Lock()  # rebuild workers advance from several threads
 
     def advance(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and now - self._drawn >= self.interval:
-            self._drawn = now
-            self._draw(now)
+        with self._lock:
+            self.done += n
+            now = time.monotonic()
+            if self.enabled and now - self._drawn >= self.interval:
+                self._drawn = now
+                self._draw(now)
 
     def set(self, done: int) -> None:
         self.advance(done - self.done)
