@@ -1,0 +1,111 @@
+"""Following the ledger without Kafka: Ledger.follow and ``celery-ledger tail``."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import threading
+
+from ledger.api import Ledger
+from ledger.events import TaskState
+from ledger.log import START
+from tests.relay_process import CLI, eventually
+from tests.stream_workload import task_lives
+
+
+def test_follow_yields_every_event_once_in_order_while_writers_append(any_url):
+    ledger = Ledger.open(any_url)
+    writers = [
+        threading.Thread(target=lambda p=p: [
+            ledger.append(chunk) for chunk in _chunks(task_lives(p, 60), 7)
+        ])
+        for p in ("w1", "w2", "w3", "w4")
+    ]
+    stop = threading.Event()
+    seen = []
+
+    def follower() -> None:
+        for event in ledger.follow(START, stop=stop, poll_interval=0.05, batch=25):
+            seen.append(event)
+
+    t = threading.Thread(target=follower)
+    t.start()
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    final = eventually(lambda: _visible_all(ledger), what="every event to be visible")
+    eventually(lambda: len(seen) >= len(final), what="the follower to catch up")
+    stop.set()
+    t.join(30)
+
+    assert [e.event_id for e in seen] == [e.event_id for e in final]
+    per_stream: dict[str, list[int]] = {}
+    for e in seen:
+        per_stream.setdefault(e.stream_id, []).append(e.stream_version)
+    assert all(v == list(range(1, len(v) + 1)) for v in per_stream.values())
+
+
+def test_follow_on_postgresql_wakes_on_notify_not_on_its_poll(pg_url):
+    ledger = Ledger.open(pg_url)
+    got: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def follower() -> None:
+        # An hour between polls: only LISTEN/NOTIFY can deliver the event in time.
+        for event in ledger.follow(START, stop=stop, poll_interval=3600):
+            got.put(event)
+
+    threading.Thread(target=follower, daemon=True).start()
+    ledger.append([TaskState(task_id="first", status="STARTED")])
+    assert got.get(timeout=60).stream_id == "task:first"
+    ledger.append([TaskState(task_id="woken", status="SUCCESS")])
+    assert got.get(timeout=60).stream_id == "task:woken"
+    stop.set()
+
+
+def test_tail_follow_prints_events_as_they_happen_as_json(any_url):
+    ledger = Ledger.open(any_url)
+    ledger.append([TaskState(task_id="old", status="SUCCESS")])
+    proc = subprocess.Popen(
+        [CLI, "tail", "--db", any_url, "--follow", "--format", "json"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    assert json.loads(lines.get(timeout=60))["stream_id"] == "task:old"
+    ledger.append([TaskState(task_id="new", status="FAILURE", exc_type="KeyError")])
+    line = json.loads(lines.get(timeout=60))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert (line["stream_id"], line["type"], line["data"]["status"]) == (
+        "task:new", "task.state", "FAILURE"
+    )
+    assert line["data"]["exc_type"] == "KeyError"
+
+
+def test_tail_task_prints_only_that_task_history_first(any_url):
+    ledger = Ledger.open(any_url)
+    ledger.append([TaskState(task_id="mine", status="STARTED"),
+                   TaskState(task_id="other", status="STARTED")])
+    ledger.append([TaskState(task_id="mine", status="SUCCESS")])
+    out = subprocess.run(
+        [CLI, "tail", "--db", any_url, "--task", "mine"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    rows = out.stdout.splitlines()
+    assert [r.split()[2:] for r in rows] == [
+        ["task:mine", "task.state", "STARTED"], ["task:mine", "task.state", "SUCCESS"]
+    ]
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+def _visible_all(ledger: Ledger):
+    head = ledger._read(ledger.log.head)
+    events = ledger.read_from(START, 100_000)
+    return events if events and (events[-1].tx_id, events[-1].position) >= head else None
