@@ -1,9 +1,11 @@
 """Rates of the ledger alone: bulk append, rebuild, relay to Kafka (Tansu).
 
-Rebuild and relay are measured by the functions their modules offer
-(``measure_rebuild(url, n)``, ``measure_relay(url, bootstrap, n)``), so the
-bench times exactly the code operators run; until a module offers its function
-the row says so instead of guessing.
+Rebuild and relay are measured by the functions their authors offer
+(``bench.rebuild_log.measure_rebuild(url, n)``: tops the log up to ``n`` events
+set-based, then runs ``ledger.rebuild.rebuild``; ``bench.relay.measure_relay(url,
+bootstrap, n)``: appends ``n`` events, then relays the whole log once), so the
+bench times exactly the code operators run; if a function is missing the row
+says so instead of guessing.
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ def find(name: str, modules: tuple[str, ...]) -> Callable[..., Any] | None:
     return None
 
 
-REBUILD_MODULES = ("ledger.rebuild", "ledger.audit", "ledger.maintenance", "ledger.verify")
-RELAY_MODULES = ("ledger.relay", "ledger.stream")
+REBUILD_MODULES = ("bench.rebuild_log", "ledger.rebuild")
+RELAY_MODULES = ("bench.relay", "ledger.relay")
 
 
 def _as_run(value: Any, n: int) -> Run:

@@ -41,7 +41,7 @@ class Settings:
     seconds: float = 2.0
     chords_per_round: int = 3
     rebuild_events: int = 200_000
-    relay_events: int = 50_000
+    relay_events: int = 5_000
     only: set[str] | None = None
     ops: set[str] | None = None
 
