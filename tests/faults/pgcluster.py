@@ -7,6 +7,7 @@ never restarted; this cluster lives in a temporary directory owned by the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -71,8 +72,6 @@ class PrivateCluster:
             conn.execute(sql)
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # already down
             self.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass  # already down
         shutil.rmtree(self.root, ignore_errors=True)

@@ -17,6 +17,7 @@ faults injected, reported by the tests.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from dataclasses import dataclass
@@ -133,8 +134,6 @@ class FaultProxy:
 
 def _close(s: socket.socket) -> None:
     # shutdown first: a blocked recv() in the other pipe thread returns at once.
-    try:
+    with contextlib.suppress(OSError):
         s.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     s.close()
