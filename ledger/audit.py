@@ -433,6 +433,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     p.add_argument("--output", "-o", default=None, metavar="FILE", help="default: stdout")
 
-    from ledger import rebuild
+    from ledger import rebuild, timeline
 
+    timeline.add_commands(sub)
     rebuild.add_commands(sub)

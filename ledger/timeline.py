@@ -1,0 +1,491 @@
+"""``celery-ledger timeline ID``: the whole workflow a task, group or chord belongs to.
+
+How the workflow is found, from the log alone:
+
+1. ``ID`` is looked up as a task, a group, then a chord stream; the workflow's
+   root is the ``root_id`` Celery stamped on the task's (or a member's) states.
+2. Every ``task.state`` event of the workflow carries that ``root_id``. The
+   candidates are found in SQL by searching the msgpack payloads for the root
+   id's bytes (msgpack stores strings as plain UTF-8, so this is exact for
+   the bytes and needs no extra column), then decoded and kept only if their
+   ``root_id`` (or own id) really is the root. Tasks without ``root_id``
+   (events from other writers) are reached through ``children`` and
+   ``parent_id`` as well.
+3. Groups come from the members' ``group_id``; a group with a ``chord:`` stream
+   is shown as a chord, with the task its completing part applied as the body.
+
+The tree is drawn by ``parent_id`` (the task that applied another), siblings of
+one group gathered under the group. Each task shows start (its first STARTED,
+else its first event), end (its first ready state), duration, retries (RETRY
+events) and final state (the projection's rule: SUCCESS is sticky; a tombstone
+shows as FORGOTTEN/EXPIRED).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from ledger.events import (
+    ChordFired,
+    ChordPartReturned,
+    ChordStarted,
+    CorruptEvent,
+    GroupSaved,
+    RecordedEvent,
+    ResultExpired,
+    TaskForgotten,
+    TaskState,
+)
+from projections.task_meta import READY_STATES, STICKY_STATE
+
+#: Upper bound on tasks gathered for one timeline (a guard against runaway workflows).
+MAX_TASKS = 5000
+
+
+class UnknownId(LookupError):
+    """No task, group or chord with this id in the log."""
+
+
+@dataclass
+class TaskRun:
+    task_id: str
+    name: str | None = None
+    parent_id: str | None = None
+    group_id: str | None = None
+    root_id: str | None = None
+    first_at: datetime | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    state: str = "PENDING"
+    retries: int = 0
+    retried_at: datetime | None = None
+    workers: list[str] = field(default_factory=list)
+    children: set[str] = field(default_factory=set)
+    exc_type: str | None = None
+
+    @property
+    def start(self) -> datetime | None:
+        return self.started_at or self.first_at
+
+    @property
+    def duration(self) -> float | None:
+        if self.start is None or self.ended_at is None:
+            return None
+        return (self.ended_at - self.start).total_seconds()
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "name": self.name,
+            "state": self.state,
+            "start": _iso(self.start),
+            "end": _iso(self.ended_at),
+            "duration_s": self.duration,
+            "retries": self.retries,
+            "workers": self.workers,
+            "parent_id": self.parent_id,
+            "group_id": self.group_id,
+            "exc_type": self.exc_type,
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def fold_run(task_id: str, events: list[RecordedEvent]) -> TaskRun:
+    """A task's run summarized from its stream (in order)."""
+    run = TaskRun(task_id)
+    sticky = False
+    for event in events:
+        try:
+            data = event.data
+        except CorruptEvent:
+            continue
+        run.first_at = run.first_at or event.recorded_at
+        if isinstance(data, TaskForgotten | ResultExpired):
+            run.state = "FORGOTTEN" if isinstance(data, TaskForgotten) else "EXPIRED"
+            sticky = False
+            continue
+        if not isinstance(data, TaskState):
+            continue
+        run.name = run.name or data.name
+        run.parent_id = run.parent_id or data.parent_id
+        run.group_id = run.group_id or data.group_id
+        run.root_id = run.root_id or data.root_id
+        if data.worker and data.worker not in run.workers:
+            run.workers.append(data.worker)
+        for child in _child_ids(data.children):
+            run.children.add(child)
+        if data.status == "STARTED" and run.started_at is None:
+            run.started_at = event.recorded_at
+        if data.status == "RETRY":
+            run.retries += 1
+            run.retried_at = event.recorded_at
+        if data.status in READY_STATES and run.ended_at is None:
+            run.ended_at = event.recorded_at
+        if not sticky:
+            run.state = data.status
+            run.exc_type = data.exc_type
+            sticky = data.status == STICKY_STATE
+    return run
+
+
+def _child_ids(children: Any) -> list[str]:
+    """Task ids in Celery's serialized ``children`` (nested result tuples)."""
+    out: list[str] = []
+
+    def walk(node: Any) -> None:
+        # AsyncResult.as_tuple(): ((id, parent), None); GroupResult: ((id, parent), [members])
+        if isinstance(node, list | tuple):
+            if len(node) == 2 and isinstance(node[0], list | tuple) and node[0] and isinstance(node[0][0], str):
+                members = node[1]
+                if members is None:
+                    out.append(node[0][0])
+                else:
+                    walk(members)
+                return
+            for item in node:
+                walk(item)
+
+    walk(children or [])
+    return out
+
+
+@dataclass
+class Workflow:
+    query: str
+    kind: str
+    root: str
+    tasks: dict[str, TaskRun]
+    groups: dict[str, list[str]]
+    chords: dict[str, dict[str, Any]]
+
+
+def _task_ids_mentioning(ledger, needle: str) -> list[str]:
+    """Task streams with a ``task.state`` payload containing ``needle``'s UTF-8 bytes."""
+    e = ledger.log.table
+    raw = needle.encode()
+    if ledger.dialect == "postgresql":
+        match = sa.func.position(sa.literal(raw, sa.LargeBinary).op("IN")(e.c.payload)) > 0
+    else:
+        match = sa.func.instr(e.c.payload, sa.literal(raw, sa.LargeBinary)) > 0
+    q = sa.select(e.c.stream_id).where(e.c.type == TaskState.type, match).distinct().limit(MAX_TASKS)
+    return [s.split(":", 1)[1] for s in ledger._read(lambda c: c.execute(q).scalars().all())]
+
+
+def find_workflow(ledger, some_id: str) -> Workflow:
+    """The workflow ``some_id`` (a task, group or chord id) belongs to; raises :class:`UnknownId`."""
+    runs: dict[str, TaskRun] = {}
+
+    def load(task_id: str) -> TaskRun | None:
+        if task_id not in runs:
+            events = ledger.history(task_id)
+            if not events:
+                return None
+            runs[task_id] = fold_run(task_id, events)
+        return runs[task_id]
+
+    group_members = _group_members(ledger, some_id)
+    chord_stream = ledger.read_stream(f"chord:{some_id}")
+    if load(some_id) is not None:
+        kind, seed = "task", runs[some_id]
+    elif group_members or chord_stream:
+        kind = "chord" if chord_stream else "group"
+        members = group_members or [
+            e.data.task_id for e in chord_stream if e.type == ChordPartReturned.type
+        ]
+        seed = next((r for r in map(load, members) if r is not None), None)
+        if seed is None:
+            raise UnknownId(some_id)
+    else:
+        raise UnknownId(some_id)
+
+    # Walk up parent links (for tasks stored without root_id), then take the root.
+    top = seed
+    while top.parent_id and len(runs) < MAX_TASKS and load(top.parent_id) is not None:
+        top = runs[top.parent_id]
+    root = seed.root_id or top.task_id
+    load(root)
+    for task_id in _task_ids_mentioning(ledger, root):
+        run = load(task_id)
+        if run is not None and run.root_id not in (None, root) and task_id != root:
+            del runs[task_id]  # mentions the root id but belongs to another workflow
+
+    # Downward: children lists and group members, until nothing new.
+    groups: dict[str, list[str]] = {}
+    pending = list(runs)
+    while pending and len(runs) < MAX_TASKS:
+        run = runs[pending.pop()]
+        more = set(run.children)
+        if run.group_id and run.group_id not in groups:
+            groups[run.group_id] = _group_members(ledger, run.group_id)
+            more.update(groups[run.group_id])
+        for task_id in more:
+            if task_id not in runs and load(task_id) is not None:
+                pending.append(task_id)
+    for run in list(runs.values()):
+        if run.group_id and run.group_id not in groups:
+            groups[run.group_id] = _group_members(ledger, run.group_id)
+
+    chords: dict[str, dict[str, Any]] = {}
+    for group_id, members in groups.items():
+        stream = chord_stream if group_id == some_id else ledger.read_stream(f"chord:{group_id}")
+        if not stream:
+            continue
+        header = set(members) | {e.data.task_id for e in stream if e.type == ChordPartReturned.type}
+        # The body is applied by the header part that completed the chord (its
+        # parent) and carries the header's group id, but is not a header member.
+        body = [r.task_id for r in runs.values() if r.parent_id in header and r.task_id not in header]
+        chords[group_id] = {
+            "size": next((e.data.size for e in stream if e.type == ChordStarted.type), None),
+            "returned": len({e.data.task_id for e in stream if e.type == ChordPartReturned.type}),
+            "fired_at": _iso(next((e.recorded_at for e in stream if e.type == ChordFired.type), None)),
+            "header": sorted(header & runs.keys()),
+            "body": body,
+        }
+    return Workflow(some_id, kind, root, runs, groups, chords)
+
+
+def _group_members(ledger, group_id: str) -> list[str]:
+    saved = [e for e in ledger.read_stream(f"group:{group_id}") if e.type == GroupSaved.type]
+    if not saved:
+        return []
+    try:
+        return _child_ids(saved[-1].data.result)
+    except CorruptEvent:
+        return []
+
+
+# -- the tree ------------------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    label: str
+    run: TaskRun | None = None
+    children: list[Node] = field(default_factory=list)
+
+
+def build_tree(wf: Workflow) -> list[Node]:
+    """Top-level nodes: tasks without a known parent; siblings of one group gathered."""
+    body_of = {b: g for g, c in wf.chords.items() for b in c["body"]}
+    by_parent: dict[str | None, list[TaskRun]] = {}
+    for run in sorted(wf.tasks.values(), key=lambda r: (r.start or datetime.max.astimezone(), r.task_id)):
+        parent = run.parent_id if run.parent_id in wf.tasks else None
+        by_parent.setdefault(parent, []).append(run)
+
+    def task_node(run: TaskRun) -> Node:
+        node = Node(_label(run), run)
+        node.children = siblings(by_parent.get(run.task_id, []))
+        return node
+
+    def siblings(runs: list[TaskRun]) -> list[Node]:
+        out: list[Node] = []
+        grouped: dict[str, Node] = {}
+        for run in runs:
+            if run.task_id in body_of:
+                continue  # drawn under its chord
+            gid = run.group_id
+            if gid and gid in wf.groups:
+                if gid not in grouped:
+                    grouped[gid] = Node(_group_label(wf, gid))
+                    out.append(grouped[gid])
+                grouped[gid].children.append(task_node(run))
+            else:
+                out.append(task_node(run))
+        for gid, node in grouped.items():
+            for body in wf.chords.get(gid, {}).get("body", []):
+                body_node = task_node(wf.tasks[body])
+                body_node.label = "body: " + body_node.label
+                node.children.append(body_node)
+        return out
+
+    return siblings(by_parent.get(None, []))
+
+
+def _label(run: TaskRun) -> str:
+    return f"{run.name or 'task'} {run.task_id}"
+
+
+def _group_label(wf: Workflow, gid: str) -> str:
+    chord = wf.chords.get(gid)
+    if chord is None:
+        return f"group {gid} ({len(wf.groups[gid])} tasks)"
+    fired = "body fired" if chord["fired_at"] else "body not fired"
+    return f"chord {gid} ({chord['returned']}/{chord['size']} parts returned, {fired})"
+
+
+def _flatten(nodes: list[Node], prefix: str = "") -> list[tuple[str, Node]]:
+    out = []
+    for i, node in enumerate(nodes):
+        last = i == len(nodes) - 1
+        out.append((prefix + ("└─ " if last else "├─ "), node))
+        out.extend(_flatten(node.children, prefix + ("   " if last else "│  ")))
+    return out
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 120:
+        return f"{seconds:.2f}s"
+    return f"{seconds / 60:.1f}m"
+
+
+def render_text(wf: Workflow, width: int = 40) -> str:
+    """The tree with times, and a Gantt chart of each task's run (one column = span/width)."""
+    rows = _flatten(build_tree(wf))
+    starts = [r.start for r in wf.tasks.values() if r.start]
+    ends = [r.ended_at or r.start for r in wf.tasks.values() if r.start]
+    t0, t1 = min(starts), max(ends)
+    span = max((t1 - t0).total_seconds(), 1e-6)
+    lines = [
+        f"workflow of {wf.kind} {wf.query}  root {wf.root}  {len(wf.tasks)} tasks  "
+        f"{t0.isoformat()} .. {t1.isoformat()} ({_fmt_duration(span)})",
+    ]
+    tree_w = max(len(p) + len(n.label) for p, n in rows)
+    header = f"{'':{tree_w}}  {'STATE':9} {'START':>9} {'DURATION':>8} {'RETRIES':>7}  |{'':{width}}|"
+    lines.append(header)
+    for prefix, node in rows:
+        cells = f"{prefix}{node.label}".ljust(tree_w)
+        run = node.run
+        if run is None:
+            lines.append(cells)
+            continue
+        start = "-" if run.start is None else "+" + _fmt_duration((run.start - t0).total_seconds())
+        lines.append(
+            f"{cells}  {run.state:9} {start:>9} {_fmt_duration(run.duration):>8} {run.retries:>7}  "
+            f"|{_bar(run, t0, span, width)}|"
+        )
+    lines.append(f"{'':{tree_w}}  {'':37}  {_axis(span, width)}")
+    return "\n".join(lines)
+
+
+#: Bar characters by final state; ``▒`` marks the time spent in attempts that were retried.
+_BAR_CHAR = {"SUCCESS": "█", "FAILURE": "▓", "RETRY": "▒", "REVOKED": "x"}
+
+
+def _bar(run: TaskRun, t0: datetime, span: float, width: int) -> str:
+    if run.start is None:
+        return " " * width
+    a = int((run.start - t0).total_seconds() / span * (width - 1))
+    end = run.ended_at or run.start
+    b = max(a, int((end - t0).total_seconds() / span * (width - 1)))
+    char = _BAR_CHAR.get(run.state, "░")
+    bar = [" "] * a + [char] * (b - a + 1)
+    if run.retried_at is not None:  # the attempts before the last retry
+        r = int((run.retried_at - t0).total_seconds() / span * (width - 1))
+        for i in range(a, min(r, b) + 1):
+            bar[i] = _BAR_CHAR["RETRY"]
+    return "".join(bar).ljust(width)[:width]
+
+
+def _axis(span: float, width: int) -> str:
+    left, right = "0", _fmt_duration(span)
+    return " " + left + " " * max(1, width - len(left) - len(right)) + right
+
+
+def to_json(wf: Workflow) -> dict[str, Any]:
+    def node(n: Node) -> dict[str, Any]:
+        out: dict[str, Any] = {"label": n.label}
+        if n.run is not None:
+            out["task"] = n.run.record()
+        if n.children:
+            out["children"] = [node(c) for c in n.children]
+        return out
+
+    return {
+        "query": wf.query,
+        "kind": wf.kind,
+        "root_id": wf.root,
+        "tasks": [r.record() for r in sorted(wf.tasks.values(), key=lambda r: r.start or datetime.max.astimezone())],
+        "groups": wf.groups,
+        "chords": wf.chords,
+        "tree": [node(n) for n in build_tree(wf)],
+    }
+
+
+_COLORS = {"SUCCESS": "#2e7d32", "FAILURE": "#c62828", "RETRY": "#ef6c00", "REVOKED": "#6d4c41",
+           "STARTED": "#1565c0"}
+
+
+def render_html(wf: Workflow) -> str:
+    """A self-contained page (no scripts, no external files) with the tree and the chart."""
+    rows = _flatten(build_tree(wf))
+    starts = [r.start for r in wf.tasks.values() if r.start]
+    t0 = min(starts)
+    t1 = max(r.ended_at or r.start for r in wf.tasks.values() if r.start)
+    span = max((t1 - t0).total_seconds(), 1e-6)
+    trs = []
+    for prefix, node in rows:
+        run = node.run
+        label = html.escape(prefix + node.label)
+        if run is None or run.start is None:
+            trs.append(f"<tr><td class=t>{label}</td><td></td><td></td><td></td><td></td><td></td></tr>")
+            continue
+        left = (run.start - t0).total_seconds() / span * 100
+        w = max(((run.ended_at or run.start) - run.start).total_seconds() / span * 100, 0.4)
+        color = _COLORS.get(run.state, "#757575")
+        tip = html.escape(f"{run.task_id} {run.state} start {_iso(run.start)} end {_iso(run.ended_at)}")
+        trs.append(
+            f"<tr><td class=t>{label}</td><td>{html.escape(run.state)}</td>"
+            f"<td>{_fmt_duration(run.duration)}</td><td>{run.retries}</td>"
+            f"<td>{html.escape(', '.join(run.workers))}</td>"
+            f"<td class=g><div title=\"{tip}\" style=\"left:{left:.3f}%;width:{w:.3f}%;"
+            f"background:{color}\"></div></td></tr>"
+        )
+    title = html.escape(f"workflow {wf.root}")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body{{font:13px system-ui,sans-serif;margin:1.5em}} table{{border-collapse:collapse;width:100%}}
+td,th{{padding:2px 8px;text-align:left;white-space:nowrap}} tr:nth-child(even){{background:#f5f5f5}}
+td.t{{font-family:monospace;white-space:pre}} td.g{{position:relative;width:45%;min-width:300px}}
+td.g div{{position:absolute;top:4px;height:12px;border-radius:2px}}
+</style></head><body>
+<h1>{title}</h1>
+<p>{html.escape(f"{wf.kind} {wf.query}: {len(wf.tasks)} tasks, {_iso(t0)} .. {_iso(t1)} ({_fmt_duration(span)})")}</p>
+<table><tr><th>task</th><th>state</th><th>duration</th><th>retries</th><th>worker</th><th>timeline (0 .. {_fmt_duration(span)})</th></tr>
+{chr(10).join(trs)}
+</table></body></html>
+"""
+
+
+def _timeline(args: argparse.Namespace) -> int:
+    from ledger.cli import _open, print_json
+
+    ledger = _open(args)
+    try:
+        wf = find_workflow(ledger, args.id)
+    except UnknownId:
+        print(f"celery-ledger: no task, group or chord {args.id!r} in this ledger", file=sys.stderr)
+        return 1
+    if args.html:
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(render_html(wf))
+    if args.format == "json":
+        print_json(to_json(wf))
+    else:
+        print(render_text(wf, width=args.width))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from ledger.cli import command
+
+    p = command(sub, "timeline", _timeline,
+                "the workflow a task, group or chord belongs to: tree, times and a Gantt chart")
+    p.add_argument("id", metavar="ID", help="a task, group or chord id")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--html", metavar="FILE", default=None, help="also write a self-contained page")
+    p.add_argument("--width", type=int, default=40, help="Gantt chart columns (default 40)")

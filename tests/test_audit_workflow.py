@@ -1,0 +1,140 @@
+"""History and timeline of a real workflow run by a real ``celery worker``.
+
+chain(add(1, 1), chord([add(2, 2), flaky(key, 2)], fail("body failed"))):
+the first task, then a chord whose header is a group of two tasks, one of
+which retries once, and a body that fails. The worker (prefork, Redis broker)
+is the one from tests/test_celery_worker.py, started for this module.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from celery import chain, chord
+
+from ledger.api import Ledger
+from ledger.audit import task_history
+from ledger.cli import main
+from ledger.timeline import find_workflow, render_text, to_json
+from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.worker]
+
+
+@pytest.fixture(scope="module")
+def run_workflow(worker):  # noqa: F811
+    key = f"flaky-{uuid.uuid4().hex[:8]}"
+    sig = chain(
+        task(worker, "add").si(1, 1),
+        chord([task(worker, "add").si(2, 2), task(worker, "flaky").si(key, 2)],
+              task(worker, "fail").si("body failed")),
+    )
+    body = sig.apply_async()
+    with pytest.raises(Exception, match="body failed"):
+        body.get(timeout=WAIT)
+    ledger = worker.backend.ledger
+    header = body.parent  # the chord's header GroupResult
+    first = header.parent
+    flaky = next(r for r in header.results if ledger.history(r.id)[0].data.name == "workerapp.flaky")
+    plain = next(r for r in header.results if r.id != flaky.id)
+    return ledger, {"first": first.id, "plain": plain.id, "flaky": flaky.id, "body": body.id,
+                    "group": header.id}
+
+
+def states(ledger: Ledger, task_id: str) -> list[str]:
+    return [r["state"] for r in task_history(ledger, task_id)]
+
+
+def test_history_of_a_real_workflow_matches_what_happened(run_workflow, db_url, capsys):  # noqa: F811
+    ledger, ids = run_workflow
+    assert states(ledger, ids["first"]) == ["STARTED", "SUCCESS"]
+    assert states(ledger, ids["plain"]) == ["STARTED", "SUCCESS"]
+    # Celery sends the retry before it stores RETRY, so another worker process
+    # may run the retry first: the log keeps the order things really happened in.
+    flaky = task_history(ledger, ids["flaky"])
+    assert sorted(r["state"] for r in flaky) == ["RETRY", "STARTED", "STARTED", "SUCCESS"]
+    assert flaky[0]["state"] == "STARTED" and flaky[0]["retries"] == 0
+    retry = next(r for r in flaky if r["state"] == "RETRY")
+    success = next(r for r in flaky if r["state"] == "SUCCESS")
+    assert (retry["exc_type"], retry["exc_message"]) == ("ConnectionError", "attempt 1")
+    assert success["result"] == '"ok on attempt 2"' and success["retries"] == 1
+    assert all(r["worker"] for r in flaky)
+    assert states(ledger, ids["body"]) == ["STARTED", "FAILURE"]
+    body = task_history(ledger, ids["body"])[-1]
+    assert (body["exc_type"], body["exc_message"]) == ("ValueError", "body failed")
+
+    assert main(["history", ids["flaky"], "--db", db_url]) == 0
+    out = capsys.readouterr().out
+    assert "workerapp.flaky" in out and "ConnectionError: attempt 1" in out
+
+
+def test_as_of_walks_through_each_state_of_a_retried_task(run_workflow):
+    ledger, ids = run_workflow
+    events = ledger.history(ids["flaky"])
+    seen = [ledger.task_meta(ids["flaky"], as_of=e.position).status for e in events]
+    expected, done = [], False  # the latest state, except that SUCCESS stays
+    for e in events:
+        done = done or e.data.status == "SUCCESS"
+        expected.append("SUCCESS" if done else e.data.status)
+    assert seen == expected
+    assert set(seen) >= {"STARTED", "SUCCESS"}
+    retry_at = next(e.position for e in events if e.data.status == "RETRY")
+    before_success = [e.position for e in events if e.data.status == "SUCCESS"][0] > retry_at
+    assert ledger.task_meta(ids["flaky"], as_of=retry_at).status == ("RETRY" if before_success else "SUCCESS")
+    assert ledger.task_meta(ids["flaky"], as_of=events[0].position - 1) is None
+
+
+@pytest.mark.parametrize("start", ["body", "first", "flaky", "group"])
+def test_timeline_finds_the_whole_workflow_from_any_member(run_workflow, start):
+    ledger, ids = run_workflow
+    wf = find_workflow(ledger, ids[start])
+    assert wf.root == ids["first"]
+    assert set(wf.tasks) == {ids["first"], ids["plain"], ids["flaky"], ids["body"]}
+    assert wf.chords[ids["group"]]["header"] == sorted([ids["plain"], ids["flaky"]])
+    assert wf.chords[ids["group"]]["body"] == [ids["body"]]
+    runs = wf.tasks
+    assert [runs[ids[k]].state for k in ("first", "plain", "flaky", "body")] == [
+        "SUCCESS", "SUCCESS", "SUCCESS", "FAILURE"]
+    assert runs[ids["flaky"]].retries == 1 and runs[ids["body"]].exc_type == "ValueError"
+    # What happened when: the first task before the header, the header before the body.
+    first, plain, flaky, body = (runs[ids[k]] for k in ("first", "plain", "flaky", "body"))
+    assert first.start <= first.ended_at <= min(plain.start, flaky.start)
+    assert max(plain.ended_at, flaky.ended_at) <= body.start <= body.ended_at
+
+
+def test_timeline_draws_the_tree_and_a_gantt_chart(run_workflow, db_url, capsys, tmp_path):  # noqa: F811
+    ledger, ids = run_workflow
+    text = render_text(find_workflow(ledger, ids["body"]))
+    lines = text.splitlines()
+    assert lines[0].startswith(f"workflow of task {ids['body']}  root {ids['first']}  4 tasks")
+    expected = [
+        f"└─ workerapp.add {ids['first']}",
+        f"   └─ chord {ids['group']} (2/2 parts returned, body fired)",
+        "      ├─ workerapp.",  # the two header tasks, in the order they started
+        "      ├─ workerapp.",
+        f"      └─ body: workerapp.fail {ids['body']}",
+    ]
+    tree = lines[2:-1]
+    assert len(tree) == len(expected)
+    assert all(line.startswith(want) for line, want in zip(tree, expected, strict=True)), text
+    assert {ids["plain"], ids["flaky"]} == {tree[2].split()[2], tree[3].split()[2]}
+    bars = {k: next(line for line in tree if ids[k] in line).rsplit("|", 2)[1] for k in ("first", "body")}
+    assert bars["first"].lstrip(" ").startswith("█") and bars["body"].rstrip(" ").endswith("▓")
+    assert bars["first"].index("█") < bars["body"].index("▓")
+
+    page = tmp_path / "wf.html"
+    assert main(["timeline", ids["group"], "--db", db_url, "--format", "json", "--html", str(page)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == json.loads(json.dumps(to_json(find_workflow(ledger, ids["group"])), default=str))
+    assert doc["kind"] in ("group", "chord") and doc["root_id"] == ids["first"]
+    assert [t["task"]["task_id"] for t in doc["tree"]] == [ids["first"]]
+    body = page.read_text()
+    assert body.startswith("<!doctype html>") and "<script" not in body
+    assert all(ids[k] in body for k in ("first", "plain", "flaky", "body"))
+
+
+def test_timeline_of_an_unknown_id_says_so(db_url, capsys):  # noqa: F811
+    assert main(["timeline", "no-such-id", "--db", db_url]) == 1
+    assert "no task, group or chord 'no-such-id'" in capsys.readouterr().err
