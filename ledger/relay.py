@@ -8,8 +8,8 @@
   acknowledgement, and only then stores the new checkpoint. A crash anywhere
   re-sends at most the unacknowledged or uncheckpointed batch: at-least-once.
 * Per-key order: records of one key go to one partition, in follow order, and the
-  producer keeps one request in flight per connection, so a retried request can
-  never overtake a later one.
+  idempotent producer keeps one batch in flight per partition, so a retried
+  batch can never be overtaken by a later one.
 * Kafka down: the batch fails, the producer is closed, and the relay waits with
   capped exponential backoff (full jitter) before re-reading from its checkpoint.
   Writers never wait: they do not know the relay exists.
@@ -26,7 +26,6 @@ import os
 import random
 import re
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -151,7 +150,7 @@ class Relay:
         topic: str,
         *,
         state_topic: str | None = None,
-        batch_size: int = 2000,
+        batch_size: int = 5000,
         max_backoff: float = 10.0,
         poll_interval: float = 0.5,
         producer_config: dict[str, Any] | None = None,
@@ -315,9 +314,12 @@ class Relay:
                 "bootstrap_servers": self.bootstrap,
                 "acks": "all",
                 "enable_idempotence": True,
-                # One request in flight: a retried request cannot overtake a later one.
-                "max_in_flight_requests_per_connection": 1,
-                "linger_ms": 5,
+                # Idempotence also makes kafka-python keep one batch in flight per
+                # partition (guarantee_message_order), so a retried batch can never
+                # be overtaken by a later one of the same key.
+                # Records go out at the relay's flush: appending while the sender
+                # thread drains costs more (GIL, accumulator lock) than it overlaps.
+                "linger_ms": 1000,
                 "batch_size": 1 << 20,
                 "max_request_size": 8 << 20,
                 "max_block_ms": 5_000,
@@ -340,26 +342,3 @@ class Relay:
             finally:
                 self._producer = None
 
-
-def measure_relay(url: str, bootstrap: str, n: int = 10_000, topic: str | None = None) -> dict:
-    """Append ``n`` task events to the ledger at ``url``, relay them, report events/s.
-
-    For bench/: the relay rate is measured from the first read to the last
-    checkpoint, with the log already filled (the writers' cost is not included).
-    """
-    import uuid
-
-    from ledger.events import TaskState
-
-    topic = topic or f"bench-relay-{uuid.uuid4().hex[:8]}"
-    ledger = Ledger.open(url)
-    for i in range(0, n, 500):
-        ledger.append(
-            TaskState(task_id=f"bench-{uuid.uuid4().hex[:12]}", status="SUCCESS")
-            for _ in range(min(500, n - i))
-        )
-    relay = Relay(ledger, bootstrap, topic)
-    t0 = time.perf_counter()
-    relayed = relay.run(once=True)
-    elapsed = time.perf_counter() - t0
-    return {"events": relayed, "seconds": elapsed, "events_per_s": relayed / elapsed}

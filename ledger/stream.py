@@ -340,7 +340,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-topic", metavar="TOPIC",
                    help="also keep each task's latest meta here (null value when forgotten)")
     p.add_argument("--once", action="store_true", help="relay what is there, then exit")
-    p.add_argument("--batch", type=int, default=2000, help="events per flush (default %(default)s)")
+    p.add_argument("--batch", type=int, default=5000, help="events per flush (default %(default)s)")
     p.add_argument("--max-backoff", type=float, default=10.0, metavar="SECONDS",
                    help="longest wait between retries while Kafka is down (default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every batch")

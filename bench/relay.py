@@ -1,0 +1,116 @@
+"""Relay rate and end-to-end latency against a Kafka-wire broker (Tansu by default).
+
+    .venv/bin/python -m bench.relay --db postgresql+psycopg://postgres@127.0.0.1/bench_relay
+
+``measure_relay`` and ``measure_latency`` are plain functions for bench/__main__.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+import uuid
+
+from ledger.api import Ledger
+from ledger.events import TaskState
+from ledger.relay import Relay
+from ledger.stream import iter_events
+
+
+def _fill(ledger: Ledger, n: int, prefix: str) -> None:
+    for i in range(0, n, 500):
+        ledger.append(
+            TaskState(task_id=f"{prefix}-{i + k}", status="SUCCESS") for k in range(min(500, n - i))
+        )
+
+
+def measure_relay(url: str, bootstrap: str, n: int = 10_000, topic: str | None = None) -> dict:
+    """Append ``n`` events, then relay the log with ``--once``: events/s of the relay alone."""
+    ledger = Ledger.open(url)
+    topic = topic or f"bench-relay-{uuid.uuid4().hex[:8]}"
+    _fill(ledger, n, f"rate-{uuid.uuid4().hex[:6]}")
+    relay = Relay(ledger, bootstrap, topic)
+    t0 = time.perf_counter()
+    relayed = relay.run(once=True)
+    elapsed = time.perf_counter() - t0
+    return {"events": relayed, "seconds": round(elapsed, 3), "events_per_s": round(relayed / elapsed)}
+
+
+def measure_latency(url: str, bootstrap: str, n: int = 500, rate: float = 100.0) -> dict:
+    """Append ``n`` single-event transactions at ``rate``/s with a following relay and a
+    consumer: time from the append's commit returning to the consumer seeing the event."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    ledger = Ledger.open(url)
+    topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
+    committed: dict[uuid.UUID, float] = {}
+    seen: dict[uuid.UUID, float] = {}
+    stop = threading.Event()
+    relay = Relay(ledger, bootstrap, topic, batch_size=500, poll_interval=0.5)
+    # Start from the current end of the log: only this run's events are timed.
+    relay.run(once=True)
+    relay_thread = threading.Thread(target=relay.run, kwargs={"stop": stop}, daemon=True)
+    relay_thread.start()
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest", fetch_max_wait_ms=10)
+    parts = None
+    while not parts:
+        parts = consumer.partitions_for_topic(topic)
+        time.sleep(0.05)
+    consumer.assign([TopicPartition(topic, p) for p in parts])
+
+    def consume() -> None:
+        for event in iter_events(consumer, stop=stop, poll_ms=50):
+            seen[event.event_id] = time.perf_counter()
+
+    consumer_thread = threading.Thread(target=consume, daemon=True)
+    consumer_thread.start()
+    prefix = uuid.uuid4().hex[:6]
+    for i in range(n):
+        result = ledger.append([TaskState(task_id=f"lat-{prefix}-{i}", status="SUCCESS")])
+        committed[result.recorded[0].event_id] = time.perf_counter()
+        time.sleep(1 / rate)
+    deadline = time.monotonic() + 60
+    while len(seen.keys() & committed.keys()) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    relay_thread.join(10)
+    consumer_thread.join(10)
+    consumer.close()
+    lat = sorted((seen[k] - committed[k]) * 1000 for k in committed if k in seen)
+    return {
+        "events": n,
+        "received": len(lat),
+        "p50_ms": round(statistics.median(lat), 1),
+        "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1),
+        "max_ms": round(lat[-1], 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--bootstrap", help="Kafka bootstrap (default: start Tansu)")
+    parser.add_argument("-n", type=int, default=20_000)
+    args = parser.parse_args()
+    Ledger.open(args.db, upgrade=True)
+    broker = None
+    if args.bootstrap is None:
+        from tests.kafka import Broker
+
+        broker = Broker().start()
+        args.bootstrap = broker.bootstrap
+    try:
+        print(json.dumps({"relay": measure_relay(args.db, args.bootstrap, args.n),
+                          "latency": measure_latency(args.db, args.bootstrap)}, indent=2))
+    finally:
+        if broker is not None:
+            broker.kill()
+
+
+if __name__ == "__main__":
+    main()
