@@ -370,14 +370,17 @@ def export_row(event: RecordedEvent) -> dict[str, Any]:
     }
 
 
-def export(ledger, out, *, fmt: str, since=None, until=None, task_id=None, progress=None) -> int:
+def export(
+    ledger, out, *, fmt: str, since=None, until=None, task_id=None, progress=None,
+    batch: int = EXPORT_BATCH,
+) -> int:
     """Write events as JSON lines or CSV to ``out``; returns how many were written."""
     writer = None
     if fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=_CSV_COLUMNS, extrasaction="raise")
         writer.writeheader()
     n = 0
-    for event in iter_events(ledger, since=since, until=until, task_id=task_id):
+    for event in iter_events(ledger, since=since, until=until, task_id=task_id, batch=batch):
         if writer is not None:
             writer.writerow(export_row(event))
         else:
