@@ -35,6 +35,12 @@ rebuild
        to live, rename its primary key and indexes to the names of the Alembic
        model, commit.
 
+    Costs: the fill's snapshot is an open transaction, so it holds followers
+    (relay, ``follow``) back for the fill's duration, as any long reader does;
+    the swap holds writers for the last catch-up plus the renames, and gives up
+    after ``SWAP_LOCK_TIMEOUT`` (rolling back) rather than stall the application
+    behind a long reader. One rebuild runs at a time (an advisory lock).
+
     SQLite has one writer at a time: the whole rebuild runs in one
     ``BEGIN IMMEDIATE`` transaction (writers wait for it; readers continue in WAL
     mode), and the new tables are created from the live tables' own DDL.
@@ -203,7 +209,22 @@ def _fill(conn: Connection, new: ProjectionTables, names, report: RebuildReport,
 _PG_WORKERS = (("task_meta",), ("groups", "chord_parts", "chords"))
 
 
+#: Session advisory lock key: one rebuild at a time (they share the __rebuild tables).
+_REBUILD_LOCK = 0x6C65646765720001
+
+
 def _rebuild_postgres(ledger, names, report: RebuildReport, progress) -> None:
+    with ledger.engine.connect() as guard:
+        guard = guard.execution_options(isolation_level="AUTOCOMMIT")
+        if not guard.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _REBUILD_LOCK}).scalar():
+            raise RebuildError("another rebuild is running on this database")
+        try:
+            _rebuild_postgres_locked(ledger, names, report, progress)
+        finally:
+            guard.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _REBUILD_LOCK})
+
+
+def _rebuild_postgres_locked(ledger, names, report: RebuildReport, progress) -> None:
     new = _new_tables()
     slots = _slots(names)
     with ledger.engine.connect() as conn, conn.begin():
@@ -314,26 +335,32 @@ def _catch_up(conn: Connection, target: SqlTarget, snapshot: str, prefixes) -> i
     return len(events)
 
 
+#: How long the swap waits for its locks before it rolls back and tries again.
+SWAP_LOCK_TIMEOUT = "5s"
+SWAP_ATTEMPTS = 20
+_RETRY_SQLSTATES = {"40P01", "55P03"}  # deadlock detected, lock not available (lock_timeout)
+
+
 def _swap_postgres(ledger, new, slots, target, snapshot, prefixes, report) -> None:
     live_names = [getattr(LIVE, s).name for s in slots]
-    for attempt in range(10):
+    for attempt in range(SWAP_ATTEMPTS):
         try:
             with ledger.engine.connect() as conn, conn.begin():
-                # If a reader transaction that also writes deadlocks with us, let
-                # PostgreSQL pick the rebuild as the victim (it retries), not the app.
-                conn.execute(sa.text("SET LOCAL deadlock_timeout = '50ms'"))
-                conn.execute(sa.text("SET LOCAL lock_timeout = '60s'"))
-                conn.execute(sa.text(
-                    f"LOCK TABLE {', '.join(live_names)} IN EXCLUSIVE MODE"
-                ))
-                report.caught_up += _catch_up(conn, target, snapshot, prefixes)
+                # While we wait for a lock, writers queue behind us: a long reader
+                # (DROP needs it gone) must not stall the application, so give up
+                # after a short wait, roll back (catch-up included) and try again.
+                conn.execute(sa.text(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}'"))
+                conn.execute(sa.text(f"LOCK TABLE {', '.join(live_names)} IN EXCLUSIVE MODE"))
+                caught_up = _catch_up(conn, target, snapshot, prefixes)
                 for slot in slots:
                     _rename_postgres(conn, getattr(new, slot), getattr(LIVE, slot))
+            report.caught_up += caught_up
             return
         except sa.exc.OperationalError as exc:
-            if "deadlock" not in str(exc.orig).lower() or attempt == 9:
+            state = getattr(exc.orig, "sqlstate", None)
+            if state not in _RETRY_SQLSTATES or attempt == SWAP_ATTEMPTS - 1:
                 raise RebuildError(f"swap failed, live tables unchanged: {exc.orig}") from exc
-            time.sleep(0.05 * (attempt + 1))
+            time.sleep(0.1 * (attempt + 1))
 
 
 def _rename_postgres(conn: Connection, new: sa.Table, live: sa.Table) -> None:
@@ -559,8 +586,12 @@ def _rebuild_cmd(args: argparse.Namespace) -> int:
     from ledger.progress import Progress
 
     ledger = _open(args)
-    with Progress("rebuild", None) as progress:
-        report = rebuild(ledger, args.projection, progress)
+    try:
+        with Progress("rebuild", None) as progress:
+            report = rebuild(ledger, args.projection, progress)
+    except RebuildError as exc:
+        print(f"celery-ledger: rebuild failed: {exc}", file=sys.stderr)
+        return 1
     rows = ", ".join(f"{name} {n:,}" for name, n in report.rows.items())
     print(
         f"rebuilt {', '.join(report.projections)} from {report.events:,} events in "

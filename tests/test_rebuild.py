@@ -24,7 +24,7 @@ from ledger.events import (
     TaskForgotten,
     TaskState,
 )
-from ledger.rebuild import rebuild, verify
+from ledger.rebuild import _REBUILD_LOCK, RebuildError, rebuild, verify
 from projections.memory import MemoryTarget
 from projections.sql import LIVE
 
@@ -181,6 +181,22 @@ def test_rebuild_while_writers_keep_storing_loses_nothing(pg_url):
             assert fired[t] == [False, True], t
             assert ledger.chord(t).fired_position is not None, t
     migrate.check(ledger.engine)
+
+
+@pytest.mark.postgres
+def test_a_second_concurrent_rebuild_is_refused_with_a_clear_error(pg_url, capsys):
+    ledger = Ledger.open(pg_url)
+    workload(ledger)
+    with ledger.engine.connect() as other:
+        other.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _REBUILD_LOCK})
+        with pytest.raises(RebuildError, match="another rebuild is running"):
+            rebuild(ledger)
+        assert main(["rebuild", "--db", pg_url]) == 1
+        assert "rebuild failed: another rebuild is running" in capsys.readouterr().err
+        other.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _REBUILD_LOCK})
+        other.commit()
+    assert rebuild(ledger).rows["ledger_task_meta"] == 19
+    assert verify(ledger) == []
 
 
 def test_prune_then_rebuild_then_verify_is_clean(any_url, capsys):
