@@ -27,12 +27,15 @@ Celery settings read here, beside Celery's own ``result_*`` settings:
   backend first touches the database in this process.
 * ``ledger_redact_kwargs`` / ``ledger_redact_args``: argument names / positions
   stored as ``"[redacted]"`` with ``result_extended`` (see :mod:`ledger.redaction`).
+* ``ledger_max_payload_bytes`` (default 64 MiB): the largest encoded result or
+  exception stored; a larger one raises :class:`PayloadTooLarge` and nothing is written.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
@@ -62,6 +65,7 @@ from ledger.events import (
     GroupExpired,
     GroupForgotten,
     GroupSaved,
+    NewEvent,
     ResultExpired,
     TaskForgotten,
     TaskState,
@@ -79,8 +83,15 @@ SAFETY_NET_SECONDS = 5.0
 #: Expired results are tombstoned this many per transaction.
 EXPIRY_BATCH = 500
 
+#: Default of ``ledger_max_payload_bytes``.
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+
 _upgraded: set[str] = set()
 _upgrade_lock = threading.Lock()
+
+
+class PayloadTooLarge(BackendStoreError):
+    """A result or exception is larger than ``ledger_max_payload_bytes``."""
 
 
 class LedgerBackend(BaseBackend):
@@ -104,6 +115,7 @@ class LedgerBackend(BaseBackend):
         self.redact_kwargs = frozenset(conf.get("ledger_redact_kwargs") or ())
         self.redact_args = frozenset(int(i) for i in conf.get("ledger_redact_args") or ())
         self.extended = bool(conf.find_value_for_key("extended", "result"))
+        self.max_payload_bytes = int(conf.get("ledger_max_payload_bytes") or MAX_PAYLOAD_BYTES)
 
     # -- connection ---------------------------------------------------------------------
 
@@ -142,14 +154,38 @@ class LedgerBackend(BaseBackend):
 
     # -- storing ------------------------------------------------------------------------
 
+    def store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        # Celery's retry loop (result_backend_always_retry) calls _store_result
+        # again after a lost connection. If the lost reply was that of a COMMIT
+        # that landed, a fresh event id would store the state twice; one id per
+        # store_result call makes the retry a no-op duplicate instead.
+        self._store_ids.event_id = uuid.uuid4()
+        try:
+            return super().store_result(task_id, result, state, traceback, request, **kwargs)
+        finally:
+            self._store_ids.event_id = None
+
+    @cached_property
+    def _store_ids(self) -> threading.local:
+        return threading.local()
+
     def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
         meta = self._get_result_meta(
             result=result, state=state, traceback=traceback, request=request, format_date=False
         )
+        encoded = self._encoded(result)
+        if len(encoded.data) > self.max_payload_bytes:
+            # Refused before anything is appended: the log never holds part of a store.
+            what = "exception" if state in self.EXCEPTION_STATES else "result"
+            raise PayloadTooLarge(
+                f"{what} of task {task_id} is {len(encoded.data)} bytes encoded; the limit "
+                f"(ledger_max_payload_bytes) is {self.max_payload_bytes} bytes",
+                state=state, task_id=task_id,
+            )
         event = TaskState(
             task_id=task_id,
             status=state,
-            result=self._encoded(result),
+            result=encoded,
             traceback=traceback,
             children=meta["children"],
             date_done=meta["date_done"],
@@ -159,8 +195,9 @@ class LedgerBackend(BaseBackend):
             **self._exception_summary(result, state),
             **self._extended_fields(meta) if "name" in meta else {},
         )
+        event_id = getattr(self._store_ids, "event_id", None) or uuid.uuid4()
         try:
-            self.ledger.append([event])
+            self.ledger.append([NewEvent(event, event_id)])
         except sa.exc.SQLAlchemyError as exc:
             raise BackendStoreError(
                 f"failed to store result: {type(exc).__name__}", state=state, task_id=task_id
