@@ -3,8 +3,8 @@
 rebuild
     Fills fresh tables (``ledger_task_meta__rebuild`` ...) from the log with the
     set-based statements of :func:`projections.sql.rebuild_statements`, then swaps
-    them in for the live tables in one short transaction. Reads keep being served
-    from the live tables throughout; writers wait only for the swap.
+    them in for the live tables in one short transaction. Reads and writes keep
+    being served from the live tables throughout; both pause only for the swap.
 
     PostgreSQL, concurrent writers (the reasoning, step by step):
 
@@ -23,8 +23,9 @@ rebuild
        a pass is small. Per stream, ``(tx_id, position)`` order is version order
        (ledger/log.py guarantees it), and every projection is per stream, so
        applying in that order reproduces what the live path computed.
-    4. The swap transaction takes ``EXCLUSIVE`` locks on the live projection
-       tables. Readers (``ACCESS SHARE``) are not blocked; writers block at their
+    4. The swap transaction locks the live projection tables (see
+       :func:`_swap_postgres` for why ``ACCESS EXCLUSIVE`` and how it avoids
+       deadlocks); readers pause for this short transaction; writers block at their
        projection update — which every append does in the transaction of its
        events — so once we hold the lock, no transaction that touches a
        projection can commit. A last catch-up (READ COMMITTED, statement
@@ -99,6 +100,7 @@ class RebuildReport:
     events: int = 0
     rows: dict[str, int] = field(default_factory=dict)
     caught_up: int = 0
+    swap_attempts: int = 1
     fill_seconds: float = 0.0
     swap_seconds: float = 0.0
     seconds: float = 0.0
@@ -333,10 +335,10 @@ def _catch_up(conn: Connection, target: SqlTarget, snapshot: str, prefixes) -> i
     return len(events)
 
 
-#: How long the swap waits for its locks before it rolls back and tries again.
+#: How long the swap waits for its first lock before it rolls back and tries again.
 SWAP_LOCK_TIMEOUT = "5s"
-SWAP_ATTEMPTS = 20
-_RETRY_SQLSTATES = {"40P01", "55P03"}  # deadlock detected, lock not available (lock_timeout)
+SWAP_ATTEMPTS = 300
+_RETRY_SQLSTATES = {"40P01", "55P03"}  # deadlock detected, lock not available
 
 
 def _swap_postgres(ledger, new, slots, target, snapshot, prefixes, report) -> None:
@@ -344,21 +346,31 @@ def _swap_postgres(ledger, new, slots, target, snapshot, prefixes, report) -> No
     for attempt in range(SWAP_ATTEMPTS):
         try:
             with ledger.engine.connect() as conn, conn.begin():
-                # While we wait for a lock, writers queue behind us: a long reader
-                # (DROP needs it gone) must not stall the application, so give up
-                # after a short wait, roll back (catch-up included) and try again.
+                # Deadlock-free locking: we wait only while holding nothing (the
+                # first table), and take the others NOWAIT, rolling back and trying
+                # again if a writer is in the middle of a transaction on one of
+                # them. Writers touch the tables in data-dependent orders (a chord
+                # part writes chord_parts then chords), so no fixed order of ours
+                # could avoid a cycle. ACCESS EXCLUSIVE from the start, because the
+                # DROP needs it anyway and upgrading later would wait while holding.
+                # Readers therefore pause for the last catch-up and the renames.
                 conn.execute(sa.text(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}'"))
-                conn.execute(sa.text(f"LOCK TABLE {', '.join(live_names)} IN EXCLUSIVE MODE"))
+                conn.execute(sa.text(f"LOCK TABLE {live_names[0]} IN ACCESS EXCLUSIVE MODE"))
+                if len(live_names) > 1:
+                    conn.execute(sa.text(
+                        f"LOCK TABLE {', '.join(live_names[1:])} IN ACCESS EXCLUSIVE MODE NOWAIT"
+                    ))
                 caught_up = _catch_up(conn, target, snapshot, prefixes)
                 for slot in slots:
                     _rename_postgres(conn, getattr(new, slot), getattr(LIVE, slot))
             report.caught_up += caught_up
+            report.swap_attempts = attempt + 1
             return
         except sa.exc.OperationalError as exc:
             state = getattr(exc.orig, "sqlstate", None)
             if state not in _RETRY_SQLSTATES or attempt == SWAP_ATTEMPTS - 1:
                 raise RebuildError(f"swap failed, live tables unchanged: {exc.orig}") from exc
-            time.sleep(0.1 * (attempt + 1))
+            time.sleep(min(0.005 * (attempt + 1), 0.1))
 
 
 def _rename_postgres(conn: Connection, new: sa.Table, live: sa.Table) -> None:

@@ -146,7 +146,10 @@ def test_rebuild_while_writers_keep_storing_loses_nothing(pg_url):
             while not stop.is_set():
                 t = f"{name}-{i}"
                 ledger.append([TaskState(task_id=t, status="STARTED")])
-                ledger.append([TaskState(task_id=t, status="SUCCESS"), GroupSaved(group_id=t, result=[t])])
+                # Both orders, so that writers take the projection tables' locks in
+                # different orders, as real batches do.
+                pair = [TaskState(task_id=t, status="SUCCESS"), GroupSaved(group_id=t, result=[t])]
+                ledger.append(pair if i % 2 else pair[::-1])
                 if i % 7 == 0:
                     ledger.append([TaskForgotten(task_id=t)])
                 ledger.append([ChordStarted(chord_id=t, size=2)])
