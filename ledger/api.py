@@ -281,6 +281,7 @@ class Ledger:
 
         cp = self.checkpoint_of(from_position)
         idle_since = time.monotonic()
+        wait = poll_interval
         with Listener.for_engine(self.engine) as listener:
             while stop is None or not stop.is_set():
                 events = self._read(lambda c, cp=cp: self.log.read_from(c, cp, batch))
@@ -289,10 +290,14 @@ class Ledger:
                     cp = Checkpoint(event.tx_id, event.position)
                 if events:
                     idle_since = time.monotonic()
+                    wait = poll_interval
                     continue
                 if idle_timeout is not None and time.monotonic() - idle_since >= idle_timeout:
                     return
-                listener.wait(poll_interval)
+                # A notification comes at commit, but the event may still sit behind
+                # an older open transaction (follow order, ledger/log.py): look again
+                # soon, backing off to the poll interval, rather than a full poll later.
+                wait = 0.02 if listener.wait(wait) else min(poll_interval, wait * 2)
 
     # -- checkpoints of followers stored beside the log ----------------------------------
 

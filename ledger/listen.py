@@ -48,6 +48,17 @@ class PgListener(Listener):
         self._conninfo = url.render_as_string(hide_password=False)
         self._conn = None
 
+    def __enter__(self) -> Listener:
+        # LISTEN before the caller's first read: a commit between that read and a
+        # lazy LISTEN would otherwise wait for the next poll.
+        import psycopg
+
+        try:
+            self._conn = self._connect()
+        except psycopg.Error as exc:
+            log.warning("LISTEN failed (%s); will retry", type(exc).__name__)
+        return self
+
     def _connect(self):
         import psycopg
 
@@ -61,7 +72,10 @@ class PgListener(Listener):
 
         try:
             if self._conn is None:
+                # Nothing was heard before LISTEN: return at once so that the caller
+                # re-reads the log now that commits will wake it.
                 self._conn = self._connect()
+                return []
             got = [n.payload for n in self._conn.notifies(timeout=timeout, stop_after=1)]
             if got:
                 # Drain what else is queued without waiting.

@@ -212,6 +212,7 @@ class Relay:
         # not be visible in follow order yet (an older transaction anywhere on the
         # server is still open), so it waits for it rather than stopping short.
         drain_to = self.ledger._read(self.ledger.log.head) if once else None
+        wait = self.poll_interval
         with Listener.for_engine(self.ledger.engine) as listener:
             while not stop.is_set():
                 if not lock.held():
@@ -223,8 +224,11 @@ class Relay:
                 if not events:
                     if drain_to is not None and self.checkpoint >= drain_to:
                         return True
-                    listener.wait(self.poll_interval)
+                    # Notified events may not be visible in follow order yet (see
+                    # Ledger.follow): look again soon, backing off to the poll interval.
+                    wait = 0.02 if listener.wait(wait) else min(self.poll_interval, wait * 2)
                     continue
+                wait = self.poll_interval
                 try:
                     self.send(events)
                 except Exception as exc:  # any Kafka failure: back off, resend from checkpoint
