@@ -62,9 +62,11 @@ from ledger.events import (
     ChordPartAdded,
     ChordStarted,
     Encoded,
+    EventData,
     GroupExpired,
     GroupForgotten,
     GroupSaved,
+    InvalidEvent,
     NewEvent,
     ResultExpired,
     TaskForgotten,
@@ -182,26 +184,27 @@ class LedgerBackend(BaseBackend):
                 f"(ledger_max_payload_bytes) is {self.max_payload_bytes} bytes",
                 state=state, task_id=task_id,
             )
-        event = TaskState(
-            task_id=task_id,
-            status=state,
-            result=encoded,
-            traceback=traceback,
-            children=meta["children"],
-            date_done=meta["date_done"],
-            parent_id=meta.get("parent_id"),
-            group_id=meta.get("group_id"),
-            root_id=getattr(request, "root_id", None) if request else None,
-            **self._exception_summary(result, state),
-            **self._extended_fields(meta) if "name" in meta else {},
-        )
-        event_id = getattr(self._store_ids, "event_id", None) or uuid.uuid4()
         try:
-            self.ledger.append([NewEvent(event, event_id)])
-        except sa.exc.SQLAlchemyError as exc:
-            raise BackendStoreError(
-                f"failed to store result: {type(exc).__name__}", state=state, task_id=task_id
-            ) from exc
+            event = TaskState(
+                task_id=task_id,
+                status=state,
+                result=encoded,
+                traceback=traceback,
+                children=meta["children"],
+                date_done=meta["date_done"],
+                parent_id=meta.get("parent_id"),
+                group_id=meta.get("group_id"),
+                root_id=getattr(request, "root_id", None) if request else None,
+                **self._exception_summary(result, state),
+                **self._extended_fields(meta) if "name" in meta else {},
+            )
+        except InvalidEvent as exc:
+            # e.g. a task id over the column limit: refused before anything is written
+            raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
+        # One event id per store_result call (kept across Celery's retries of it):
+        # a retry after a lost COMMIT reply is then a duplicate, not a second store.
+        event_id = getattr(self._store_ids, "event_id", None) or uuid.uuid4()
+        self._append(NewEvent(event, event_id), BackendStoreError, state=state, task_id=task_id)
         # SUCCESS is sticky in the projection: a late FAILURE of a redelivered
         # message is recorded in the log but does not replace the result.
         return result
@@ -248,11 +251,12 @@ class LedgerBackend(BaseBackend):
     def _delete_group(self, group_id):
         self._append(GroupForgotten(group_id=group_id), BackendStoreError, task_id=group_id)
 
-    def _append(self, event, error: type[Exception], **info: Any) -> None:
+    def _append(self, event: EventData | NewEvent, error: type[Exception], **info: Any) -> None:
         try:
             self.ledger.append([event])
         except sa.exc.SQLAlchemyError as exc:
-            raise error(f"ledger {event.type} failed: {type(exc).__name__}", **info) from exc
+            data = event.data if isinstance(event, NewEvent) else event
+            raise error(f"ledger {data.type} failed: {type(exc).__name__}", **info) from exc
 
     def cleanup(self) -> None:
         """Tombstone results older than ``result_expires`` (the log keeps their history)."""

@@ -55,6 +55,14 @@ class EventData(BaseModel):
     schema_version: ClassVar[int] = 1
     stream_prefix: ClassVar[str]
 
+    def __init__(self, **fields: Any) -> None:
+        # Building an event is how callers (the Celery backend, tools) hand data to
+        # the ledger: a bad field must be the ledger's own error, naming the field.
+        try:
+            super().__init__(**fields)
+        except ValidationError as exc:
+            raise InvalidEvent(_describe(self.type, exc)) from None
+
     @property
     def stream_key(self) -> str:
         """The id this event is about (task, group or chord id)."""
