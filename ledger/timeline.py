@@ -287,23 +287,29 @@ def build_tree(wf: Workflow) -> list[Node]:
         node.children = siblings(by_parent.get(run.task_id, []))
         return node
 
-    def siblings(runs: list[TaskRun]) -> list[Node]:
+    drawn: set[str] = set()  # groups already drawn (a guard against cycles in bad data)
+
+    def siblings(runs: list[TaskRun], bodies: bool = False) -> list[Node]:
         out: list[Node] = []
         grouped: dict[str, Node] = {}
         for run in runs:
-            if run.task_id in body_of:
+            if run.task_id in body_of and not bodies:
                 continue  # drawn under its chord
             gid = run.group_id
-            if gid and gid in wf.groups:
+            # Only real members are gathered: Celery also stamps a chord's group
+            # id on tasks of a nested body, which are not members of that group.
+            if gid and run.task_id in wf.groups.get(gid, ()) and gid not in drawn:
                 if gid not in grouped:
                     grouped[gid] = Node(_group_label(wf, gid))
                     out.append(grouped[gid])
                 grouped[gid].children.append(task_node(run))
             else:
                 out.append(task_node(run))
+        drawn.update(grouped)
         for gid, node in grouped.items():
-            for body in wf.chords.get(gid, {}).get("body", []):
-                body_node = task_node(wf.tasks[body])
+            # A chord's body may itself be a group or chord (nested canvas).
+            body_runs = [wf.tasks[b] for b in wf.chords.get(gid, {}).get("body", [])]
+            for body_node in siblings(body_runs, bodies=True):
                 body_node.label = "body: " + body_node.label
                 node.children.append(body_node)
         return out

@@ -1,9 +1,10 @@
 """History and timeline of a real workflow run by a real ``celery worker``.
 
-chain(add(1, 1), chord([add(2, 2), flaky(key, 2)], fail("body failed"))):
-the first task, then a chord whose header is a group of two tasks, one of
-which retries once, and a body that fails. The worker (prefork, Redis broker)
-is the one from tests/test_celery_worker.py, started for this module.
+chain(add(1, 1), group(add(2, 2), add(3, 3)), chord([add(4, 4), flaky(key, 2)], fail(...))):
+a first task, a group, then a chord whose header has a task that retries once
+and whose body fails. Celery runs the group as a chord whose body is the second
+chord. The worker (prefork, Redis broker) is the one from
+tests/test_celery_worker.py, started for this module.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import uuid
 
 import pytest
-from celery import chain, chord
+from celery import chain, chord, group
 
 from ledger.api import Ledger
 from ledger.audit import task_history
@@ -26,21 +27,28 @@ pytestmark = [pytest.mark.worker]
 @pytest.fixture(scope="module")
 def run_workflow(worker):  # noqa: F811
     key = f"flaky-{uuid.uuid4().hex[:8]}"
-    sig = chain(
-        task(worker, "add").si(1, 1),
-        chord([task(worker, "add").si(2, 2), task(worker, "flaky").si(key, 2)],
-              task(worker, "fail").si("body failed")),
-    )
+    add, flaky, fail = (task(worker, n) for n in ("add", "flaky", "fail"))
+    sig = chain(add.si(1, 1), group(add.si(2, 2), add.si(3, 3)),
+                chord([add.si(4, 4), flaky.si(key, 2)], fail.si("body failed")))
     body = sig.apply_async()
     with pytest.raises(Exception, match="body failed"):
         body.get(timeout=WAIT)
     ledger = worker.backend.ledger
-    header = body.parent  # the chord's header GroupResult
-    first = header.parent
-    flaky = next(r for r in header.results if ledger.history(r.id)[0].data.name == "workerapp.flaky")
-    plain = next(r for r in header.results if r.id != flaky.id)
-    return ledger, {"first": first.id, "plain": plain.id, "flaky": flaky.id, "body": body.id,
-                    "group": header.id}
+    # The client's result graph: body <- second header <- group <- first task. (Celery
+    # gives the nested chord a new group id when it applies it, so that one id is
+    # taken from the ledger in the tests, the member ids from here.)
+    second, first_group = body.parent, body.parent.parent
+    first = first_group.parent
+    flaky_id = next(r.id for r in second.results
+                    if ledger.history(r.id)[0].data.name == "workerapp.flaky")
+    return ledger, {
+        "first": first.id,
+        "group": first_group.id,
+        "members": sorted(r.id for r in first_group.results),
+        "flaky": flaky_id,
+        "plain": next(r.id for r in second.results if r.id != flaky_id),
+        "body": body.id,
+    }
 
 
 def states(ledger: Ledger, task_id: str) -> list[str]:
@@ -91,48 +99,60 @@ def test_timeline_finds_the_whole_workflow_from_any_member(run_workflow, start):
     ledger, ids = run_workflow
     wf = find_workflow(ledger, ids[start])
     assert wf.root == ids["first"]
-    assert set(wf.tasks) == {ids["first"], ids["plain"], ids["flaky"], ids["body"]}
-    assert wf.chords[ids["group"]]["header"] == sorted([ids["plain"], ids["flaky"]])
-    assert wf.chords[ids["group"]]["body"] == [ids["body"]]
+    second = sorted([ids["plain"], ids["flaky"]])
+    assert set(wf.tasks) == {ids["first"], *ids["members"], *second, ids["body"]}
+    outer = wf.chords[ids["group"]]  # the group, run as a chord whose body is the chord
+    assert outer["header"] == ids["members"] and sorted(outer["body"]) == second
+    inner = next(c for g, c in wf.chords.items() if g != ids["group"])
+    assert inner["header"] == second and inner["body"] == [ids["body"]]
+    assert inner["size"] == inner["returned"] == 2 and inner["fired_at"]
     runs = wf.tasks
-    assert [runs[ids[k]].state for k in ("first", "plain", "flaky", "body")] == [
-        "SUCCESS", "SUCCESS", "SUCCESS", "FAILURE"]
-    assert runs[ids["flaky"]].retries == 1 and runs[ids["body"]].exc_type == "ValueError"
-    # What happened when: the first task before the header, the header before the body.
-    first, plain, flaky, body = (runs[ids[k]] for k in ("first", "plain", "flaky", "body"))
-    assert first.start <= first.ended_at <= min(plain.start, flaky.start)
-    assert max(plain.ended_at, flaky.ended_at) <= body.start <= body.ended_at
+    assert {r.state for r in runs.values() if r.task_id != ids["body"]} == {"SUCCESS"}
+    assert runs[ids["body"]].state == "FAILURE" and runs[ids["body"]].exc_type == "ValueError"
+    assert runs[ids["flaky"]].retries == 1
+    assert sum(r.retries for r in runs.values()) == 1
+    # What happened when: each stage ended before the next one started.
+    stages = [[ids["first"]], ids["members"], second, [ids["body"]]]
+    for earlier, later in zip(stages[:-1], stages[1:], strict=True):
+        assert max(runs[t].ended_at for t in earlier) <= min(runs[t].start for t in later)
+    assert all(r.start <= r.ended_at for r in runs.values())
 
 
 def test_timeline_draws_the_tree_and_a_gantt_chart(run_workflow, db_url, capsys, tmp_path):  # noqa: F811
     ledger, ids = run_workflow
     text = render_text(find_workflow(ledger, ids["body"]))
     lines = text.splitlines()
-    assert lines[0].startswith(f"workflow of task {ids['body']}  root {ids['first']}  4 tasks")
+    assert lines[0].startswith(f"workflow of task {ids['body']}  root {ids['first']}  6 tasks")
     expected = [
         f"└─ workerapp.add {ids['first']}",
         f"   └─ chord {ids['group']} (2/2 parts returned, body fired)",
-        "      ├─ workerapp.",  # the two header tasks, in the order they started
-        "      ├─ workerapp.",
-        f"      └─ body: workerapp.fail {ids['body']}",
+        "      ├─ workerapp.add ",  # the group's two tasks, in the order they started
+        "      ├─ workerapp.add ",
+        "      └─ body: chord ",
+        "         ├─ workerapp.",  # the second chord's header
+        "         ├─ workerapp.",
+        f"         └─ body: workerapp.fail {ids['body']}",
     ]
     tree = lines[2:-1]
-    assert len(tree) == len(expected)
+    assert len(tree) == len(expected), text
     assert all(line.startswith(want) for line, want in zip(tree, expected, strict=True)), text
-    assert {ids["plain"], ids["flaky"]} == {tree[2].split()[2], tree[3].split()[2]}
-    bars = {k: next(line for line in tree if ids[k] in line).rsplit("|", 2)[1] for k in ("first", "body")}
+    assert sorted(line.split()[2] for line in tree[2:4]) == ids["members"]
+    assert {line.split()[2] for line in tree[5:7]} == {ids["plain"], ids["flaky"]}
+    bars = {k: next(line for line in tree if ids[k] in line).rsplit("|", 2)[1]
+            for k in ("first", "flaky", "body")}
     assert bars["first"].lstrip(" ").startswith("█") and bars["body"].rstrip(" ").endswith("▓")
     assert bars["first"].index("█") < bars["body"].index("▓")
+    assert "▒" in bars["flaky"]  # the attempt that was retried
 
     page = tmp_path / "wf.html"
     assert main(["timeline", ids["group"], "--db", db_url, "--format", "json", "--html", str(page)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc == json.loads(json.dumps(to_json(find_workflow(ledger, ids["group"])), default=str))
-    assert doc["kind"] in ("group", "chord") and doc["root_id"] == ids["first"]
+    assert doc["kind"] == "chord" and doc["root_id"] == ids["first"]  # the group ran as a chord
     assert [t["task"]["task_id"] for t in doc["tree"]] == [ids["first"]]
-    body = page.read_text()
-    assert body.startswith("<!doctype html>") and "<script" not in body
-    assert all(ids[k] in body for k in ("first", "plain", "flaky", "body"))
+    html = page.read_text()
+    assert html.startswith("<!doctype html>") and "<script" not in html
+    assert all(t in html for t in (ids["first"], *ids["members"], ids["flaky"], ids["body"]))
 
 
 def test_timeline_of_an_unknown_id_says_so(db_url, capsys):  # noqa: F811
