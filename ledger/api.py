@@ -114,6 +114,10 @@ class Ledger:
         items = [Encoded.of(self._new(e)) for e in events]
         if not items:
             return AppendResult()
+        if len(items) == 1 and self.dialect == "postgresql":
+            fused = self.target.fused_sql(items[0].new.data.type)
+            if fused is not None:
+                return self._write(lambda conn: self._append_fused(conn, items[0], fused), autocommit=True)
 
         def work(conn: Connection) -> AppendResult:
             recorded, duplicates = self.log.append(conn, items)
@@ -121,6 +125,14 @@ class Ledger:
             return AppendResult(recorded, duplicates, completed)
 
         return self._write(work)
+
+    def _append_fused(self, conn: Connection, item: Encoded, projection_sql: str) -> AppendResult:
+        """One statement, autocommitted: the event and its projection row commit together."""
+        recorded = self.log.append_fused(conn, item, projection_sql)  # type: ignore[attr-defined]
+        if recorded is not None:
+            return AppendResult([recorded], [], [])
+        self.log._explain_no_row(conn, item)  # raises VersionConflict unless a duplicate
+        return AppendResult([], [item.new.event_id], [])
 
     @staticmethod
     def _new(event: EventData | NewEvent) -> NewEvent:
@@ -165,13 +177,18 @@ class Ledger:
 
         return self._write(work)
 
-    def _write(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in a write transaction, retrying conflicts and lost connections."""
+    def _write(self, work: Callable[[Connection], T], *, autocommit: bool = False) -> T:
+        """Run ``work`` in a write transaction, retrying conflicts and lost connections.
+
+        ``autocommit=True`` is for work that is a single statement (its own
+        transaction): no BEGIN/COMMIT round trips.
+        """
         attempt = 0
+        options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {"ledger_write": True}
         while True:
             try:
                 with self.engine.connect() as conn:
-                    conn = conn.execution_options(ledger_write=True)
+                    conn = conn.execution_options(**options)
                     with conn.begin():
                         return work(conn)
             except RetryableConflict as exc:
@@ -191,12 +208,22 @@ class Ledger:
             time.sleep(self.retry.sleep(attempt))
             attempt += 1
 
-    def _read(self, work: Callable[[Connection], T]) -> T:
+    def _read(self, work: Callable[[Connection], T], *, single_statement: bool = False) -> T:
+        """Run ``work`` in a read transaction (one snapshot), retrying lost connections.
+
+        ``single_statement=True`` skips BEGIN/ROLLBACK on PostgreSQL: one SELECT
+        is consistent on its own, and a point read is then one round trip.
+        """
+        options = (
+            {"isolation_level": "AUTOCOMMIT"}
+            if single_statement and self.dialect == "postgresql"
+            else {}
+        )
         attempt = 0
         while True:
             try:
                 with self.engine.connect() as conn:
-                    return work(conn)
+                    return work(conn.execution_options(**options) if options else conn)
             except sa.exc.DBAPIError as exc:
                 if not database.is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
                     raise
@@ -208,19 +235,21 @@ class Ledger:
     def task_meta(self, task_id: str, *, as_of: datetime | int | None = None) -> TaskMeta | None:
         """The task's current projection row, or as it was at a time or log position."""
         if as_of is None:
-            return self._read(lambda c: self.target.task(c, task_id))
+            return self._read(lambda c: self.target.task(c, task_id), single_statement=True)
         return self._replay(f"task:{task_id}", as_of).state.tasks.get(task_id)
 
     def task_metas(self, task_ids: Iterable[str]) -> dict[str, TaskMeta]:
         """Current projection rows of many tasks by id (ids without a row are absent)."""
-        return {m.task_id: m for m in self._read(lambda c: self.target.tasks(c, task_ids))}
+        ids = list(task_ids)
+        rows = self._read(lambda c: self.target.tasks(c, ids), single_statement=len(ids) <= 500)
+        return {m.task_id: m for m in rows}
 
     def finished_before(self, cutoff: datetime, limit: int = 1000) -> tuple[list[str], list[str]]:
         """Ids of tasks done and groups saved before ``cutoff``: what result expiry drops."""
         return self._read(lambda c: self.target.finished_before(c, cutoff, limit))
 
     def group(self, group_id: str) -> GroupState | None:
-        return self._read(lambda c: self.target.group(c, group_id))
+        return self._read(lambda c: self.target.group(c, group_id), single_statement=True)
 
     def chord(self, chord_id: str) -> ChordState | None:
         return self._read(lambda c: self.target.chord(c, chord_id))

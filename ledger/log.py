@@ -64,10 +64,14 @@ START = Checkpoint(0, 0)
 class VersionConflict(Exception):
     """Optimistic concurrency: the stream was not at the expected version."""
 
-    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
-        super().__init__(
-            f"version conflict on stream {stream_id!r}: expected version {expected}, "
+    def __init__(self, stream_id: str, expected: int, actual: int | None) -> None:
+        where = (
             f"the stream is at version {actual}"
+            if actual is not None
+            else "a concurrent append took that version"
+        )
+        super().__init__(
+            f"version conflict on stream {stream_id!r}: expected version {expected}, {where}"
         )
         self.stream_id, self.expected, self.actual = stream_id, expected, actual
 
@@ -271,8 +275,7 @@ class SQLiteLog(FollowableLog):
 class PostgresLog(FollowableLog):
     """No writer waits for another; visibility by transaction id (module docstring)."""
 
-    _insert_sql = sa.text(
-        """
+    _insert_core = """
         INSERT INTO ledger_events (tx_id, event_id, stream_id, stream_version, type,
             schema_version, recorded_at, task_state, ref_id, chord_size, payload)
         SELECT pg_current_xact_id()::text::bigint, :event_id, CAST(:stream_id AS varchar),
@@ -283,12 +286,18 @@ class PostgresLog(FollowableLog):
         HAVING CAST(:expected AS integer) IS NULL
             OR COALESCE(MAX(stream_version), 0) = CAST(:expected AS integer)
         ON CONFLICT (event_id) DO NOTHING
+    """
+    _binds = tuple(sa.bindparam(k, type_=v) for k, v in _BIND_TYPES.items() if k != "recorded_at")
+
+    _insert_sql = sa.text(
+        _insert_core
+        + """
         RETURNING position, tx_id, stream_version, recorded_at,
             (SELECT MAX(p.tx_id) FROM ledger_events p
              WHERE p.stream_id = CAST(:stream_id AS varchar)) AS prior_tx,
             pg_notify('ledger_events', CAST(:stream_id AS text)) AS notified
         """
-    ).bindparams(*(sa.bindparam(k, type_=v) for k, v in _BIND_TYPES.items() if k != "recorded_at"))
+    ).bindparams(*_binds)
 
     # Advisory lock per chord stream: parts of one chord returned by concurrent
     # workers must be *applied* in position order, so that completion recorded
@@ -296,27 +305,63 @@ class PostgresLog(FollowableLog):
     # before the insert so that the insert's snapshot sees the lock holder's rows.
     _lock_stream_sql = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:stream_id, 0))")
 
+    def __init__(self) -> None:
+        self._fused: dict[str, sa.TextClause] = {}
+
     def _insert(self, conn: Connection, item: Encoded) -> RecordedEvent | None:
         params = item.params()
         params["expected"] = item.new.expected_version
         if params["stream_id"].startswith("chord:"):
             conn.execute(self._lock_stream_sql, {"stream_id": params["stream_id"]})
-        try:
-            row = conn.execute(self._insert_sql, params).first()
-        except sa.exc.IntegrityError as exc:
-            if "stream_version" in str(exc.orig) and item.new.expected_version is None:
-                raise RetryableConflict(f"stream {params['stream_id']!r} moved on") from exc
-            if "stream_version" in str(exc.orig):
-                raise VersionConflict(
-                    params["stream_id"], item.new.expected_version or 0, -1
-                ) from exc
-            raise
+        row = self._run_insert(conn, self._insert_sql, params, item)
         if row is None:
             return None
         if row.prior_tx is not None and row.prior_tx > row.tx_id:
             raise RetryableConflict(
                 f"stream {params['stream_id']!r} has a newer transaction's event; retrying"
             )
+        return self._recorded(row, params, item)
+
+    def append_fused(
+        self, conn: Connection, item: Encoded, projection_sql: str
+    ) -> RecordedEvent | None:
+        """Append one event and update its projection in a single statement.
+
+        ``projection_sql`` (from :meth:`projections.sql.SqlTarget.fused_sql`) reads
+        the appended row from the CTE ``ev``; a duplicate event inserts no row,
+        so the projection is not touched either. Run in autocommit this is one
+        round trip and one WAL flush for the whole store — the Celery backend's
+        hot path. The ``prior_tx`` check of :meth:`_insert` is not needed: this
+        INSERT is the transaction's first write, so its xid is newer than that of
+        every version its snapshot saw (module docstring).
+        """
+        stmt = self._fused.get(projection_sql)
+        if stmt is None:
+            stmt = sa.text(
+                f"WITH ev AS ({self._insert_core} RETURNING position, tx_id, stream_version, recorded_at),"
+                f" projection AS ({projection_sql})"
+                " SELECT position, tx_id, stream_version, recorded_at,"
+                " pg_notify('ledger_events', CAST(:stream_id AS text)) AS notified FROM ev"
+            ).bindparams(*self._binds)
+            self._fused[projection_sql] = stmt
+        params = item.params()
+        params["expected"] = item.new.expected_version
+        params["key"] = item.new.data.stream_key
+        row = self._run_insert(conn, stmt, params, item)
+        return None if row is None else self._recorded(row, params, item)
+
+    def _run_insert(self, conn: Connection, stmt: sa.TextClause, params: dict, item: Encoded):
+        try:
+            return conn.execute(stmt, params).first()
+        except sa.exc.IntegrityError as exc:
+            if "stream_version" not in str(exc.orig):
+                raise
+            if item.new.expected_version is None:
+                raise RetryableConflict(f"stream {params['stream_id']!r} moved on") from exc
+            raise VersionConflict(params["stream_id"], item.new.expected_version, None) from exc
+
+    @staticmethod
+    def _recorded(row, params: dict, item: Encoded) -> RecordedEvent:
         return RecordedEvent(
             position=row.position,
             event_id=item.new.event_id,

@@ -138,6 +138,7 @@ class SqlTarget:
 
     def __init__(self, tables: ProjectionTables = LIVE) -> None:
         self.t = tables
+        self._fused_sql = self._build_fused_sql()
 
     # -- live updates -------------------------------------------------------------
 
@@ -284,6 +285,51 @@ class SqlTarget:
         ChordPartReturned.type: _chord_part_returned,
         ChordFired.type: _chord_fired,
     }
+
+    # -- fused with the append (PostgreSQL hot path) -----------------------------------
+
+    def fused_sql(self, event_type: str) -> str | None:
+        """This projection's update for one event, as SQL reading the appended row.
+
+        Used by :meth:`ledger.log.PostgresLog.append_fused` inside ``WITH ev AS
+        (INSERT ... RETURNING position, recorded_at, ...)``; binds ``:key`` (the
+        stream key), ``:task_state`` and ``:payload``. The same rules as the
+        handlers above, written against ``ev``: a duplicate event (no ``ev`` row)
+        changes nothing. Chord events return None: their completion needs a
+        RETURNING of its own, so they take the general path.
+        """
+        return self._fused_sql.get(event_type)
+
+    def _build_fused_sql(self) -> dict[str, str]:
+        tm, g = self.t.task_meta.name, self.t.groups.name
+        ready = ", ".join(f"'{s}'" for s in sorted(READY_STATES))
+        task_gone = (
+            f"DELETE FROM {tm} WHERE task_id = CAST(:key AS varchar) AND EXISTS (SELECT 1 FROM ev)"
+        )
+        group_gone = (
+            f"DELETE FROM {g} WHERE group_id = CAST(:key AS varchar) AND EXISTS (SELECT 1 FROM ev)"
+        )
+        return {
+            TaskState.type: (
+                f"INSERT INTO {tm} (task_id, status, position, done_at, payload)"
+                " SELECT CAST(:key AS varchar), CAST(:task_state AS varchar), ev.position,"
+                f" CASE WHEN CAST(:task_state AS varchar) IN ({ready}) THEN ev.recorded_at END,"
+                " :payload FROM ev"
+                " ON CONFLICT (task_id) DO UPDATE SET status = excluded.status,"
+                " position = excluded.position, done_at = excluded.done_at,"
+                f" payload = excluded.payload WHERE {tm}.status <> '{STICKY_STATE}'"
+            ),
+            TaskForgotten.type: task_gone,
+            ResultExpired.type: task_gone,
+            GroupSaved.type: (
+                f"INSERT INTO {g} (group_id, position, saved_at, payload)"
+                " SELECT CAST(:key AS varchar), ev.position, ev.recorded_at, :payload FROM ev"
+                " ON CONFLICT (group_id) DO UPDATE SET position = excluded.position,"
+                " saved_at = excluded.saved_at, payload = excluded.payload"
+            ),
+            GroupForgotten.type: group_gone,
+            GroupExpired.type: group_gone,
+        }
 
     # -- reads ----------------------------------------------------------------------
 

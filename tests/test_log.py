@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -198,7 +199,12 @@ class TestLogOnPostgres(LogContract):
             conn.execute(sa.text("SELECT pg_current_xact_id()"))  # an xid, like any writer
             ledger.append([TaskState(task_id="after", status="STARTED")])
             visible = [e.stream_id for e in ledger.read_from(0)]
-            assert visible == ["task:before"]
-            assert ledger.follower_lag()["held_back"] == 1
+            assert "task:after" not in visible
+            assert ledger.follower_lag()["held_back"] >= 1
             tx.commit()
-        assert [e.stream_id for e in ledger.read_from(0)] == ["task:before", "task:after"]
+        # xids are cluster-wide: a transaction in another database on the same
+        # server may hold the horizon a moment longer, so wait for it (bounded).
+        deadline = time.monotonic() + 30
+        while [e.stream_id for e in ledger.read_from(0)] != ["task:before", "task:after"]:
+            assert time.monotonic() < deadline, "committed events never became visible"
+            time.sleep(0.05)
