@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from ledger.events import (
     CorruptEvent,
     Encoded,
+    LogPruned,
     RecordedEvent,
     ResultExpired,
     TaskForgotten,
@@ -188,19 +189,33 @@ def parse_as_of(text: str) -> datetime | int:
 # -- commands ----------------------------------------------------------------------------
 
 
+def prunes_of(ledger, stream_id: str) -> list[dict[str, Any]]:
+    """The ``celery-ledger prune`` runs that deleted events of ``stream_id``."""
+    out = []
+    for event in ledger.read_stream(f"{LogPruned.stream_prefix}:maintenance"):
+        data = event.data
+        if isinstance(data, LogPruned) and stream_id in data.streams:
+            out.append({"pruned_at": event.recorded_at.isoformat(), "before": data.before.isoformat()})
+    return out
+
+
 def _history(args: argparse.Namespace) -> int:
     from ledger.cli import _open, print_json
 
     ledger = _open(args)
+    pruned = prunes_of(ledger, f"task:{args.task_id}")
     try:
         rows = task_history(ledger, args.task_id)
     except UnknownTask:
-        print(f"celery-ledger: no events for task {args.task_id!r} in this ledger", file=sys.stderr)
+        why = f" (its events before {pruned[-1]['before']} were pruned)" if pruned else ""
+        print(f"celery-ledger: no events for task {args.task_id!r} in this ledger{why}", file=sys.stderr)
         return 1
     if args.format == "json":
-        print_json({"task_id": args.task_id, "events": rows})
+        print_json({"task_id": args.task_id, "events": rows, "pruned": pruned})
     else:
         print(format_history(args.task_id, rows))
+        for p in pruned:
+            print(f"(earlier events recorded before {p['before']} were pruned at {p['pruned_at']})")
     return 0
 
 

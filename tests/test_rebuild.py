@@ -231,6 +231,11 @@ def test_prune_then_rebuild_then_verify_is_clean(any_url, capsys):
     assert isinstance(record, LogPruned) and record.events_deleted > 0
     assert "task:old-t1" in record.streams and "chord:old-c1" in record.streams
 
+    code, out, _ = run(capsys, "history", "old-t5", "--db", any_url)
+    assert code == 0 and f"recorded before {cutoff.isoformat()} were pruned at" in out
+    code, _, err = run(capsys, "history", "old-t1", "--db", any_url)
+    assert code == 1 and f"(its events before {cutoff.isoformat()} were pruned)" in err
+
     after = ledger.snapshot()
     before.chords.pop("old-c1")
     assert before.differences(after) == []
