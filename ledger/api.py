@@ -75,6 +75,7 @@ class Ledger:
         self.log = log_for(self.dialect)
         self.target = SqlTarget()
         self.retry = retry or RetryPolicy()
+        self._task_sql = database.driver_sql(self.target.task_point_sql())
 
     @classmethod
     def open(cls, url: str, *, upgrade: bool = False, retry: RetryPolicy | None = None) -> Ledger:
@@ -235,8 +236,18 @@ class Ledger:
     def task_meta(self, task_id: str, *, as_of: datetime | int | None = None) -> TaskMeta | None:
         """The task's current projection row, or as it was at a time or log position."""
         if as_of is None:
-            return self._read(lambda c: self.target.task(c, task_id), single_statement=True)
+            if self.dialect == "postgresql":
+                return self._read(lambda c: self._task_point_read(c, task_id), single_statement=True)
+            return self._read(lambda c: self.target.task(c, task_id))
         return self._replay(f"task:{task_id}", as_of).state.tasks.get(task_id)
+
+    def _task_point_read(self, conn: Connection, task_id: str) -> TaskMeta | None:
+        # get_task_meta's hot path: one prepared SELECT on the driver connection.
+        row = database.driver_fetchone(conn, self._task_sql, {"key": task_id})
+        if row is None:
+            return None
+        task, status, position, done_at, payload = row
+        return TaskMeta(task, status, position, done_at and done_at.astimezone(timezone.utc), payload)
 
     def task_metas(self, task_ids: Iterable[str]) -> dict[str, TaskMeta]:
         """Current projection rows of many tasks by id (ids without a row are absent)."""

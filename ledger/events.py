@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from ledger import codec
 
@@ -62,6 +62,10 @@ class EventData(BaseModel):
             super().__init__(**fields)
         except ValidationError as exc:
             raise InvalidEvent(_describe(self.type, exc)) from None
+        self._validated = True
+
+    # False only for instances made with model_construct(), which skips validation.
+    _validated: bool = PrivateAttr(default=False)
 
     @property
     def stream_key(self) -> str:
@@ -316,7 +320,9 @@ class CorruptEvent(ValueError):
 
 
 def validate(data: EventData) -> EventData:
-    """Re-validate a payload model (models built with ``model_construct`` skip validation)."""
+    """The payload, validated: models built with ``model_construct`` are checked now."""
+    if data._validated:
+        return data
     try:
         return type(data).model_validate(data.model_dump())
     except ValidationError as exc:

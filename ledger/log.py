@@ -45,6 +45,7 @@ from typing import NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ledger.database import driver_fetchone, driver_sql
 from ledger.events import NewEvent, RecordedEvent, encode
 from ledger.schema import events as events_table
 
@@ -306,7 +307,7 @@ class PostgresLog(FollowableLog):
     _lock_stream_sql = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:stream_id, 0))")
 
     def __init__(self) -> None:
-        self._fused: dict[str, sa.TextClause] = {}
+        self._fused: dict[str, str] = {}
 
     def _insert(self, conn: Connection, item: Encoded) -> RecordedEvent | None:
         params = item.params()
@@ -335,24 +336,42 @@ class PostgresLog(FollowableLog):
         INSERT is the transaction's first write, so its xid is newer than that of
         every version its snapshot saw (module docstring).
         """
-        stmt = self._fused.get(projection_sql)
-        if stmt is None:
-            stmt = sa.text(
+        sql = self._fused.get(projection_sql)
+        if sql is None:
+            sql = driver_sql(
                 f"WITH ev AS ({self._insert_core} RETURNING position, tx_id, stream_version, recorded_at),"
                 f" projection AS ({projection_sql})"
                 " SELECT position, tx_id, stream_version, recorded_at,"
                 " pg_notify('ledger_events', CAST(:stream_id AS text)) AS notified FROM ev"
-            ).bindparams(*self._binds)
-            self._fused[projection_sql] = stmt
+            )
+            self._fused[projection_sql] = sql
         params = item.params()
         params["expected"] = item.new.expected_version
         params["key"] = item.new.data.stream_key
-        row = self._run_insert(conn, stmt, params, item)
-        return None if row is None else self._recorded(row, params, item)
+        row = self._guarded(lambda: driver_fetchone(conn, sql, params), params, item)
+        if row is None:
+            return None
+        position, tx_id, version, recorded_at, _ = row
+        return RecordedEvent(
+            position=position,
+            event_id=item.new.event_id,
+            stream_id=params["stream_id"],
+            stream_version=version,
+            type=params["type"],
+            schema_version=params["schema_version"],
+            recorded_at=recorded_at.astimezone(timezone.utc),
+            payload=item.payload,
+            tx_id=tx_id,
+        )
 
     def _run_insert(self, conn: Connection, stmt: sa.TextClause, params: dict, item: Encoded):
+        return self._guarded(lambda: conn.execute(stmt, params).first(), params, item)
+
+    @staticmethod
+    def _guarded(insert, params: dict, item: Encoded):
+        """Run an insert; a taken stream version is a conflict (retried unless expected)."""
         try:
-            return conn.execute(stmt, params).first()
+            return insert()
         except sa.exc.IntegrityError as exc:
             if "stream_version" not in str(exc.orig):
                 raise

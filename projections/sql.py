@@ -333,6 +333,11 @@ class SqlTarget:
 
     # -- reads ----------------------------------------------------------------------
 
+    def task_point_sql(self) -> str:
+        """The task row by id as plain SQL (``:key``), for the driver-level point read."""
+        t = self.t.task_meta
+        return f"SELECT task_id, status, position, done_at, payload FROM {t.name} WHERE task_id = :key"
+
     def task(self, conn: Connection, task_id: str) -> TaskMeta | None:
         t = self.t.task_meta
         row = conn.execute(sa.select(t).where(t.c.task_id == task_id)).first()

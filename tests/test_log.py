@@ -23,6 +23,15 @@ from ledger.log import Checkpoint, VersionConflict
 from ledger.schema import events as events_table
 
 
+def wait_visible(ledger: Ledger, count: int) -> None:
+    """Followers see an event once no older transaction is open anywhere on the
+    server (PostgreSQL xids are cluster-wide): wait, bounded, for ``count`` events."""
+    deadline = time.monotonic() + 30
+    while len(ledger.read_from(0, limit=count + 1)) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} events became visible"
+        time.sleep(0.05)
+
+
 class LogContract:
     """Cases every dialect must pass. Subclasses provide the ``url`` fixture."""
 
@@ -69,6 +78,7 @@ class LogContract:
     def test_read_from_pages_through_every_event_once_in_order(self, ledger):
         for i in range(25):
             ledger.append([TaskState(task_id=f"t{i}", status="STARTED")])
+        wait_visible(ledger, 25)
         seen, cp = [], Checkpoint(0, 0)
         while batch := ledger.read_from(cp, limit=7):
             seen += batch
@@ -188,12 +198,14 @@ class TestLogOnPostgres(LogContract):
     def test_follow_order_is_transaction_then_position(self, ledger):
         for i in range(5):
             ledger.append([TaskState(task_id=f"t{i}", status="STARTED")])
+        wait_visible(ledger, 5)
         events = ledger.read_from(0)
         keys = [(e.tx_id, e.position) for e in events]
         assert keys == sorted(keys) and all(tx > 0 for tx, _ in keys)
 
     def test_an_open_transaction_holds_followers_back_until_it_commits(self, ledger):
         ledger.append([TaskState(task_id="before", status="STARTED")])
+        wait_visible(ledger, 1)
         with ledger.engine.connect() as conn:
             tx = conn.begin()
             conn.execute(sa.text("SELECT pg_current_xact_id()"))  # an xid, like any writer
