@@ -115,10 +115,16 @@ class Ledger:
         items = [Encoded.of(self._new(e)) for e in events]
         if not items:
             return AppendResult()
-        if len(items) == 1 and self.dialect == "postgresql":
-            fused = self.target.fused_sql(items[0].new.data.type)
-            if fused is not None:
-                return self._write(lambda conn: self._append_fused(conn, items[0], fused), autocommit=True)
+        if self.dialect == "postgresql":
+            fused = [self.target.fused_sql(item.new.data.type) for item in items]
+            # A failed insert in a pipeline cannot be told apart per item, so a batch
+            # with expected versions takes the general path, which checks each.
+            expects = len(items) > 1 and any(i.new.expected_version is not None for i in items)
+            if all(fused) and not expects:
+                # One statement per event (in one pipeline); a lone event autocommits.
+                return self._write(
+                    lambda conn: self._append_fused(conn, items, fused), autocommit=len(items) == 1
+                )
 
         def work(conn: Connection) -> AppendResult:
             recorded, duplicates = self.log.append(conn, items)
@@ -127,13 +133,13 @@ class Ledger:
 
         return self._write(work)
 
-    def _append_fused(self, conn: Connection, item: Encoded, projection_sql: str) -> AppendResult:
-        """One statement, autocommitted: the event and its projection row commit together."""
-        recorded = self.log.append_fused(conn, item, projection_sql)  # type: ignore[attr-defined]
-        if recorded is not None:
-            return AppendResult([recorded], [], [])
-        self.log._explain_no_row(conn, item)  # raises VersionConflict unless a duplicate
-        return AppendResult([], [item.new.event_id], [])
+    def _append_fused(
+        self, conn: Connection, items: list[Encoded], fused: list[str]
+    ) -> AppendResult:
+        recorded, missing = self.log.append_fused(conn, items, fused)  # type: ignore[attr-defined]
+        for item in missing:
+            self.log._explain_no_row(conn, item)  # raises VersionConflict unless a duplicate
+        return AppendResult(recorded, [item.new.event_id for item in missing], [])
 
     @staticmethod
     def _new(event: EventData | NewEvent) -> NewEvent:
@@ -264,6 +270,10 @@ class Ledger:
 
     def chord(self, chord_id: str) -> ChordState | None:
         return self._read(lambda c: self.target.chord(c, chord_id))
+
+    def chord_header(self, chord_id: str) -> tuple[GroupState | None, dict[str, TaskMeta | None]]:
+        """The chord's saved header group and its returned parts' task rows, in one read."""
+        return self._read(lambda c: self.target.chord_header(c, chord_id))
 
     def snapshot(self) -> Snapshot:
         """Every live projection row (tests and verify)."""

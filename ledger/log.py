@@ -45,7 +45,7 @@ from typing import NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ledger.database import driver_fetchone, driver_sql
+from ledger.database import driver_fetch, driver_sql
 from ledger.events import NewEvent, RecordedEvent, encode
 from ledger.schema import events as events_table
 
@@ -324,45 +324,67 @@ class PostgresLog(FollowableLog):
         return self._recorded(row, params, item)
 
     def append_fused(
-        self, conn: Connection, item: Encoded, projection_sql: str
-    ) -> RecordedEvent | None:
-        """Append one event and update its projection in a single statement.
+        self, conn: Connection, items: Sequence[Encoded], projection_sqls: Sequence[str]
+    ) -> tuple[list[RecordedEvent], list[Encoded]]:
+        """Append events, each with its projection update in the same statement.
 
-        ``projection_sql`` (from :meth:`projections.sql.SqlTarget.fused_sql`) reads
-        the appended row from the CTE ``ev``; a duplicate event inserts no row,
-        so the projection is not touched either. Run in autocommit this is one
-        round trip and one WAL flush for the whole store — the Celery backend's
-        hot path. The ``prior_tx`` check of :meth:`_insert` is not needed: this
-        INSERT is the transaction's first write, so its xid is newer than that of
-        every version its snapshot saw (module docstring).
+        ``projection_sqls[i]`` (from :meth:`projections.sql.SqlTarget.fused_sql`)
+        reads the appended row from the CTE ``ev``; a duplicate event inserts no
+        row, so its projection is not touched either. One event run in autocommit
+        is one round trip and one WAL flush for the whole store (the Celery
+        backend's hot path); a batch goes out as one pipeline in the caller's
+        transaction. Returns the recorded events and the items that inserted no
+        row (duplicates, or a failed ``expected_version``: see
+        :meth:`_explain_no_row`). ``prior_tx`` guards per-stream follow order as
+        in :meth:`_insert`: a batch's later inserts may follow another
+        transaction's commit.
         """
+        statements = []
+        for item, projection_sql in zip(items, projection_sqls, strict=True):
+            params = item.params()
+            params["expected"] = item.new.expected_version
+            params["key"] = item.new.data.stream_key
+            statements.append((self._fused_statement(projection_sql), params))
+        first = items[0]
+        rows = self._guarded(lambda: driver_fetch(conn, statements), statements[0][1], first)
+        recorded, missing = [], []
+        for item, (_, params), row in zip(items, statements, rows, strict=True):
+            if row is None:
+                missing.append(item)
+                continue
+            position, tx_id, version, recorded_at, prior_tx, _ = row
+            if prior_tx is not None and prior_tx > tx_id:
+                raise RetryableConflict(
+                    f"stream {params['stream_id']!r} has a newer transaction's event; retrying"
+                )
+            recorded.append(
+                RecordedEvent(
+                    position=position,
+                    event_id=item.new.event_id,
+                    stream_id=params["stream_id"],
+                    stream_version=version,
+                    type=params["type"],
+                    schema_version=params["schema_version"],
+                    recorded_at=recorded_at.astimezone(timezone.utc),
+                    payload=item.payload,
+                    tx_id=tx_id,
+                )
+            )
+        return recorded, missing
+
+    def _fused_statement(self, projection_sql: str) -> str:
         sql = self._fused.get(projection_sql)
         if sql is None:
             sql = driver_sql(
                 f"WITH ev AS ({self._insert_core} RETURNING position, tx_id, stream_version, recorded_at),"
                 f" projection AS ({projection_sql})"
                 " SELECT position, tx_id, stream_version, recorded_at,"
+                " (SELECT MAX(p.tx_id) FROM ledger_events p"
+                "  WHERE p.stream_id = CAST(:stream_id AS varchar)) AS prior_tx,"
                 " pg_notify('ledger_events', CAST(:stream_id AS text)) AS notified FROM ev"
             )
             self._fused[projection_sql] = sql
-        params = item.params()
-        params["expected"] = item.new.expected_version
-        params["key"] = item.new.data.stream_key
-        row = self._guarded(lambda: driver_fetchone(conn, sql, params), params, item)
-        if row is None:
-            return None
-        position, tx_id, version, recorded_at, _ = row
-        return RecordedEvent(
-            position=position,
-            event_id=item.new.event_id,
-            stream_id=params["stream_id"],
-            stream_version=version,
-            type=params["type"],
-            schema_version=params["schema_version"],
-            recorded_at=recorded_at.astimezone(timezone.utc),
-            payload=item.payload,
-            tx_id=tx_id,
-        )
+        return sql
 
     def _run_insert(self, conn: Connection, stmt: sa.TextClause, params: dict, item: Encoded):
         return self._guarded(lambda: conn.execute(stmt, params).first(), params, item)
