@@ -93,6 +93,21 @@ class Encoded:
     def of(cls, new: NewEvent) -> Encoded:
         return cls(new=new, payload=encode(new.data), columns=new.data.index_columns())
 
+    def recorded(self, position: int, version: int, recorded_at: datetime, tx_id: int) -> RecordedEvent:
+        """This event as the log recorded it."""
+        data = self.new.data
+        return RecordedEvent(
+            position=position,
+            event_id=self.new.event_id,
+            stream_id=data.stream_id,
+            stream_version=version,
+            type=data.type,
+            schema_version=data.schema_version,
+            recorded_at=recorded_at,
+            payload=self.payload,
+            tx_id=tx_id,
+        )
+
     def params(self) -> dict:
         data = self.new.data
         return {
@@ -255,17 +270,7 @@ class SQLiteLog(FollowableLog):
         row = conn.execute(self._insert_sql, params).first()
         if row is None:
             return None
-        return RecordedEvent(
-            position=row.position,
-            event_id=item.new.event_id,
-            stream_id=params["stream_id"],
-            stream_version=row.stream_version,
-            type=params["type"],
-            schema_version=params["schema_version"],
-            recorded_at=params["recorded_at"],
-            payload=item.payload,
-            tx_id=0,
-        )
+        return item.recorded(row.position, row.stream_version, params["recorded_at"], 0)
 
     def read_from(self, conn: Connection, after: Checkpoint, limit: int) -> list[RecordedEvent]:
         t = self.table
@@ -321,7 +326,7 @@ class PostgresLog(FollowableLog):
             raise RetryableConflict(
                 f"stream {params['stream_id']!r} has a newer transaction's event; retrying"
             )
-        return self._recorded(row, params, item)
+        return item.recorded(row.position, row.stream_version, row.recorded_at, row.tx_id)
 
     def append_fused(
         self, conn: Connection, items: Sequence[Encoded], projection_sqls: Sequence[str]
@@ -357,19 +362,7 @@ class PostgresLog(FollowableLog):
                 raise RetryableConflict(
                     f"stream {params['stream_id']!r} has a newer transaction's event; retrying"
                 )
-            recorded.append(
-                RecordedEvent(
-                    position=position,
-                    event_id=item.new.event_id,
-                    stream_id=params["stream_id"],
-                    stream_version=version,
-                    type=params["type"],
-                    schema_version=params["schema_version"],
-                    recorded_at=recorded_at.astimezone(timezone.utc),
-                    payload=item.payload,
-                    tx_id=tx_id,
-                )
-            )
+            recorded.append(item.recorded(position, version, recorded_at.astimezone(timezone.utc), tx_id))
         return recorded, missing
 
     def _fused_statement(self, projection_sql: str) -> str:
@@ -400,20 +393,6 @@ class PostgresLog(FollowableLog):
             if item.new.expected_version is None:
                 raise RetryableConflict(f"stream {params['stream_id']!r} moved on") from exc
             raise VersionConflict(params["stream_id"], item.new.expected_version, None) from exc
-
-    @staticmethod
-    def _recorded(row, params: dict, item: Encoded) -> RecordedEvent:
-        return RecordedEvent(
-            position=row.position,
-            event_id=item.new.event_id,
-            stream_id=params["stream_id"],
-            stream_version=row.stream_version,
-            type=params["type"],
-            schema_version=params["schema_version"],
-            recorded_at=row.recorded_at,
-            payload=item.payload,
-            tx_id=row.tx_id,
-        )
 
     _read_from_sql = sa.text(
         f"""
