@@ -398,10 +398,9 @@ class LedgerBackend(BaseBackend):
                 yield task_id, self._meta(row)
 
     def _wake_ups(self, *, enabled: bool) -> Listener:
-        listener = Listener.for_engine(self.ledger.engine) if enabled else Listener()
-        # LISTEN before the first read, so a commit between read and wait still wakes us.
-        listener.wait(0)
-        return listener
+        # Entering a PgListener LISTENs (one connection), before the first read: a
+        # commit between that read and the wait still wakes us.
+        return Listener.for_engine(self.ledger.engine) if enabled else Listener()
 
     def _nap(self, listener: Listener, ids: set[str], deadline: float | None, interval: float):
         if self.ledger.dialect != "postgresql":
@@ -446,26 +445,10 @@ class LedgerBackend(BaseBackend):
         app = self.app
         callback = app.signature(request.chord)
         try:
-            deps = self._chord_header(gid)
-        except Exception as exc:
-            logger.exception("Chord %r raised: %r", gid, exc)
-            return self.chord_error_from_stack(callback, ChordError(f"Cannot restore group: {exc!r}"))
-        if deps is None:
-            return self.chord_error_from_stack(
-                callback, ChordError(f"GroupResult {gid} no longer exists")
-            )
-        try:
-            with allow_join_result():
-                ret = deps.join_native(timeout=app.conf.result_chord_join_timeout, propagate=True)
-        except Exception as exc:
-            culprit = next(
-                (r for r in deps.results if r.state in states.PROPAGATE_STATES), None
-            )
-            reason = f"Dependency {culprit.id} raised {exc!r}" if culprit else repr(exc)
-            logger.error("Chord %r raised: %s", gid, reason)
-            error = ChordError(reason)
-            error.__cause__ = exc
-            return self.chord_error_from_stack(callback, error)
+            ret = self._chord_results(gid)
+        except ChordError as exc:
+            logger.error("Chord %r raised: %s", gid, exc)
+            return self.chord_error_from_stack(callback, exc)
         try:
             app.amqp._retry_publish(callback.delay, ret)
         except Exception as exc:
@@ -474,6 +457,59 @@ class LedgerBackend(BaseBackend):
             error.__cause__ = exc
             return self.chord_error_from_stack(callback, error)
         return None
+
+    def _chord_results(self, gid: str) -> list:
+        """The header's results in header order; ChordError (as Redis words it) if one failed.
+
+        Every part stores its own result before it returns to the chord
+        (``mark_as_done``/``mark_as_failure``), so when the chord completes the
+        results are normally all there: one read fetches the saved header and
+        the returned parts' rows, without LISTEN or a wait. Anything else -- a
+        part whose result is not stored (yet), parts added by ``add_to_chord``,
+        a group nested in the header -- takes Celery's join with
+        ``result_chord_join_timeout``.
+        """
+        try:
+            group, parts = self.ledger.chord_header(gid)
+            ids = None if group is None else _plain_ids(group.result)
+        except Exception as exc:
+            logger.exception("Chord %r raised: %r", gid, exc)
+            raise ChordError(f"Cannot restore group: {exc!r}") from exc
+        if group is None:
+            raise ChordError(f"GroupResult {gid} no longer exists")
+        rows = [parts.get(task_id) for task_id in ids or ()]
+        if ids is None or len(parts) != len(ids) or any(
+            row is None or row.status not in states.READY_STATES for row in rows
+        ):
+            return self._join_header(gid)
+        values = []
+        for row in rows:
+            if row.status in states.PROPAGATE_STATES:
+                exc = self._meta(row)["result"]
+                error = ChordError(f"Dependency {row.task_id} raised {exc!r}")
+                error.__cause__ = exc
+                raise error
+            values.append(self._decode(row.data.result))
+        return values
+
+    def _join_header(self, gid: str) -> list:
+        """Celery's way: restore the header and join it, waiting for results not yet stored."""
+        try:
+            deps = self._chord_header(gid)
+        except Exception as exc:
+            logger.exception("Chord %r raised: %r", gid, exc)
+            raise ChordError(f"Cannot restore group: {exc!r}") from exc
+        if deps is None:
+            raise ChordError(f"GroupResult {gid} no longer exists")
+        try:
+            with allow_join_result():
+                return deps.join_native(timeout=self.app.conf.result_chord_join_timeout, propagate=True)
+        except Exception as exc:
+            culprit = next(
+                (r for r in deps.results if r.state in states.PROPAGATE_STATES), None
+            )
+            reason = f"Dependency {culprit.id} raised {exc!r}" if culprit else repr(exc)
+            raise ChordError(reason) from exc
 
     def _chord_header(self, gid: str) -> GroupResult | None:
         """The header as saved by apply_chord, plus parts added by add_to_chord, in order."""
@@ -486,3 +522,14 @@ class LedgerBackend(BaseBackend):
                 known.add(event.data.task_id)
                 deps.results.append(self.app.AsyncResult(event.data.task_id, backend=self))
         return deps
+
+
+def _plain_ids(header: Any) -> list[str] | None:
+    """Task ids of a saved header (``GroupResult.as_tuple()``), None if a member is a group."""
+    _, members = header
+    ids = []
+    for res, nodes in members:
+        if nodes is not None:
+            return None
+        ids.append(res[0] if isinstance(res, list | tuple) else res)
+    return ids

@@ -385,6 +385,23 @@ class SqlTarget:
             fired_position=row.fired_position,
         )
 
+    def chord_header(
+        self, conn: Connection, chord_id: str
+    ) -> tuple[GroupState | None, dict[str, TaskMeta | None]]:
+        """A completed chord's inputs: the header group saved under ``chord_id``, and the
+        task row of every part that returned (None for a part whose result has no row)."""
+        g, p, t = self.t.groups, self.t.chord_parts, self.t.task_meta
+        row = conn.execute(sa.select(g).where(g.c.group_id == chord_id)).first()
+        parts = conn.execute(
+            sa.select(p.c.task_id, t.c.status, t.c.position, t.c.done_at, t.c.payload)
+            .select_from(p.outerjoin(t, t.c.task_id == p.c.task_id))
+            .where(p.c.chord_id == chord_id)
+        )
+        return (
+            GroupState(**row._mapping) if row is not None else None,
+            {r.task_id: TaskMeta(*r) if r.status is not None else None for r in parts},
+        )
+
     def snapshot(self, conn: Connection) -> Snapshot:
         """Read every projection row (for verify and tests; loads everything)."""
         snap = Snapshot()

@@ -10,12 +10,15 @@ import base64
 import json
 import multiprocessing
 import random
+import threading
+import time
 import uuid
 
 import pytest
 import redis
 from celery import Celery, states
 from celery.app.task import Context
+from celery.exceptions import ChordError
 
 from tests.conftest import RUN_ID
 
@@ -110,3 +113,93 @@ def test_chord_fires_only_when_every_distinct_part_returned(any_url, returns):
         keys = list(r.scan_iter(f"{prefix}*"))
         if keys:
             r.delete(*keys)
+
+
+def _chord_run(app, parts: list, *, returns: list[str] | None = None):
+    """Apply a chord of ``len(parts)`` header tasks; ``parts[i]`` is the stored result of
+    part ``i`` (an exception is stored as a FAILURE, ``None`` stores nothing); then every
+    part in ``returns`` (default: all, in header order) returns to the chord."""
+    backend = app.backend
+    gid, part_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in parts]
+    body = app.signature("chords.body", options={"queue": "bodies-nobody-consumes"})
+    body.freeze()
+    backend.apply_chord((gid, [app.AsyncResult(t) for t in part_ids]), body)
+    backend.set_chord_size(gid, len(parts))
+    for tid, value in zip(part_ids, parts, strict=True):
+        if value is not None:
+            state = states.FAILURE if isinstance(value, Exception) else states.SUCCESS
+            backend.store_result(tid, value, state)
+    for index, tid in enumerate(part_ids):
+        if returns is None or tid in returns:
+            state = states.FAILURE if isinstance(parts[index], Exception) else states.SUCCESS
+            backend.on_chord_part_return(
+                Context(id=tid, group=gid, group_index=index, chord=dict(body)), state, parts[index]
+            )
+    return body, part_ids
+
+
+def _bodies_sent(prefix: str) -> list:
+    r = redis.Redis.from_url(REDIS)
+    try:
+        return [json.loads(m) for m in r.lrange(f"{prefix}bodies-nobody-consumes", 0, -1)]
+    finally:
+        keys = list(r.scan_iter(f"{prefix}*"))
+        if keys:
+            r.delete(*keys)
+
+
+def test_a_failing_part_fails_the_body_with_the_same_chord_error_as_redis(any_url):
+    """The first failed part in header order is named, in the Redis backend's words."""
+    parts = [1, ValueError("first"), 3, KeyError("second")]
+    messages = {}
+    for name, url in (("ledger", f"ledger+{any_url}"), ("redis", REDIS)):
+        prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
+        app = Celery("chords", broker=REDIS, backend=url, set_as_current=False)
+        app.conf.broker_transport_options = {"global_keyprefix": prefix}
+        app.conf.result_expires = 60  # the Redis backend's keys (uuids) go by themselves
+        body, part_ids = _chord_run(app, parts)
+        assert _bodies_sent(prefix) == []
+        meta = app.backend.get_task_meta(body.id)
+        assert meta["status"] == states.FAILURE
+        assert isinstance(meta["result"], ChordError)
+        messages[name] = str(meta["result"]).replace(part_ids[1], "<part 1>")
+    assert messages["ledger"] == messages["redis"] == "Dependency <part 1> raised ValueError('first')"
+
+
+def test_a_part_with_no_stored_result_is_waited_for_up_to_the_chord_join_timeout(any_url):
+    """Chord parts must store results (Celery's rule); one that did not fails the chord
+    after ``result_chord_join_timeout`` instead of firing the body without its value."""
+    prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
+    app = make_app(any_url, prefix)
+    app.conf.result_chord_join_timeout = 0.5
+    body, _ = _chord_run(app, [1, None, 3])
+    assert _bodies_sent(prefix) == []
+    meta = app.backend.get_task_meta(body.id)
+    assert meta["status"] == states.FAILURE
+    assert isinstance(meta["result"], ChordError)
+    assert "TimeoutError" in str(meta["result"])
+
+
+def test_a_part_result_stored_after_the_chord_completed_still_reaches_the_body(any_url):
+    prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
+    app = make_app(any_url, prefix)
+    backend = app.backend
+    gid, part_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(3)]
+    body = app.signature("chords.body", options={"queue": "bodies-nobody-consumes"})
+    body.freeze()
+    backend.apply_chord((gid, [app.AsyncResult(t) for t in part_ids]), body)
+    backend.set_chord_size(gid, 3)
+    for index, tid in enumerate(part_ids[:2]):
+        backend.store_result(tid, index, states.SUCCESS)
+        backend.on_chord_part_return(Context(id=tid, group=gid, chord=dict(body)), states.SUCCESS, index)
+    last = threading.Thread(target=backend.on_chord_part_return, args=(
+        Context(id=part_ids[2], group=gid, chord=dict(body)), states.SUCCESS, 2))
+    last.start()
+    deadline = time.monotonic() + 60  # hang guard, not a timing assertion
+    while (backend.ledger.chord(gid).fired_position is None and last.is_alive()
+           and time.monotonic() < deadline):
+        time.sleep(0.01)
+    backend.store_result(part_ids[2], 2, states.SUCCESS)
+    last.join(60)
+    sent = _bodies_sent(prefix)
+    assert [json.loads(base64.b64decode(m["body"]))[0] for m in sent] == [[[0, 1, 2]]]
