@@ -273,7 +273,7 @@ class Ledger:
 
     def chord_header(self, chord_id: str) -> tuple[GroupState | None, dict[str, TaskMeta | None]]:
         """The chord's saved header group and its returned parts' task rows, in one read."""
-        return self._read(lambda c: self.target.chord_header(c, chord_id))
+        return self._read(lambda c: self.target.chord_header(c, chord_id), single_statement=True)
 
     def snapshot(self) -> Snapshot:
         """Every live projection row (tests and verify)."""
