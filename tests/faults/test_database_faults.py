@@ -26,6 +26,7 @@ from celery.exceptions import BackendStoreError
 
 from ledger import database
 from ledger.api import Ledger
+from ledger.events import ChordStarted
 from ledger.rebuild import verify
 from ledger.schema import events
 from tests.faults.conftest import forget_engine
@@ -173,9 +174,11 @@ def test_a_commit_whose_reply_is_lost_is_retried_without_storing_twice(pg_url, p
     url = proxy.url(pg_url.rsplit("/", 1)[1])
     backend = _backend(url, **RETRYING).backend
     backend.mark_as_started(warm := str(uuid.uuid4()))  # a pooled connection exists
-    # Three lost COMMIT replies in a row: more than the ledger's own retries
-    # (3 attempts), so Celery's retry loop stores the state again.
-    proxy.drop_when(b"COMMIT\x00", upstream=False, times=3)
+    # A store is one autocommitted statement (ledger/log.py, append_fused): its
+    # reply (command tag "SELECT 1") arrives after the commit. Three lost replies
+    # in a row: more than the ledger's own retries (3 attempts), so Celery's retry
+    # loop stores the state again.
+    proxy.drop_when(b"SELECT 1\x00", upstream=False, times=3)
     task_id = str(uuid.uuid4())
     backend.mark_as_done(task_id, "once")
     assert proxy.dropped == 3
@@ -237,13 +240,12 @@ def test_connection_lost_mid_transaction_is_backend_store_error_and_nothing_part
                        result_backend_max_sleep_between_retries_ms=10).backend
     backend.mark_as_started(task_id := str(uuid.uuid4()))
     snapshot = Ledger.open(pg_url).snapshot()
-    # Every COMMIT of this store is cut on its way to the server: each attempt's
-    # INSERTs ran inside a transaction the server then rolls back.
-    proxy.drop_when(b"COMMIT", upstream=True, times=1000)
+    # A store is one autocommitted statement: cut it on its way to the server
+    # (its Bind message carries the task id) on every attempt.
+    proxy.drop_when(task_id.encode(), upstream=True, times=1000)
     with pytest.raises(BackendStoreError) as raised:
         backend.mark_as_done(task_id, "lost")
     attempts = proxy.dropped
-    proxy.drop_when(b"COMMIT", upstream=True, times=0)
     proxy._triggers.clear()
     assert attempts == 3 * 3  # 3 Celery attempts x 3 ledger attempts
     assert database.is_disconnect(raised.value.__cause__.__cause__ or raised.value.__cause__)
@@ -253,6 +255,27 @@ def test_connection_lost_mid_transaction_is_backend_store_error_and_nothing_part
     assert verify(ledger) == []
     backend.mark_as_done(task_id, "stored later")
     assert backend.get_task_meta(task_id)["result"] == "stored later"
+    forget_engine(url)
+
+
+def test_transaction_cut_before_commit_writes_nothing_of_it(pg_url, proxy_to):
+    """A multi-statement unit (a chord part: lock, event, counters, claim) cut at COMMIT."""
+    proxy = proxy_to(pg_url)
+    url = proxy.url(pg_url.rsplit("/", 1)[1])
+    ledger = Ledger.open(url)
+    ledger.append([ChordStarted(chord_id="c", size=1)])
+    snapshot = Ledger.open(pg_url).snapshot()
+    proxy.drop_when(b"COMMIT", upstream=True, times=1000)
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        ledger.return_chord_part("c", "p1", states.SUCCESS)
+    attempts = proxy.dropped
+    proxy._triggers.clear()
+    assert attempts == ledger.retry.attempts  # every attempt of the ledger was cut
+    assert database.is_disconnect(raised.value)
+    direct = Ledger.open(pg_url)
+    assert direct.snapshot().differences(snapshot) == []  # no part, no claim, no counter
+    assert verify(direct) == []
+    assert ledger.return_chord_part("c", "p1", states.SUCCESS) is True  # stored later, fires once
     forget_engine(url)
 
 
