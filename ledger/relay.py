@@ -7,9 +7,16 @@
   format in ledger/stream.py), flushes once per batch, checks every send's
   acknowledgement, and only then stores the new checkpoint. A crash anywhere
   re-sends at most the unacknowledged or uncheckpointed batch: at-least-once.
-* Per-key order: records of one key go to one partition, in follow order, and the
-  idempotent producer keeps one batch in flight per partition, so a retried
-  batch can never be overtaken by a later one.
+  While the broker acknowledges a batch, the next page of the log is read; none
+  of it is produced before the whole batch is acknowledged and checkpointed.
+* Per-key order: a key's records go to one partition (murmur2 of the key, as
+  Kafka's default partitioner), in follow order. A batch gives each partition at
+  most one producer batch (it is cut where a partition's share would exceed the
+  producer's ``batch_size``), so within a flush nothing can overtake a failed
+  record batch of the same partition; and the next batch is only produced once
+  this one is acknowledged. A failure therefore never leaves a later event of a
+  key on the topic without the earlier ones before it; the resend (from the
+  checkpoint) repeats them in order, and consumers drop the repeats by event_id.
 * Kafka down: the batch fails, the producer is closed, and the relay waits with
   capped exponential backoff (full jitter) before re-reading from its checkpoint.
   Writers never wait: they do not know the relay exists.
@@ -26,19 +33,26 @@ import os
 import random
 import re
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ledger.api import Ledger
 from ledger.events import TOMBSTONE_TYPES, RecordedEvent, TaskState
 from ledger.listen import Listener
 from ledger.log import Checkpoint
-from ledger.stream import event_headers, event_key, event_value, state_value
+from ledger.stream import event_record, state_value
 from projections import task_meta
 
 log = logging.getLogger("ledger.relay")
 
 TASK_TYPES = TOMBSTONE_TYPES | {TaskState.type}
+
+# A record batch's fixed header (magic v2), and a bound on a record's own framing
+# (length, attributes, timestamp and offset deltas, key/value/header lengths).
+_BATCH_OVERHEAD = 61
+_RECORD_OVERHEAD = 40
 
 
 class RelayLock:
@@ -167,9 +181,14 @@ class Relay:
         self.checkpoint: Checkpoint = ledger.load_checkpoint(self.name)
         #: Events acknowledged and checkpointed by this instance.
         self.relayed = 0
+        #: Flushes acknowledged and checkpointed by this instance.
+        self.batches = 0
         #: Batches Kafka failed to acknowledge (each followed by a backoff and a resend).
         self.kafka_failures = 0
         self._producer: Any = None
+        self._batch_bytes = 0
+        self._linger = 0.0
+        self._flusher: ThreadPoolExecutor | None = None
 
     # -- the loop ------------------------------------------------------------------
 
@@ -181,6 +200,8 @@ class Relay:
         stop = stop or threading.Event()
         lock = RelayLock.for_ledger(self.ledger, self.name)
         start = self.relayed
+        # Flushes wait here, so that the relay reads its next page meanwhile.
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="relay-flush")
         try:
             while not stop.is_set():
                 if not self._wait_for(lock, stop):
@@ -191,7 +212,8 @@ class Relay:
                 log.warning("relay %s: lost the relay lock; back to standby", self.topic)
         finally:
             lock.release()
-            self._close_producer()
+            self._close_producer()  # a flush still waiting ends with the producer
+            self._flusher.shutdown()
         return self.relayed - start
 
     def _wait_for(self, lock: RelayLock, stop: threading.Event) -> bool:
@@ -212,31 +234,47 @@ class Relay:
         # not be visible in follow order yet (an older transaction anywhere on the
         # server is still open), so it waits for it rather than stopping short.
         drain_to = self.ledger._read(self.ledger.log.head) if once else None
+        # Read now that the lock is ours: another relay may have moved it while this
+        # one was on standby. While the lock is held, only this relay writes it.
+        self.checkpoint = self.ledger.load_checkpoint(self.name)
+        unsent: list[RecordedEvent] = []
         wait = self.poll_interval
         with Listener.for_engine(self.ledger.engine) as listener:
             while not stop.is_set():
                 if not lock.held():
                     return False
-                # The checkpoint is re-read: another relay may have moved it while
-                # this one was on standby.
-                self.checkpoint = self.ledger.load_checkpoint(self.name)
-                events = self.ledger.read_from(self.checkpoint, self.batch_size)
-                if not events:
+                if not unsent:
+                    unsent = self.ledger.read_from(self.checkpoint, self.batch_size)
+                if not unsent:
                     if drain_to is not None and self.checkpoint >= drain_to:
                         return True
                     # Notified events may not be visible in follow order yet (see
                     # Ledger.follow): look again soon, backing off to the poll interval.
                     wait = 0.02 if listener.wait(wait) else min(self.poll_interval, wait * 2)
                     continue
-                wait = self.poll_interval
+                # Events come in runs: after a batch, look again soon and back off to
+                # the poll interval while idle. What SQLite (no NOTIFY) needs for a
+                # low latency; on PostgreSQL a notification ends the wait anyway.
+                wait = 0.01
                 try:
-                    self.send(events)
+                    sent, acknowledged = self._produce(unsent)
+                    # The broker works on the batch meanwhile: read the next page.
+                    # Follow order continues after the last event read, sent or not.
+                    last_read = unsent[-1]
+                    unsent = unsent[sent:]
+                    if len(unsent) < self.batch_size and not stop.is_set():
+                        unsent += self.ledger.read_from(
+                            Checkpoint(last_read.tx_id, last_read.position),
+                            self.batch_size - len(unsent),
+                        )
+                    batch_end = acknowledged()
                 except Exception as exc:  # any Kafka failure: back off, resend from checkpoint
                     from kafka.errors import KafkaError
 
                     if not isinstance(exc, (KafkaError, DeliveryFailed)):
                         raise
                     self._close_producer()
+                    unsent = []
                     delay = random.uniform(0, min(self.max_backoff, 0.2 * 2**failures))
                     failures += 1
                     self.kafka_failures += 1
@@ -249,44 +287,70 @@ class Relay:
                 if failures:
                     log.info("relay %s: Kafka is back after %d failed attempts", self.topic, failures)
                     failures = 0
-                last = events[-1]
-                cp = Checkpoint(last.tx_id, last.position)
+                cp = Checkpoint(batch_end.tx_id, batch_end.position)
                 self.ledger._write(lambda c, cp=cp: self.ledger.save_checkpoint(c, self.name, cp))
                 self.checkpoint = cp
-                self.relayed += len(events)
-                log.debug("relay %s: %d events up to %s", self.topic, len(events), tuple(cp))
+                self.relayed += sent
+                self.batches += 1
+                log.debug("relay %s: %d events up to %s", self.topic, sent, tuple(cp))
         return True
 
     # -- one batch -----------------------------------------------------------------
 
-    def send(self, events: list[RecordedEvent]) -> None:
-        """Produce ``events`` (and their task states), flush, and check every acknowledgement.
+    def _produce(self, events: list[RecordedEvent]) -> tuple[int, Callable[[], RecordedEvent]]:
+        """Append a prefix of ``events`` to the producer and start its flush.
 
-        Raises :class:`DeliveryFailed` or a ``kafka.errors.KafkaError`` if any record
-        was not acknowledged.
+        Returns the prefix length and a function that waits for the flush, checks
+        every record's acknowledgement and returns the prefix's last event.
         """
+        from kafka.partitioner.default import murmur2
+
         producer = self._producer_or_new()
-        futures = [
-            producer.send(
-                self.topic,
-                key=event_key(e),
-                value=event_value(e),
-                headers=event_headers(e),
-            )
-            for e in events
-        ]
+        partitions = sorted(producer.partitions_for(self.topic))
+        # One record batch per partition (module docstring): a partition's share
+        # must fit the producer's batch_size, and nothing may go out before the
+        # flush, so appending stops well before linger_ms would send a batch early.
+        room = self._batch_bytes - _BATCH_OVERHEAD
+        deadline = time.monotonic() + self._linger / 2
+        filled = dict.fromkeys(partitions, 0)
+        futures = []
+        send = producer.send
+        topic = self.topic
+        for i, e in enumerate(events):
+            key, value, headers = event_record(e)
+            partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+            size = len(key) + len(value) + _RECORD_OVERHEAD
+            for name, data in headers:
+                size += len(name) + len(data) + 10
+            if filled[partition] and filled[partition] + size > room:
+                break  # the rest goes in the next batch
+            if i % 256 == 255 and time.monotonic() > deadline:
+                break
+            filled[partition] += size
+            futures.append(send(topic, key=key, value=value, headers=headers, partition=partition))
+        sent = len(futures)
+        batch_end = events[sent - 1]
         if self.state_topic is not None:
-            for task_id, meta in self._task_states(events).items():
+            # The state topic keeps the latest value per key and gets one record per
+            # task and batch, so a reordering across a failed batch heals with the
+            # resend: it needs no partition accounting.
+            for task_id, meta in self._task_states(events[:sent]).items():
                 futures.append(
-                    producer.send(self.state_topic, key=task_id.encode(), value=state_value(meta))
+                    send(self.state_topic, key=task_id.encode(), value=state_value(meta))
                 )
-        producer.flush(timeout=self.producer_config.get("delivery_timeout_ms", 30_000) / 1000)
-        for f in futures:
-            if not f.is_done:
-                raise DeliveryFailed("flush returned before every record was acknowledged")
-            if f.failed():
-                raise f.exception
-        return None
+        timeout = self.producer_config.get("delivery_timeout_ms", 30_000) / 1000
+        flushed = self._flusher.submit(producer.flush, timeout)
+
+        def acknowledged() -> RecordedEvent:
+            flushed.result()
+            for f in futures:
+                if not f.is_done:
+                    raise DeliveryFailed("flush returned before every record was acknowledged")
+                if f.failed():
+                    raise f.exception
+            return batch_end
+
+        return sent, acknowledged
 
     def _task_states(self, events: list[RecordedEvent]) -> dict[str, task_meta.TaskMeta | None]:
         """Each touched task's meta after its last event in ``events`` (None: forgotten).
@@ -321,9 +385,9 @@ class Relay:
                 # Idempotence also makes kafka-python keep one batch in flight per
                 # partition (guarantee_message_order), so a retried batch can never
                 # be overtaken by a later one of the same key.
-                # Records go out at the relay's flush: appending while the sender
-                # thread drains costs more (GIL, accumulator lock) than it overlaps.
-                "linger_ms": 1000,
+                # Records go out at the relay's flush, never earlier (_produce).
+                "linger_ms": 10_000,
+                # Kafka's default limit for one record batch (message.max.bytes).
                 "batch_size": 1 << 20,
                 "max_request_size": 8 << 20,
                 "max_block_ms": 5_000,
@@ -335,6 +399,8 @@ class Relay:
             }
             config.update(self.producer_config)
             self._producer = KafkaProducer(**config)
+            self._batch_bytes = config["batch_size"]
+            self._linger = config["linger_ms"] / 1000
         return self._producer
 
     def _close_producer(self) -> None:

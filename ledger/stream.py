@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from ledger import codec
 from ledger.events import RecordedEvent
 
 if TYPE_CHECKING:
@@ -57,16 +56,26 @@ class BadRecord(ValueError):
     """A record on the topic is not in the ledger's record format."""
 
 
-def _map_with_raw(fields: dict[str, Any], raw_key: str, raw: bytes) -> bytes:
-    # ``raw`` already is msgpack: splice it in as the map's last value instead of
+def _pack(value: Any) -> bytes:
+    # The envelopes hold only str, int, None and aware datetimes: msgpack packs
+    # those itself (datetime=True: the timestamp extension, the same bytes as
+    # ledger.codec gives) without codec's Python ``default`` hook, ~3x cheaper.
+    return msgpack.packb(value, use_bin_type=True, datetime=True)
+
+
+_DATA_KEY = _pack("data")
+
+
+def _map_with_data(fields: dict[str, Any], data: bytes) -> bytes:
+    # ``data`` already is msgpack: splice it in as the map's last value instead of
     # decoding and re-encoding it. Cheaper, and consumers get the log's exact
     # bytes. A fixmap header is 0x80 | entries (entries <= 15 here).
-    head = codec.dumps(fields)
-    return bytes([0x80 | (len(fields) + 1)]) + head[1:] + codec.dumps(raw_key) + raw
+    head = _pack(fields)
+    return b"".join((bytes((0x80 | (len(fields) + 1),)), memoryview(head)[1:], _DATA_KEY, data))
 
 
 def _split_map(value: bytes, raw_key: str) -> tuple[dict[str, Any], bytes | None]:
-    """The inverse of :func:`_map_with_raw`: the other fields, and ``raw_key``'s exact bytes."""
+    """The inverse of :func:`_map_with_data`: the other fields, and ``raw_key``'s exact bytes."""
     unpacker = msgpack.Unpacker(raw=False, timestamp=3, strict_map_key=False)
     unpacker.feed(value)
     fields: dict[str, Any] = {}
@@ -82,15 +91,12 @@ def _split_map(value: bytes, raw_key: str) -> tuple[dict[str, Any], bytes | None
     return fields, raw
 
 
-def event_key(event: RecordedEvent) -> bytes:
-    return event.stream_key.encode()
-
-
-def event_value(event: RecordedEvent) -> bytes:
-    """The record value of ``event`` (module docstring)."""
-    return _map_with_raw(
+def event_record(event: RecordedEvent) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    """Key, value and headers of ``event``'s record on the event topic (module docstring)."""
+    event_id = str(event.event_id)
+    value = _map_with_data(
         {
-            "event_id": str(event.event_id),
+            "event_id": event_id,
             "type": event.type,
             "schema_version": event.schema_version,
             "position": event.position,
@@ -99,19 +105,16 @@ def event_value(event: RecordedEvent) -> bytes:
             "stream_version": event.stream_version,
             "recorded_at": event.recorded_at,
         },
-        "data",
         event.payload,
     )
-
-
-def event_headers(event: RecordedEvent) -> list[tuple[str, bytes]]:
-    return [
+    headers = [
         ("type", event.type.encode()),
-        ("event_id", str(event.event_id).encode()),
-        ("position", str(event.position).encode()),
-        ("tx_id", str(event.tx_id).encode()),
-        ("schema_version", str(event.schema_version).encode()),
+        ("event_id", event_id.encode()),
+        ("position", b"%d" % event.position),
+        ("tx_id", b"%d" % event.tx_id),
+        ("schema_version", b"%d" % event.schema_version),
     ]
+    return event.stream_key.encode(), value, headers
 
 
 def decode_event(value: bytes) -> RecordedEvent:
@@ -142,10 +145,9 @@ def state_value(meta: TaskMeta | None) -> bytes | None:
     """The state-topic value for a task's latest meta; None (tombstone) when it has none."""
     if meta is None:
         return None
-    return _map_with_raw(
+    return _map_with_data(
         {"task_id": meta.task_id, "status": meta.status, "position": meta.position,
          "done_at": meta.done_at},
-        "data",
         meta.payload,
     )
 

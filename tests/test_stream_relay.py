@@ -74,6 +74,24 @@ def test_ten_thousand_events_relayed_each_once_in_per_key_log_order(any_url, kaf
     assert headers["schema_version"] == b"1"
 
 
+def test_a_partition_gets_at_most_one_record_batch_per_flush(any_url, kafka):  # noqa: F811
+    # A second record batch of one partition in a flush could be delivered after
+    # the first one failed, leaving a key's later events without the earlier ones.
+    ledger = Ledger.open(any_url)
+    one_partition = create_topic(kafka, partitions=1)
+    append_in_batches(ledger, task_lives("cut", 150))
+    n = len(log_in_follow_order(ledger))
+    record_batch = 16_384
+    relay = Relay(ledger, kafka, one_partition, producer_config={"batch_size": record_batch})
+
+    assert relay.run(once=True) == n
+    records = read_all(kafka, one_partition, expect=n)
+    wire_bytes = sum(len(r.key) + len(r.value) + sum(len(k) + len(v) for k, v in r.headers)
+                     for r in records)
+    assert relay.batches > wire_bytes // record_batch  # cut to fit, not one oversized flush
+    assert_topic_equals_log(ledger, records)
+
+
 def test_relay_once_stores_its_checkpoint_and_a_second_run_sends_nothing(any_url, kafka, topic):  # noqa: F811
     ledger = Ledger.open(any_url)
     append_in_batches(ledger, task_lives("once", 40) + groups_and_chords("once"))
