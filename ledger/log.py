@@ -30,7 +30,9 @@ that saw position 11 while 10 was still in flight would skip 10 forever.
   showed every earlier version of the stream; so prior versions always carry
   smaller xids. The RETURNING clause checks that anyway (a batch touching
   several streams could break it) and the unit of work is retried with a new
-  transaction if not.
+  transaction if not. It compares with the stream's latest version only (an
+  index lookup, not a scan of a long stream): every append checked its own
+  predecessor, so ``tx_id`` never decreases along a stream.
 """
 
 from __future__ import annotations
@@ -299,8 +301,9 @@ class PostgresLog(FollowableLog):
         _insert_core
         + """
         RETURNING position, tx_id, stream_version, recorded_at,
-            (SELECT MAX(p.tx_id) FROM ledger_events p
-             WHERE p.stream_id = CAST(:stream_id AS varchar)) AS prior_tx,
+            (SELECT p.tx_id FROM ledger_events p
+             WHERE p.stream_id = CAST(:stream_id AS varchar)
+             ORDER BY p.stream_version DESC LIMIT 1) AS prior_tx,
             pg_notify('ledger_events', CAST(:stream_id AS text)) AS notified
         """
     ).bindparams(*_binds)
@@ -372,8 +375,9 @@ class PostgresLog(FollowableLog):
                 f"WITH ev AS ({self._insert_core} RETURNING position, tx_id, stream_version, recorded_at),"
                 f" projection AS ({projection_sql})"
                 " SELECT position, tx_id, stream_version, recorded_at,"
-                " (SELECT MAX(p.tx_id) FROM ledger_events p"
-                "  WHERE p.stream_id = CAST(:stream_id AS varchar)) AS prior_tx,"
+                " (SELECT p.tx_id FROM ledger_events p"
+                "  WHERE p.stream_id = CAST(:stream_id AS varchar)"
+                "  ORDER BY p.stream_version DESC LIMIT 1) AS prior_tx,"
                 " pg_notify('ledger_events', CAST(:stream_id AS text)) AS notified FROM ev"
             )
             self._fused[projection_sql] = sql
