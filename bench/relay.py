@@ -49,10 +49,17 @@ def measure_relay(url: str, bootstrap: str, n: int = 10_000, topic: str | None =
 def measure_latency(url: str, bootstrap: str, n: int = 500, rate: float = 100.0) -> dict:
     """Append ``n`` single-event transactions at ``rate``/s with a following relay and a
     consumer: time from the append's commit returning to the consumer seeing the event."""
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+    from kafka.admin import NewTopic
 
     ledger = Ledger.open(url)
     topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
+    # Created up front: on an empty log the relay sends nothing that would create it.
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, 4, 1)])
+    finally:
+        admin.close()
     committed: dict[uuid.UUID, float] = {}
     seen: dict[uuid.UUID, float] = {}
     stop = threading.Event()
