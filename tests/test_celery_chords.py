@@ -89,10 +89,14 @@ def test_redelivered_parts_from_two_processes_fire_the_body_once(any_url):
         assert state.returned == PARTS and state.fired_position is not None
 
 
-@pytest.mark.parametrize("returns", [1, 2])
-def test_chord_fires_only_when_every_distinct_part_returned(any_url, returns):
+def _three_part_chord_with_two_returned(url: str, returns: int = 1):
+    """A chord of 3 parts whose first two stored SUCCESS and returned ``returns`` times each.
+
+    Its body goes to a queue no worker consumes, so the queue holds exactly the
+    bodies sent.
+    """
     prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
-    app = make_app(any_url, prefix)
+    app = make_app(url, prefix)
     backend = app.backend
     gid, part_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(3)]
     body = app.signature("chords.body", options={"queue": "bodies-nobody-consumes"})
@@ -104,6 +108,12 @@ def test_chord_fires_only_when_every_distinct_part_returned(any_url, returns):
         for _ in range(returns):  # a redelivered part must not count twice
             backend.on_chord_part_return(Context(id=tid, group=gid, chord=dict(body)),
                                          states.SUCCESS, index)
+    return prefix, backend, gid, part_ids, body
+
+
+@pytest.mark.parametrize("returns", [1, 2])
+def test_chord_fires_only_when_every_distinct_part_returned(any_url, returns):
+    prefix, backend, gid, _, _ = _three_part_chord_with_two_returned(any_url, returns)
     state = backend.ledger.chord(gid)
     r = redis.Redis.from_url(REDIS)
     try:
@@ -181,17 +191,7 @@ def test_a_part_with_no_stored_result_is_waited_for_up_to_the_chord_join_timeout
 
 
 def test_a_part_result_stored_after_the_chord_completed_still_reaches_the_body(any_url):
-    prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
-    app = make_app(any_url, prefix)
-    backend = app.backend
-    gid, part_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(3)]
-    body = app.signature("chords.body", options={"queue": "bodies-nobody-consumes"})
-    body.freeze()
-    backend.apply_chord((gid, [app.AsyncResult(t) for t in part_ids]), body)
-    backend.set_chord_size(gid, 3)
-    for index, tid in enumerate(part_ids[:2]):
-        backend.store_result(tid, index, states.SUCCESS)
-        backend.on_chord_part_return(Context(id=tid, group=gid, chord=dict(body)), states.SUCCESS, index)
+    prefix, backend, gid, part_ids, body = _three_part_chord_with_two_returned(any_url)
     last = threading.Thread(target=backend.on_chord_part_return, args=(
         Context(id=part_ids[2], group=gid, chord=dict(body)), states.SUCCESS, 2))
     last.start()
