@@ -107,8 +107,14 @@ def test_retry_records_every_attempt(worker):
     r = task(worker, "flaky").delay(f"flaky-{uuid.uuid4()}", 3)
     assert r.get(timeout=WAIT) == "ok on attempt 3"
     # Task.retry() sends the next attempt before RETRY is stored, so another
-    # worker process may record STARTED of attempt n+1 before RETRY of attempt n.
+    # worker process may record STARTED of attempt n+1 -- and even SUCCESS of
+    # the last attempt, which is what get() returns on -- before RETRY of
+    # attempt n commits. Wait (bounded) for the six events, then check them.
+    deadline = time.monotonic() + WAIT
     history = worker.backend.ledger.history(r.id)
+    while len(history) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        history = worker.backend.ledger.history(r.id)
     assert sorted((e.data.retries, e.data.status) for e in history) == [
         (0, "RETRY"), (0, "STARTED"), (1, "RETRY"), (1, "STARTED"), (2, "STARTED"), (2, "SUCCESS")
     ]
