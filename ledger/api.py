@@ -37,7 +37,7 @@ from ledger.schema import checkpoints
 from projections.chord import ChordState
 from projections.group import GroupState
 from projections.memory import MemoryTarget, Snapshot
-from projections.sql import SqlTarget
+from projections.sql import FusedSql, SqlTarget
 from projections.task_meta import TaskMeta
 
 log = logging.getLogger("ledger")
@@ -76,6 +76,7 @@ class Ledger:
         self.target = SqlTarget()
         self.retry = retry or RetryPolicy()
         self._task_sql = database.driver_sql(self.target.task_point_sql())
+        self._chord_header_sql = database.driver_sql(str(self.target.chord_header_sql))
 
     @classmethod
     def open(cls, url: str, *, upgrade: bool = False, retry: RetryPolicy | None = None) -> Ledger:
@@ -115,31 +116,39 @@ class Ledger:
         items = [Encoded.of(self._new(e)) for e in events]
         if not items:
             return AppendResult()
+        if self.dialect == "postgresql" and len(items) == 1:
+            fused = self.target.fused_sql(items[0].new.data.type)
+            # A lone event with a fused update is one autocommitted statement; not
+            # a chord event, whose stream lock is scoped to a transaction.
+            if fused is not None and not items[0].new.stream_id.startswith("chord:"):
+                return self._write(
+                    lambda conn: self._append_fused(conn, items, [fused]), autocommit=True
+                )
+        return self._write(lambda conn: self._append_in(conn, items))
+
+    def _append_fused(
+        self, conn: Connection, items: list[Encoded], fused: list[FusedSql]
+    ) -> AppendResult:
+        recorded, missing, completed = self.log.append_fused(conn, items, fused)  # type: ignore[attr-defined]
+        for item in missing:
+            self.log._explain_no_row(conn, item)  # raises VersionConflict unless a duplicate
+        return AppendResult(recorded, [item.new.event_id for item in missing], completed)
+
+    def _append_in(self, conn: Connection, items: list[Encoded]) -> AppendResult:
+        """Append ``items`` and update the projections in the caller's transaction.
+
+        On PostgreSQL, event types with a fused projection update go out as one
+        pipeline (see :meth:`ledger.log.PostgresLog.append_fused`).
+        """
         if self.dialect == "postgresql":
             fused = [self.target.fused_sql(item.new.data.type) for item in items]
             # A failed insert in a pipeline cannot be told apart per item, so a batch
             # with expected versions takes the general path, which checks each.
             expects = len(items) > 1 and any(i.new.expected_version is not None for i in items)
             if all(fused) and not expects:
-                # One statement per event (in one pipeline); a lone event autocommits.
-                return self._write(
-                    lambda conn: self._append_fused(conn, items, fused), autocommit=len(items) == 1
-                )
-
-        def work(conn: Connection) -> AppendResult:
-            recorded, duplicates = self.log.append(conn, items)
-            completed = self.target.apply(conn, recorded)
-            return AppendResult(recorded, duplicates, completed)
-
-        return self._write(work)
-
-    def _append_fused(
-        self, conn: Connection, items: list[Encoded], fused: list[str]
-    ) -> AppendResult:
-        recorded, missing = self.log.append_fused(conn, items, fused)  # type: ignore[attr-defined]
-        for item in missing:
-            self.log._explain_no_row(conn, item)  # raises VersionConflict unless a duplicate
-        return AppendResult(recorded, [item.new.event_id for item in missing], [])
+                return self._append_fused(conn, items, fused)  # type: ignore[arg-type]
+        recorded, duplicates = self.log.append(conn, items)
+        return AppendResult(recorded, duplicates, self.target.apply(conn, recorded))
 
     @staticmethod
     def _new(event: EventData | NewEvent) -> NewEvent:
@@ -167,10 +176,9 @@ class Ledger:
         )
 
         def work(conn: Connection) -> bool:
-            recorded, _ = self.log.append(conn, [part])
-            completed = self.target.apply(conn, recorded)
-            if not completed:
-                if recorded:
+            appended = self._append_in(conn, [part])
+            if not appended.completed_chords:
+                if appended.recorded:
                     return False
                 state = self.target.chord(conn, chord_id)
                 mine = self.log.read_positions(conn, [state.completed_position]) if (
@@ -178,9 +186,7 @@ class Ledger:
                 ) else []
                 if not (mine and mine[0].event_id == part_id):
                     return False
-            fired, _ = self.log.append(conn, [claim])
-            self.target.apply(conn, fired)
-            return bool(fired)
+            return bool(self._append_in(conn, [claim]).recorded)
 
         return self._write(work)
 
@@ -273,7 +279,20 @@ class Ledger:
 
     def chord_header(self, chord_id: str) -> tuple[GroupState | None, dict[str, TaskMeta | None]]:
         """The chord's saved header group and its returned parts' task rows, in one read."""
+        if self.dialect == "postgresql":
+            return self._read(lambda c: self._chord_header_read(c, chord_id), single_statement=True)
         return self._read(lambda c: self.target.chord_header(c, chord_id), single_statement=True)
+
+    def _chord_header_read(
+        self, conn: Connection, chord_id: str
+    ) -> tuple[GroupState | None, dict[str, TaskMeta | None]]:
+        # On the completing part's path, before the body is sent: plain tuples from
+        # the driver cost ~1 ms less than Core rows at 100 parts (measured).
+        rows = database.driver_fetchall(conn, self._chord_header_sql, {"key": chord_id})
+        utc = timezone.utc
+        return self.target.chord_header_of(
+            chord_id, ((t, s, p, at and at.astimezone(utc), b) for t, s, p, at, b in rows)
+        )
 
     def snapshot(self) -> Snapshot:
         """Every live projection row (tests and verify)."""

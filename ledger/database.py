@@ -15,10 +15,14 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
+
+T = TypeVar("T")
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
@@ -177,19 +181,34 @@ def driver_fetch(conn: Connection, statements: list[tuple[str, dict]]) -> list[t
     ``Connection.execute`` would do, so retries work the same. Returns each
     statement's first row. ``sql`` uses psycopg placeholders (see :func:`driver_sql`).
     """
+    def run(raw):
+        if len(statements) == 1:
+            sql, params = statements[0]
+            return [raw.execute(sql, params, prepare=True).fetchone()]
+        with raw.pipeline():
+            cursors = [raw.execute(sql, params, prepare=True) for sql, params in statements]
+        return [cur.fetchone() for cur in cursors]
+
+    return _on_driver(conn, *statements[0], run)
+
+
+def driver_fetchone(conn: Connection, sql: str, params: dict) -> tuple | None:
+    """One statement's first row (see :func:`driver_fetch`)."""
+    return driver_fetch(conn, [(sql, params)])[0]
+
+
+def driver_fetchall(conn: Connection, sql: str, params: dict) -> list[tuple]:
+    """One statement's rows as plain tuples (see :func:`driver_fetch`)."""
+    return _on_driver(conn, sql, params, lambda raw: raw.execute(sql, params).fetchall())
+
+
+def _on_driver(conn: Connection, sql: str, params: dict, run: Callable[[Any], T]) -> T:
+    """``run(psycopg_connection)``, with psycopg errors raised as SQLAlchemy's."""
     import psycopg
 
     fairy = conn.connection
-    raw = fairy.driver_connection
-    sql, params = statements[0]
     try:
-        if len(statements) == 1:
-            return [raw.execute(sql, params, prepare=True).fetchone()]
-        with raw.pipeline():
-            cursors = []
-            for sql, params in statements:
-                cursors.append(raw.execute(sql, params, prepare=True))
-        return [cur.fetchone() for cur in cursors]
+        return run(fairy.driver_connection)
     except psycopg.Error as orig:
         disconnect = conn.dialect.is_disconnect(orig, fairy.dbapi_connection, None)
         if disconnect:
@@ -197,8 +216,3 @@ def driver_fetch(conn: Connection, statements: list[tuple[str, dict]]) -> list[t
         raise sa.exc.DBAPIError.instance(
             sql, params, orig, psycopg.Error, connection_invalidated=disconnect, dialect=conn.dialect
         ) from orig
-
-
-def driver_fetchone(conn: Connection, sql: str, params: dict) -> tuple | None:
-    """One statement's first row (see :func:`driver_fetch`)."""
-    return driver_fetch(conn, [(sql, params)])[0]

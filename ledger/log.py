@@ -42,7 +42,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -50,6 +50,9 @@ from sqlalchemy.engine import Connection
 from ledger.database import driver_fetch, driver_sql
 from ledger.events import NewEvent, RecordedEvent, encode
 from ledger.schema import events as events_table
+
+if TYPE_CHECKING:
+    from projections.sql import FusedSql
 
 NOTIFY_CHANNEL = "ledger_events"
 
@@ -315,7 +318,7 @@ class PostgresLog(FollowableLog):
     _lock_stream_sql = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:stream_id, 0))")
 
     def __init__(self) -> None:
-        self._fused: dict[str, str] = {}
+        self._fused: dict[FusedSql, str] = {}
 
     def _insert(self, conn: Connection, item: Encoded) -> RecordedEvent | None:
         params = item.params()
@@ -332,55 +335,71 @@ class PostgresLog(FollowableLog):
         return item.recorded(row.position, row.stream_version, row.recorded_at, row.tx_id)
 
     def append_fused(
-        self, conn: Connection, items: Sequence[Encoded], projection_sqls: Sequence[str]
-    ) -> tuple[list[RecordedEvent], list[Encoded]]:
+        self, conn: Connection, items: Sequence[Encoded], projections: Sequence[FusedSql]
+    ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
         """Append events, each with its projection update in the same statement.
 
-        ``projection_sqls[i]`` (from :meth:`projections.sql.SqlTarget.fused_sql`)
+        ``projections[i]`` (from :meth:`projections.sql.SqlTarget.fused_sql`)
         reads the appended row from the CTE ``ev``; a duplicate event inserts no
         row, so its projection is not touched either. One event run in autocommit
         is one round trip and one WAL flush for the whole store (the Celery
         backend's hot path); a batch goes out as one pipeline in the caller's
-        transaction. Returns the recorded events and the items that inserted no
-        row (duplicates, or a failed ``expected_version``: see
-        :meth:`_explain_no_row`). ``prior_tx`` guards per-stream follow order as
-        in :meth:`_insert`: a batch's later inserts may follow another
+        transaction. A chord event is preceded in the pipeline by its stream's
+        advisory lock (see ``_lock_stream_sql``), so a returned part is BEGIN,
+        lock and one statement in one round trip: the lock is held for that
+        statement and the COMMIT only, not for several client round trips.
+
+        Returns the recorded events, the items that inserted no row (duplicates,
+        or a failed ``expected_version``: see :meth:`_explain_no_row`) and the
+        chord ids these events completed. ``prior_tx`` guards per-stream follow
+        order as in :meth:`_insert`: a batch's later inserts may follow another
         transaction's commit.
         """
-        statements = []
-        for item, projection_sql in zip(items, projection_sqls, strict=True):
+        statements, slots = [], []
+        for item, projection in zip(items, projections, strict=True):
             params = item.params()
             params["expected"] = item.new.expected_version
             params["key"] = item.new.data.stream_key
-            statements.append((self._fused_statement(projection_sql), params))
-        first = items[0]
-        rows = self._guarded(lambda: driver_fetch(conn, statements), statements[0][1], first)
-        recorded, missing = [], []
-        for item, (_, params), row in zip(items, statements, rows, strict=True):
+            if params["stream_id"].startswith("chord:"):
+                statements.append((self._lock_stream_driver_sql, {"stream_id": params["stream_id"]}))
+            slots.append(len(statements))
+            statements.append((self._fused_statement(projection), params))
+        rows = self._guarded(lambda: driver_fetch(conn, statements), statements[slots[0]][1], items[0])
+        recorded, missing, completed = [], [], []
+        for item, projection, slot in zip(items, projections, slots, strict=True):
+            params, row = statements[slot][1], rows[slot]
             if row is None:
                 missing.append(item)
                 continue
-            position, tx_id, version, recorded_at, prior_tx, _ = row
+            position, tx_id, version, recorded_at, prior_tx, _, completed_position = row
             if prior_tx is not None and prior_tx > tx_id:
                 raise RetryableConflict(
                     f"stream {params['stream_id']!r} has a newer transaction's event; retrying"
                 )
             recorded.append(item.recorded(position, version, recorded_at.astimezone(timezone.utc), tx_id))
-        return recorded, missing
+            if projection.completes and completed_position == position:
+                completed.append(params["key"])
+        return recorded, missing, completed
 
-    def _fused_statement(self, projection_sql: str) -> str:
-        sql = self._fused.get(projection_sql)
+    _lock_stream_driver_sql = driver_sql(str(_lock_stream_sql))
+
+    def _fused_statement(self, projection: FusedSql) -> str:
+        sql = self._fused.get(projection)
         if sql is None:
+            completed = (
+                "(SELECT completed_position FROM projection)" if projection.completes else "NULL"
+            )
             sql = driver_sql(
                 f"WITH ev AS ({self._insert_core} RETURNING position, tx_id, stream_version, recorded_at),"
-                f" projection AS ({projection_sql})"
+                f" {projection.ctes}"
                 " SELECT position, tx_id, stream_version, recorded_at,"
                 " (SELECT p.tx_id FROM ledger_events p"
                 "  WHERE p.stream_id = CAST(:stream_id AS varchar)"
                 "  ORDER BY p.stream_version DESC LIMIT 1) AS prior_tx,"
-                " pg_notify('ledger_events', CAST(:stream_id AS text)) AS notified FROM ev"
+                " pg_notify('ledger_events', CAST(:stream_id AS text)) AS notified,"
+                f" {completed} AS completed_position FROM ev"
             )
-            self._fused[projection_sql] = sql
+            self._fused[projection] = sql
         return sql
 
     def _run_insert(self, conn: Connection, stmt: sa.TextClause, params: dict, item: Encoded):

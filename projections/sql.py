@@ -134,6 +134,15 @@ def _insert(conn: Connection, table: sa.Table):
     return insert(table)
 
 
+@dataclass(frozen=True)
+class FusedSql:
+    """A projection update written as CTEs after ``ev`` (see :meth:`SqlTarget.fused_sql`)."""
+
+    ctes: str
+    #: the ``projection`` CTE returns ``completed_position`` (a chord may complete)
+    completes: bool = False
+
+
 class SqlTarget:
     """Applies recorded events to projection tables inside the caller's transaction."""
 
@@ -289,20 +298,62 @@ class SqlTarget:
 
     # -- fused with the append (PostgreSQL hot path) -----------------------------------
 
-    def fused_sql(self, event_type: str) -> str | None:
+    def fused_sql(self, event_type: str) -> FusedSql | None:
         """This projection's update for one event, as SQL reading the appended row.
 
         Used by :meth:`ledger.log.PostgresLog.append_fused` inside ``WITH ev AS
         (INSERT ... RETURNING position, recorded_at, ...)``; binds ``:key`` (the
-        stream key), ``:task_state`` and ``:payload``. The same rules as the
+        stream key), ``:task_state``, ``:ref_id`` and ``:payload``. The same rules as the
         handlers above, written against ``ev``: a duplicate event (no ``ev`` row)
-        changes nothing. Chord events return None: their completion needs a
-        RETURNING of its own, so they take the general path.
+        changes nothing.
+
+        The returned :class:`FusedSql` holds one or more CTEs, the last named
+        ``projection``. For the events that can complete a chord that CTE
+        returns ``completed_position``, and the event completed the chord when
+        it equals the event's own position. Chord started/part-added events
+        return None: they take the general path (they are rare; returned parts
+        and the claim are the hot ones).
         """
         return self._fused_sql.get(event_type)
 
-    def _build_fused_sql(self) -> dict[str, str]:
+    def _build_fused_sql(self) -> dict[str, FusedSql]:
         tm, g = self.t.task_meta.name, self.t.groups.name
+        c, p = self.t.chords.name, self.t.chord_parts.name
+        # A returned part counts once per distinct task id (the part row is new),
+        # and completes the chord when the count reaches a known size: the same
+        # rule as _chord_part_returned / _chord_upsert(size=None, returned_inc=1).
+        # ON CONFLICT DO UPDATE reads the latest row version, so concurrent
+        # returns serialize on the row as they do there.
+        part_returned = FusedSql(
+            f"part AS (INSERT INTO {p} (chord_id, task_id, status, position)"
+            " SELECT CAST(:key AS varchar), CAST(:ref_id AS varchar),"
+            " CAST(:task_state AS varchar), ev.position FROM ev"
+            " ON CONFLICT DO NOTHING RETURNING position),"
+            f" projection AS (INSERT INTO {c} (chord_id, size, returned, completed_position,"
+            " fired_position) SELECT CAST(:key AS varchar), NULL, 1, NULL, NULL FROM part"
+            f" ON CONFLICT (chord_id) DO UPDATE SET returned = {c}.returned + 1,"
+            f" completed_position = CASE WHEN {c}.completed_position IS NULL"
+            f" AND {c}.size IS NOT NULL AND {c}.returned + 1 >= {c}.size"
+            f" THEN (SELECT position FROM part) ELSE {c}.completed_position END"
+            " RETURNING completed_position)",
+            completes=True,
+        )
+        fired = FusedSql(
+            f"projection AS (INSERT INTO {c} (chord_id, size, returned, completed_position,"
+            " fired_position) SELECT CAST(:key AS varchar), NULL, 0, NULL, ev.position FROM ev"
+            f" ON CONFLICT (chord_id) DO UPDATE SET"
+            f" fired_position = COALESCE({c}.fired_position, excluded.fired_position))"
+        )
+        return {
+            ChordPartReturned.type: part_returned,
+            ChordFired.type: fired,
+        } | {
+            event_type: FusedSql(f"projection AS ({sql})")
+            for event_type, sql in self._fused_updates(tm, g).items()
+        }
+
+    @staticmethod
+    def _fused_updates(tm: str, g: str) -> dict[str, str]:
         ready = ", ".join(f"'{s}'" for s in sorted(READY_STATES))
         task_gone = (
             f"DELETE FROM {tm} WHERE task_id = CAST(:key AS varchar) AND EXISTS (SELECT 1 FROM ev)"
@@ -391,18 +442,23 @@ class SqlTarget:
     ) -> tuple[GroupState | None, dict[str, TaskMeta | None]]:
         """A completed chord's inputs: the header group saved under ``chord_id``, and the
         task row of every part that returned (None for a part whose result has no row)."""
-        header, rows = None, {}
-        for task_id, status, position, at, payload in conn.execute(
-            self._chord_header_sql, {"key": chord_id}
-        ):
+        return self.chord_header_of(chord_id, conn.execute(self.chord_header_sql, {"key": chord_id}))
+
+    @staticmethod
+    def chord_header_of(
+        chord_id: str, rows: Iterable[tuple]
+    ) -> tuple[GroupState | None, dict[str, TaskMeta | None]]:
+        """:meth:`chord_header` from the rows of :attr:`chord_header_sql` (UTC datetimes)."""
+        header, parts = None, {}
+        for task_id, status, position, at, payload in rows:
             if task_id is None:
                 header = GroupState(chord_id, position, at, payload)
             else:
-                rows[task_id] = TaskMeta(task_id, status, position, at, payload) if status else None
-        return header, rows
+                parts[task_id] = TaskMeta(task_id, status, position, at, payload) if status else None
+        return header, parts
 
     @cached_property
-    def _chord_header_sql(self) -> sa.TextualSelect:
+    def chord_header_sql(self) -> sa.TextualSelect:
         # One statement, the group's row first as the row without a task id. Text, not
         # Core: it runs once per chord, on the completing part's path, and the first
         # compile of a Core select in a worker process costs ~5 ms there (measured).
