@@ -232,11 +232,19 @@ class Ledger:
             if single_statement and self.dialect == "postgresql"
             else {}
         )
+
+        def run() -> T:
+            with self.engine.connect() as conn:
+                return work(conn.execution_options(**options) if options else conn)
+
+        return self._retrying(run)
+
+    def _retrying(self, read: Callable[[], T]) -> T:
+        """``read()``, again after a lost connection (``retry.attempts`` in all)."""
         attempt = 0
         while True:
             try:
-                with self.engine.connect() as conn:
-                    return work(conn.execution_options(**options) if options else conn)
+                return read()
             except sa.exc.DBAPIError as exc:
                 if not database.is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
                     raise
@@ -249,13 +257,15 @@ class Ledger:
         """The task's current projection row, or as it was at a time or log position."""
         if as_of is None:
             if self.dialect == "postgresql":
-                return self._read(lambda c: self._task_point_read(c, task_id), single_statement=True)
+                return self._task_point_read(task_id)
             return self._read(lambda c: self.target.task(c, task_id))
         return self._replay(f"task:{task_id}", as_of).state.tasks.get(task_id)
 
-    def _task_point_read(self, conn: Connection, task_id: str) -> TaskMeta | None:
-        # get_task_meta's hot path: one prepared SELECT on the driver connection.
-        row = database.driver_fetchone(conn, self._task_sql, {"key": task_id})
+    def _task_point_read(self, task_id: str) -> TaskMeta | None:
+        # get_task_meta's hot path: one prepared SELECT on a pooled driver connection.
+        row = self._retrying(
+            lambda: database.pooled_fetchone(self.engine, self._task_sql, {"key": task_id})
+        )
         if row is None:
             return None
         task, status, position, done_at, payload = row

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -186,6 +188,42 @@ def test_a_commit_whose_reply_is_lost_is_retried_without_storing_twice(pg_url, p
     assert _task_events(pg_url, warm) == [states.STARTED]
     assert verify(Ledger.open(pg_url)) == []
     forget_engine(url)
+
+
+def test_reads_survive_every_pooled_connection_being_cut(pg_url, proxy_to):
+    """get_task_meta (a point read on a pooled driver connection) and the chord
+    header read reconnect after a cut, without Celery's retry settings."""
+    proxy = proxy_to(pg_url)
+    url = proxy.url(pg_url.rsplit("/", 1)[1])
+    backend = _backend(url).backend
+    ids = [str(uuid.uuid4()) for _ in range(4)]
+    for i, t in enumerate(ids):
+        backend.mark_as_done(t, i)
+    assert [backend.get_task_meta(t)["result"] for t in ids] == [0, 1, 2, 3]
+    ledger = Ledger.open(url)
+    for _ in range(3):
+        # Fill the pool: more idle connections than the ledger's retry attempts,
+        # so a read that only discarded its own dead one would run out of tries.
+        _fill_pool(ledger, 8)
+        assert proxy.cut() >= 8  # every pooled connection is dead now
+        assert [backend.get_task_meta(t)["result"] for t in ids] == [0, 1, 2, 3]
+        assert backend.get_task_meta(str(uuid.uuid4()))["status"] == states.PENDING
+        assert ledger.chord_header(str(uuid.uuid4())) == (None, {})
+    assert proxy.cut_connections >= 3
+    forget_engine(url)
+
+
+def _fill_pool(ledger: Ledger, n: int) -> None:
+    """Leave ``n`` idle connections in the ledger's pool (n threads hold one at once)."""
+    barrier = threading.Barrier(n)
+
+    def hold(_):
+        with ledger.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+            barrier.wait(timeout=30)
+
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(hold, range(n)))
 
 
 def _poison(url: str, task_id: str) -> None:
