@@ -121,9 +121,12 @@ class Ledger:
             # A lone event with a fused update is one autocommitted statement; not
             # a chord event, whose stream lock is scoped to a transaction.
             if fused is not None and not items[0].new.stream_id.startswith("chord:"):
-                return self._write(
-                    lambda conn: self._append_fused(conn, items, [fused]), autocommit=True
+                recorded, missing, _ = self._retrying_write(
+                    lambda: self.log.append_fused_autocommit(self.engine, items[0], fused)  # type: ignore[attr-defined]
                 )
+                if missing:  # raises VersionConflict unless a duplicate
+                    self._read(lambda conn: self.log._explain_no_row(conn, missing[0]))
+                return AppendResult(recorded, [item.new.event_id for item in missing], [])
         return self._write(lambda conn: self._append_in(conn, items))
 
     def _append_fused(
@@ -190,20 +193,23 @@ class Ledger:
 
         return self._write(work)
 
-    def _write(self, work: Callable[[Connection], T], *, autocommit: bool = False) -> T:
-        """Run ``work`` in a write transaction, retrying conflicts and lost connections.
+    def _write(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a write transaction, retrying conflicts and lost connections."""
 
-        ``autocommit=True`` is for work that is a single statement (its own
-        transaction): no BEGIN/COMMIT round trips.
-        """
+        def run() -> T:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(ledger_write=True)
+                with conn.begin():
+                    return work(conn)
+
+        return self._retrying_write(run)
+
+    def _retrying_write(self, write: Callable[[], T]) -> T:
+        """``write()``, again after a conflict or a lost connection."""
         attempt = 0
-        options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {"ledger_write": True}
         while True:
             try:
-                with self.engine.connect() as conn:
-                    conn = conn.execution_options(**options)
-                    with conn.begin():
-                        return work(conn)
+                return write()
             except RetryableConflict as exc:
                 # Always safe: the transaction rolled back, the events keep their ids.
                 if attempt >= 50:

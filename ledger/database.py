@@ -181,15 +181,7 @@ def driver_fetch(conn: Connection, statements: list[tuple[str, dict]]) -> list[t
     ``Connection.execute`` would do, so retries work the same. Returns each
     statement's first row. ``sql`` uses psycopg placeholders (see :func:`driver_sql`).
     """
-    def run(raw):
-        if len(statements) == 1:
-            sql, params = statements[0]
-            return [raw.execute(sql, params, prepare=True).fetchone()]
-        with raw.pipeline():
-            cursors = [raw.execute(sql, params, prepare=True) for sql, params in statements]
-        return [cur.fetchone() for cur in cursors]
-
-    return _on_driver(conn, *statements[0], run)
+    return _on_driver(conn, *statements[0], lambda raw: _run_statements(raw, statements))
 
 
 def driver_fetchone(conn: Connection, sql: str, params: dict) -> tuple | None:
@@ -202,13 +194,14 @@ def driver_fetchall(conn: Connection, sql: str, params: dict) -> list[tuple]:
     return _on_driver(conn, sql, params, lambda raw: raw.execute(sql, params).fetchall())
 
 
-def pooled_fetchone(engine: Engine, sql: str, params: dict) -> tuple | None:
-    """One autocommitted statement's first row on a pooled psycopg connection.
+def pooled_fetch(engine: Engine, statements: list[tuple[str, dict]]) -> list[tuple | None]:
+    """Autocommitted statements' first rows on a pooled psycopg connection.
 
-    ``get_task_meta``'s path: no SQLAlchemy ``Connection`` around it. Checking a
-    ``Connection`` out, switching it to AUTOCOMMIT and back, and its reset on
-    return cost ~30 µs of the ~110 µs a point read took (measured; the SELECT
-    itself is ~70 µs). Errors and invalidation as in :func:`driver_fetch`.
+    The hot paths outside a transaction (``get_task_meta``, a lone store) take
+    no SQLAlchemy ``Connection``: checking one out, switching it to AUTOCOMMIT
+    and back and its reset on return cost ~30 µs of the ~110 µs a point read
+    took (measured; the SELECT itself is ~70 µs). Each statement is its own
+    transaction. Errors and invalidation as in :func:`driver_fetch`.
     """
     import psycopg
 
@@ -216,11 +209,12 @@ def pooled_fetchone(engine: Engine, sql: str, params: dict) -> tuple | None:
         fairy = engine.raw_connection()
     except psycopg.Error as orig:  # as engine.connect() raises it
         raise sa.exc.DBAPIError.instance(None, None, orig, psycopg.Error, dialect=engine.dialect) from orig
+    sql, params = statements[0]
     try:
         raw = fairy.driver_connection
         raw.autocommit = True
         try:
-            return raw.execute(sql, params, prepare=True).fetchone()
+            return _run_statements(raw, statements)
         finally:
             if not raw.broken:
                 raw.autocommit = False
@@ -233,6 +227,20 @@ def pooled_fetchone(engine: Engine, sql: str, params: dict) -> tuple | None:
         ) from orig
     finally:
         fairy.close()
+
+
+def pooled_fetchone(engine: Engine, sql: str, params: dict) -> tuple | None:
+    """One autocommitted statement's first row (see :func:`pooled_fetch`)."""
+    return pooled_fetch(engine, [(sql, params)])[0]
+
+
+def _run_statements(raw: Any, statements: list[tuple[str, dict]]) -> list[tuple | None]:
+    if len(statements) == 1:
+        sql, params = statements[0]
+        return [raw.execute(sql, params, prepare=True).fetchone()]
+    with raw.pipeline():
+        cursors = [raw.execute(sql, params, prepare=True) for sql, params in statements]
+    return [cur.fetchone() for cur in cursors]
 
 
 def _on_driver(conn: Connection, sql: str, params: dict, run: Callable[[Any], T]) -> T:

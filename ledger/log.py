@@ -39,15 +39,15 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, NamedTuple
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
-from ledger.database import driver_fetch, driver_sql
+from ledger.database import driver_fetch, driver_sql, pooled_fetch
 from ledger.events import NewEvent, RecordedEvent, encode
 from ledger.schema import events as events_table
 
@@ -341,10 +341,9 @@ class PostgresLog(FollowableLog):
 
         ``projections[i]`` (from :meth:`projections.sql.SqlTarget.fused_sql`)
         reads the appended row from the CTE ``ev``; a duplicate event inserts no
-        row, so its projection is not touched either. One event run in autocommit
-        is one round trip and one WAL flush for the whole store (the Celery
-        backend's hot path); a batch goes out as one pipeline in the caller's
-        transaction. A chord event is preceded in the pipeline by its stream's
+        row, so its projection is not touched either. The events go out as one
+        pipeline in the caller's transaction (a lone store takes
+        :meth:`append_fused_autocommit`: one round trip and one WAL flush). A chord event is preceded in the pipeline by its stream's
         advisory lock (see ``_lock_stream_sql``), so a returned part is BEGIN,
         lock and one statement in one round trip: the lock is held for that
         statement and the COMMIT only, not for several client round trips.
@@ -355,6 +354,26 @@ class PostgresLog(FollowableLog):
         order as in :meth:`_insert`: a batch's later inserts may follow another
         transaction's commit.
         """
+        return self._append_fused(lambda st: driver_fetch(conn, st), items, projections)
+
+    def append_fused_autocommit(
+        self, engine: Engine, item: Encoded, projection: FusedSql
+    ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
+        """One event that is not a chord's as one autocommitted statement.
+
+        The store's hot path, on a pooled driver connection (see
+        :func:`ledger.database.pooled_fetch`). No ``prior_tx`` conflict can
+        come back: the statement's transaction id is assigned after its
+        snapshot was taken, so every event it sees has a lower one.
+        """
+        return self._append_fused(lambda st: pooled_fetch(engine, st), [item], [projection])
+
+    def _append_fused(
+        self,
+        fetch: Callable[[list[tuple[str, dict]]], list[tuple | None]],
+        items: Sequence[Encoded],
+        projections: Sequence[FusedSql],
+    ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
         statements, slots = [], []
         for item, projection in zip(items, projections, strict=True):
             params = item.params()
@@ -364,7 +383,7 @@ class PostgresLog(FollowableLog):
                 statements.append((self._lock_stream_driver_sql, {"stream_id": params["stream_id"]}))
             slots.append(len(statements))
             statements.append((self._fused_statement(projection), params))
-        rows = self._guarded(lambda: driver_fetch(conn, statements), statements[slots[0]][1], items[0])
+        rows = self._guarded(lambda: fetch(statements), statements[slots[0]][1], items[0])
         recorded, missing, completed = [], [], []
         for item, projection, slot in zip(items, projections, slots, strict=True):
             params, row = statements[slot][1], rows[slot]
