@@ -27,7 +27,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, Path, argparse.Namespace]:
     s = Settings()
     if a.quick:
         s.rounds, s.seconds, s.chords_per_round = 2, 0.5, 2
-        s.rebuild_events, s.relay_events = 100_000, 2_000
+        s.rebuild_events, s.relay_events = 100_000, 20_000
     s.rounds = a.rounds or s.rounds
     s.seconds = a.seconds or s.seconds
     s.chords_per_round = a.chords or s.chords_per_round
