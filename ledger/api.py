@@ -69,23 +69,34 @@ class RetryPolicy:
 class Ledger:
     """An event log with its projections, on one database."""
 
-    def __init__(self, engine: Engine, *, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self, engine: Engine, *, retry: RetryPolicy | None = None, notify: str = "ready"
+    ) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
-        self.log = log_for(self.dialect)
+        self.log = log_for(self.dialect, notify=notify)
         self.target = SqlTarget()
         self.retry = retry or RetryPolicy()
         self._task_sql = database.driver_sql(self.target.task_point_sql())
         self._chord_header_sql = database.driver_sql(str(self.target.chord_header_sql))
 
     @classmethod
-    def open(cls, url: str, *, upgrade: bool = False, retry: RetryPolicy | None = None) -> Ledger:
+    def open(
+        cls,
+        url: str,
+        *,
+        upgrade: bool = False,
+        retry: RetryPolicy | None = None,
+        notify: str = "ready",
+    ) -> Ledger:
         """Open the ledger at ``url`` (``sqlite:///file.db`` or ``postgresql+psycopg://...``).
 
         ``upgrade=True`` runs the Alembic migrations first; otherwise the schema
-        must exist (``celery-ledger db upgrade``).
+        must exist (``celery-ledger db upgrade``). ``notify`` says which appends
+        send a PostgreSQL NOTIFY: ``"ready"`` (every event but a task state that
+        is not ready) or ``"all"`` (see :mod:`ledger.log`).
         """
-        ledger = cls(database.engine_for(url), retry=retry)
+        ledger = cls(database.engine_for(url), retry=retry, notify=notify)
         if upgrade:
             ledger.upgrade()
         return ledger
@@ -354,12 +365,13 @@ class Ledger:
         batch: int = 1000,
         stop: threading.Event | None = None,
         idle_timeout: float | None = None,
-        poll_interval: float = 0.5,
+        poll_interval: float = 0.1,
     ) -> Iterator[RecordedEvent]:
         """Yield every event after ``from_position``, then new ones as they commit.
 
-        Wakes on LISTEN/NOTIFY on PostgreSQL (a poll every ``poll_interval`` as a
-        safety net) and polls on SQLite. Ends when ``stop`` is set or after
+        Wakes on LISTEN/NOTIFY on PostgreSQL and polls every ``poll_interval``
+        (the only wake-up on SQLite; on PostgreSQL it finds the events that do
+        not notify, see :mod:`ledger.log`). Ends when ``stop`` is set or after
         ``idle_timeout`` seconds without an event.
         """
         from ledger.listen import Listener

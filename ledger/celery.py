@@ -18,7 +18,7 @@ The body is therefore sent once however often parts are redelivered, and
 ``celery.chord_unlock`` is never scheduled.
 
 ``AsyncResult.get()`` / ``GroupResult.join()`` wait on PostgreSQL
-LISTEN/NOTIFY (every append notifies its stream id at commit) and re-read only
+LISTEN/NOTIFY (an append notifies its stream id at commit) and re-read only
 when a stream they wait for changed; on SQLite they poll every ``interval``.
 
 Celery settings read here, beside Celery's own ``result_*`` settings:
@@ -29,6 +29,11 @@ Celery settings read here, beside Celery's own ``result_*`` settings:
   stored as ``"[redacted]"`` with ``result_extended`` (see :mod:`ledger.redaction`).
 * ``ledger_max_payload_bytes`` (default 64 MiB): the largest encoded result or
   exception stored; a larger one raises :class:`PayloadTooLarge` and nothing is written.
+* ``ledger_notify`` (default ``"ready"``): which stores send a PostgreSQL NOTIFY.
+  ``"ready"``: all but STARTED, RETRY and custom progress states, which no
+  ``get()`` waits for; followers find those by polling (0.1 s). ``"all"``: every
+  store, for followers that need non-ready states at once, at the cost of
+  notifying commits queueing behind each other (see :mod:`ledger.log`).
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ from ledger.events import (
     TaskState,
 )
 from ledger.listen import Listener
+from ledger.log import NOTIFY_MODES
 from ledger.redaction import redact_args, redact_kwargs
 from projections.task_meta import TaskMeta
 
@@ -118,6 +124,11 @@ class LedgerBackend(BaseBackend):
         self.redact_args = frozenset(int(i) for i in conf.get("ledger_redact_args") or ())
         self.extended = bool(conf.find_value_for_key("extended", "result"))
         self.max_payload_bytes = int(conf.get("ledger_max_payload_bytes") or MAX_PAYLOAD_BYTES)
+        self.notify = conf.get("ledger_notify") or "ready"
+        if self.notify not in NOTIFY_MODES:
+            raise ImproperlyConfigured(
+                f"ledger_notify must be one of {', '.join(map(repr, NOTIFY_MODES))}, not {self.notify!r}"
+            )
 
     # -- connection ---------------------------------------------------------------------
 
@@ -131,7 +142,7 @@ class LedgerBackend(BaseBackend):
             base_sleep=self.base_sleep_between_retries_ms / 1000,
             max_sleep=self.max_sleep_between_retries_ms / 1000,
         )
-        ledger = Ledger(database.engine_for(self._db_url), retry=retry)
+        ledger = Ledger(database.engine_for(self._db_url), retry=retry, notify=self.notify)
         if self.auto_upgrade:
             key = ledger.url
             with _upgrade_lock:

@@ -1,7 +1,8 @@
 """Wake-ups for followers and waiters: LISTEN/NOTIFY on PostgreSQL, a sleep on SQLite.
 
-Every append on PostgreSQL sends ``pg_notify('ledger_events', stream_id)`` in its
-transaction (ledger/log.py), delivered at commit. A :class:`Listener` holds one
+Appends on PostgreSQL send ``pg_notify('ledger_events', stream_id)`` in their
+transaction, delivered at commit -- all but non-ready task states by default
+(ledger/log.py, "Which appends NOTIFY"). A :class:`Listener` holds one
 dedicated autocommit connection and returns the stream ids it was told about.
 Notifications are a wake-up only: readers always re-read the log, so a missed
 notification costs at most one ``timeout``.

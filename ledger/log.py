@@ -33,6 +33,21 @@ that saw position 11 while 10 was still in flight would skip 10 forever.
   transaction if not. It compares with the stream's latest version only (an
   index lookup, not a scan of a long stream): every append checked its own
   predecessor, so ``tx_id`` never decreases along a stream.
+
+Which appends NOTIFY
+--------------------
+On PostgreSQL an append can ``pg_notify('ledger_events', stream_id)`` in its own
+statement, which wakes ``result.get()`` waiters and followers. A notifying
+transaction holds PostgreSQL's notification-queue lock from before its commit
+until the commit is flushed, so notifying commits queue behind each other's
+WAL flush. Measured with 4 processes storing STARTED+SUCCESS through Celery's
+backend API on 2 cores, 7 alternating 8 s runs: 1,525-1,844 tasks/s when only
+ready states notify against 1,370-1,718 when every store does (the former ahead
+in 6 of 7 pairs, by ~12% at the median); no difference with 1 process. By default (``notify="ready"``) every event notifies except a
+task state that is not ready -- STARTED, RETRY, custom progress states: no
+waiter wakes for those (``get()`` waits for a ready state), and followers find
+them at the next notification or their next poll (``poll_interval``, 0.1 s by
+default). ``notify="all"`` notifies every event.
 """
 
 from __future__ import annotations
@@ -48,13 +63,17 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ledger.database import driver_fetch, driver_sql, pooled_fetch
-from ledger.events import NewEvent, RecordedEvent, encode
+from ledger.events import NewEvent, RecordedEvent, TaskState, encode
 from ledger.schema import events as events_table
+from projections.task_meta import READY_STATES
 
 if TYPE_CHECKING:
     from projections.sql import FusedSql
 
 NOTIFY_CHANNEL = "ledger_events"
+#: PostgreSQL appends that NOTIFY: "ready" (all but non-ready task states) or "all".
+NOTIFY_MODES = ("ready", "all")
+TASK_STATE = TaskState.type
 
 
 class Checkpoint(NamedTuple):
@@ -307,7 +326,8 @@ class PostgresLog(FollowableLog):
             (SELECT p.tx_id FROM ledger_events p
              WHERE p.stream_id = CAST(:stream_id AS varchar)
              ORDER BY p.stream_version DESC LIMIT 1) AS prior_tx,
-            pg_notify('ledger_events', CAST(:stream_id AS text)) AS notified
+            CASE WHEN CAST(:notify AS boolean)
+                THEN pg_notify('ledger_events', CAST(:stream_id AS text)) END AS notified
         """
     ).bindparams(*_binds)
 
@@ -317,12 +337,25 @@ class PostgresLog(FollowableLog):
     # before the insert so that the insert's snapshot sees the lock holder's rows.
     _lock_stream_sql = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:stream_id, 0))")
 
-    def __init__(self) -> None:
+    def __init__(self, notify: str = "ready") -> None:
+        if notify not in NOTIFY_MODES:
+            raise ValueError(f"notify must be one of {', '.join(NOTIFY_MODES)}, not {notify!r}")
+        self.notify_all = notify == "all"
         self._fused: dict[FusedSql, str] = {}
+
+    def _notifies(self, item: Encoded) -> bool:
+        """Whether this append wakes waiters and followers (module docstring)."""
+        state = item.columns.get("task_state")
+        return (
+            self.notify_all
+            or item.new.data.type != TASK_STATE
+            or state in READY_STATES
+        )
 
     def _insert(self, conn: Connection, item: Encoded) -> RecordedEvent | None:
         params = item.params()
         params["expected"] = item.new.expected_version
+        params["notify"] = self._notifies(item)
         if params["stream_id"].startswith("chord:"):
             conn.execute(self._lock_stream_sql, {"stream_id": params["stream_id"]})
         row = self._run_insert(conn, self._insert_sql, params, item)
@@ -379,6 +412,7 @@ class PostgresLog(FollowableLog):
             params = item.params()
             params["expected"] = item.new.expected_version
             params["key"] = item.new.data.stream_key
+            params["notify"] = self._notifies(item)
             if params["stream_id"].startswith("chord:"):
                 statements.append((self._lock_stream_driver_sql, {"stream_id": params["stream_id"]}))
             slots.append(len(statements))
@@ -415,7 +449,8 @@ class PostgresLog(FollowableLog):
                 " (SELECT p.tx_id FROM ledger_events p"
                 "  WHERE p.stream_id = CAST(:stream_id AS varchar)"
                 "  ORDER BY p.stream_version DESC LIMIT 1) AS prior_tx,"
-                " pg_notify('ledger_events', CAST(:stream_id AS text)) AS notified,"
+                " CASE WHEN CAST(:notify AS boolean)"
+                " THEN pg_notify('ledger_events', CAST(:stream_id AS text)) END AS notified,"
                 f" {completed} AS completed_position FROM ev"
             )
             self._fused[projection] = sql
@@ -470,9 +505,10 @@ class PostgresLog(FollowableLog):
         ).scalar_one()
 
 
-def log_for(dialect_name: str) -> FollowableLog:
+def log_for(dialect_name: str, *, notify: str = "ready") -> FollowableLog:
+    """The log for a dialect; ``notify`` is PostgreSQL's NOTIFY policy (module docstring)."""
     if dialect_name == "postgresql":
-        return PostgresLog()
+        return PostgresLog(notify)
     if dialect_name == "sqlite":
         return SQLiteLog()
     raise ValueError(f"unsupported dialect {dialect_name!r}")

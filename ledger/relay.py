@@ -167,7 +167,7 @@ class Relay:
         state_topic: str | None = None,
         batch_size: int = 5000,
         max_backoff: float = 10.0,
-        poll_interval: float = 0.5,
+        poll_interval: float = 0.1,
         producer_config: dict[str, Any] | None = None,
     ) -> None:
         self.ledger = ledger

@@ -235,3 +235,12 @@ def test_always_retry_retries_then_gives_up_with_backend_store_error():
     with pytest.raises(BackendStoreError):
         backend.mark_as_done(new_id(), 1)
     assert len(attempts) == 2
+
+
+def test_ledger_notify_setting_is_checked_and_reaches_the_log(pg_url):
+    from celery.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match="ledger_notify must be one of 'ready', 'all', not 'some'"):
+        make_app(pg_url, ledger_notify="some").backend  # noqa: B018
+    assert make_app(pg_url).backend.ledger.log.notify_all is False
+    assert make_app(pg_url, ledger_notify="all").backend.ledger.log.notify_all is True

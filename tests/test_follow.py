@@ -7,10 +7,14 @@ import queue
 import signal
 import subprocess
 import threading
+import uuid
+
+import psycopg
 
 from ledger.api import Ledger
-from ledger.events import TaskState
-from ledger.log import START
+from ledger.events import ChordPartReturned, ChordStarted, GroupSaved, TaskForgotten, TaskState
+from ledger.log import NOTIFY_CHANNEL, START
+from tests.conftest import _libpq
 from tests.relay_process import CLI, eventually
 from tests.stream_workload import task_lives
 
@@ -59,10 +63,72 @@ def test_follow_on_postgresql_wakes_on_notify_not_on_its_poll(pg_url):
             got.put(event)
 
     threading.Thread(target=follower, daemon=True).start()
-    ledger.append([TaskState(task_id="first", status="STARTED")])
+    ledger.append([TaskState(task_id="first", status="FAILURE")])
     assert got.get(timeout=60).stream_id == "task:first"
     ledger.append([TaskState(task_id="woken", status="SUCCESS")])
     assert got.get(timeout=60).stream_id == "task:woken"
+    stop.set()
+
+
+def _notified_streams(pg_url: str, ledger: Ledger, events) -> set[str]:
+    """The stream ids PostgreSQL notified for ``events``, each appended on its own."""
+    with psycopg.connect(_libpq(pg_url), autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        for event in events:
+            ledger.append([event])
+        marker = GroupSaved(group_id=f"marker-{uuid.uuid4()}", result=[])
+        ledger.append([marker])  # notifies in any mode, after all the others
+        seen = set()
+        for note in listener.notifies(timeout=60):
+            if note.payload == marker.stream_id:
+                return seen
+            seen.add(note.payload)
+    raise AssertionError("the marker's notification never came")
+
+
+NON_READY = ("STARTED", "RETRY", "PROGRESS", "PENDING")
+READY = ("SUCCESS", "FAILURE", "REVOKED")
+
+
+def _one_of_each(run: str) -> list:
+    return [TaskState(task_id=f"{run}-{s}", status=s) for s in NON_READY + READY] + [
+        TaskForgotten(task_id=f"{run}-SUCCESS"),
+        GroupSaved(group_id=f"{run}-g", result=[f"{run}-SUCCESS"]),
+        ChordStarted(chord_id=f"{run}-c", size=1),
+        ChordPartReturned(chord_id=f"{run}-c", task_id=f"{run}-SUCCESS", status="SUCCESS"),
+    ]
+
+
+def test_by_default_every_event_notifies_except_task_states_that_are_not_ready(pg_url):
+    run = uuid.uuid4().hex[:8]
+    notified = _notified_streams(pg_url, Ledger.open(pg_url), _one_of_each(run))
+    assert notified == {f"task:{run}-{s}" for s in READY} | {
+        f"group:{run}-g", f"chord:{run}-c"
+    }
+
+
+def test_notify_all_notifies_every_event(pg_url):
+    run = uuid.uuid4().hex[:8]
+    notified = _notified_streams(pg_url, Ledger.open(pg_url, notify="all"), _one_of_each(run))
+    assert notified == {f"task:{run}-{s}" for s in NON_READY + READY} | {
+        f"group:{run}-g", f"chord:{run}-c"
+    }
+
+
+def test_a_follower_still_gets_events_that_do_not_notify(pg_url):
+    ledger = Ledger.open(pg_url)
+    got: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    run = uuid.uuid4().hex[:8]
+
+    def follower() -> None:
+        for event in ledger.follow(ledger._read(ledger.log.head), stop=stop):
+            got.put(event.stream_id)
+
+    threading.Thread(target=follower, daemon=True).start()
+    for status in NON_READY:
+        ledger.append([TaskState(task_id=f"{run}-{status}", status=status)])
+    assert [got.get(timeout=60) for _ in NON_READY] == [f"task:{run}-{s}" for s in NON_READY]
     stop.set()
 
 
