@@ -97,6 +97,13 @@ def _clear(ledger: Ledger) -> None:
             conn.execute(sa.delete(table))
 
 
+PROPERTY = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
 @pytest.fixture
 def prepared(any_url):
     ledger = Ledger.open(any_url)
@@ -106,21 +113,13 @@ def prepared(any_url):
     return ledger
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@PROPERTY
 @given(batches=batches)
 def test_memory_fold_live_sql_and_rebuild_agree(prepared, batches):
     _check_agreement(prepared, batches)
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@PROPERTY
 @given(batches=chord_batches)
 def test_chord_histories_agree(prepared, batches):
     _check_agreement(prepared, batches)
