@@ -62,12 +62,16 @@ def test_follow_on_postgresql_wakes_on_notify_not_on_its_poll(pg_url):
         for event in ledger.follow(START, stop=stop, poll_interval=3600):
             got.put(event)
 
-    threading.Thread(target=follower, daemon=True).start()
+    t = threading.Thread(target=follower, daemon=True)
+    t.start()
     ledger.append([TaskState(task_id="first", status="FAILURE")])
     assert got.get(timeout=60).stream_id == "task:first"
     ledger.append([TaskState(task_id="woken", status="SUCCESS")])
     assert got.get(timeout=60).stream_id == "task:woken"
     stop.set()
+    ledger.append([TaskState(task_id="last", status="SUCCESS")])  # wakes it to see stop
+    t.join(60)
+    assert not t.is_alive()
 
 
 def _notified_streams(pg_url: str, ledger: Ledger, events) -> set[str]:
@@ -125,11 +129,14 @@ def test_a_follower_still_gets_events_that_do_not_notify(pg_url):
         for event in ledger.follow(ledger._read(ledger.log.head), stop=stop):
             got.put(event.stream_id)
 
-    threading.Thread(target=follower, daemon=True).start()
+    t = threading.Thread(target=follower, daemon=True)
+    t.start()
     for status in NON_READY:
         ledger.append([TaskState(task_id=f"{run}-{status}", status=status)])
     assert [got.get(timeout=60) for _ in NON_READY] == [f"task:{run}-{s}" for s in NON_READY]
     stop.set()
+    t.join(60)
+    assert not t.is_alive()
 
 
 def test_tail_follow_prints_events_as_they_happen_as_json(any_url):
