@@ -10,6 +10,7 @@ tests/test_celery_worker.py, started for this module.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -41,6 +42,11 @@ def run_workflow(worker):  # noqa: F811
     first = first_group.parent
     flaky_id = next(r.id for r in second.results
                     if ledger.history(r.id)[0].data.name == "workerapp.flaky")
+    # Celery stores attempt 1's RETRY after it sent attempt 2, which another worker
+    # process may have run (and the chord after it) first: wait, bounded, for it.
+    deadline = time.monotonic() + WAIT
+    while len(ledger.history(flaky_id)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
     return ledger, {
         "first": first.id,
         "group": first_group.id,
