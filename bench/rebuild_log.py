@@ -138,7 +138,10 @@ def measure_rebuild(url: str, n_events: int) -> dict:
 
 
 if __name__ == "__main__":
+    from ledger.api import Ledger
+
     url, n = sys.argv[1], int(sys.argv[2])
+    Ledger.open(url, upgrade=True)  # a fresh database works as is
     t0 = time.perf_counter()
     result = measure_rebuild(url, n)
     print(result, f"(total with generation {time.perf_counter() - t0:.1f}s)")
