@@ -43,11 +43,13 @@ until the commit is flushed, so notifying commits queue behind each other's
 WAL flush. Measured with 4 processes storing STARTED+SUCCESS through Celery's
 backend API on 2 cores, 7 alternating 8 s runs: 1,525-1,844 tasks/s when only
 ready states notify against 1,370-1,718 when every store does (the former ahead
-in 6 of 7 pairs, by ~12% at the median); no difference with 1 process. By default (``notify="ready"``) every event notifies except a
-task state that is not ready -- STARTED, RETRY, custom progress states: no
-waiter wakes for those (``get()`` waits for a ready state), and followers find
-them at the next notification or their next poll (``poll_interval``, 0.1 s by
-default). ``notify="all"`` notifies every event.
+in 6 of 7 pairs, by ~12% at the median); no difference with 1 process.
+
+By default (``notify="ready"``) every event notifies except a task state that
+is not ready -- STARTED, RETRY, custom progress states: no waiter wakes for
+those (``get()`` waits for a ready state), and followers find them at the next
+notification or their next poll (``poll_interval``, 0.1 s by default).
+``notify="all"`` notifies every event.
 """
 
 from __future__ import annotations
@@ -345,12 +347,9 @@ class PostgresLog(FollowableLog):
 
     def _notifies(self, item: Encoded) -> bool:
         """Whether this append wakes waiters and followers (module docstring)."""
-        state = item.columns.get("task_state")
-        return (
-            self.notify_all
-            or item.new.data.type != TASK_STATE
-            or state in READY_STATES
-        )
+        if self.notify_all or item.new.data.type != TASK_STATE:
+            return True
+        return item.columns.get("task_state") in READY_STATES
 
     def _insert(self, conn: Connection, item: Encoded) -> RecordedEvent | None:
         params = item.params()
@@ -376,10 +375,12 @@ class PostgresLog(FollowableLog):
         reads the appended row from the CTE ``ev``; a duplicate event inserts no
         row, so its projection is not touched either. The events go out as one
         pipeline in the caller's transaction (a lone store takes
-        :meth:`append_fused_autocommit`: one round trip and one WAL flush). A chord event is preceded in the pipeline by its stream's
-        advisory lock (see ``_lock_stream_sql``), so a returned part is BEGIN,
-        lock and one statement in one round trip: the lock is held for that
-        statement and the COMMIT only, not for several client round trips.
+        :meth:`append_fused_autocommit`: one round trip and one WAL flush).
+
+        A chord event is preceded in the pipeline by its stream's advisory lock
+        (see ``_lock_stream_sql``), so a returned part is BEGIN, lock and one
+        statement in one round trip: the lock is held for that statement and the
+        COMMIT only, not for several client round trips.
 
         Returns the recorded events, the items that inserted no row (duplicates,
         or a failed ``expected_version``: see :meth:`_explain_no_row`) and the
