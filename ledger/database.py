@@ -184,11 +184,6 @@ def driver_fetch(conn: Connection, statements: list[tuple[str, dict]]) -> list[t
     return _on_driver(conn, *statements[0], lambda raw: _run_statements(raw, statements))
 
 
-def driver_fetchone(conn: Connection, sql: str, params: dict) -> tuple | None:
-    """One statement's first row (see :func:`driver_fetch`)."""
-    return driver_fetch(conn, [(sql, params)])[0]
-
-
 def driver_fetchall(conn: Connection, sql: str, params: dict) -> list[tuple]:
     """One statement's rows as plain tuples (see :func:`driver_fetch`)."""
     return _on_driver(conn, sql, params, lambda raw: raw.execute(sql, params).fetchall())
