@@ -28,12 +28,15 @@ from ledger.events import (
     ChordFired,
     ChordPartReturned,
     EventData,
+    GroupExpired,
     NewEvent,
     RecordedEvent,
+    ResultExpired,
     validate,
 )
-from ledger.log import START, Checkpoint, Encoded, RetryableConflict, log_for
+from ledger.log import START, Checkpoint, Encoded, RetryableConflict, VersionConflict, log_for
 from ledger.schema import checkpoints
+from ledger.schema import events as events_table
 from projections.chord import ChordState
 from projections.group import GroupState
 from projections.memory import MemoryTarget, Snapshot
@@ -294,9 +297,32 @@ class Ledger:
         rows = self._read(lambda c: self.target.tasks(c, ids), single_statement=len(ids) <= 500)
         return {m.task_id: m for m in rows}
 
-    def finished_before(self, cutoff: datetime, limit: int = 1000) -> tuple[list[str], list[str]]:
-        """Ids of tasks done and groups saved before ``cutoff``: what result expiry drops."""
-        return self._read(lambda c: self.target.finished_before(c, cutoff, limit))
+    def expire_finished(self, cutoff: datetime, limit: int = 1000) -> tuple[int, int]:
+        """Expire up to ``limit`` tasks done and groups saved before ``cutoff``.
+
+        Appends a ``results.expired`` / ``group.expired`` tombstone for each, in
+        one transaction, each expecting the stream version read with its row. A
+        task that started a new life (or a group saved again) between the read
+        and the append fails its expectation and is left out: the tombstone would
+        have ended the new life. Returns ``(found, expired)``; what was left out
+        is found again by the next call if it is still old.
+        """
+        tasks, groups = self._read(lambda c: self.target.finished_before(c, cutoff, limit, events_table))
+        pending = [
+            NewEvent(ResultExpired(task_id=t, expired_before=cutoff), expected_version=v)
+            for t, v in tasks
+        ] + [
+            NewEvent(GroupExpired(group_id=g, expired_before=cutoff), expected_version=v)
+            for g, v in groups
+        ]
+        found = len(pending)
+        while pending:
+            try:
+                self.append(pending)
+                break
+            except VersionConflict as exc:
+                pending = [e for e in pending if e.data.stream_id != exc.stream_id]
+        return found, len(pending)
 
     def group(self, group_id: str) -> GroupState | None:
         return self._read(lambda c: self.target.group(c, group_id), single_statement=True)

@@ -68,12 +68,10 @@ from ledger.events import (
     ChordStarted,
     Encoded,
     EventData,
-    GroupExpired,
     GroupForgotten,
     GroupSaved,
     InvalidEvent,
     NewEvent,
-    ResultExpired,
     TaskForgotten,
     TaskState,
 )
@@ -274,14 +272,10 @@ class LedgerBackend(BaseBackend):
         if not self.expires:
             return
         cutoff = datetime.now(timezone.utc) - timedelta(seconds=self.expires)
-        while True:
-            task_ids, group_ids = self.ledger.finished_before(cutoff, EXPIRY_BATCH)
-            if not task_ids and not group_ids:
-                return
-            self.ledger.append(
-                [ResultExpired(task_id=t, expired_before=cutoff) for t in task_ids]
-                + [GroupExpired(group_id=g, expired_before=cutoff) for g in group_ids]
-            )
+        # Each round expires what it found unless it changed meanwhile (a new life
+        # started: Ledger.expire_finished); until a round finds nothing old.
+        while self.ledger.expire_finished(cutoff, EXPIRY_BATCH)[0]:
+            pass
 
     # -- reading ------------------------------------------------------------------------
 

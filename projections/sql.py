@@ -404,17 +404,29 @@ class SqlTarget:
         return found
 
     def finished_before(
-        self, conn: Connection, cutoff: datetime, limit: int
-    ) -> tuple[list[str], list[str]]:
-        """Ids of tasks done and groups saved before ``cutoff`` (result expiry)."""
+        self, conn: Connection, cutoff: datetime, limit: int, events: sa.Table
+    ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """Tasks done and groups saved before ``cutoff`` (result expiry), each with
+        its stream's version in ``events`` read in the same statement -- what an
+        expiry event expects, so that it fails on a task or group that changed since."""
         t, g = self.t.task_meta, self.t.groups
+
+        def version(prefix: str, key: sa.Column) -> sa.ScalarSelect:
+            return (
+                sa.select(sa.func.max(events.c.stream_version))
+                .where(events.c.stream_id == sa.literal(prefix) + key)
+                .scalar_subquery()
+            )
+
         tasks = conn.execute(
-            sa.select(t.c.task_id).where(t.c.done_at < cutoff).order_by(t.c.done_at).limit(limit)
-        ).scalars()
+            sa.select(t.c.task_id, version("task:", t.c.task_id))
+            .where(t.c.done_at < cutoff).order_by(t.c.done_at).limit(limit)
+        ).all()
         groups = conn.execute(
-            sa.select(g.c.group_id).where(g.c.saved_at < cutoff).order_by(g.c.saved_at).limit(limit)
-        ).scalars()
-        return list(tasks), list(groups)
+            sa.select(g.c.group_id, version("group:", g.c.group_id))
+            .where(g.c.saved_at < cutoff).order_by(g.c.saved_at).limit(limit)
+        ).all()
+        return [tuple(r) for r in tasks], [tuple(r) for r in groups]
 
     def group(self, conn: Connection, group_id: str) -> GroupState | None:
         t = self.t.groups

@@ -17,6 +17,8 @@ from celery.exceptions import BackendGetMetaError, BackendStoreError, SecurityEr
 from kombu.exceptions import ContentDisallowed
 
 from ledger.celery import LedgerBackend
+from ledger.events import TaskForgotten, TaskState
+from ledger.rebuild import verify
 from ledger.redaction import REDACTED, redact_args, redact_kwargs
 
 REDIS = "redis://127.0.0.1:6379/11"
@@ -125,6 +127,42 @@ def test_cleanup_expires_old_results_as_events(any_url):
     assert backend.get_task_meta(tid)["status"] == states.PENDING
     assert backend.restore_group(gid, cache=False) is None
     assert [e.type for e in backend.ledger.history(tid)] == ["task.state", "results.expired"]
+
+
+def test_expiry_spares_a_task_that_started_a_new_life_after_cleanup_read_it(any_url, monkeypatch):
+    app = make_app(any_url, result_expires=0.001)
+    backend = app.backend
+    ledger = backend.ledger
+    old, reborn = new_id(), new_id()
+    backend.mark_as_done(old, "old")
+    backend.mark_as_done(reborn, "first life")
+    time.sleep(0.01)  # both are now older than the expiry
+    real_append = ledger.append
+    landed = []
+
+    def append_after_a_new_life(events):
+        # cleanup has read both tasks; before its append the one is forgotten and
+        # its id runs again (a new life: SUCCESS would stick without the tombstone)
+        if not landed:
+            landed.append(real_append([
+                TaskForgotten(task_id=reborn), TaskState(task_id=reborn, status=states.STARTED)
+            ]))
+        return real_append(events)
+
+    monkeypatch.setattr(ledger, "append", append_after_a_new_life)
+    backend.cleanup()
+    assert landed, "the new life was not injected"
+    assert backend.get_task_meta(old)["status"] == states.PENDING  # expired
+    assert backend.get_task_meta(reborn)["status"] == states.STARTED  # the new life stays
+    assert [e.type for e in ledger.history(reborn)] == ["task.state", "task.forgotten", "task.state"]
+    # once the new life is old too, a later cleanup expires it
+    monkeypatch.setattr(ledger, "append", real_append)
+    backend.mark_as_done(reborn, "second life")
+    time.sleep(0.01)
+    backend.cleanup()
+    assert backend.get_task_meta(reborn)["status"] == states.PENDING
+    assert ledger.history(reborn)[-1].type == "results.expired"
+    assert verify(ledger) == []
 
 
 def test_msgpack_results_round_trip(any_url):
