@@ -362,8 +362,9 @@ class Relay:
     def _task_states(self, events: list[RecordedEvent]) -> dict[str, task_meta.TaskMeta | None]:
         """Each touched task's meta after its last event in ``events`` (None: forgotten).
 
-        One fold per task over its stream up to that event, in one read: the state
-        topic keeps the latest value per key, so intermediate states are not sent.
+        One fold per task over its stream up to that event, all streams read in one
+        query per 500 tasks: the state topic keeps the latest value per key, so
+        intermediate states are not sent.
         """
         last: dict[str, int] = {}
         for e in events:
@@ -371,10 +372,13 @@ class Relay:
                 last[e.stream_key] = e.position
 
         def read(conn) -> dict[str, task_meta.TaskMeta | None]:
+            streams = self.ledger.log.read_streams_until(
+                conn, {f"task:{task_id}": position for task_id, position in last.items()}
+            )
             states: dict[str, task_meta.TaskMeta | None] = {}
-            for task_id, position in last.items():
+            for task_id in last:
                 state = None
-                for e in self.ledger.log.read_stream(conn, f"task:{task_id}", until_position=position):
+                for e in streams[f"task:{task_id}"]:
                     state = task_meta.fold(state, e)
                 states[task_id] = state
             return states

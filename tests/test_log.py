@@ -91,6 +91,16 @@ class LogContract:
         ledger.append([TaskState(task_id="z", status="STARTED")])
         assert [e.data.status for e in ledger.read_stream("task:a")] == ["STARTED", "RETRY", "STARTED"]
 
+    def test_read_streams_until_reads_each_stream_up_to_its_own_position(self, ledger):
+        a = ledger.append([TaskState(task_id="a", status=s) for s in ("STARTED", "RETRY", "SUCCESS")])
+        b = ledger.append([TaskState(task_id="b", status=s) for s in ("STARTED", "SUCCESS")])
+        ledger.append([TaskState(task_id="c", status="STARTED")])
+        until = {"task:a": a.recorded[1].position, "task:b": b.recorded[1].position, "task:none": 10**9}
+        got = ledger._read(lambda c: ledger.log.read_streams_until(c, until, chunk=2))
+        assert {k: [e.data.status for e in v] for k, v in got.items()} == {
+            "task:a": ["STARTED", "RETRY"], "task:b": ["STARTED", "SUCCESS"], "task:none": []
+        }
+
     def test_recorded_at_is_database_time_in_utc(self, ledger):
         e = ledger.append([TaskState(task_id="a", status="STARTED")]).recorded[0]
         stored = ledger.history("a")[0]
