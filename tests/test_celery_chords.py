@@ -23,6 +23,8 @@ from celery.exceptions import ChordError
 from tests.conftest import RUN_ID
 
 REDIS = "redis://127.0.0.1:6379/11"
+#: where the tests send chord bodies: no worker consumes it, so it holds exactly the bodies sent
+BODY_QUEUE = "bodies-nobody-consumes"
 CHORDS = 20
 PARTS = 5
 
@@ -33,7 +35,21 @@ def make_app(url: str, prefix: str) -> Celery:
     return app
 
 
-def return_every_part(url: str, prefix: str, chords: list, start, seed: int) -> None:
+def run_forked_together(target, args_per_process: list[tuple], timeout: float) -> None:
+    """``target(*args, start=barrier)`` in one forked process per ``args``; they pass
+    the barrier together, and each must exit 0 within ``timeout`` seconds."""
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(len(args_per_process))
+    procs = [ctx.Process(target=target, args=args, kwargs={"start": start})
+             for args in args_per_process]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+
+
+def return_every_part(url: str, prefix: str, chords: list, seed: int, start) -> None:
     """One 'worker': returns every part of every chord, in its own random order."""
     backend = make_app(url, prefix).backend
     rng = random.Random(seed)
@@ -48,14 +64,13 @@ def return_every_part(url: str, prefix: str, chords: list, start, seed: int) -> 
 
 def test_redelivered_parts_from_two_processes_fire_the_body_once(any_url):
     prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
-    queue = "bodies-nobody-consumes"
     app = make_app(any_url, prefix)
     backend = app.backend
     chords = []
     for _ in range(CHORDS):
         gid = str(uuid.uuid4())
         part_ids = [str(uuid.uuid4()) for _ in range(PARTS)]
-        body = app.signature("chords.body", options={"queue": queue})
+        body = app.signature("chords.body", options={"queue": BODY_QUEUE})
         body.freeze()
         header = app.GroupResult(gid, [app.AsyncResult(t) for t in part_ids])
         backend.apply_chord((gid, header.results), body)
@@ -64,21 +79,9 @@ def test_redelivered_parts_from_two_processes_fire_the_body_once(any_url):
             backend.store_result(tid, index, states.SUCCESS)
         chords.append((gid, part_ids, dict(body)))
 
-    ctx = multiprocessing.get_context("fork")
-    start = ctx.Barrier(2)
-    workers = [ctx.Process(target=return_every_part, args=(any_url, prefix, chords, start, seed))
-               for seed in (1, 2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(120)
-    assert [w.exitcode for w in workers] == [0, 0]
+    run_forked_together(return_every_part, [(any_url, prefix, chords, seed) for seed in (1, 2)], 120)
 
-    r = redis.Redis.from_url(REDIS)
-    try:
-        sent = [json.loads(m) for m in r.lrange(f"{prefix}{queue}", 0, -1)]
-    finally:
-        r.delete(*(list(r.scan_iter(f"{prefix}*")) or [f"{prefix}{queue}"]))
+    sent = bodies_sent(prefix)
     sent_ids = sorted(m["headers"]["id"] for m in sent)
     assert sent_ids == sorted(body["options"]["task_id"] for _, _, body in chords)
     assert [m["headers"]["task"] for m in sent] == ["chords.body"] * CHORDS
@@ -99,7 +102,7 @@ def _three_part_chord_with_two_returned(url: str, returns: int = 1):
     app = make_app(url, prefix)
     backend = app.backend
     gid, part_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(3)]
-    body = app.signature("chords.body", options={"queue": "bodies-nobody-consumes"})
+    body = app.signature("chords.body", options={"queue": BODY_QUEUE})
     body.freeze()
     backend.apply_chord((gid, [app.AsyncResult(t) for t in part_ids]), body)
     backend.set_chord_size(gid, 3)
@@ -118,7 +121,7 @@ def test_chord_fires_only_when_every_distinct_part_returned(any_url, returns):
     r = redis.Redis.from_url(REDIS)
     try:
         assert (state.returned, state.fired_position) == (2, None)
-        assert r.llen(f"{prefix}bodies-nobody-consumes") == 0
+        assert r.llen(f"{prefix}{BODY_QUEUE}") == 0
     finally:
         keys = list(r.scan_iter(f"{prefix}*"))
         if keys:
@@ -131,7 +134,7 @@ def _chord_run(app, parts: list, *, returns: list[str] | None = None):
     part in ``returns`` (default: all, in header order) returns to the chord."""
     backend = app.backend
     gid, part_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in parts]
-    body = app.signature("chords.body", options={"queue": "bodies-nobody-consumes"})
+    body = app.signature("chords.body", options={"queue": BODY_QUEUE})
     body.freeze()
     backend.apply_chord((gid, [app.AsyncResult(t) for t in part_ids]), body)
     backend.set_chord_size(gid, len(parts))
@@ -148,10 +151,11 @@ def _chord_run(app, parts: list, *, returns: list[str] | None = None):
     return body, part_ids
 
 
-def _bodies_sent(prefix: str) -> list:
+def bodies_sent(prefix: str) -> list:
+    """The chord bodies sent to ``BODY_QUEUE`` under ``prefix``; then every key of ``prefix`` is removed."""
     r = redis.Redis.from_url(REDIS)
     try:
-        return [json.loads(m) for m in r.lrange(f"{prefix}bodies-nobody-consumes", 0, -1)]
+        return [json.loads(m) for m in r.lrange(f"{prefix}{BODY_QUEUE}", 0, -1)]
     finally:
         keys = list(r.scan_iter(f"{prefix}*"))
         if keys:
@@ -168,7 +172,7 @@ def test_a_failing_part_fails_the_body_with_the_same_chord_error_as_redis(any_ur
         app.conf.broker_transport_options = {"global_keyprefix": prefix}
         app.conf.result_expires = 60  # the Redis backend's keys (uuids) go by themselves
         body, part_ids = _chord_run(app, parts)
-        assert _bodies_sent(prefix) == []
+        assert bodies_sent(prefix) == []
         meta = app.backend.get_task_meta(body.id)
         assert meta["status"] == states.FAILURE
         assert isinstance(meta["result"], ChordError)
@@ -183,7 +187,7 @@ def test_a_part_with_no_stored_result_is_waited_for_up_to_the_chord_join_timeout
     app = make_app(any_url, prefix)
     app.conf.result_chord_join_timeout = 0.5
     body, _ = _chord_run(app, [1, None, 3])
-    assert _bodies_sent(prefix) == []
+    assert bodies_sent(prefix) == []
     meta = app.backend.get_task_meta(body.id)
     assert meta["status"] == states.FAILURE
     assert isinstance(meta["result"], ChordError)
@@ -201,5 +205,5 @@ def test_a_part_result_stored_after_the_chord_completed_still_reaches_the_body(a
         time.sleep(0.01)
     backend.store_result(part_ids[2], 2, states.SUCCESS)
     last.join(60)
-    sent = _bodies_sent(prefix)
+    sent = bodies_sent(prefix)
     assert [json.loads(base64.b64decode(m["body"]))[0] for m in sent] == [[[0, 1, 2]]]

@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import json
-import multiprocessing
 import random
 import time
 import uuid
@@ -23,7 +21,7 @@ from celery.app.task import Context
 from ledger.api import Ledger
 from ledger.events import TaskState
 from tests.conftest import RUN_ID
-from tests.test_celery_chords import REDIS
+from tests.test_celery_chords import BODY_QUEUE, bodies_sent, run_forked_together
 from tests.test_celery_chords import make_app as make_chord_app
 
 WAIT = 120  # hang guard, not a timing assertion
@@ -91,7 +89,6 @@ def _return_parts(url: str, prefix: str, deliveries: list, start) -> None:
 def test_two_processes_returning_1000_part_chords_with_5_percent_duplicates_fire_each_body_once(
         pg_url):
     prefix = f"faults-chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
-    queue = "bodies-nobody-consumes"
     app = make_chord_app(pg_url, prefix)
     backend = app.backend
     rng = random.Random(8)
@@ -100,7 +97,7 @@ def test_two_processes_returning_1000_part_chords_with_5_percent_duplicates_fire
     for _ in range(CHORDS):
         gid = str(uuid.uuid4())
         part_ids = [str(uuid.uuid4()) for _ in range(PARTS)]
-        body = app.signature("chords.body", options={"queue": queue})
+        body = app.signature("chords.body", options={"queue": BODY_QUEUE})
         body.freeze()
         backend.apply_chord((gid, [app.AsyncResult(t) for t in part_ids]), body)
         backend.set_chord_size(gid, PARTS)
@@ -118,21 +115,9 @@ def test_two_processes_returning_1000_part_chords_with_5_percent_duplicates_fire
             per_process[rng.randrange(2)].append(d)
         bodies[body.id] = gid
 
-    ctx = multiprocessing.get_context("fork")
-    start = ctx.Barrier(2)
-    procs = [ctx.Process(target=_return_parts, args=(pg_url, prefix, d, start))
-             for d in per_process]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    run_forked_together(_return_parts, [(pg_url, prefix, d) for d in per_process], 300)
 
-    r = redis.Redis.from_url(REDIS)
-    try:
-        sent = [json.loads(m) for m in r.lrange(f"{prefix}{queue}", 0, -1)]
-    finally:
-        r.delete(*(list(r.scan_iter(f"{prefix}*")) or [f"{prefix}{queue}"]))
+    sent = bodies_sent(prefix)
     assert sorted(m["headers"]["id"] for m in sent) == sorted(bodies)
     for gid in bodies.values():
         state = backend.ledger.chord(gid)
