@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Sequence
 
 from celery import Celery
 from celery.app.task import Context
 from celery.result import AsyncResult, GroupResult
 
-from bench.processes import Job, Slice
+from bench.processes import Job, Slice, timed_ops
 
 HOSTNAME = f"bench@{socket.gethostname()}"
 GROUP_SIZE = 10
@@ -52,18 +51,15 @@ def store(app: Celery, prefix: str) -> Job:
     backend = app.backend
 
     def job(child: int, deadline: float) -> Slice:
-        s = Slice(started=time.monotonic())
         started_meta = {"pid": os.getpid(), "hostname": HOSTNAME}
-        n = 0
-        while (t0 := time.monotonic()) < deadline:
+
+        def op(n: int) -> None:
             task_id = f"{prefix}-{child}-{n}"
             req = request_for(task_id, n)
             backend.store_result(task_id, started_meta, "STARTED", request=req)
             backend.mark_as_done(task_id, {"n": n, "ok": True}, request=req)
-            s.latencies.append(time.monotonic() - t0)
-            n += 1
-        s.ended, s.ops = time.monotonic(), n
-        return s
+
+        return timed_ops(deadline, op)
 
     return job
 
@@ -72,17 +68,12 @@ def get_task_meta(app: Celery, ids: Sequence[str]) -> Job:
     """One child reads finished tasks' meta (cycling through ``ids``); each must be SUCCESS."""
     backend = app.backend
 
+    def wrong(n: int, meta: dict) -> bool:
+        task_id = ids[n % len(ids)]
+        return meta["status"] != "SUCCESS" or meta["result"] != {"n": int(task_id.rsplit("-", 1)[1]), "ok": True}
+
     def job(child: int, deadline: float) -> Slice:
-        s = Slice(started=time.monotonic(), extra=0)
-        n = 0
-        while (t0 := time.monotonic()) < deadline:
-            meta = backend.get_task_meta(ids[n % len(ids)])
-            s.latencies.append(time.monotonic() - t0)
-            if meta["status"] != "SUCCESS" or meta["result"] != {"n": int(ids[n % len(ids)].rsplit("-", 1)[1]), "ok": True}:
-                s.extra += 1
-            n += 1
-        s.ended, s.ops = time.monotonic(), n
-        return s
+        return timed_ops(deadline, lambda n: backend.get_task_meta(ids[n % len(ids)]), wrong)
 
     return job
 
@@ -92,19 +83,17 @@ def group_save_restore(app: Celery, prefix: str, members: Sequence[str]) -> Job:
     backend = app.backend
 
     def job(child: int, deadline: float) -> Slice:
-        s = Slice(started=time.monotonic(), extra=0)
         results = [AsyncResult(m, app=app, backend=backend) for m in members[:GROUP_SIZE]]
-        n = 0
-        while (t0 := time.monotonic()) < deadline:
+
+        def op(n: int) -> GroupResult | None:
             group_id = f"{prefix}-{child}-{n}"
             GroupResult(group_id, results, app=app, backend=backend).save(backend=backend)
-            restored = GroupResult.restore(group_id, backend=backend, app=app)
-            s.latencies.append(time.monotonic() - t0)
-            if restored is None or [r.id for r in restored.results] != list(members[:GROUP_SIZE]):
-                s.extra += 1
-            n += 1
-        s.ended, s.ops = time.monotonic(), n
-        return s
+            return GroupResult.restore(group_id, backend=backend, app=app)
+
+        def wrong(n: int, restored: GroupResult | None) -> bool:
+            return restored is None or [r.id for r in restored.results] != list(members[:GROUP_SIZE])
+
+        return timed_ops(deadline, op, wrong)
 
     return job
 
@@ -114,16 +103,9 @@ def forget(app: Celery, ids: Sequence[str]) -> Job:
     backend = app.backend
 
     def job(child: int, deadline: float) -> Slice:
-        s = Slice(started=time.monotonic(), extra=0)
-        n = 0
-        while n < len(ids) and (t0 := time.monotonic()) < deadline:
-            backend.forget(ids[n])
-            s.latencies.append(time.monotonic() - t0)
-            n += 1
-        s.ended, s.ops = time.monotonic(), n
+        s = timed_ops(deadline, lambda n: backend.forget(ids[n]), limit=len(ids))
         # A forgotten task reads as PENDING again.
-        if n and backend.get_task_meta(ids[n - 1])["status"] != "PENDING":
-            s.extra += 1
+        s.extra = int(bool(s.ops) and backend.get_task_meta(ids[s.ops - 1])["status"] != "PENDING")
         return s
 
     return job

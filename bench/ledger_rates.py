@@ -11,11 +11,10 @@ says so instead of guessing.
 from __future__ import annotations
 
 import importlib
-import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.processes import Job, Slice
+from bench.processes import Job, Slice, timed_ops
 from bench.stats import Run
 
 BATCH = 500
@@ -30,17 +29,16 @@ def bulk_append(url: str, prefix: str) -> Job:
 
         ledger = Ledger.open(url)
         result = Encoded(content_type="application/json", data=b'{"n": 1, "ok": true}')
-        s = Slice(started=time.monotonic())
-        n = 0
-        while (t0 := time.monotonic()) < deadline:
-            events = [
+
+        def op(k: int) -> None:
+            n = k * BATCH
+            ledger.append([
                 TaskState(task_id=f"{prefix}-{child}-{n + i}", status="SUCCESS", result=result, date_done=utcnow())
                 for i in range(BATCH)
-            ]
-            ledger.append(events)
-            s.latencies.append(time.monotonic() - t0)
-            n += BATCH
-        s.ended, s.ops = time.monotonic(), n
+            ])
+
+        s = timed_ops(deadline, op)
+        s.ops *= BATCH  # events, not batches
         return s
 
     return job

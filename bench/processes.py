@@ -38,6 +38,30 @@ Job = Callable[[int, float], Slice]
 """``job(child_index, deadline)`` runs operations until the deadline and returns a Slice."""
 
 
+def timed_ops(
+    deadline: float,
+    op: Callable[[int], Any],
+    wrong: Callable[[int, Any], bool] | None = None,
+    limit: int | None = None,
+) -> Slice:
+    """Run ``op(n)`` for n = 0, 1, ... until ``deadline`` (or ``limit`` operations).
+
+    Each call's latency is recorded; ``wrong(n, value)``, when given, checks what
+    ``op`` returned after its time is taken, and the count of wrong answers goes
+    to ``extra`` (a checked job's result is not ok if it is not 0).
+    """
+    s = Slice(started=time.monotonic(), extra=None if wrong is None else 0)
+    n = 0
+    while (limit is None or n < limit) and (t0 := time.monotonic()) < deadline:
+        value = op(n)
+        s.latencies.append(time.monotonic() - t0)
+        if wrong is not None and wrong(n, value):
+            s.extra += 1
+        n += 1
+    s.ended, s.ops = time.monotonic(), n
+    return s
+
+
 class ChildFailed(RuntimeError):
     """A measuring child raised; the message carries its traceback."""
 

@@ -11,12 +11,11 @@ driver layer would; no backend can beat this.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 
 import psycopg
 
-from bench.processes import Job, Slice
+from bench.processes import Job, Slice, timed_ops
 
 PAYLOAD = os.urandom(200)
 
@@ -29,16 +28,12 @@ def create_table(url: str) -> None:
 def insert(url: str, prefix: str) -> Job:
     def job(child: int, deadline: float) -> Slice:
         with psycopg.connect(url, autocommit=True) as conn:
-            s = Slice(started=time.monotonic())
-            n = 0
-            while (t0 := time.monotonic()) < deadline:
-                conn.execute(
+            return timed_ops(
+                deadline,
+                lambda n: conn.execute(
                     "INSERT INTO bench_raw (id, payload) VALUES (%s, %s)", (f"{prefix}-{child}-{n}", PAYLOAD)
-                )
-                s.latencies.append(time.monotonic() - t0)
-                n += 1
-            s.ended, s.ops = time.monotonic(), n
-        return s
+                ),
+            )
 
     return job
 
@@ -46,15 +41,12 @@ def insert(url: str, prefix: str) -> Job:
 def select(url: str, ids: Sequence[str]) -> Job:
     def job(child: int, deadline: float) -> Slice:
         with psycopg.connect(url, autocommit=True) as conn:
-            s = Slice(started=time.monotonic(), extra=0)
-            n = 0
-            while (t0 := time.monotonic()) < deadline:
-                row = conn.execute("SELECT payload FROM bench_raw WHERE id = %s", (ids[n % len(ids)],)).fetchone()
-                s.latencies.append(time.monotonic() - t0)
-                if row is None:
-                    s.extra += 1
-                n += 1
-            s.ended, s.ops = time.monotonic(), n
-        return s
+            return timed_ops(
+                deadline,
+                lambda n: conn.execute(
+                    "SELECT payload FROM bench_raw WHERE id = %s", (ids[n % len(ids)],)
+                ).fetchone(),
+                lambda n, row: row is None,
+            )
 
     return job
