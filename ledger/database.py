@@ -214,12 +214,7 @@ def pooled_fetch(engine: Engine, statements: list[tuple[str, dict]]) -> list[tup
             if not raw.broken:
                 raw.autocommit = False
     except psycopg.Error as orig:
-        disconnect = engine.dialect.is_disconnect(orig, fairy.dbapi_connection, None)
-        if disconnect:
-            _invalidate_pool(engine, fairy, orig)
-        raise sa.exc.DBAPIError.instance(
-            sql, params, orig, psycopg.Error, connection_invalidated=disconnect, dialect=engine.dialect
-        ) from orig
+        raise _driver_error(engine, fairy, sql, params, orig) from orig
     finally:
         fairy.close()
 
@@ -246,13 +241,22 @@ def _on_driver(conn: Connection, sql: str, params: dict, run: Callable[[Any], T]
     try:
         return run(fairy.driver_connection)
     except psycopg.Error as orig:
-        disconnect = conn.dialect.is_disconnect(orig, fairy.dbapi_connection, None)
-        if disconnect:
-            _invalidate_pool(conn.engine, fairy, orig)
+        error = _driver_error(conn.engine, fairy, sql, params, orig)
+        if error.connection_invalidated:
             conn.invalidate(orig)
-        raise sa.exc.DBAPIError.instance(
-            sql, params, orig, psycopg.Error, connection_invalidated=disconnect, dialect=conn.dialect
-        ) from orig
+        raise error from orig
+
+
+def _driver_error(engine: Engine, fairy: Any, sql: str, params: dict, orig: Exception) -> sa.exc.DBAPIError:
+    """``orig`` (a psycopg error) as SQLAlchemy's own class; a disconnect retires the pool."""
+    import psycopg
+
+    disconnect = engine.dialect.is_disconnect(orig, fairy.dbapi_connection, None)
+    if disconnect:
+        _invalidate_pool(engine, fairy, orig)
+    return sa.exc.DBAPIError.instance(
+        sql, params, orig, psycopg.Error, connection_invalidated=disconnect, dialect=engine.dialect
+    )
 
 
 def _invalidate_pool(engine: Engine, fairy: Any, exc: BaseException) -> None:
