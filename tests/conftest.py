@@ -1,6 +1,7 @@
 """Shared fixtures: real PostgreSQL (started if down), fresh databases, SQLite files.
 
 * ``LEDGER_TEST_PG`` — server URL to use (default ``postgresql+psycopg://postgres@127.0.0.1:5432``).
+* ``LEDGER_TEST_REDIS`` — broker for worker tests (default ``redis://127.0.0.1:6379/11``).
 * Each test run creates one template database migrated to head; every test that
   asks for PostgreSQL gets its own database cloned from it (unique name), dropped
   afterwards.
@@ -21,6 +22,9 @@ from ledger.api import Ledger
 
 PG_SERVER = os.environ.get("LEDGER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
+#: the broker and Redis database of this test run; give every concurrent run its own
+#: database number (a worker on a shared one steals another run's messages)
+REDIS = os.environ.get("LEDGER_TEST_REDIS", "redis://127.0.0.1:6379/11")
 
 
 def _libpq(url: str) -> str:

@@ -20,8 +20,8 @@ from ledger.celery import LedgerBackend
 from ledger.events import TaskForgotten, TaskState
 from ledger.rebuild import verify
 from ledger.redaction import REDACTED, redact_args, redact_kwargs
+from tests.conftest import REDIS
 
-REDIS = "redis://127.0.0.1:6379/11"
 DEAD_PG = "postgresql+psycopg://postgres:hunter2@127.0.0.1:1/nowhere"
 
 

@@ -20,11 +20,10 @@ from celery import Celery, states
 from celery.app.task import Context
 from celery.exceptions import ChordError
 
-from tests.conftest import RUN_ID
+from tests.conftest import REDIS, RUN_ID
 
-REDIS = "redis://127.0.0.1:6379/11"
 #: where the tests send chord bodies: no worker consumes it, so it holds exactly the bodies sent
-BODY_QUEUE = "bodies-nobody-consumes"
+BODY_QUEUE = f"bodies-nobody-consumes-{RUN_ID}"
 CHORDS = 20
 PARTS = 5
 

@@ -22,12 +22,12 @@ from celery.exceptions import ChordError, TaskRevokedError, TimeoutError
 
 from ledger.api import Ledger
 from ledger.schema import events
-from tests.conftest import PG_SERVER, RUN_ID, _new_pg_db, admin
+from tests.conftest import PG_SERVER, REDIS, RUN_ID, _new_pg_db, admin
 from tests.workerapp.tasks import make_app
 
 pytestmark = [pytest.mark.worker]
 
-BROKER = os.environ.get("LEDGER_TEST_REDIS", "redis://127.0.0.1:6379/11")
+BROKER = REDIS
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 60  # seconds a result may take before the test fails (a hang guard, not a timing check)
 
