@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 import sqlalchemy as sa
 
+from ledger.errors import UnknownTask
 from ledger.events import (
     CorruptEvent,
     Encoded,
@@ -44,10 +45,6 @@ _OPAQUE_NAMES = {
     "application/data": "binary",
     "application/text": "text",
 }
-
-
-class UnknownTask(LookupError):
-    """The log holds no event for this task id."""
 
 
 def decode_value(value: Encoded | None) -> tuple[bool, Any]:

@@ -63,6 +63,7 @@ from kombu.utils.encoding import ensure_bytes
 
 from ledger import codec, database
 from ledger.api import Ledger, RetryPolicy
+from ledger.errors import LedgerError
 from ledger.events import (
     ChordPartAdded,
     ChordStarted,
@@ -96,7 +97,7 @@ _upgraded: set[str] = set()
 _upgrade_lock = threading.Lock()
 
 
-class PayloadTooLarge(BackendStoreError):
+class PayloadTooLarge(LedgerError, BackendStoreError):
     """A result or exception is larger than ``ledger_max_payload_bytes``."""
 
 

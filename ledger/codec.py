@@ -14,11 +14,9 @@ from typing import Any
 
 import msgpack
 
+from ledger.errors import CodecError
+
 _UUID_EXT = 1
-
-
-class CodecError(ValueError):
-    """A value cannot be encoded, or bytes are not a valid payload."""
 
 
 def _default(obj: Any) -> Any:

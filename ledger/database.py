@@ -22,6 +22,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from ledger.errors import BadDatabaseURL
+
 T = TypeVar("T")
 
 _lock = threading.Lock()
@@ -37,10 +39,6 @@ def _forget_engines_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_engines_in_child)
-
-
-class BadDatabaseURL(ValueError):
-    """The database URL cannot be used by the ledger."""
 
 
 def normalize_url(url: str | URL) -> URL:

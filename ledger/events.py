@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from ledger import codec
+from ledger.errors import CorruptEvent, InvalidEvent
 
 #: Longest task/group/chord id the projection tables accept (column limit).
 MAX_ID_LENGTH = 255
@@ -25,10 +26,6 @@ MAX_ID_LENGTH = 255
 MAX_STATE_LENGTH = 50
 
 Id = str
-
-
-class InvalidEvent(ValueError):
-    """An event failed validation; the message names the offending field."""
 
 
 class Encoded(BaseModel):
@@ -313,10 +310,6 @@ class RecordedEvent:
     @property
     def stream_key(self) -> str:
         return self.stream_id.split(":", 1)[1]
-
-
-class CorruptEvent(ValueError):
-    """A stored payload could not be decoded into its event model."""
 
 
 def validate(data: EventData) -> EventData:

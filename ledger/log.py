@@ -65,6 +65,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ledger.database import driver_fetch, driver_sql, pooled_fetch
+from ledger.errors import RetryableConflict, VersionConflict
 from ledger.events import NewEvent, RecordedEvent, TaskState, encode
 from ledger.schema import events as events_table
 from projections.task_meta import READY_STATES
@@ -86,25 +87,6 @@ class Checkpoint(NamedTuple):
 
 
 START = Checkpoint(0, 0)
-
-
-class VersionConflict(Exception):
-    """Optimistic concurrency: the stream was not at the expected version."""
-
-    def __init__(self, stream_id: str, expected: int, actual: int | None) -> None:
-        where = (
-            f"the stream is at version {actual}"
-            if actual is not None
-            else "a concurrent append took that version"
-        )
-        super().__init__(
-            f"version conflict on stream {stream_id!r}: expected version {expected}, {where}"
-        )
-        self.stream_id, self.expected, self.actual = stream_id, expected, actual
-
-
-class RetryableConflict(Exception):
-    """Concurrent appenders collided; the unit of work is retried in a new transaction."""
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ledger.errors import RebuildError
 from ledger.events import LogPruned, NewEvent, RecordedEvent, payload_problem
 from ledger.log import Encoded
 from ledger.schema import events as events_table
@@ -88,10 +89,6 @@ VERIFY_SUFFIX = "__verify"
 #: Stop catching up without the lock once a pass applies fewer events than this.
 SMALL_CATCH_UP = 500
 MAX_CATCH_UP_PASSES = 20
-
-
-class RebuildError(RuntimeError):
-    """The rebuild could not complete; the live tables are unchanged."""
 
 
 @dataclass

@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ledger.api import Ledger
+from ledger.errors import DeliveryFailed
 from ledger.events import TOMBSTONE_TYPES, RecordedEvent, TaskState
 from ledger.listen import Listener
 from ledger.log import Checkpoint
@@ -149,10 +150,6 @@ class FileRelayLock(RelayLock):
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
-
-
-class DeliveryFailed(Exception):
-    """The broker did not acknowledge every record of a batch."""
 
 
 class Relay:

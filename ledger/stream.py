@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from ledger.errors import BadRecord
 from ledger.events import RecordedEvent
 
 if TYPE_CHECKING:
@@ -50,10 +51,6 @@ log = logging.getLogger("ledger.stream")
 
 _ENVELOPE = ("event_id", "type", "schema_version", "position", "tx_id", "stream_id",
              "stream_version", "recorded_at")
-
-
-class BadRecord(ValueError):
-    """A record on the topic is not in the ledger's record format."""
 
 
 def _pack(value: Any) -> bytes:

@@ -32,6 +32,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ledger.errors import UnknownId
 from ledger.events import (
     ChordFired,
     ChordPartReturned,
@@ -47,10 +48,6 @@ from projections.task_meta import READY_STATES, STICKY_STATE
 
 #: Upper bound on tasks gathered for one timeline (a guard against runaway workflows).
 MAX_TASKS = 5000
-
-
-class UnknownId(LookupError):
-    """No task, group or chord with this id in the log."""
 
 
 @dataclass
