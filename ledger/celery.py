@@ -21,19 +21,7 @@ The body is therefore sent once however often parts are redelivered, and
 LISTEN/NOTIFY (an append notifies its stream id at commit) and re-read only
 when a stream they wait for changed; on SQLite they poll every ``interval``.
 
-Celery settings read here, beside Celery's own ``result_*`` settings:
-
-* ``ledger_auto_upgrade`` (default False): run the schema migrations when the
-  backend first touches the database in this process.
-* ``ledger_redact_kwargs`` / ``ledger_redact_args``: argument names / positions
-  stored as ``"[redacted]"`` with ``result_extended`` (see :mod:`ledger.redaction`).
-* ``ledger_max_payload_bytes`` (default 64 MiB): the largest encoded result or
-  exception stored; a larger one raises :class:`PayloadTooLarge` and nothing is written.
-* ``ledger_notify`` (default ``"ready"``): which stores send a PostgreSQL NOTIFY.
-  ``"ready"``: all but STARTED, RETRY and custom progress states, which no
-  ``get()`` waits for; followers find those by polling (0.1 s). ``"all"``: every
-  store, for followers that need non-ready states at once, at the cost of
-  notifying commits queueing behind each other (see :mod:`ledger.log`).
+The ``ledger_*`` Celery settings it reads are listed in :mod:`ledger.settings`.
 """
 
 from __future__ import annotations
@@ -63,7 +51,7 @@ from kombu.utils.encoding import ensure_bytes
 
 from ledger import codec, database
 from ledger.api import Ledger, RetryPolicy
-from ledger.errors import LedgerError
+from ledger.errors import LedgerError, SettingError
 from ledger.events import (
     ChordPartAdded,
     ChordStarted,
@@ -77,8 +65,8 @@ from ledger.events import (
     TaskState,
 )
 from ledger.listen import Listener
-from ledger.log import NOTIFY_MODES
 from ledger.redaction import redact_args, redact_kwargs
+from ledger.settings import BackendSettings
 from projections.task_meta import TaskMeta
 
 logger = get_logger(__name__)
@@ -91,7 +79,6 @@ SAFETY_NET_SECONDS = 5.0
 EXPIRY_BATCH = 500
 
 #: Default of ``ledger_max_payload_bytes``.
-MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 
 _upgraded: set[str] = set()
 _upgrade_lock = threading.Lock()
@@ -118,16 +105,16 @@ class LedgerBackend(BaseBackend):
             )
         # Validates the URL now (a clear error at configuration time), connects later.
         self._db_url = database.normalize_url(url)
-        self.auto_upgrade = bool(conf.get("ledger_auto_upgrade", False))
-        self.redact_kwargs = frozenset(conf.get("ledger_redact_kwargs") or ())
-        self.redact_args = frozenset(int(i) for i in conf.get("ledger_redact_args") or ())
+        try:
+            settings = BackendSettings.from_conf(conf)
+        except SettingError as exc:
+            raise ImproperlyConfigured(str(exc)) from None
+        self.auto_upgrade = settings.auto_upgrade
+        self.redact_kwargs = settings.redact_kwargs
+        self.redact_args = settings.redact_args
+        self.max_payload_bytes = settings.max_payload_bytes
+        self.notify = settings.notify
         self.extended = bool(conf.find_value_for_key("extended", "result"))
-        self.max_payload_bytes = int(conf.get("ledger_max_payload_bytes") or MAX_PAYLOAD_BYTES)
-        self.notify = conf.get("ledger_notify") or "ready"
-        if self.notify not in NOTIFY_MODES:
-            raise ImproperlyConfigured(
-                f"ledger_notify must be one of {', '.join(map(repr, NOTIFY_MODES))}, not {self.notify!r}"
-            )
 
     # -- connection ---------------------------------------------------------------------
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 
 from ledger.database import BadDatabaseURL, safe_url
-
-DEFAULT_DB = "sqlite:///celery-ledger.db"
+from ledger.settings import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, database_url_from_env
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -23,10 +21,10 @@ Handler = Callable[[argparse.Namespace], int]
 def _db_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
-        default=os.environ.get("LEDGER_DATABASE_URL", DEFAULT_DB),
+        default=database_url_from_env(),
         metavar="URL",
         help="ledger database: sqlite:///file.db or postgresql+psycopg://user@host/db "
-        "(default: $LEDGER_DATABASE_URL or %(default)s)",
+        f"(default: ${DATABASE_URL_ENV} or {DEFAULT_DATABASE_URL})",
     )
 
 

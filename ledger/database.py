@@ -23,6 +23,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from ledger.errors import BadDatabaseURL
+from ledger.settings import pool_size_from_env
 
 T = TypeVar("T")
 
@@ -106,7 +107,7 @@ def _create(u: URL) -> Engine:
         return engine
     return sa.create_engine(
         u,
-        pool_size=int(os.environ.get("LEDGER_POOL_SIZE", "8")),
+        pool_size=pool_size_from_env(),
         max_overflow=16,
         pool_recycle=1800,
         # Disconnects are handled by retrying the whole unit of work

@@ -38,6 +38,10 @@ class BadDatabaseURL(LedgerError, ValueError):
     """The database URL cannot be used by the ledger."""
 
 
+class SettingError(LedgerError, ValueError):
+    """A ``ledger_*`` setting has a value the ledger cannot use."""
+
+
 # -- concurrency -------------------------------------------------------------------------
 
 

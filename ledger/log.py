@@ -68,6 +68,7 @@ from ledger.database import driver_fetch, driver_sql, pooled_fetch
 from ledger.errors import RetryableConflict, VersionConflict
 from ledger.events import NewEvent, RecordedEvent, TaskState, encode
 from ledger.schema import events as events_table
+from ledger.settings import NOTIFY_MODES
 from projections.task_meta import READY_STATES
 
 if TYPE_CHECKING:
@@ -75,7 +76,6 @@ if TYPE_CHECKING:
 
 NOTIFY_CHANNEL = "ledger_events"
 #: PostgreSQL appends that NOTIFY: "ready" (all but non-ready task states) or "all".
-NOTIFY_MODES = ("ready", "all")
 TASK_STATE = TaskState.type
 
 

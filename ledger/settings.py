@@ -1,0 +1,81 @@
+"""Configuration in one place: the environment variable, the Celery ``ledger_*``
+settings, and their defaults.
+
+The backend's options are Celery settings (``app.conf.ledger_notify = "all"``),
+as Celery users expect, read beside Celery's own ``result_*`` settings:
+
+* ``ledger_auto_upgrade`` (default False): run the schema migrations when the
+  backend first touches the database in this process.
+* ``ledger_redact_kwargs`` / ``ledger_redact_args``: argument names / positions
+  stored as ``"[redacted]"`` with ``result_extended`` (see :mod:`ledger.redaction`).
+* ``ledger_max_payload_bytes`` (default 64 MiB): the largest encoded result or
+  exception stored; a larger one is refused and nothing is written.
+* ``ledger_notify`` (default ``"ready"``): which stores send a PostgreSQL NOTIFY.
+  ``"ready"``: all but STARTED, RETRY and custom progress states, which no
+  ``get()`` waits for; followers find those by polling (0.1 s). ``"all"``: every
+  store, for followers that need non-ready states at once, at the cost of
+  notifying commits queueing behind each other (see :mod:`ledger.log`).
+
+Environment: commands without a Celery app read the database URL from
+``$LEDGER_DATABASE_URL``; ``$LEDGER_POOL_SIZE`` (default 8) sizes each process's
+PostgreSQL connection pool.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ledger.errors import SettingError
+
+#: The environment variable commands read the database URL from.
+DATABASE_URL_ENV = "LEDGER_DATABASE_URL"
+#: The database commands use when neither ``--db`` nor the environment names one.
+DEFAULT_DATABASE_URL = "sqlite:///celery-ledger.db"
+#: ``ledger_max_payload_bytes`` when unset.
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+#: The values ``ledger_notify`` accepts; the first is the default.
+NOTIFY_MODES = ("ready", "all")
+
+
+#: The environment variable sizing a process's PostgreSQL pool, and its default.
+POOL_SIZE_ENV, DEFAULT_POOL_SIZE = "LEDGER_POOL_SIZE", 8
+
+
+def pool_size_from_env() -> int:
+    """``$LEDGER_POOL_SIZE`` or 8: connections kept open per process and database."""
+    return int(os.environ.get(POOL_SIZE_ENV) or DEFAULT_POOL_SIZE)
+
+
+def database_url_from_env() -> str:
+    """``$LEDGER_DATABASE_URL``, or the default SQLite file in the current directory."""
+    return os.environ.get(DATABASE_URL_ENV) or DEFAULT_DATABASE_URL
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """The ``ledger_*`` Celery settings of one app, validated."""
+
+    auto_upgrade: bool = False
+    redact_kwargs: frozenset[str] = frozenset()
+    redact_args: frozenset[int] = frozenset()
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    notify: str = NOTIFY_MODES[0]
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, Any]) -> BackendSettings:
+        """Read from a Celery ``app.conf``; :class:`SettingError` names a bad value."""
+        notify = conf.get("ledger_notify") or NOTIFY_MODES[0]
+        if notify not in NOTIFY_MODES:
+            raise SettingError(
+                f"ledger_notify must be one of {', '.join(map(repr, NOTIFY_MODES))}, not {notify!r}"
+            )
+        return cls(
+            auto_upgrade=bool(conf.get("ledger_auto_upgrade", False)),
+            redact_kwargs=frozenset(conf.get("ledger_redact_kwargs") or ()),
+            redact_args=frozenset(int(i) for i in conf.get("ledger_redact_args") or ()),
+            max_payload_bytes=int(conf.get("ledger_max_payload_bytes") or MAX_PAYLOAD_BYTES),
+            notify=notify,
+        )
