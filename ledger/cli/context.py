@@ -1,0 +1,68 @@
+"""What every command shares: the database it opens, its failures, its options."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    from ledger.api import Ledger
+
+DEFAULT_DB = "sqlite:///celery-ledger.db"
+DB_ENV = "LEDGER_DATABASE_URL"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Env:
+    """The invocation's settings, set by the root group (or the Celery plugin)."""
+
+    db: str
+
+    def ledger(self, *, upgrade: bool = False) -> Ledger:
+        from ledger.api import Ledger
+
+        return Ledger.open(self.db, upgrade=upgrade)
+
+
+pass_env = click.make_pass_decorator(Env)
+
+
+class Failure(click.ClickException):
+    """One line on stderr naming the problem, and the exit status."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"celery-ledger: {self.format_message()}", err=True)
+
+
+def _set_db(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(Env).db = value
+
+
+def db_option(f: F) -> F:
+    """``--db`` after the command name too (``history ID --db URL``), as before the port."""
+    return click.option(
+        "--db", default=None, metavar="URL", expose_value=False, is_eager=True, callback=_set_db,
+        help="ledger database (same as the global --db)",
+    )(f)
+
+
+def format_option(*choices: str, default: str = "text") -> Callable[[F], F]:
+    return click.option(
+        "--format", "fmt", type=click.Choice(choices), default=default, show_default=True,
+        help="output format",
+    )
+
+
+def print_json(obj: object) -> None:
+    click.echo(json.dumps(obj, default=str, indent=2))
