@@ -3,12 +3,13 @@
 One module per command group; each command calls into the domain modules
 (ledger/audit.py, ledger/rebuild.py, ...), which never import this package.
 Add a command: write it in the module of its group (or a new module) and list
-it in :data:`COMMANDS`.
+it in :data:`COMMANDS`: ``celery-ledger`` and ``celery ledger`` (ledger/cli/plugin.py)
+both get it.
 """
 
 from __future__ import annotations
 
-from ledger.cli import audit, db, demo, rebuild, stream, timeline
+from ledger.cli import audit, db, demo, plugin, rebuild, stream, timeline
 from ledger.cli.root import cli, main
 
 COMMANDS = (
@@ -21,5 +22,6 @@ COMMANDS = (
 )
 for _command in COMMANDS:
     cli.add_command(_command)
+    plugin.ledger.add_command(_command)
 
 __all__ = ["COMMANDS", "cli", "main"]

@@ -18,21 +18,6 @@ DB_ENV = "LEDGER_DATABASE_URL"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-@dataclass
-class Env:
-    """The invocation's settings, set by the root group (or the Celery plugin)."""
-
-    db: str
-
-    def ledger(self, *, upgrade: bool = False) -> Ledger:
-        from ledger.api import Ledger
-
-        return Ledger.open(self.db, upgrade=upgrade)
-
-
-pass_env = click.make_pass_decorator(Env)
-
-
 class Failure(click.ClickException):
     """One line on stderr naming the problem, and the exit status."""
 
@@ -42,6 +27,29 @@ class Failure(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"celery-ledger: {self.format_message()}", err=True)
+
+
+@dataclass
+class Env:
+    """The invocation's settings, set by the root group (or the Celery plugin)."""
+
+    db: str | None
+    #: Why there is no database, said when a command needs one.
+    missing: str = "no database given: pass --db URL"
+
+    @property
+    def url(self) -> str:
+        if self.db is None:
+            raise Failure(self.missing, exit_code=2)
+        return self.db
+
+    def ledger(self, *, upgrade: bool = False) -> Ledger:
+        from ledger.api import Ledger
+
+        return Ledger.open(self.url, upgrade=upgrade)
+
+
+pass_env = click.make_pass_decorator(Env)
 
 
 def _set_db(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:

@@ -15,4 +15,4 @@ def demo(ctx: click.Context, env: Env) -> None:
     """Run an in-process Celery app on the ledger and print the history."""
     from ledger.demo import run
 
-    ctx.exit(run(env.db))
+    ctx.exit(run(env.url))

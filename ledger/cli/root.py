@@ -28,7 +28,7 @@ class LedgerGroup(DYMGroup):
             raise Failure(str(exc), exit_code=2) from None
         except SQLAlchemyError as exc:
             env = ctx.find_object(Env)
-            where = f" [db {safe_url(env.db)}]" if env is not None else ""
+            where = f" [db {safe_url(env.db)}]" if env is not None and env.db else ""
             msg = f"database error ({type(exc.orig or exc).__name__}): {_first_line(exc)}"
             raise Failure(msg + where) from None
         except KeyboardInterrupt:
