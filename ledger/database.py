@@ -65,21 +65,33 @@ def normalize_url(url: str | URL) -> URL:
     return u
 
 
+#: Query keys whose values are secrets: libpq's ``password`` and ``sslpassword``, and any
+#: other key naming a password, secret or token (a driver option or a typo of one).
+_SECRET_KEY = re.compile(r"pass|secret|token", re.IGNORECASE)
+_SECRET_IN_QUERY = re.compile(r"([?&][^=&#]*(?:pass|secret|token)[^=&#]*=)[^&#]*", re.IGNORECASE)
+
+
 def safe_url(url: str | URL) -> str:
-    """The URL with any password replaced by ``***``."""
-    if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
+    """The URL as people may see it: its password and secret query values replaced by ``***``.
+
+    The one place URLs are masked: CLI errors, ``Ledger.url`` and the backend's
+    ``as_uri()`` (printed by a worker at start-up) all go through it.
+    """
     prefix = ""
-    if url.startswith("ledger+"):
-        prefix, url = "ledger+", url[len("ledger+") :]
-    try:
-        return prefix + make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        # Not parseable: strip anything between '://' and '@' that looks like credentials.
-        head, sep, tail = url.partition("://")
-        if sep and "@" in tail:
-            tail = "***@" + tail.split("@", 1)[1]
-        return prefix + head + sep + tail
+    if isinstance(url, str):
+        if url.startswith("ledger+"):
+            prefix, url = "ledger+", url[len("ledger+") :]
+        try:
+            url = make_url(url)
+        except Exception:
+            # Not parseable: hide what sits between '://' and '@', and secret query values.
+            head, sep, tail = url.partition("://")
+            if sep and "@" in tail:
+                tail = "***@" + tail.split("@", 1)[1]
+            return prefix + _SECRET_IN_QUERY.sub(r"\1***", head + sep + tail)
+    hidden = {k: "***" for k in url.query if _SECRET_KEY.search(k)}
+    text = url.update_query_dict(hidden).render_as_string(hide_password=True)
+    return prefix + text.replace("=%2A%2A%2A", "=***")  # the mask, not its URL quoting
 
 
 def engine_for(url: str | URL) -> Engine:

@@ -1,0 +1,46 @@
+"""Hostile input and output (issue 14): each mistake is one line and an exit status, run as a
+real ``celery-ledger`` process; no injection reaches a terminal or a spreadsheet; no secret shown."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+CLI = str(Path(sys.executable).parent / "celery-ledger")
+
+
+def cli(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``celery-ledger argv`` as a process; no Python traceback may reach its user."""
+    env = {k: v for k, v in os.environ.items() if k != "LEDGER_DATABASE_URL"}
+    run = subprocess.run([CLI, *argv], capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+    assert "Traceback" not in run.stderr, run.stderr
+    return run
+
+
+def one_line(run: subprocess.CompletedProcess, status: int) -> str:
+    """The single stderr line of a command that failed with ``status``."""
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == status and len(lines) == 1, (run.returncode, run.stderr)
+    return lines[0]
+
+
+# -- 1. secrets in URLs ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["password", "sslpassword"])
+def test_a_secret_in_the_urls_query_is_masked_in_cli_errors(key):
+    run = cli("history", "x", "--db", f"postgresql://bob@127.0.0.1/db?{key}=s3cret")
+    line = one_line(run, 1)
+    assert "s3cret" not in run.stderr + run.stdout
+    assert f"{key}=***" in line
+
+
+@pytest.mark.parametrize("key", ["password", "sslpassword"])
+def test_a_secret_in_the_urls_query_is_masked_by_the_backends_as_uri(key):
+    app = Celery(backend=f"ledger+postgresql://bob@127.0.0.1/db?{key}=s3cret", set_as_current=False)
+    assert app.backend.as_uri() == f"ledger+postgresql+psycopg://bob@127.0.0.1/db?{key}=***"
