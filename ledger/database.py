@@ -44,7 +44,8 @@ class BadDatabaseURL(ValueError):
 
 
 def normalize_url(url: str | URL) -> URL:
-    """Accept ``sqlite:///f.db``, ``postgresql://``, ``postgresql+psycopg://``, ``ledger+...``."""
+    """Accept ``sqlite:///f.db``, ``postgresql://`` (or ``postgres://``), ``postgresql+psycopg://``,
+    ``ledger+...``; refuse in-memory SQLite, which each pooled connection would see empty."""
     text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
     if text.startswith("ledger+"):
         text = text[len("ledger+") :]
@@ -52,7 +53,15 @@ def normalize_url(url: str | URL) -> URL:
         u = make_url(text)
     except Exception as exc:  # ArgumentError and friends
         raise BadDatabaseURL(f"not a database URL: {safe_url(text)!r} ({exc.__class__.__name__})") from None
+    if u.drivername == "postgres" or u.drivername.startswith("postgres+"):
+        # Heroku's spelling; SQLAlchemy 2 knows only "postgresql".
+        u = u.set(drivername="postgresql" + u.drivername[len("postgres"):])
     backend = u.get_backend_name()
+    if backend == "sqlite" and u.database in (None, "", ":memory:"):
+        raise BadDatabaseURL(
+            f"{safe_url(text)!r} is an in-memory SQLite database, empty for every connection "
+            "and gone at exit: use a file, sqlite:///path/ledger.db"
+        )
     if backend == "postgresql":
         if u.get_driver_name() not in ("psycopg", "psycopg2") or "+" not in u.drivername:
             u = u.set(drivername="postgresql+psycopg")

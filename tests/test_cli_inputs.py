@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from ledger.api import Ledger
+from ledger.events import TaskState
+
 CLI = str(Path(sys.executable).parent / "celery-ledger")
 
 
@@ -44,3 +47,19 @@ def test_a_secret_in_the_urls_query_is_masked_in_cli_errors(key):
 def test_a_secret_in_the_urls_query_is_masked_by_the_backends_as_uri(key):
     app = Celery(backend=f"ledger+postgresql://bob@127.0.0.1/db?{key}=s3cret", set_as_current=False)
     assert app.backend.as_uri() == f"ledger+postgresql+psycopg://bob@127.0.0.1/db?{key}=***"
+
+
+# -- 6. URLs: in-memory SQLite refused, postgres:// accepted --------------------------------
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "ledger+sqlite://"])
+def test_an_in_memory_sqlite_url_is_refused_in_one_line(url):
+    line = one_line(cli("history", "x", "--db", url), 2)
+    assert "in-memory SQLite database" in line and "use a file" in line
+
+
+def test_a_postgres_url_in_herokus_spelling_is_accepted(pg_url):
+    Ledger.open(pg_url).append([TaskState(task_id="t1", status="SUCCESS")])
+    heroku = "postgres://" + pg_url.split("://", 1)[1]
+    run = cli("history", "t1", "--db", heroku)
+    assert run.returncode == 0 and "SUCCESS" in run.stdout, run.stderr
