@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -117,8 +118,23 @@ def engine_for(url: str | URL) -> Engine:
     return engine
 
 
+def sqlite_file(url: str | URL) -> str | None:
+    """The file of a SQLite URL (None for PostgreSQL)."""
+    u = normalize_url(url)
+    return u.database if u.get_backend_name() == "sqlite" else None
+
+
+def _create_private(path: str) -> None:
+    # SQLite would create the file with the umask's mode (0644: anyone on the host
+    # could read task results and arguments); its -wal and -shm files take the
+    # database file's mode, so creating it 0600 first covers all three.
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 def _create(u: URL) -> Engine:
     if u.get_backend_name() == "sqlite":
+        _create_private(u.database)
         engine = sa.create_engine(
             u,
             connect_args={"timeout": 60, "check_same_thread": False},

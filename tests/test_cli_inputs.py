@@ -63,3 +63,27 @@ def test_a_postgres_url_in_herokus_spelling_is_accepted(pg_url):
     heroku = "postgres://" + pg_url.split("://", 1)[1]
     run = cli("history", "t1", "--db", heroku)
     assert run.returncode == 0 and "SUCCESS" in run.stdout, run.stderr
+
+
+# -- 5 and 13. SQLite files: created private, never by a read command -----------------------
+
+
+def test_a_new_sqlite_database_and_its_wal_are_readable_by_their_owner_only(tmp_path):
+    db = tmp_path / "new.db"
+    run = cli("db", "upgrade", "--db", f"sqlite:///{db}")
+    assert run.returncode == 0, run.stderr
+    Ledger.open(f"sqlite:///{db}").append([TaskState(task_id="t1", status="SUCCESS")])
+    files = [db, tmp_path / "new.db-wal"]
+    assert all(f.exists() for f in files)
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {"0o600"}
+
+
+@pytest.mark.parametrize("argv", [
+    ("history", "t1"), ("show", "t1"), ("export",), ("timeline", "t1"), ("tail",), ("verify",),
+    ("rebuild",), ("prune", "--before", "2026-01-01"), ("db", "current"), ("db", "check"),
+])
+def test_a_command_on_a_mistyped_sqlite_path_says_so_and_creates_nothing(tmp_path, argv):
+    db = tmp_path / "typo.db"
+    line = one_line(cli(*argv, "--db", f"sqlite:///{db}"), 1)
+    assert line == f"celery-ledger: no ledger database at {db} (create one: celery-ledger db upgrade)"
+    assert list(tmp_path.iterdir()) == []

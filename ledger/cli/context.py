@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,10 +44,16 @@ class Env:
             raise Failure(self.missing, exit_code=2)
         return self.db
 
-    def ledger(self, *, upgrade: bool = False) -> Ledger:
+    def ledger(self, *, create: bool = False) -> Ledger:
+        """The ledger at ``--db``; unless ``create``, a SQLite file must already exist."""
+        from ledger import database
         from ledger.api import Ledger
 
-        return Ledger.open(self.url, upgrade=upgrade)
+        path = database.sqlite_file(self.url)
+        if not create and path is not None and not os.path.exists(path):
+            # A mistyped path must not leave an empty database behind.
+            raise Failure(f"no ledger database at {path} (create one: celery-ledger db upgrade)")
+        return Ledger.open(self.url)
 
 
 pass_env = click.make_pass_decorator(Env)

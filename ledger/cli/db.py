@@ -21,7 +21,7 @@ def upgrade(env: Env, revision: str) -> None:
     """Migrate the schema up (default: to head)."""
     from ledger import migrate
 
-    ledger = env.ledger()
+    ledger = env.ledger(create=True)
     migrate.upgrade(ledger.engine, revision)
     click.echo(f"{ledger.url}: schema at revision {migrate.current(ledger.engine)}")
 
