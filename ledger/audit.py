@@ -27,6 +27,7 @@ from ledger.events import (
     TaskForgotten,
     TaskState,
 )
+from ledger.output import csv_cell
 
 SUMMARY_WIDTH = 80
 
@@ -326,7 +327,7 @@ def export(
     n = 0
     for event in iter_events(ledger, since=since, until=until, task_id=task_id, batch=batch):
         if writer is not None:
-            writer.writerow(export_row(event))
+            writer.writerow({k: csv_cell(v) for k, v in export_row(event).items()})
         else:
             out.write(json.dumps(export_record(event), ensure_ascii=False, default=str) + "\n")
         n += 1

@@ -3,6 +3,7 @@ real ``celery-ledger`` process; no injection reaches a terminal or a spreadsheet
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -87,3 +88,47 @@ def test_a_command_on_a_mistyped_sqlite_path_says_so_and_creates_nothing(tmp_pat
     line = one_line(cli(*argv, "--db", f"sqlite:///{db}"), 1)
     assert line == f"celery-ledger: no ledger database at {db} (create one: celery-ledger db upgrade)"
     assert list(tmp_path.iterdir()) == []
+
+
+# -- 2 and 3. stored strings are data: no terminal escapes, no spreadsheet formulas ----------
+
+ESC = "\x1b]0;TITLE\x07\x1b[2J"
+
+
+@pytest.fixture
+def hostile(sqlite_url):
+    """A task whose every free-text field (and its id) carries terminal escapes."""
+    Ledger.open(sqlite_url).append([
+        TaskState(task_id=f"t{ESC}", status=f"CUSTOM{ESC}", name=f"proj.{ESC}", worker=f"w{ESC}\u202e",
+                  exc_type="ValueError", exc_message=f"bad{ESC}\rinput", root_id=f"t{ESC}"),
+    ])
+    return sqlite_url
+
+
+@pytest.mark.parametrize("argv", [
+    ("history", f"t{ESC}"), ("show", f"t{ESC}"), ("tail",), ("tail", "--task", f"t{ESC}"),
+    ("timeline", f"t{ESC}"), ("history", "nope" + ESC),
+])
+def test_terminal_escapes_stored_in_a_task_are_printed_escaped(hostile, argv):
+    run = cli(*argv, "--db", hostile)
+    out = run.stdout + run.stderr
+    assert out.strip(), run
+    assert not any(c in out for c in "\x1b\x07\r\u202e")
+    assert "\\x1b]0;TITLE\\x07" in out
+
+
+def test_csv_export_neutralizes_formula_cells_and_keeps_numbers(sqlite_url, tmp_path):
+    Ledger.open(sqlite_url).append([
+        TaskState(task_id="t1", status="FAILURE", name='=HYPERLINK("http://evil","x")',
+                  worker="@SUM(1+1)", retries=3, exc_type="ValueError", exc_message="=1+1"),
+        TaskState(task_id="t2", status="SUCCESS", name="+cmd", worker="-w", retries=0),
+    ])
+    out = tmp_path / "audit.csv"
+    assert cli("export", "--format", "csv", "-o", str(out), "--db", sqlite_url).returncode == 0
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert [(r["name"], r["worker"], r["exc_message"]) for r in rows] == [
+        ("'=HYPERLINK(\"http://evil\",\"x\")", "'@SUM(1+1)", "'=1+1"), ("'+cmd", "'-w", ""),
+    ]
+    assert [(r["position"], r["retries"]) for r in rows] == [("1", "3"), ("2", "0")]
+    for row in rows:
+        assert not any(str(v).startswith(("=", "+", "-", "@", "\t", "\r")) for v in row.values())

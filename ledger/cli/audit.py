@@ -9,7 +9,7 @@ from datetime import datetime
 
 import click
 
-from ledger.cli.context import Env, Failure, db_option, format_option, pass_env, print_json
+from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
 from ledger.cli.params import TIME, TIME_OR_POSITION
 
 
@@ -32,9 +32,9 @@ def history(env: Env, task_id: str, fmt: str) -> None:
     if fmt == "json":
         print_json({"task_id": task_id, "events": rows, "pruned": pruned})
         return
-    click.echo(format_history(task_id, rows))
+    echo(format_history(task_id, rows))
     for p in pruned:
-        click.echo(f"(earlier events recorded before {p['before']} were pruned at {p['pruned_at']})")
+        echo(f"(earlier events recorded before {p['before']} were pruned at {p['pruned_at']})")
 
 
 @click.command()
@@ -58,16 +58,16 @@ def show(env: Env, task_id: str, as_of: datetime | int | None, fmt: str) -> None
     when = "now" if as_of is None else (
         f"at position {as_of}" if isinstance(as_of, int) else f"at {as_of.isoformat()}"
     )
-    click.echo(f"task {task_id} {when}")
+    echo(f"task {task_id} {when}")
     for key, value in record.items():
         if key in ("task_id", "as_of") or value is None:
             continue
         if key == "traceback":
-            click.echo("traceback:\n  " + str(value).rstrip().replace("\n", "\n  "))
+            echo("traceback:\n  " + str(value).rstrip().replace("\n", "\n  "))
             continue
         if key == "result" and not isinstance(value, str):
             value = json.dumps(value, default=str)
-        click.echo(f"{key}: {value}")
+        echo(f"{key}: {value}")
 
 
 @click.command()
@@ -93,4 +93,4 @@ def export(env: Env, since: datetime | None, until: datetime | None, task: str |
     ) as out, Progress("export", total) as progress:
         n = write_events(ledger, out, fmt=fmt, progress=progress, **filters)
     if output:
-        click.echo(f"wrote {n} events to {output}", err=True)
+        echo(f"wrote {n} events to {output}", err=True)

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from ledger.output import terminal_safe
+
 if TYPE_CHECKING:
     from ledger.api import Ledger
 
@@ -27,7 +29,7 @@ class Failure(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"celery-ledger: {self.format_message()}", err=True)
+        echo(f"celery-ledger: {self.format_message()}", err=True)
 
 
 @dataclass
@@ -77,6 +79,11 @@ def format_option(*choices: str, default: str = "text") -> Callable[[F], F]:
         "--format", "fmt", type=click.Choice(choices), default=default, show_default=True,
         help="output format",
     )
+
+
+def echo(text: str, *, err: bool = False) -> None:
+    """Print a line of text output: stored strings are data, never terminal control."""
+    click.echo(terminal_safe(text), err=err)
 
 
 def print_json(obj: object) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ledger.cli.context import Env, db_option, pass_env
+from ledger.cli.context import Env, db_option, echo, pass_env
 from ledger.cli.root import LedgerGroup
 
 
@@ -23,7 +23,7 @@ def upgrade(env: Env, revision: str) -> None:
 
     ledger = env.ledger(create=True)
     migrate.upgrade(ledger.engine, revision)
-    click.echo(f"{ledger.url}: schema at revision {migrate.current(ledger.engine)}")
+    echo(f"{ledger.url}: schema at revision {migrate.current(ledger.engine)}")
 
 
 @db.command()
@@ -36,7 +36,7 @@ def downgrade(env: Env, revision: str) -> None:
 
     ledger = env.ledger()
     migrate.downgrade(ledger.engine, revision)
-    click.echo(f"{ledger.url}: schema at revision {migrate.current(ledger.engine)}")
+    echo(f"{ledger.url}: schema at revision {migrate.current(ledger.engine)}")
 
 
 @db.command()
@@ -49,7 +49,7 @@ def current(ctx: click.Context, env: Env) -> None:
 
     ledger = env.ledger()
     cur, head = migrate.current(ledger.engine), migrate.head()
-    click.echo(f"{ledger.url}: revision {cur} (head {head})")
+    echo(f"{ledger.url}: revision {cur} (head {head})")
     if cur != head:
         ctx.exit(1)
 
@@ -62,4 +62,4 @@ def check(env: Env) -> None:
     from ledger import migrate
 
     migrate.check(env.ledger().engine)
-    click.echo("schema matches the table definitions")
+    echo("schema matches the table definitions")

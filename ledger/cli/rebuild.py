@@ -6,7 +6,7 @@ from datetime import datetime
 
 import click
 
-from ledger.cli.context import Env, Failure, db_option, pass_env
+from ledger.cli.context import Env, Failure, db_option, echo, pass_env
 from ledger.cli.params import TIME
 from ledger.rebuild import PROJECTIONS
 
@@ -35,7 +35,7 @@ def rebuild(env: Env, projections: tuple[str, ...]) -> None:
     except RebuildError as exc:
         raise Failure(f"rebuild failed: {exc}") from None
     rows = ", ".join(f"{name} {n:,}" for name, n in report.rows.items())
-    click.echo(
+    echo(
         f"rebuilt {', '.join(report.projections)} from {report.events:,} events in "
         f"{report.seconds:.2f}s ({report.rate:,.0f} events/s; fill {report.fill_seconds:.2f}s, "
         f"swap {report.swap_seconds:.3f}s, {report.caught_up} events caught up): {rows}"
@@ -53,12 +53,12 @@ def verify(ctx: click.Context, env: Env, projections: tuple[str, ...]) -> None:
 
     differences = run_verify(env.ledger(), list(projections) or None)
     for line in differences:
-        click.echo(line)
+        echo(line)
     if differences:
-        click.echo(f"{len(differences)} difference(s) between the live projections and the log",
+        echo(f"{len(differences)} difference(s) between the live projections and the log",
                    err=True)
         ctx.exit(1)
-    click.echo("projections match the log")
+    echo("projections match the log")
 
 
 @click.command()
@@ -71,7 +71,7 @@ def prune(env: Env, before: datetime) -> None:
     from ledger.rebuild import prune as run_prune
 
     report = run_prune(env.ledger(), before)
-    click.echo(
+    echo(
         f"pruned {report.events_deleted:,} events recorded before {report.before.isoformat()} "
         f"from {len(report.streams):,} streams; kept {report.kept_for_projections:,} older events "
         "that live projections still need"

@@ -10,7 +10,7 @@ import uuid
 
 import click
 
-from ledger.cli.context import Env, db_option, format_option, pass_env
+from ledger.cli.context import Env, db_option, echo, format_option, pass_env
 
 
 def _stop_on_sigterm() -> threading.Event:
@@ -50,7 +50,7 @@ def relay(env: Env, bootstrap: str, topic: str, state_topic: str | None, once: b
         relayed = relayer.run(once=once, stop=stop)
     except KeyboardInterrupt:
         relayed = relayer.relayed
-    click.echo(f"relayed {relayed} events to {topic}; checkpoint {tuple(relayer.checkpoint)}")
+    echo(f"relayed {relayed} events to {topic}; checkpoint {tuple(relayer.checkpoint)}")
 
 
 @click.command()
@@ -74,11 +74,11 @@ def tail(env: Env, follow: bool, task: str | None, lines: int, fmt: str) -> None
         start = history[0].position - 1 if history else ledger.follower_lag()["head_position"]
         for event in history:
             printed.add(event.event_id)
-            click.echo(format_event(event, fmt))
+            echo(format_event(event, fmt))
     else:
         start = max(0, ledger.follower_lag()["head_position"] - lines)
     stop = _stop_on_sigterm()
     for event in ledger.follow(start, stop=stop, idle_timeout=None if follow else 0):
         if stream_id is not None and (event.stream_id != stream_id or event.event_id in printed):
             continue
-        click.echo(format_event(event, fmt))
+        echo(format_event(event, fmt))

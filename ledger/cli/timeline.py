@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ledger.cli.context import Env, Failure, db_option, format_option, pass_env, print_json
+from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
 
 
 @click.command()
@@ -29,4 +29,4 @@ def timeline(env: Env, id: str, fmt: str, html: str | None, width: int) -> None:
     if fmt == "json":
         print_json(to_json(wf))
     else:
-        click.echo(render_text(wf, width=width))
+        echo(render_text(wf, width=width))
