@@ -8,12 +8,9 @@ must not execute what a task returned.
 
 from __future__ import annotations
 
-import argparse
 import base64
-import contextlib
 import csv
 import json
-import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -31,6 +28,7 @@ from ledger.events import (
     TaskForgotten,
     TaskState,
 )
+from ledger.output import csv_cell
 
 SUMMARY_WIDTH = 80
 
@@ -162,27 +160,6 @@ def format_history(task_id: str, rows: list[dict[str, Any]]) -> str:
     return head + "\n" + render_table(table, _HISTORY_COLUMNS)
 
 
-# -- time and position arguments -------------------------------------------------------
-
-
-def parse_time(text: str) -> datetime:
-    """ISO 8601 date or datetime; a value without a zone is taken as UTC."""
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an ISO 8601 time (e.g. 2026-01-31T12:00:00+00:00)"
-        ) from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
-
-
-def parse_as_of(text: str) -> datetime | int:
-    """A log position (an integer) or an ISO 8601 time."""
-    if text.strip().isdigit():
-        return int(text)
-    return parse_time(text)
-
-
 # -- commands ----------------------------------------------------------------------------
 
 
@@ -194,26 +171,6 @@ def prunes_of(ledger, stream_id: str) -> list[dict[str, Any]]:
         if isinstance(data, LogPruned) and stream_id in data.streams:
             out.append({"pruned_at": event.recorded_at.isoformat(), "before": data.before.isoformat()})
     return out
-
-
-def _history(args: argparse.Namespace) -> int:
-    from ledger.cli import _open, print_json
-
-    ledger = _open(args)
-    pruned = prunes_of(ledger, f"task:{args.task_id}")
-    try:
-        rows = task_history(ledger, args.task_id)
-    except UnknownTask:
-        why = f" (its events before {pruned[-1]['before']} were pruned)" if pruned else ""
-        print(f"celery-ledger: no events for task {args.task_id!r} in this ledger{why}", file=sys.stderr)
-        return 1
-    if args.format == "json":
-        print_json({"task_id": args.task_id, "events": rows, "pruned": pruned})
-    else:
-        print(format_history(args.task_id, rows))
-        for p in pruned:
-            print(f"(earlier events recorded before {p['before']} were pruned at {p['pruned_at']})")
-    return 0
 
 
 def show_record(ledger, task_id: str, as_of: datetime | int | None) -> dict[str, Any]:
@@ -242,33 +199,6 @@ def show_record(ledger, task_id: str, as_of: datetime | int | None) -> dict[str,
         traceback=data.traceback,
     )
     return record
-
-
-def _show(args: argparse.Namespace) -> int:
-    from ledger.cli import _open, print_json
-
-    ledger = _open(args)
-    if not ledger.history(args.task_id):
-        print(f"celery-ledger: no events for task {args.task_id!r} in this ledger", file=sys.stderr)
-        return 1
-    record = show_record(ledger, args.task_id, args.as_of)
-    if args.format == "json":
-        print_json(record)
-        return 0
-    when = "now" if args.as_of is None else (
-        f"at position {args.as_of}" if isinstance(args.as_of, int) else f"at {args.as_of.isoformat()}"
-    )
-    print(f"task {args.task_id} {when}")
-    for key, value in record.items():
-        if key in ("task_id", "as_of") or value is None:
-            continue
-        if key == "traceback":
-            print("traceback:\n  " + str(value).rstrip().replace("\n", "\n  "))
-            continue
-        if key == "result" and not isinstance(value, str):
-            value = json.dumps(value, default=str)
-        print(f"{key}: {value}")
-    return 0
 
 
 # -- export -------------------------------------------------------------------------------
@@ -394,61 +324,10 @@ def export(
     n = 0
     for event in iter_events(ledger, since=since, until=until, task_id=task_id, batch=batch):
         if writer is not None:
-            writer.writerow(export_row(event))
+            writer.writerow({k: csv_cell(v) for k, v in export_row(event).items()})
         else:
             out.write(json.dumps(export_record(event), ensure_ascii=False, default=str) + "\n")
         n += 1
         if progress is not None:
             progress.advance()
     return n
-
-
-def _export(args: argparse.Namespace) -> int:
-    from ledger.cli import _open
-    from ledger.progress import Progress
-
-    ledger = _open(args)
-    filters = {"since": args.since, "until": args.until, "task_id": args.task}
-    total = count_events(ledger, **filters)
-    with (
-        open(args.output, "w", newline="", encoding="utf-8")
-        if args.output
-        else contextlib.nullcontext(sys.stdout)
-    ) as out, Progress("export", total) as progress:
-        n = export(ledger, out, fmt=args.format, progress=progress, **filters)
-    if args.output:
-        print(f"wrote {n} events to {args.output}", file=sys.stderr)
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    from ledger.cli import command
-
-    p = command(sub, "history", _history, "every event of a task in order, even after forget")
-    p.add_argument("task_id", metavar="TASK_ID")
-    p.add_argument("--format", choices=("table", "json"), default="table")
-
-    p = command(sub, "show", _show, "a task's state now, or as it was at a time or log position")
-    p.add_argument("task_id", metavar="TASK_ID")
-    p.add_argument(
-        "--as-of",
-        type=parse_as_of,
-        default=None,
-        metavar="TIME|POSITION",
-        help="ISO 8601 time (UTC if no zone given) or a log position",
-    )
-    p.add_argument("--format", choices=("text", "json"), default="text")
-
-    p = command(sub, "export", _export, "write events in a time range as JSON lines or CSV")
-    p.add_argument("--since", type=parse_time, default=None, metavar="TIME",
-                   help="first recorded_at included (ISO 8601, UTC if no zone)")
-    p.add_argument("--until", type=parse_time, default=None, metavar="TIME",
-                   help="recorded_at upper bound, excluded")
-    p.add_argument("--task", default=None, metavar="TASK_ID", help="only this task's events")
-    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
-    p.add_argument("--output", "-o", default=None, metavar="FILE", help="default: stdout")
-
-    from ledger import rebuild, timeline
-
-    timeline.add_commands(sub)
-    rebuild.add_commands(sub)

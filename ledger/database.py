@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -43,7 +44,8 @@ os.register_at_fork(after_in_child=_forget_engines_in_child)
 
 
 def normalize_url(url: str | URL) -> URL:
-    """Accept ``sqlite:///f.db``, ``postgresql://``, ``postgresql+psycopg://``, ``ledger+...``."""
+    """Accept ``sqlite:///f.db``, ``postgresql://`` (or ``postgres://``), ``postgresql+psycopg://``,
+    ``ledger+...``; refuse in-memory SQLite, which each pooled connection would see empty."""
     text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
     if text.startswith("ledger+"):
         text = text[len("ledger+") :]
@@ -51,7 +53,15 @@ def normalize_url(url: str | URL) -> URL:
         u = make_url(text)
     except Exception as exc:  # ArgumentError and friends
         raise BadDatabaseURL(f"not a database URL: {safe_url(text)!r} ({exc.__class__.__name__})") from None
+    if u.drivername == "postgres" or u.drivername.startswith("postgres+"):
+        # Heroku's spelling; SQLAlchemy 2 knows only "postgresql".
+        u = u.set(drivername="postgresql" + u.drivername[len("postgres"):])
     backend = u.get_backend_name()
+    if backend == "sqlite" and u.database in (None, "", ":memory:"):
+        raise BadDatabaseURL(
+            f"{safe_url(text)!r} is an in-memory SQLite database, empty for every connection "
+            "and gone at exit: use a file, sqlite:///path/ledger.db"
+        )
     if backend == "postgresql":
         if u.get_driver_name() not in ("psycopg", "psycopg2") or "+" not in u.drivername:
             u = u.set(drivername="postgresql+psycopg")
@@ -64,21 +74,33 @@ def normalize_url(url: str | URL) -> URL:
     return u
 
 
+#: Query keys whose values are secrets: libpq's ``password`` and ``sslpassword``, and any
+#: other key naming a password, secret or token (a driver option or a typo of one).
+_SECRET_KEY = re.compile(r"pass|secret|token", re.IGNORECASE)
+_SECRET_IN_QUERY = re.compile(r"([?&][^=&#]*(?:pass|secret|token)[^=&#]*=)[^&#]*", re.IGNORECASE)
+
+
 def safe_url(url: str | URL) -> str:
-    """The URL with any password replaced by ``***``."""
-    if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
+    """The URL as people may see it: its password and secret query values replaced by ``***``.
+
+    The one place URLs are masked: CLI errors, ``Ledger.url`` and the backend's
+    ``as_uri()`` (printed by a worker at start-up) all go through it.
+    """
     prefix = ""
-    if url.startswith("ledger+"):
-        prefix, url = "ledger+", url[len("ledger+") :]
-    try:
-        return prefix + make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        # Not parseable: strip anything between '://' and '@' that looks like credentials.
-        head, sep, tail = url.partition("://")
-        if sep and "@" in tail:
-            tail = "***@" + tail.split("@", 1)[1]
-        return prefix + head + sep + tail
+    if isinstance(url, str):
+        if url.startswith("ledger+"):
+            prefix, url = "ledger+", url[len("ledger+") :]
+        try:
+            url = make_url(url)
+        except Exception:
+            # Not parseable: hide what sits between '://' and '@', and secret query values.
+            head, sep, tail = url.partition("://")
+            if sep and "@" in tail:
+                tail = "***@" + tail.split("@", 1)[1]
+            return prefix + _SECRET_IN_QUERY.sub(r"\1***", head + sep + tail)
+    hidden = {k: "***" for k in url.query if _SECRET_KEY.search(k)}
+    text = url.update_query_dict(hidden).render_as_string(hide_password=True)
+    return prefix + text.replace("=%2A%2A%2A", "=***")  # the mask, not its URL quoting
 
 
 def engine_for(url: str | URL) -> Engine:
@@ -95,8 +117,23 @@ def engine_for(url: str | URL) -> Engine:
     return engine
 
 
+def sqlite_file(url: str | URL) -> str | None:
+    """The file of a SQLite URL (None for PostgreSQL)."""
+    u = normalize_url(url)
+    return u.database if u.get_backend_name() == "sqlite" else None
+
+
+def _create_private(path: str) -> None:
+    # SQLite would create the file with the umask's mode (0644: anyone on the host
+    # could read task results and arguments); its -wal and -shm files take the
+    # database file's mode, so creating it 0600 first covers all three.
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 def _create(u: URL) -> Engine:
     if u.get_backend_name() == "sqlite":
+        _create_private(u.database)
         engine = sa.create_engine(
             u,
             connect_args={"timeout": 60, "check_same_thread": False},

@@ -60,8 +60,6 @@ prune
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -643,70 +641,3 @@ def prune(ledger, before: datetime) -> PruneReport:
         return PruneReport(before, deleted, affected, kept)
 
     return ledger._write(work)
-
-
-# -- commands --------------------------------------------------------------------------
-
-
-def _rebuild_cmd(args: argparse.Namespace) -> int:
-    from ledger.cli import _open
-    from ledger.progress import Progress
-
-    ledger = _open(args)
-    try:
-        with Progress("rebuild", None) as progress:
-            report = rebuild(ledger, args.projection, progress)
-    except RebuildError as exc:
-        print(f"celery-ledger: rebuild failed: {exc}", file=sys.stderr)
-        return 1
-    rows = ", ".join(f"{name} {n:,}" for name, n in report.rows.items())
-    print(
-        f"rebuilt {', '.join(report.projections)} from {report.events:,} events in "
-        f"{report.seconds:.2f}s ({report.rate:,.0f} events/s; fill {report.fill_seconds:.2f}s, "
-        f"swap {report.swap_seconds:.3f}s, {report.caught_up} events caught up): {rows}"
-    )
-    return 0
-
-
-def _verify_cmd(args: argparse.Namespace) -> int:
-    from ledger.cli import _open
-
-    differences = verify(_open(args), args.projection)
-    for line in differences:
-        print(line)
-    if differences:
-        print(f"{len(differences)} difference(s) between the live projections and the log",
-              file=sys.stderr)
-        return 1
-    print("projections match the log")
-    return 0
-
-
-def _prune_cmd(args: argparse.Namespace) -> int:
-    from ledger.cli import _open
-
-    report = prune(_open(args), args.before)
-    print(
-        f"pruned {report.events_deleted:,} events recorded before {report.before.isoformat()} "
-        f"from {len(report.streams):,} streams; kept {report.kept_for_projections:,} older events "
-        "that live projections still need"
-    )
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    from ledger.audit import parse_time
-    from ledger.cli import command
-
-    choice = {"choices": list(PROJECTIONS), "action": "append", "metavar": "NAME",
-              "help": f"only this projection ({', '.join(PROJECTIONS)}); repeatable; default all"}
-    p = command(sub, "rebuild", _rebuild_cmd,
-                "recompute projections from the log into new tables and swap them in")
-    p.add_argument("--projection", **choice)
-    p = command(sub, "verify", _verify_cmd,
-                "compare the live projections with a rebuild; exit 1 on any difference")
-    p.add_argument("--projection", **choice)
-    p = command(sub, "prune", _prune_cmd,
-                "delete events recorded before DATE (kept: what live projections need)")
-    p.add_argument("--before", type=parse_time, required=True, metavar="DATE",
-                   help="ISO 8601 date or time (UTC if no zone)")

@@ -24,12 +24,9 @@ acknowledgement and storing its checkpoint sends that batch again.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import logging
-import signal
-import sys
 import threading
 import uuid
 from collections import OrderedDict
@@ -235,41 +232,6 @@ def iter_events(
             )
 
 
-# -- commands: relay, tail ------------------------------------------------------------
-
-
-def _stop_on_sigterm() -> threading.Event:
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    return stop
-
-
-def _relay(args: argparse.Namespace) -> int:
-    from ledger.api import Ledger
-    from ledger.relay import Relay
-
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    relay = Relay(
-        Ledger.open(args.db),
-        args.bootstrap,
-        args.topic,
-        state_topic=args.state_topic,
-        batch_size=args.batch,
-        max_backoff=args.max_backoff,
-    )
-    stop = _stop_on_sigterm()
-    try:
-        relayed = relay.run(once=args.once, stop=stop)
-    except KeyboardInterrupt:
-        relayed = relay.relayed
-    print(f"relayed {relayed} events to {args.topic}; checkpoint {tuple(relay.checkpoint)}")
-    return 0
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         try:
@@ -305,48 +267,3 @@ def format_event(event: RecordedEvent, fmt: str = "text") -> str:
         f"{event.recorded_at.isoformat(timespec='milliseconds')}  {event.position:>8}  "
         f"{event.stream_id}  {event.type}  {state}".rstrip()
     )
-
-
-def _tail(args: argparse.Namespace) -> int:
-    from ledger.api import Ledger
-
-    ledger = Ledger.open(args.db)
-    stream_id = f"task:{args.task}" if args.task else None
-    printed: set[uuid.UUID] = set()
-    if stream_id is not None:
-        # The task's whole story first, then whatever follows it.
-        history = ledger.read_stream(stream_id)
-        start = history[0].position - 1 if history else ledger.follower_lag()["head_position"]
-        for event in history:
-            printed.add(event.event_id)
-            print(format_event(event, args.format), flush=True)
-    else:
-        start = max(0, ledger.follower_lag()["head_position"] - args.lines)
-    stop = _stop_on_sigterm()
-    for event in ledger.follow(start, stop=stop, idle_timeout=None if args.follow else 0):
-        if stream_id is not None and (event.stream_id != stream_id or event.event_id in printed):
-            continue
-        print(format_event(event, args.format), flush=True)
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    from ledger.cli import command
-
-    p = command(sub, "relay", _relay, "relay the log to a Kafka topic (at-least-once, in order)")
-    p.add_argument("--bootstrap", required=True, metavar="HOST:PORT", help="Kafka bootstrap servers")
-    p.add_argument("--topic", required=True, help="event topic (one record per event)")
-    p.add_argument("--state-topic", metavar="TOPIC",
-                   help="also keep each task's latest meta here (null value when forgotten)")
-    p.add_argument("--once", action="store_true", help="relay what is there, then exit")
-    p.add_argument("--batch", type=int, default=5000, help="events per flush (default %(default)s)")
-    p.add_argument("--max-backoff", type=float, default=10.0, metavar="SECONDS",
-                   help="longest wait between retries while Kafka is down (default %(default)s)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every batch")
-
-    p = command(sub, "tail", _tail, "print ledger events as they happen")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
-    p.add_argument("--task", metavar="ID", help="only this task's events (its history first)")
-    p.add_argument("-n", "--lines", type=int, default=20,
-                   help="start this many events back (default %(default)s)")
-    p.add_argument("--format", choices=("text", "json"), default="text")

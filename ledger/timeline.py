@@ -23,9 +23,7 @@ shows as FORGOTTEN/EXPIRED).
 
 from __future__ import annotations
 
-import argparse
 import html
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -462,33 +460,3 @@ td.g div{{position:absolute;top:4px;height:12px;border-radius:2px}}
 {chr(10).join(trs)}
 </table></body></html>
 """
-
-
-def _timeline(args: argparse.Namespace) -> int:
-    from ledger.cli import _open, print_json
-
-    ledger = _open(args)
-    try:
-        wf = find_workflow(ledger, args.id)
-    except UnknownId:
-        print(f"celery-ledger: no task, group or chord {args.id!r} in this ledger", file=sys.stderr)
-        return 1
-    if args.html:
-        with open(args.html, "w", encoding="utf-8") as f:
-            f.write(render_html(wf))
-    if args.format == "json":
-        print_json(to_json(wf))
-    else:
-        print(render_text(wf, width=args.width))
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    from ledger.cli import command
-
-    p = command(sub, "timeline", _timeline,
-                "the workflow a task, group or chord belongs to: tree, times and a Gantt chart")
-    p.add_argument("id", metavar="ID", help="a task, group or chord id")
-    p.add_argument("--format", choices=("text", "json"), default="text")
-    p.add_argument("--html", metavar="FILE", default=None, help="also write a self-contained page")
-    p.add_argument("--width", type=int, default=40, help="Gantt chart columns (default 40)")

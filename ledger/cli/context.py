@@ -1,0 +1,91 @@
+"""What every command shares: the database it opens, its failures, its options."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from ledger.output import terminal_safe
+from ledger.settings import DATABASE_URL_ENV, DEFAULT_DATABASE_URL
+
+if TYPE_CHECKING:
+    from ledger.api import Ledger
+
+# One home for the variable's name and the default: ledger.settings.
+DB_ENV, DEFAULT_DB = DATABASE_URL_ENV, DEFAULT_DATABASE_URL
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Failure(click.ClickException):
+    """One line on stderr naming the problem, and the exit status."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        echo(f"celery-ledger: {self.format_message()}", err=True)
+
+
+@dataclass
+class Env:
+    """The invocation's settings, set by the root group (or the Celery plugin)."""
+
+    db: str | None
+    #: Why there is no database, said when a command needs one.
+    missing: str = "no database given: pass --db URL"
+
+    @property
+    def url(self) -> str:
+        if self.db is None:
+            raise Failure(self.missing, exit_code=2)
+        return self.db
+
+    def ledger(self, *, create: bool = False) -> Ledger:
+        """The ledger at ``--db``; unless ``create``, a SQLite file must already exist."""
+        from ledger import database
+        from ledger.api import Ledger
+
+        path = database.sqlite_file(self.url)
+        if not create and path is not None and not os.path.exists(path):
+            # A mistyped path must not leave an empty database behind.
+            raise Failure(f"no ledger database at {path} (create one: celery-ledger db upgrade)")
+        return Ledger.open(self.url)
+
+
+pass_env = click.make_pass_decorator(Env)
+
+
+def _set_db(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(Env).db = value
+
+
+def db_option(f: F) -> F:
+    """``--db`` after the command name too (``history ID --db URL``), as before the port."""
+    return click.option(
+        "--db", default=None, metavar="URL", expose_value=False, is_eager=True, callback=_set_db,
+        help="ledger database (same as the global --db)",
+    )(f)
+
+
+def format_option(*choices: str, default: str = "text") -> Callable[[F], F]:
+    return click.option(
+        "--format", "fmt", type=click.Choice(choices), default=default, show_default=True,
+        help="output format",
+    )
+
+
+def echo(text: str, *, err: bool = False) -> None:
+    """Print a line of text output: stored strings are data, never terminal control."""
+    click.echo(terminal_safe(text), err=err)
+
+
+def print_json(obj: object) -> None:
+    click.echo(json.dumps(obj, default=str, indent=2))

@@ -1,0 +1,65 @@
+"""``celery-ledger db``: the schema's Alembic migrations."""
+
+from __future__ import annotations
+
+import click
+
+from ledger.cli.context import Env, db_option, echo, pass_env
+from ledger.cli.root import LedgerGroup
+
+
+@click.group(cls=LedgerGroup)
+def db() -> None:
+    """Manage the schema (Alembic migrations)."""
+
+
+@db.command()
+@click.argument("revision", default="head")
+@db_option
+@pass_env
+def upgrade(env: Env, revision: str) -> None:
+    """Migrate the schema up (default: to head)."""
+    from ledger import migrate
+
+    ledger = env.ledger(create=True)
+    migrate.upgrade(ledger.engine, revision)
+    echo(f"{ledger.url}: schema at revision {migrate.current(ledger.engine)}")
+
+
+@db.command()
+@click.argument("revision")
+@db_option
+@pass_env
+def downgrade(env: Env, revision: str) -> None:
+    """Migrate the schema down to REVISION."""
+    from ledger import migrate
+
+    ledger = env.ledger()
+    migrate.downgrade(ledger.engine, revision)
+    echo(f"{ledger.url}: schema at revision {migrate.current(ledger.engine)}")
+
+
+@db.command()
+@db_option
+@pass_env
+@click.pass_context
+def current(ctx: click.Context, env: Env) -> None:
+    """Print the schema revision; exit 1 if not at head."""
+    from ledger import migrate
+
+    ledger = env.ledger()
+    cur, head = migrate.current(ledger.engine), migrate.head()
+    echo(f"{ledger.url}: revision {cur} (head {head})")
+    if cur != head:
+        ctx.exit(1)
+
+
+@db.command()
+@db_option
+@pass_env
+def check(env: Env) -> None:
+    """Fail if the schema differs from the table definitions."""
+    from ledger import migrate
+
+    migrate.check(env.ledger().engine)
+    echo("schema matches the table definitions")

@@ -1,0 +1,78 @@
+"""``rebuild``, ``verify``, ``prune``: operating on projections (ledger/rebuild.py does the work)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import click
+
+from ledger.cli.context import Env, Failure, db_option, echo, pass_env
+from ledger.cli.params import TIME
+from ledger.rebuild import PROJECTIONS
+
+
+def projection_option(f):
+    return click.option(
+        "--projection", "projections", type=click.Choice(list(PROJECTIONS)), multiple=True,
+        help=f"only this projection ({', '.join(PROJECTIONS)}); repeatable; default all",
+    )(f)
+
+
+@click.command()
+@projection_option
+@db_option
+@pass_env
+def rebuild(env: Env, projections: tuple[str, ...]) -> None:
+    """Recompute projections from the log into new tables and swap them in."""
+    from ledger.progress import Progress
+    from ledger.rebuild import RebuildError
+    from ledger.rebuild import rebuild as run_rebuild
+
+    ledger = env.ledger()
+    try:
+        with Progress("rebuild", None) as progress:
+            report = run_rebuild(ledger, list(projections) or None, progress)
+    except RebuildError as exc:
+        raise Failure(f"rebuild failed: {exc}") from None
+    rows = ", ".join(f"{name} {n:,}" for name, n in report.rows.items())
+    echo(
+        f"rebuilt {', '.join(report.projections)} from {report.events:,} events in "
+        f"{report.seconds:.2f}s ({report.rate:,.0f} events/s; fill {report.fill_seconds:.2f}s, "
+        f"swap {report.swap_seconds:.3f}s, {report.caught_up} events caught up): {rows}"
+    )
+
+
+@click.command()
+@projection_option
+@db_option
+@pass_env
+@click.pass_context
+def verify(ctx: click.Context, env: Env, projections: tuple[str, ...]) -> None:
+    """Compare the live projections with a rebuild; exit 1 on any difference."""
+    from ledger.rebuild import verify as run_verify
+
+    differences = run_verify(env.ledger(), list(projections) or None)
+    for line in differences:
+        echo(line)
+    if differences:
+        echo(f"{len(differences)} difference(s) between the live projections and the log",
+                   err=True)
+        ctx.exit(1)
+    echo("projections match the log")
+
+
+@click.command()
+@click.option("--before", type=TIME, required=True, metavar="DATE",
+              help="ISO 8601 date or time (UTC if no zone)")
+@db_option
+@pass_env
+def prune(env: Env, before: datetime) -> None:
+    """Delete events recorded before DATE (kept: what live projections need)."""
+    from ledger.rebuild import prune as run_prune
+
+    report = run_prune(env.ledger(), before)
+    echo(
+        f"pruned {report.events_deleted:,} events recorded before {report.before.isoformat()} "
+        f"from {len(report.streams):,} streams; kept {report.kept_for_projections:,} older events "
+        "that live projections still need"
+    )

@@ -1,0 +1,62 @@
+"""The root group: global options, did-you-mean, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import click
+from click_didyoumean import DYMGroup
+
+from ledger import __version__
+from ledger.cli.context import DB_ENV, DEFAULT_DB, Env, Failure
+
+
+class LedgerGroup(DYMGroup):
+    """A group whose commands' errors end as one line and an exit status, never a traceback.
+
+    Used by ``celery-ledger`` and by the ``celery ledger`` plugin alike.
+    """
+
+    def invoke(self, ctx: click.Context):
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from ledger.database import BadDatabaseURL, safe_url
+
+        try:
+            return super().invoke(ctx)
+        except BadDatabaseURL as exc:
+            raise Failure(str(exc), exit_code=2) from None
+        except SQLAlchemyError as exc:
+            env = ctx.find_object(Env)
+            where = f" [db {safe_url(env.db)}]" if env is not None and env.db else ""
+            msg = f"database error ({type(exc.orig or exc).__name__}): {_first_line(exc)}"
+            raise Failure(msg + where) from None
+        except KeyboardInterrupt:
+            raise click.exceptions.Exit(130) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@click.group(cls=LedgerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db", envvar=DB_ENV, default=DEFAULT_DB, show_default=True, metavar="URL",
+    help=f"ledger database: sqlite:///file.db or postgresql://user@host/db (env {DB_ENV})",
+)
+@click.version_option(__version__, prog_name="celery-ledger")
+@click.pass_context
+def cli(ctx: click.Context, db: str) -> None:
+    """Event-sourced result store for Celery: history, replay, streaming."""
+    ctx.obj = Env(db=db)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``celery-ledger`` with ``argv`` (default: the process's); return the exit status."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="celery-ledger")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0

@@ -1,0 +1,84 @@
+"""``relay`` and ``tail``: the ledger as a stream (ledger/relay.py and ledger/stream.py do the work)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import uuid
+
+import click
+
+from ledger.cli.context import Env, db_option, echo, format_option, pass_env
+
+
+def _stop_on_sigterm() -> threading.Event:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+
+@click.command()
+@click.option("--bootstrap", required=True, metavar="HOST:PORT", help="Kafka bootstrap servers")
+@click.option("--topic", required=True, help="event topic (one record per event)")
+@click.option("--state-topic", metavar="TOPIC",
+              help="also keep each task's latest meta here (null value when forgotten)")
+@click.option("--once", is_flag=True, help="relay what is there, then exit")
+@click.option("--batch", type=int, default=5000, show_default=True, help="events per flush")
+@click.option("--max-backoff", type=float, default=10.0, show_default=True, metavar="SECONDS",
+              help="longest wait between retries while Kafka is down")
+@click.option("-v", "--verbose", is_flag=True, help="log every batch")
+@db_option
+@pass_env
+def relay(env: Env, bootstrap: str, topic: str, state_topic: str | None, once: bool, batch: int,
+          max_backoff: float, verbose: bool) -> None:
+    """Relay the log to a Kafka topic (at-least-once, in order)."""
+    from ledger.relay import Relay
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    relayer = Relay(
+        env.ledger(), bootstrap, topic, state_topic=state_topic, batch_size=batch,
+        max_backoff=max_backoff,
+    )
+    stop = _stop_on_sigterm()
+    try:
+        relayed = relayer.run(once=once, stop=stop)
+    except KeyboardInterrupt:
+        relayed = relayer.relayed
+    echo(f"relayed {relayed} events to {topic}; checkpoint {tuple(relayer.checkpoint)}")
+
+
+@click.command()
+@click.option("-f", "--follow", is_flag=True, help="keep printing new events")
+@click.option("--task", metavar="ID", help="only this task's events (its history first)")
+@click.option("-n", "--lines", type=int, default=20, show_default=True,
+              help="start this many events back")
+@format_option("text", "json")
+@db_option
+@pass_env
+def tail(env: Env, follow: bool, task: str | None, lines: int, fmt: str) -> None:
+    """Print ledger events as they happen."""
+    from ledger.stream import format_event
+
+    ledger = env.ledger()
+    stream_id = f"task:{task}" if task else None
+    printed: set[uuid.UUID] = set()
+    if stream_id is not None:
+        # The task's whole story first, then whatever follows it.
+        history = ledger.read_stream(stream_id)
+        start = history[0].position - 1 if history else ledger.follower_lag()["head_position"]
+        for event in history:
+            printed.add(event.event_id)
+            echo(format_event(event, fmt))
+    else:
+        start = max(0, ledger.follower_lag()["head_position"] - lines)
+    stop = _stop_on_sigterm()
+    for event in ledger.follow(start, stop=stop, idle_timeout=None if follow else 0):
+        if stream_id is not None and (event.stream_id != stream_id or event.event_id in printed):
+            continue
+        echo(format_event(event, fmt))

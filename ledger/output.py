@@ -1,0 +1,38 @@
+"""Output for people and spreadsheets: nothing stored can drive a terminal or run a formula.
+
+Every text the CLI prints goes through :func:`terminal_safe`; every CSV cell
+the export writes goes through :func:`csv_cell`. Task names, hostnames, custom
+states, exception messages and ids are chosen by whoever can send a task, so
+they are data, never control.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# C0 controls but tab and newline (ESC starts CSI/OSC sequences, CR overwrites a
+# line), DEL, C1 controls (U+009B is a one-character CSI on some terminals) and
+# the bidirectional overrides that reorder what a line appears to say.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+#: OWASP's CSV injection rule: a cell starting with one of these is a formula to
+#: Excel, LibreOffice or Google Sheets.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def terminal_safe(text: str) -> str:
+    r"""``text`` with every control character shown as an escape (``\x1b``, ``\u202e``)."""
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula gets a leading ``'``; numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value

@@ -1,0 +1,134 @@
+"""Hostile input and output (issue 14): each mistake is one line and an exit status, run as a
+real ``celery-ledger`` process; no injection reaches a terminal or a spreadsheet; no secret shown."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from ledger.api import Ledger
+from ledger.events import TaskState
+
+CLI = str(Path(sys.executable).parent / "celery-ledger")
+
+
+def cli(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``celery-ledger argv`` as a process; no Python traceback may reach its user."""
+    env = {k: v for k, v in os.environ.items() if k != "LEDGER_DATABASE_URL"}
+    run = subprocess.run([CLI, *argv], capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+    assert "Traceback" not in run.stderr, run.stderr
+    return run
+
+
+def one_line(run: subprocess.CompletedProcess, status: int) -> str:
+    """The single stderr line of a command that failed with ``status``."""
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == status and len(lines) == 1, (run.returncode, run.stderr)
+    return lines[0]
+
+
+# -- 1. secrets in URLs ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["password", "sslpassword"])
+def test_a_secret_in_the_urls_query_is_masked_in_cli_errors(key):
+    run = cli("history", "x", "--db", f"postgresql://bob@127.0.0.1/db?{key}=s3cret")
+    line = one_line(run, 1)
+    assert "s3cret" not in run.stderr + run.stdout
+    assert f"{key}=***" in line
+
+
+@pytest.mark.parametrize("key", ["password", "sslpassword"])
+def test_a_secret_in_the_urls_query_is_masked_by_the_backends_as_uri(key):
+    app = Celery(backend=f"ledger+postgresql://bob@127.0.0.1/db?{key}=s3cret", set_as_current=False)
+    assert app.backend.as_uri() == f"ledger+postgresql+psycopg://bob@127.0.0.1/db?{key}=***"
+
+
+# -- 6. URLs: in-memory SQLite refused, postgres:// accepted --------------------------------
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "ledger+sqlite://"])
+def test_an_in_memory_sqlite_url_is_refused_in_one_line(url):
+    line = one_line(cli("history", "x", "--db", url), 2)
+    assert "in-memory SQLite database" in line and "use a file" in line
+
+
+def test_a_postgres_url_in_herokus_spelling_is_accepted(pg_url):
+    Ledger.open(pg_url).append([TaskState(task_id="t1", status="SUCCESS")])
+    heroku = "postgres://" + pg_url.split("://", 1)[1]
+    run = cli("history", "t1", "--db", heroku)
+    assert run.returncode == 0 and "SUCCESS" in run.stdout, run.stderr
+
+
+# -- 5 and 13. SQLite files: created private, never by a read command -----------------------
+
+
+def test_a_new_sqlite_database_and_its_wal_are_readable_by_their_owner_only(tmp_path):
+    db = tmp_path / "new.db"
+    run = cli("db", "upgrade", "--db", f"sqlite:///{db}")
+    assert run.returncode == 0, run.stderr
+    Ledger.open(f"sqlite:///{db}").append([TaskState(task_id="t1", status="SUCCESS")])
+    files = [db, tmp_path / "new.db-wal"]
+    assert all(f.exists() for f in files)
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {"0o600"}
+
+
+@pytest.mark.parametrize("argv", [
+    ("history", "t1"), ("show", "t1"), ("export",), ("timeline", "t1"), ("tail",), ("verify",),
+    ("rebuild",), ("prune", "--before", "2026-01-01"), ("db", "current"), ("db", "check"),
+])
+def test_a_command_on_a_mistyped_sqlite_path_says_so_and_creates_nothing(tmp_path, argv):
+    db = tmp_path / "typo.db"
+    line = one_line(cli(*argv, "--db", f"sqlite:///{db}"), 1)
+    assert line == f"celery-ledger: no ledger database at {db} (create one: celery-ledger db upgrade)"
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- 2 and 3. stored strings are data: no terminal escapes, no spreadsheet formulas ----------
+
+ESC = "\x1b]0;TITLE\x07\x1b[2J"
+
+
+@pytest.fixture
+def hostile(sqlite_url):
+    """A task whose every free-text field (and its id) carries terminal escapes."""
+    Ledger.open(sqlite_url).append([
+        TaskState(task_id=f"t{ESC}", status=f"CUSTOM{ESC}", name=f"proj.{ESC}", worker=f"w{ESC}\u202e",
+                  exc_type="ValueError", exc_message=f"bad{ESC}\rinput", root_id=f"t{ESC}"),
+    ])
+    return sqlite_url
+
+
+@pytest.mark.parametrize("argv", [
+    ("history", f"t{ESC}"), ("show", f"t{ESC}"), ("tail",), ("tail", "--task", f"t{ESC}"),
+    ("timeline", f"t{ESC}"), ("history", "nope" + ESC),
+])
+def test_terminal_escapes_stored_in_a_task_are_printed_escaped(hostile, argv):
+    run = cli(*argv, "--db", hostile)
+    out = run.stdout + run.stderr
+    assert out.strip(), run
+    assert not any(c in out for c in "\x1b\x07\r\u202e")
+    assert "\\x1b]0;TITLE\\x07" in out
+
+
+def test_csv_export_neutralizes_formula_cells_and_keeps_numbers(sqlite_url, tmp_path):
+    Ledger.open(sqlite_url).append([
+        TaskState(task_id="t1", status="FAILURE", name='=HYPERLINK("http://evil","x")',
+                  worker="@SUM(1+1)", retries=3, exc_type="ValueError", exc_message="=1+1"),
+        TaskState(task_id="t2", status="SUCCESS", name="+cmd", worker="-w", retries=0),
+    ])
+    out = tmp_path / "audit.csv"
+    assert cli("export", "--format", "csv", "-o", str(out), "--db", sqlite_url).returncode == 0
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert [(r["name"], r["worker"], r["exc_message"]) for r in rows] == [
+        ("'=HYPERLINK(\"http://evil\",\"x\")", "'@SUM(1+1)", "'=1+1"), ("'+cmd", "'-w", ""),
+    ]
+    assert [(r["position"], r["retries"]) for r in rows] == [("1", "3"), ("2", "0")]
+    for row in rows:
+        assert not any(str(v).startswith(("=", "+", "-", "@", "\t", "\r")) for v in row.values())
