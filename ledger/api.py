@@ -472,5 +472,3 @@ class Ledger:
 
         return self._read(q)
 
-    def close(self) -> None:
-        """Nothing to do per instance: engines are shared per process."""
