@@ -233,13 +233,36 @@ def test_redaction_replaces_named_kwargs_and_positions():
 # -- PostgreSQL only: NOTIFY wake-ups and connection loss ---------------------------------
 
 
-def test_get_is_woken_by_notify_not_by_polling(pg_url):
+#: generous bound for a NOTIFY to wake get() on a loaded machine (it takes ~0.1 s)
+WOKEN_WITHIN = 30
+
+
+def test_get_is_woken_by_notify_not_by_polling(pg_url, monkeypatch):
+    # The safety re-read and the poll interval are both set far beyond the
+    # deadline: after its first read finds nothing, the waiter reads again only
+    # when a NOTIFY wakes it. The store starts once the waiter is LISTENing and
+    # has read (on_interval runs before the first wait), so a fast store cannot
+    # be picked up by that first read either. No timer: a slow machine only
+    # makes it wait longer, never pass without NOTIFY.
+    monkeypatch.setattr("ledger.celery.SAFETY_NET_SECONDS", 600.0)
     backend = make_app(pg_url).backend
     tid = new_id()
-    threading.Timer(0.3, lambda: make_app(pg_url).backend.mark_as_done(tid, "woken")).start()
-    # interval=60 and a 4 s deadline below the 5 s safety net: only NOTIFY can wake it in time.
-    meta = backend.wait_for(tid, timeout=4, interval=60)
+    storers: list[threading.Thread] = []
+
+    def store_once() -> None:
+        if not storers:
+            storers.append(threading.Thread(
+                target=lambda: make_app(pg_url).backend.mark_as_done(tid, "woken")))
+            storers[0].start()
+
+    began = time.monotonic()
+    meta = backend.wait_for(tid, timeout=WOKEN_WITHIN, interval=600, on_interval=store_once)
+    waited = time.monotonic() - began
+    storers[0].join()
     assert meta["result"] == "woken"
+    # get_many reads once more when the deadline passes, so without NOTIFY the
+    # result still arrives -- but only after the whole deadline.
+    assert waited < WOKEN_WITHIN, f"woken only by the read at the deadline ({waited:.1f} s)"
 
 
 def test_store_survives_a_dropped_connection(pg_url):
