@@ -176,14 +176,19 @@ def test_a_commit_whose_reply_is_lost_is_retried_without_storing_twice(pg_url, p
     url = proxy.url(pg_url.rsplit("/", 1)[1])
     backend = _backend(url, **RETRYING).backend
     backend.mark_as_started(warm := str(uuid.uuid4()))  # a pooled connection exists
+    celery_retries = []
+    backend.on_backend_retryable_error = celery_retries.append
+    attempts = backend.ledger.retry.attempts
     # A store is one autocommitted statement (ledger/log.py, append_fused): its
-    # reply (command tag "SELECT 1") arrives after the commit. Three lost replies
-    # in a row: more than the ledger's own retries (3 attempts), so Celery's retry
-    # loop stores the state again.
-    proxy.drop_when(b"SELECT 1\x00", upstream=False, times=3)
+    # reply arrives after the commit. Its row description names the column
+    # prior_tx, which no other statement returns: every attempt of the ledger
+    # loses its reply (the first one committed, the others found the duplicate),
+    # so Celery's retry loop stores the state again, with the same event id.
+    proxy.drop_when(b"prior_tx", upstream=False, times=attempts)
     task_id = str(uuid.uuid4())
     backend.mark_as_done(task_id, "once")
-    assert proxy.dropped == 3
+    assert proxy.dropped == attempts
+    assert len(celery_retries) == 1, "Celery's retry loop did not run"
     assert _task_events(pg_url, task_id) == [states.SUCCESS]
     assert _task_events(pg_url, warm) == [states.STARTED]
     assert verify(Ledger.open(pg_url)) == []
