@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -101,11 +102,18 @@ class LogContract:
             "task:a": ["STARTED", "RETRY"], "task:b": ["STARTED", "SUCCESS"], "task:none": []
         }
 
+    def database_clock(self, ledger: Ledger) -> datetime:
+        """The clock ``recorded_at`` is read from on this dialect."""
+        raise NotImplementedError
+
     def test_recorded_at_is_database_time_in_utc(self, ledger):
+        before = self.database_clock(ledger)
         e = ledger.append([TaskState(task_id="a", status="STARTED")]).recorded[0]
+        after = self.database_clock(ledger)
         stored = ledger.history("a")[0]
         assert stored.recorded_at.utcoffset().total_seconds() == 0
         assert stored.recorded_at == e.recorded_at
+        assert before <= stored.recorded_at <= after
 
     def test_writer_reads_its_own_writes(self, ledger):
         for status in ("STARTED", "RETRY", "STARTED", "FAILURE"):
@@ -198,12 +206,22 @@ class TestLogOnSQLite(LogContract):
     def url(self, sqlite_url):
         return sqlite_url
 
+    def database_clock(self, ledger: Ledger) -> datetime:
+        # SQLite runs inside the writer: its time is the writer's clock, read while
+        # the writer holds the database lock (SQLite's own 'now' has only ms).
+        return datetime.now(timezone.utc)
+
 
 @pytest.mark.postgres
 class TestLogOnPostgres(LogContract):
     @pytest.fixture
     def url(self, pg_url):
         return pg_url
+
+    def database_clock(self, ledger: Ledger) -> datetime:
+        # clock_timestamp(), not now(): the server's clock at this statement
+        with ledger.engine.connect() as conn:
+            return conn.execute(sa.text("SELECT clock_timestamp()")).scalar_one()
 
     def test_follow_order_is_transaction_then_position(self, ledger):
         for i in range(5):
