@@ -19,10 +19,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
+from kafka.record import MemoryRecords
 
 EXTERNAL = os.environ.get("LEDGER_TEST_KAFKA")
 
@@ -161,3 +163,24 @@ def read_all(bootstrap: str, topic: str, expect: int | None = None, timeout: flo
         c.close()
     records.sort(key=lambda r: (r.partition, r.offset))
     return records
+
+
+def read_all_with_batches(bootstrap: str, topic: str, expect: int) -> tuple[list, set]:
+    """``read_all`` plus the record batches the broker returned, as (base, last offset).
+
+    The consumer API yields records only; the batches are seen as the consumer
+    parses the broker's fetch responses (``MemoryRecords.next_batch``), observed,
+    not replaced. Offsets name a batch within one partition: use a one-partition topic.
+    """
+    seen: set[tuple[int, int]] = set()
+    parse = MemoryRecords.next_batch
+
+    def observed(records, *args, **kwargs):
+        batch = parse(records, *args, **kwargs)
+        if batch is not None:
+            seen.add((batch.base_offset, batch.last_offset))
+        return batch
+
+    with mock.patch.object(MemoryRecords, "next_batch", observed):
+        records = read_all(bootstrap, topic, expect=expect)
+    return records, seen

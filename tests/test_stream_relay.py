@@ -12,7 +12,14 @@ from ledger.events import TaskState
 from ledger.log import START
 from ledger.relay import Relay
 from ledger.stream import RecentIds, decode_event
-from tests.kafka import create_topic, kafka, own_broker, read_all, topic  # noqa: F401
+from tests.kafka import (  # noqa: F401
+    create_topic,
+    kafka,
+    own_broker,
+    read_all,
+    read_all_with_batches,
+    topic,
+)
 from tests.relay_process import (
     RelayProcess,
     eventually,
@@ -85,10 +92,12 @@ def test_a_partition_gets_at_most_one_record_batch_per_flush(any_url, kafka):  #
     relay = Relay(ledger, kafka, one_partition, producer_config={"batch_size": record_batch})
 
     assert relay.run(once=True) == n
-    records = read_all(kafka, one_partition, expect=n)
+    records, batches = read_all_with_batches(kafka, one_partition, expect=n)
     wire_bytes = sum(len(r.key) + len(r.value) + sum(len(k) + len(v) for k, v in r.headers)
                      for r in records)
     assert relay.batches > wire_bytes // record_batch  # cut to fit, not one oversized flush
+    # the broker holds exactly one record batch per flush of the one partition
+    assert len(batches) == relay.batches, sorted(batches)
     assert_topic_equals_log(ledger, records)
 
 
