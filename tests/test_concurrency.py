@@ -49,12 +49,16 @@ def _follow_until(ledger: Ledger, expected: int, done: threading.Event, out: lis
             time.sleep(0.005)
 
 
-def append_while_following(url: str, writers: int, appends: int, with_duplicates: bool) -> list:
+def append_while_following(
+    url: str, writers: int, appends: int, with_duplicates: bool
+) -> tuple[list, set[int]]:
     """``writers`` processes append ``appends`` batches each while a follower reads.
 
-    Asserts the follower's guarantees and returns the events it saw: every stored
-    event exactly once, none skipped, follow order never going backwards, each
-    stream's versions in order without gaps, one row per duplicated event id.
+    The follower reads in follow order, ``(tx_id, position)``, from its last
+    checkpoint. Asserts its guarantees and returns the events it saw and the
+    positions stored: every stored event exactly once, none skipped, follow
+    order never going backwards, each stream's versions in order without gaps,
+    one row per duplicated event id.
     """
     ledger = Ledger.open(url)
     ctx = mp.get_context("fork")
@@ -96,7 +100,7 @@ def append_while_following(url: str, writers: int, appends: int, with_duplicates
     for stream, got in versions.items():
         assert got == list(range(1, len(got) + 1)), stream
     assert len(versions["task:shared"]) == writers * len(range(0, appends, 25))
-    return seen
+    return seen, stored
 
 
 @pytest.mark.parametrize("with_duplicates", [False, True], ids=["unique", "with-duplicates"])
