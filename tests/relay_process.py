@@ -15,6 +15,10 @@ from ledger.api import Ledger
 from ledger.log import Checkpoint
 
 CLI = str(Path(sys.executable).parent / "celery-ledger")
+#: bound for committed events to become visible to followers: on PostgreSQL that
+#: waits for the oldest transaction open on the shared server, in any database, which
+#: another job may hold for minutes (a bound for a hang, not a speed check)
+HORIZON_WAIT = 600
 
 
 def eventually(condition: Callable[[], object], timeout: float = 60, what: str = "condition"):

@@ -15,7 +15,7 @@ from ledger.api import Ledger
 from ledger.events import ChordPartReturned, ChordStarted, GroupSaved, TaskForgotten, TaskState
 from ledger.log import NOTIFY_CHANNEL, START
 from tests.conftest import _libpq
-from tests.relay_process import CLI, eventually
+from tests.relay_process import CLI, HORIZON_WAIT, eventually
 from tests.stream_workload import task_lives
 
 
@@ -40,7 +40,7 @@ def test_follow_yields_every_event_once_in_order_while_writers_append(any_url):
         w.start()
     for w in writers:
         w.join()
-    final = eventually(lambda: _visible_all(ledger), what="every event to be visible")
+    final = eventually(lambda: _visible_all(ledger), HORIZON_WAIT, "every event to be visible")
     eventually(lambda: len(seen) >= len(final), what="the follower to catch up")
     stop.set()
     t.join(30)
@@ -91,6 +91,7 @@ def _notified_streams(pg_url: str, ledger: Ledger, events) -> set[str]:
 
 
 NON_READY = ("STARTED", "RETRY", "PROGRESS", "PENDING")
+
 READY = ("SUCCESS", "FAILURE", "REVOKED")
 
 
@@ -126,13 +127,23 @@ def test_a_follower_still_gets_events_that_do_not_notify(pg_url):
     run = uuid.uuid4().hex[:8]
 
     def follower() -> None:
-        for event in ledger.follow(ledger._read(ledger.log.head), stop=stop):
-            got.put(event.stream_id)
+        try:
+            for event in ledger.follow(ledger._read(ledger.log.head), stop=stop):
+                got.put(event.stream_id)
+        except BaseException as exc:  # reported by the test, not lost with the thread
+            got.put(exc)
+            raise
 
     t = threading.Thread(target=follower, daemon=True)
     t.start()
     for status in NON_READY:
         ledger.append([TaskState(task_id=f"{run}-{status}", status=status)])
+    # A follower sees an event only once every older transaction on the server
+    # has ended, in any database (ledger/log.py): another job's long transaction
+    # holds these back for as long as it runs. Wait for that, bounded generously;
+    # from then on the follower's 0.1 s poll must find them (none notifies).
+    eventually(lambda: ledger.follower_lag()["held_back"] == 0, timeout=HORIZON_WAIT,
+               what="the server's oldest open transaction to end")
     assert [got.get(timeout=60) for _ in NON_READY] == [f"task:{run}-{s}" for s in NON_READY]
     stop.set()
     t.join(60)

@@ -22,12 +22,13 @@ from ledger.events import (
 )
 from ledger.log import Checkpoint, VersionConflict
 from ledger.schema import events as events_table
+from tests.relay_process import HORIZON_WAIT
 
 
 def wait_visible(ledger: Ledger, count: int) -> None:
     """Followers see an event once no older transaction is open anywhere on the
     server (PostgreSQL xids are cluster-wide): wait, bounded, for ``count`` events."""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HORIZON_WAIT
     while len(ledger.read_from(0, limit=count + 1)) < count:
         assert time.monotonic() < deadline, f"fewer than {count} events became visible"
         time.sleep(0.05)
@@ -244,7 +245,7 @@ class TestLogOnPostgres(LogContract):
             tx.commit()
         # xids are cluster-wide: a transaction in another database on the same
         # server may hold the horizon a moment longer, so wait for it (bounded).
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + HORIZON_WAIT
         while [e.stream_id for e in ledger.read_from(0)] != ["task:before", "task:after"]:
             assert time.monotonic() < deadline, "committed events never became visible"
             time.sleep(0.05)

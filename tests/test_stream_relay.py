@@ -21,6 +21,7 @@ from tests.kafka import (  # noqa: F401
     topic,
 )
 from tests.relay_process import (
+    HORIZON_WAIT,
     RelayProcess,
     eventually,
     relay_checkpoint,
@@ -39,7 +40,7 @@ def log_in_follow_order(ledger: Ledger):
         events = ledger.read_from(START, 1_000_000)
         return events if events and (events[-1].tx_id, events[-1].position) >= head else None
 
-    return eventually(read, what="the log to be visible in follow order")
+    return eventually(read, HORIZON_WAIT, "the log to be visible in follow order")
 
 
 def assert_topic_equals_log(ledger: Ledger, records: list) -> None:
