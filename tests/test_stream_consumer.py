@@ -16,6 +16,11 @@ from tests.kafka import kafka, topic  # noqa: F401
 
 pytestmark = pytest.mark.kafka
 
+#: idle seconds that end a read expected to return records: the consumer's group
+#: join comes first, which on a loaded machine takes more than a few seconds
+#: (each read pays this once after its last record; a bound, not a speed check)
+JOINED_AND_DRAINED = 15
+
 
 def group_consumer(bootstrap: str, topic: str, group: str) -> KafkaConsumer:  # noqa: F811
     c = KafkaConsumer(
@@ -38,7 +43,7 @@ def test_consumer_helper_yields_typed_events_once_though_relayed_twice(any_url, 
     Relay(ledger, kafka, topic).run(once=True)  # every event is on the topic twice
 
     c = group_consumer(kafka, topic, f"g-{uuid.uuid4().hex[:6]}")
-    got = list(iter_events(c, idle_timeout=3))
+    got = list(iter_events(c, idle_timeout=JOINED_AND_DRAINED))
     c.close()
 
     assert sorted(e.event_id for e in got) == sorted(e.event_id for e in ledger.read_from(START))
@@ -54,7 +59,7 @@ def test_offsets_are_committed_only_after_the_handler_returned(sqlite_url, kafka
     c = group_consumer(kafka, topic, group)
     handled = []
     with pytest.raises(RuntimeError, match="handler failed"):
-        for event in iter_events(c, idle_timeout=3):
+        for event in iter_events(c, idle_timeout=JOINED_AND_DRAINED):
             if len(handled) == 5:
                 failed_on = event.event_id
                 raise RuntimeError("handler failed")
@@ -62,11 +67,12 @@ def test_offsets_are_committed_only_after_the_handler_returned(sqlite_url, kafka
     c.close()
 
     c = group_consumer(kafka, topic, group)
-    again = [e.event_id for e in iter_events(c, idle_timeout=3)]
+    again = [e.event_id for e in iter_events(c, idle_timeout=JOINED_AND_DRAINED)]
     c.close()
     # Nothing of the failed poll was committed: it all comes again, nothing is lost.
     assert set(again) | set(handled) == {e.event_id for e in ledger.read_from(START)}
     assert failed_on in again
     c = group_consumer(kafka, topic, group)
-    assert list(iter_events(c, idle_timeout=3)) == []  # all committed after the second run
+    # the same bound: a join slower than the idle timeout would pass this vacuously
+    assert list(iter_events(c, idle_timeout=JOINED_AND_DRAINED)) == []  # all committed
     c.close()
