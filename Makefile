@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # The demo needs only the package itself (no test tools, no Kafka client).
 DEMO_STAMP := $(VENV)/.demo-stamp
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench mutations clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Breaks each core guarantee in one line and checks its tests fail (tests/mutations.py);
+# ~15-25 minutes, not run by CI. Last report: tests/mutations.txt.
+mutations: $(STAMP)
+	$(BIN)/python -m tests.mutations $(MUTATIONS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

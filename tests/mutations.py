@@ -1,0 +1,324 @@
+"""Break each core guarantee in one line and check that its tests fail (``make mutations``).
+
+A test proves a guarantee only if breaking the code makes it fail. Each
+:class:`Mutation` below replaces one line (found by its exact text, which must
+occur once) of a file, runs the tests that should catch it (targeted test ids,
+so a run takes minutes, not hours), and restores the file's bytes and mtime in
+a ``finally`` -- also on Ctrl-C, SIGTERM or a crashed test run. The tests run in
+a child pytest with ``PYTHONDONTWRITEBYTECODE=1``, so no compiled mutant
+outlives the run.
+
+Before mutating, the targeted tests run once on the real code (skip with
+``--no-baseline``): a mutation counts as caught only if they passed there and a
+test *failed* under it (pytest exit status 1; a collection error is reported,
+not counted). The report goes to stdout and to ``tests/mutations.txt``.
+
+Not part of ``make test`` or CI: it runs worker, fault and Kafka tests once per
+mutation. ``python -m tests.mutations --list`` lists the mutations,
+``python -m tests.mutations NAME...`` runs some of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).with_suffix(".txt")
+#: a mutant that hangs a test is reported, not waited for forever
+TIMEOUT = 900
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to the repository, or "module:<dotted name>" for an installed module
+    old: str  # exact text, found once; it may include a neighbouring line as an anchor
+    new: str
+    tests: tuple[str, ...]  # fastest first: the run stops at the first failure
+
+    def file(self) -> Path:
+        if self.path.startswith("module:"):
+            spec = importlib.util.find_spec(self.path.removeprefix("module:"))
+            assert spec is not None and spec.origin is not None, self.path
+            return Path(spec.origin)
+        return ROOT / self.path
+
+    def where(self) -> str:
+        text = self.file().read_text()
+        line = text[: text.index(self.old)].count("\n") + 1
+        return f"{self.path}:{line}"
+
+
+BACKEND = "tests/test_celery_backend.py"
+LOG_PG = "tests/test_log.py::TestLogOnPostgres"
+LOG_SQLITE = "tests/test_log.py::TestLogOnSQLite"
+
+MUTATIONS = [
+    Mutation(
+        "NOTIFY: a ready task state does not notify",
+        "ledger/log.py",
+        '        return item.columns.get("task_state") in READY_STATES\n',
+        "        return False\n",
+        (f"{BACKEND}::test_get_is_woken_by_notify_not_by_polling",),
+    ),
+    Mutation(
+        "xmin visibility: followers read rows of transactions still running",
+        "ledger/log.py",
+        "          AND tx_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint\n",
+        "          AND TRUE\n",
+        (f"{LOG_PG}::test_an_open_transaction_holds_followers_back_until_it_commits",
+         "tests/faults/test_followers.py"),
+    ),
+    Mutation(
+        "follow order: a follower resumes after its position alone, not (tx_id, position)",
+        "ledger/log.py",
+        "        WHERE (tx_id, position) > (:tx_id, :position)\n",
+        "        WHERE position > :position\n",
+        ("tests/faults/test_followers.py",),
+    ),
+    Mutation(
+        "follow: no poll for the events that do not notify",
+        "ledger/api.py",
+        "                wait = 0.02 if listener.wait(wait) else min(poll_interval, wait * 2)\n",
+        "                wait = 0.02 if listener.wait(wait) else 3600\n",
+        ("tests/test_follow.py::test_a_follower_still_gets_events_that_do_not_notify",),
+    ),
+    Mutation(
+        "chord claim: a part claims the body without completing the chord",
+        "ledger/api.py",
+        "            if not appended.completed_chords:\n",
+        "            if False:\n",
+        (f"{LOG_SQLITE}::test_redelivered_chord_part_fires_body_once",
+         f"{LOG_PG}::test_redelivered_chord_part_fires_body_once"),
+    ),
+    Mutation(
+        "idempotent event id: SQLite appends a known event id again",
+        "ledger/log.py",
+        "        ON CONFLICT (event_id) DO NOTHING\n"
+        "        RETURNING position, tx_id, stream_version, recorded_at\n",
+        "        RETURNING position, tx_id, stream_version, recorded_at\n",
+        (f"{LOG_SQLITE}::test_appending_the_same_event_id_twice_writes_one_row",),
+    ),
+    Mutation(
+        "idempotent event id: PostgreSQL appends a known event id again",
+        "ledger/log.py",
+        '        ON CONFLICT (event_id) DO NOTHING\n    """\n',
+        '    """\n',
+        (f"{LOG_PG}::test_appending_the_same_event_id_twice_writes_one_row",),
+    ),
+    Mutation(
+        "idempotent store: a new event id on every Celery retry of one store",
+        "ledger/celery.py",
+        '        event_id = getattr(self._store_ids, "event_id", None) or uuid.uuid4()\n',
+        "        event_id = uuid.uuid4()\n",
+        ("tests/faults/test_database_faults.py"
+         "::test_a_commit_whose_reply_is_lost_is_retried_without_storing_twice",),
+    ),
+    Mutation(
+        "redaction: named kwargs are kept",
+        "ledger/redaction.py",
+        "    return {key: REDACTED if key in names else value for key, value in kwargs.items()}\n",
+        "    return dict(kwargs)\n",
+        (f"{BACKEND}::test_redaction_replaces_named_kwargs_and_positions",),
+    ),
+    Mutation(
+        "redaction: the backend stores kwargs unredacted",
+        "ledger/celery.py",
+        '        kwargs = redact_kwargs(meta["kwargs"], self.redact_kwargs)\n',
+        '        kwargs = meta["kwargs"]\n',
+        ("tests/test_celery_worker.py::test_redacted_arguments_never_reach_the_log",),
+    ),
+    Mutation(
+        "payload limit: an oversized result is stored",
+        "ledger/celery.py",
+        "        if len(encoded.data) > self.max_payload_bytes:\n",
+        "        if False:\n",
+        ("tests/faults/test_bad_input.py"
+         "::test_payload_over_the_limit_is_refused_naming_size_and_limit_and_nothing_is_written",),
+    ),
+    Mutation(
+        "password masking: safe_url shows the password",
+        "ledger/database.py",
+        "    text = url.update_query_dict(hidden).render_as_string(hide_password=True)\n",
+        "    text = url.update_query_dict(hidden).render_as_string(hide_password=False)\n",
+        (f"{BACKEND}::test_construction_is_cheap_and_uri_hides_the_password",),
+    ),
+    # TO ADD: prune's checkpoint floor (prune keeps the events a follower's stored
+    # checkpoint has not passed). Being built on another branch; not on main when this
+    # list was written. Add its one-line mutation and its test here once it lands.
+    Mutation(
+        "stored exception: Celery imports the module a stored exception names",
+        "module:celery.backends.base",
+        "                cls = sys.modules[exc_module]\n",
+        '                cls = __import__(exc_module, fromlist=["_"])\n',
+        ("tests/faults/test_bad_input.py"
+         "::test_stored_exception_is_refused_or_rebuilt_as_a_stand_in_never_imported",),
+    ),
+    Mutation(
+        "stored exception: a non-exception type is not refused",
+        "module:celery.backends.base",
+        "        if not isinstance(cls, type) or not issubclass(cls, BaseException):\n",
+        "        if False:\n",
+        ("tests/faults/test_bad_input.py"
+         "::test_stored_exception_is_refused_or_rebuilt_as_a_stand_in_never_imported",),
+    ),
+    Mutation(
+        "recorded_at: PostgreSQL stores a time other than the server's",
+        "ledger/log.py",
+        "            CAST(:schema_version AS smallint), now(), CAST(:task_state AS varchar),\n",
+        "            CAST(:schema_version AS smallint), now() - interval '1 day',"
+        " CAST(:task_state AS varchar),\n",
+        (f"{LOG_PG}::test_recorded_at_is_database_time_in_utc",),
+    ),
+    Mutation(
+        "recorded_at: SQLite stores a time other than the writer's clock",
+        "ledger/log.py",
+        '        params["recorded_at"] = datetime.now(timezone.utc)\n',
+        '        params["recorded_at"] = datetime.now(timezone.utc).replace(year=2000)\n',
+        (f"{LOG_SQLITE}::test_recorded_at_is_database_time_in_utc",),
+    ),
+    Mutation(
+        "relay: a partition's share of a flush outgrows one record batch",
+        "ledger/relay.py",
+        "        room = self._batch_bytes - _BATCH_OVERHEAD\n",
+        "        room = self._batch_bytes * 5 // 4\n",
+        ("tests/test_stream_relay.py::test_a_partition_gets_at_most_one_record_batch_per_flush",),
+    ),
+    Mutation(
+        "retries: the ledger's retried writes are not logged",
+        "ledger/api.py",
+        '                log.warning(\n                    "ledger write failed',
+        '                log.debug(\n                    "ledger write failed',
+        ("tests/faults/test_database_faults.py"
+         "::test_2000_results_stored_exactly_once_while_every_connection_is_cut",),
+    ),
+]
+
+
+@dataclass
+class Outcome:
+    mutation: Mutation
+    where: str
+    result: str  # caught, SURVIVED, error, timeout
+    detail: str
+    seconds: float
+
+
+def run_tests(tests: tuple[str, ...] | list[str]) -> tuple[int | None, str]:
+    """(pytest's exit status or None on timeout, its output) for ``tests``."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", *tests]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its workers and relays too
+        out, _ = proc.communicate()
+        return None, out
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGTERM)  # Ctrl-C: stop the child before restoring
+        proc.wait()
+        raise
+    return proc.returncode, out
+
+
+def first_failure(output: str) -> str:
+    found = re.search(r"^FAILED (\S+)", output, re.MULTILINE)
+    return found.group(1) if found else output.strip().splitlines()[-1] if output.strip() else ""
+
+
+def apply(m: Mutation) -> Outcome:
+    path = m.file()
+    original = path.read_bytes()
+    stat = path.stat()
+    text = original.decode()
+    if text.count(m.old) != 1:
+        return Outcome(m, m.path, "error", f"the line to mutate occurs {text.count(m.old)} times "
+                       "(changed code, or a mutant left by a killed run: git checkout it)", 0.0)
+    where = m.where()
+    began = time.monotonic()
+    try:
+        path.write_text(text.replace(m.old, m.new))
+        status, output = run_tests(m.tests)
+    finally:
+        path.write_bytes(original)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    seconds = time.monotonic() - began
+    if status is None:
+        return Outcome(m, where, "timeout", f"no result within {TIMEOUT} s", seconds)
+    if status == 1:
+        return Outcome(m, where, "caught", first_failure(output), seconds)
+    if status == 0:
+        return Outcome(m, where, "SURVIVED", "every targeted test passed", seconds)
+    return Outcome(m, where, "error", f"pytest exit {status}: {first_failure(output)}", seconds)
+
+
+def report(outcomes: list[Outcome], baseline: str) -> str:
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    caught = sum(o.result == "caught" for o in outcomes)
+    lines = [
+        f"make mutations, {datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}, commit {commit}, "
+        f"load average {load}",
+        f"baseline (targeted tests on the real code): {baseline}",
+        f"{caught} of {len(outcomes)} mutations caught",
+        "",
+    ]
+    for o in outcomes:
+        old, new = o.mutation.old.splitlines(), o.mutation.new.splitlines()
+        lines.append(f"{o.result:8} {o.seconds:6.1f} s  {o.mutation.name}  ({o.where})")
+        lines += [f"         - {line.strip()}" for line in old if line not in new]
+        lines += [f"         + {line.strip()}" for line in new if line not in old]
+        lines.append(f"         {o.detail}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.mutations", description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help="run only mutations whose name contains one of these")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the run of the targeted tests on the real code")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.names or any(n in m.name for n in args.names)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.where():40} {m.name}")
+        return 0
+    # SIGTERM restores like Ctrl-C: the finally in apply() puts the file back.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    baseline = "skipped (--no-baseline)"
+    if not args.no_baseline:
+        tests = list(dict.fromkeys(t for m in chosen for t in m.tests))
+        status, output = run_tests(tests)
+        if status != 0:
+            print(output[-5000:])
+            print(f"the targeted tests fail on the real code (exit {status}): fix that first")
+            return 2
+        baseline = f"{len(tests)} test ids passed"
+    outcomes = []
+    for m in chosen:
+        outcome = apply(m)
+        print(f"{outcome.result:8} {outcome.seconds:6.1f} s  {m.name}", flush=True)
+        outcomes.append(outcome)
+    text = report(outcomes, baseline)
+    print("\n" + text, end="")
+    if not args.names:
+        RESULTS.write_text(text)
+    return 0 if all(o.result == "caught" for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
