@@ -112,7 +112,8 @@ def fold_run(task_id: str, events: list[RecordedEvent]) -> TaskRun:
         if not isinstance(data, TaskState):
             continue
         run.name = run.name or data.name
-        run.parent_id = run.parent_id or data.parent_id
+        if data.parent_id != task_id:  # a retry's parent_id is the task itself
+            run.parent_id = run.parent_id or data.parent_id
         run.group_id = run.group_id or data.group_id
         run.root_id = run.root_id or data.root_id
         if data.worker and data.worker not in run.workers:
@@ -204,9 +205,15 @@ def find_workflow(ledger, some_id: str) -> Workflow:
         raise UnknownId(some_id)
 
     # Walk up parent links (for tasks stored without root_id), then take the root.
-    top = seed
-    while top.parent_id and len(runs) < MAX_TASKS and load(top.parent_id) is not None:
+    # Celery gives a retry the task's own id as parent_id, and bad data may hold
+    # longer cycles: a task already walked through ends the walk.
+    top, walked = seed, {seed.task_id}
+    while (
+        top.parent_id not in walked and top.parent_id and len(runs) < MAX_TASKS
+        and load(top.parent_id) is not None
+    ):
         top = runs[top.parent_id]
+        walked.add(top.task_id)
     root = seed.root_id or top.task_id
     load(root)
     for task_id in _task_ids_mentioning(ledger, root):

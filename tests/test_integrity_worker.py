@@ -1,0 +1,52 @@
+"""Integrity of the audit with a real ``celery worker``: what issue 13 found broken.
+
+The worker (prefork, Redis broker) is the one from tests/test_celery_worker.py,
+started for this module on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.worker]
+
+CLI = str(Path(sys.executable).parent / "celery-ledger")
+
+
+def cli(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
+    """``celery-ledger ARGS`` in its own process (a hang fails the test, bounded)."""
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for_events(ledger, task_id: str, n: int) -> list:
+    deadline = time.monotonic() + WAIT
+    history = ledger.history(task_id)
+    while len(history) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+        history = ledger.history(task_id)
+    return history
+
+
+def test_timeline_of_a_task_retried_on_its_own_returns(worker, db_url):  # noqa: F811
+    r = task(worker, "flaky").delay(f"flaky-{uuid.uuid4()}", 3)
+    assert r.get(timeout=WAIT) == "ok on attempt 3"
+    ledger = worker.backend.ledger
+    history = wait_for_events(ledger, r.id, 6)
+    # What made the walk loop: Celery gives each retry the task's own id as parent.
+    assert r.id in {e.data.parent_id for e in history}
+    done = cli("timeline", r.id, "--db", db_url, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert [t["task_id"] for t in out["tasks"]] == [r.id]
+    assert out["tasks"][0]["retries"] == 2 and out["tasks"][0]["parent_id"] is None
+    assert out["tree"][0]["task"]["task_id"] == r.id
+
