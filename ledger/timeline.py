@@ -71,9 +71,11 @@ class TaskRun:
 
     @property
     def duration(self) -> float | None:
-        if self.start is None or self.ended_at is None:
+        # Without a STARTED state (Celery's default task_track_started=False) the
+        # first event is the end itself: the run time is unknown, not zero.
+        if self.started_at is None or self.ended_at is None:
             return None
-        return (self.ended_at - self.start).total_seconds()
+        return (self.ended_at - self.started_at).total_seconds()
 
     def record(self) -> dict[str, Any]:
         return {
@@ -163,6 +165,18 @@ class Workflow:
     tasks: dict[str, TaskRun]
     groups: dict[str, list[str]]
     chords: dict[str, dict[str, Any]]
+
+    @property
+    def notes(self) -> list[str]:
+        """What the reader must know to read the times right."""
+        untracked = sum(1 for r in self.tasks.values() if r.ended_at and r.started_at is None)
+        if not untracked:
+            return []
+        return [
+            f"{untracked} of {len(self.tasks)} tasks stored no STARTED state (Celery's default "
+            "task_track_started=False): their duration is unknown ('-'); START shows when "
+            "they were first recorded, their end. Set task_track_started = True to measure it."
+        ]
 
 
 def _task_ids_mentioning(ledger, needle: str) -> list[str]:
@@ -376,6 +390,7 @@ def render_text(wf: Workflow, width: int = 40) -> str:
             f"|{_bar(run, t0, span, width)}|"
         )
     lines.append(f"{'':{tree_w}}  {'':37}  {_axis(span, width)}")
+    lines.extend(f"note: {note}" for note in wf.notes)
     return "\n".join(lines)
 
 
@@ -420,6 +435,7 @@ def to_json(wf: Workflow) -> dict[str, Any]:
         "groups": wf.groups,
         "chords": wf.chords,
         "tree": [node(n) for n in build_tree(wf)],
+        "notes": wf.notes,
     }
 
 

@@ -7,6 +7,7 @@ started for this module on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ledger.timeline import find_workflow, render_text, to_json
 from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.worker]
@@ -50,3 +52,22 @@ def test_timeline_of_a_task_retried_on_its_own_returns(worker, db_url):  # noqa:
     assert out["tasks"][0]["retries"] == 2 and out["tasks"][0]["parent_id"] is None
     assert out["tree"][0]["task"]["task_id"] == r.id
 
+
+def test_timeline_says_durations_are_unknown_without_started(worker, db_url):  # noqa: F811
+    r = task(worker, "untracked").delay(7)
+    assert r.get(timeout=WAIT) == 7
+    ledger = worker.backend.ledger
+    assert [e.data.status for e in ledger.history(r.id)] == ["SUCCESS"]
+    wf = find_workflow(ledger, r.id)
+    run = wf.tasks[r.id]
+    assert run.duration is None and run.ended_at is not None
+    text = render_text(wf)
+    assert "task_track_started=False" in text and "unknown" in text
+    row = next(line for line in text.splitlines() if line.startswith("└─"))
+    assert r.id in row and re.search(r"SUCCESS\s+\+0ms\s+-\s+0\s", row), row  # duration "-"
+    assert to_json(wf)["notes"] and to_json(wf)["tasks"][0]["duration_s"] is None
+    # A task that stores STARTED has a duration and no note.
+    tracked = task(worker, "add").delay(1, 2)
+    assert tracked.get(timeout=WAIT) == 3
+    wf = find_workflow(ledger, tracked.id)
+    assert wf.tasks[tracked.id].duration is not None and wf.notes == []
