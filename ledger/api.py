@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ledger import database
+from ledger.errors import EventTooLarge
 from ledger.events import (
     ChordFired,
     ChordPartReturned,
@@ -73,9 +74,16 @@ class Ledger:
     """An event log with its projections, on one database."""
 
     def __init__(
-        self, engine: Engine, *, retry: RetryPolicy | None = None, notify: str = "ready"
+        self,
+        engine: Engine,
+        *,
+        retry: RetryPolicy | None = None,
+        notify: str = "ready",
+        max_payload_bytes: int | None = None,
     ) -> None:
         self.engine = engine
+        #: Largest encoded event payload :meth:`append` accepts (None: no limit).
+        self.max_payload_bytes = max_payload_bytes
         self.dialect = engine.dialect.name
         self.log = log_for(self.dialect, notify=notify)
         self.target = SqlTarget()
@@ -124,12 +132,16 @@ class Ledger:
 
         Idempotent on ``event_id``: an event already in the log is skipped and
         listed in ``duplicates``. Raises :class:`ledger.events.InvalidEvent` for
-        an invalid payload and :class:`ledger.log.VersionConflict` when an
+        an invalid payload (:class:`ledger.errors.EventTooLarge` for one over
+        ``max_payload_bytes``) and :class:`ledger.log.VersionConflict` when an
         ``expected_version`` does not hold; nothing is written in either case.
         """
         items = [Encoded.of(self._new(e)) for e in events]
         if not items:
             return AppendResult()
+        if self.max_payload_bytes is not None:
+            for item in items:
+                self._check_size(item)
         if self.dialect == "postgresql" and len(items) == 1:
             fused = self.target.fused_sql(items[0].new.data.type)
             # A lone event with a fused update is one autocommitted statement; not
@@ -166,6 +178,16 @@ class Ledger:
                 return self._append_fused(conn, items, fused)  # type: ignore[arg-type]
         recorded, duplicates = self.log.append(conn, items)
         return AppendResult(recorded, duplicates, self.target.apply(conn, recorded))
+
+    def _check_size(self, item: Encoded) -> None:
+        # The whole payload counts: result, traceback, args, kwargs, children.
+        size, limit = len(item.payload), self.max_payload_bytes
+        if limit is not None and size > limit:
+            data = item.new.data
+            raise EventTooLarge(
+                f"{data.type} event of {data.stream_id} is {size} bytes encoded; the limit "
+                f"(ledger_max_payload_bytes) is {limit} bytes"
+            )
 
     @staticmethod
     def _new(event: EventData | NewEvent) -> NewEvent:

@@ -51,7 +51,7 @@ from kombu.utils.encoding import ensure_bytes
 
 from ledger import codec, database
 from ledger.api import Ledger, RetryPolicy
-from ledger.errors import LedgerError, SettingError
+from ledger.errors import EventTooLarge, LedgerError, SettingError
 from ledger.events import (
     ChordPartAdded,
     ChordStarted,
@@ -63,6 +63,7 @@ from ledger.events import (
     NewEvent,
     TaskForgotten,
     TaskState,
+    fit_extras,
 )
 from ledger.listen import Listener
 from ledger.redaction import redact_args, redact_kwargs
@@ -85,7 +86,7 @@ _upgrade_lock = threading.Lock()
 
 
 class PayloadTooLarge(LedgerError, BackendStoreError):
-    """A result or exception is larger than ``ledger_max_payload_bytes``."""
+    """An event (result, traceback, args, kwargs) is larger than ``ledger_max_payload_bytes``."""
 
 
 class LedgerBackend(BaseBackend):
@@ -128,7 +129,10 @@ class LedgerBackend(BaseBackend):
             base_sleep=self.base_sleep_between_retries_ms / 1000,
             max_sleep=self.max_sleep_between_retries_ms / 1000,
         )
-        ledger = Ledger(database.engine_for(self._db_url), retry=retry, notify=self.notify)
+        # The size limit bounds the whole event (result, traceback, args, kwargs):
+        # Ledger.append refuses a larger one before anything is written.
+        ledger = Ledger(database.engine_for(self._db_url), retry=retry, notify=self.notify,
+                        max_payload_bytes=self.max_payload_bytes)
         if self.auto_upgrade:
             key = ledger.url
             with _upgrade_lock:
@@ -172,20 +176,11 @@ class LedgerBackend(BaseBackend):
         meta = self._get_result_meta(
             result=result, state=state, traceback=traceback, request=request, format_date=False
         )
-        encoded = self._encoded(result)
-        if len(encoded.data) > self.max_payload_bytes:
-            # Refused before anything is appended: the log never holds part of a store.
-            what = "exception" if state in self.EXCEPTION_STATES else "result"
-            raise PayloadTooLarge(
-                f"{what} of task {task_id} is {len(encoded.data)} bytes encoded; the limit "
-                f"(ledger_max_payload_bytes) is {self.max_payload_bytes} bytes",
-                state=state, task_id=task_id,
-            )
         try:
             event = TaskState(
                 task_id=task_id,
                 status=state,
-                result=encoded,
+                result=self._encoded(result),
                 traceback=traceback,
                 children=meta["children"],
                 date_done=meta["date_done"],
@@ -198,6 +193,7 @@ class LedgerBackend(BaseBackend):
         except InvalidEvent as exc:
             # e.g. a task id over the column limit: refused before anything is written
             raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
+        event = fit_extras(event, self.max_payload_bytes)
         # One event id per store_result call (kept across Celery's retries of it):
         # a retry after a lost COMMIT reply is then a duplicate, not a second store.
         event_id = getattr(self._store_ids, "event_id", None) or uuid.uuid4()
@@ -251,6 +247,8 @@ class LedgerBackend(BaseBackend):
     def _append(self, event: EventData | NewEvent, error: type[Exception], **info: Any) -> None:
         try:
             self.ledger.append([event])
+        except EventTooLarge as exc:
+            raise PayloadTooLarge(str(exc), **info) from None
         except sa.exc.SQLAlchemyError as exc:
             data = event.data if isinstance(event, NewEvent) else event
             raise error(f"ledger {data.type} failed: {type(exc).__name__}", **info) from exc
