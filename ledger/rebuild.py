@@ -72,6 +72,7 @@ from sqlalchemy.engine import Connection
 from ledger.errors import RebuildError
 from ledger.events import LogPruned, NewEvent, RecordedEvent, payload_problem
 from ledger.log import Encoded
+from ledger.schema import checkpoints
 from ledger.schema import events as events_table
 from projections.memory import Snapshot
 from projections.sql import LIVE, NAMING, ProjectionTables, SqlTarget, rebuild_statements
@@ -562,13 +563,34 @@ class PruneReport:
     events_deleted: int
     streams: list[str]
     kept_for_projections: int
+    #: Nothing was deleted: what a prune would delete now.
+    dry_run: bool = False
+    #: The follower checkpoint that stopped the prune short, and what it kept.
+    held_by: str | None = None
+    kept_for_followers: int = 0
+
+    def summary(self) -> list[str]:
+        """What the prune did (or would do), in lines for people."""
+        verb = "would prune" if self.dry_run else "pruned"
+        lines = [
+            f"{verb} {self.events_deleted:,} events recorded before {self.before.isoformat()} "
+            f"from {len(self.streams):,} streams; kept {self.kept_for_projections:,} older events "
+            "that live projections or followers still need"
+        ]
+        if self.held_by is not None:
+            lines.append(
+                f"stopped short: follower {self.held_by!r} has not read {self.kept_for_followers:,} "
+                "of those older events yet; they are kept until its checkpoint passes them "
+                "(delete its row in ledger_checkpoints if that follower is gone for good)"
+            )
+        return lines
 
 
 #: At most this many stream ids are listed in the ``ledger.pruned`` event.
 PRUNED_STREAMS_LISTED = 10_000
 
 
-def prune(ledger, before: datetime) -> PruneReport:
+def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
     """Delete events recorded before ``before``; rebuild and verify stay consistent.
 
     Kept, whatever their age:
@@ -581,7 +603,13 @@ def prune(ledger, before: datetime) -> PruneReport:
       ``before`` and the chord completed: a chord counter needs all its parts.
       A completed, fully pruned chord loses its counter rows too, in the same
       transaction, so the live tables still equal a rebuild;
-    * the ``ledger:*`` maintenance streams (the record of earlier prunes).
+    * the ``ledger:*`` maintenance streams (the record of earlier prunes);
+    * every event a follower with a checkpoint in ``ledger_checkpoints`` (the
+      Kafka relay) has not read yet: the cutoff never passes the first event
+      after the oldest checkpoint in follow order, so the relay still sends
+      everything (the report names the checkpoint that held the prune back).
+
+    ``dry_run=True`` counts what would be deleted and changes nothing.
 
     The cutoff is a *position*, the first event recorded at or after ``before``,
     because PostgreSQL stamps ``recorded_at`` with the transaction's start time
@@ -592,7 +620,7 @@ def prune(ledger, before: datetime) -> PruneReport:
     T, e = LIVE, events_table
 
     def work(conn: Connection) -> PruneReport:
-        if ledger.dialect == "postgresql":
+        if ledger.dialect == "postgresql" and not dry_run:
             names = ", ".join(t.name for t in T.all())
             conn.execute(sa.text(f"LOCK TABLE {names} IN SHARE MODE"))
         cutoff = conn.execute(
@@ -600,6 +628,12 @@ def prune(ledger, before: datetime) -> PruneReport:
         ).scalar()
         if cutoff is None:
             cutoff = conn.execute(sa.select(sa.func.coalesce(sa.func.max(e.c.position), 0))).scalar_one() + 1
+        time_cutoff = cutoff
+        held_by, unread = _oldest_follower(conn)
+        if unread is not None and unread < cutoff:
+            cutoff = unread  # a position cutoff keeps the chord and pinning rules whole
+        else:
+            held_by = None
         key = sa.func.substr(e.c.stream_id, 7)  # after "group:" / "chord:"
         task_key = sa.func.substr(e.c.stream_id, 6)  # after "task:"
         old = e.c.position < cutoff
@@ -627,6 +661,14 @@ def prune(ledger, before: datetime) -> PruneReport:
         kept = conn.execute(
             sa.select(sa.func.count()).where(old, ~e.c.stream_id.like("ledger:%"), ~doomed)
         ).scalar_one()
+        for_followers = 0 if held_by is None else conn.execute(
+            sa.select(sa.func.count()).where(
+                e.c.position >= cutoff, e.c.position < time_cutoff, ~e.c.stream_id.like("ledger:%")
+            )
+        ).scalar_one()
+        if dry_run:
+            deleted = conn.execute(sa.select(sa.func.count()).where(doomed)).scalar_one()
+            return PruneReport(before, deleted, affected, kept, True, held_by, for_followers)
         gone_chords = [s[len("chord:"):] for s in affected if s.startswith("chord:")]
         deleted = conn.execute(sa.delete(e).where(doomed)).rowcount
         for i in range(0, len(gone_chords), 500):
@@ -638,6 +680,28 @@ def prune(ledger, before: datetime) -> PruneReport:
         )
         recorded, _ = ledger.log.append(conn, [Encoded.of(NewEvent(record))])
         ledger.target.apply(conn, recorded)
-        return PruneReport(before, deleted, affected, kept)
+        return PruneReport(before, deleted, affected, kept, False, held_by, for_followers)
 
-    return ledger._write(work)
+    return ledger._read(work) if dry_run else ledger._write(work)
+
+
+def _oldest_follower(conn: Connection) -> tuple[str | None, int | None]:
+    """The checkpoint furthest behind in follow order, and the first position it has not read.
+
+    Follow order is ``(tx_id, position)`` (position alone on SQLite, where tx_id
+    is 0); an event a follower has not read may have a lower position than its
+    checkpoint on PostgreSQL, hence the smallest position among the unread.
+    """
+    c, e = checkpoints, events_table
+    row = conn.execute(
+        sa.select(c.c.name, c.c.tx_id, c.c.position).order_by(c.c.tx_id, c.c.position).limit(1)
+    ).first()
+    if row is None:
+        return None, None
+    unread = conn.execute(
+        sa.select(sa.func.min(e.c.position)).where(
+            sa.tuple_(e.c.tx_id, e.c.position) > sa.tuple_(row.tx_id, row.position)
+        )
+    ).scalar()
+    return row.name, unread
+
