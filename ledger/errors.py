@@ -86,6 +86,10 @@ class UnknownId(NotFound):
 # -- operations --------------------------------------------------------------------------
 
 
+class DowngradeRefused(LedgerError):
+    """A downgrade would drop tables holding events, and was not confirmed."""
+
+
 class RebuildError(LedgerError, RuntimeError):
     """The rebuild could not complete; the live tables are unchanged."""
 
