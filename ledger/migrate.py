@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from importlib import resources
 
 import sqlalchemy as sa
@@ -68,11 +72,41 @@ def _events_dropped(engine: Engine, revision: str) -> int:
         return conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one()
 
 
+#: Transaction advisory lock key: one migration at a time per PostgreSQL database.
+_MIGRATE_LOCK = 0x6C65646765720002
+
+
 def _run(engine: Engine, fn, revision: str) -> None:
+    """Run an Alembic command under a lock, so processes starting together migrate once.
+
+    Without it, three workers with ``ledger_auto_upgrade`` on a fresh database
+    each ran CREATE TABLE, and the losers failed (PostgreSQL: IntegrityError on
+    pg_type_typname_nsp_index; SQLite: OperationalError). Under the lock the
+    first migrates and the others then find the schema at head and do nothing.
+    PostgreSQL: a transaction-level advisory lock taken in the migration's own
+    transaction (DDL is transactional there, so it is held until the commit).
+    SQLite: ``flock`` on ``<database file>.migrate.lock``.
+    """
     cfg = config()
-    with engine.begin() as conn:
+    with _file_lock(engine), engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
         cfg.attributes["connection"] = conn
         fn(cfg, revision)
+
+
+@contextlib.contextmanager
+def _file_lock(engine: Engine) -> Iterator[None]:
+    db = engine.url.database
+    if engine.dialect.name != "sqlite" or not db or db == ":memory:":
+        yield
+        return
+    fd = os.open(f"{db}.migrate.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the migrating process is done
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
 
 
 def current(engine: Engine) -> str | None:

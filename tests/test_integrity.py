@@ -5,8 +5,10 @@ tests/test_integrity_worker.py.
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from ledger.api import Ledger
 from ledger.errors import DowngradeRefused
 from ledger.events import TaskState
 from ledger.timeline import find_workflow
+from tests.conftest import PG_SERVER, RUN_ID, admin, ensure_postgres
 
 CLI = str(Path(sys.executable).parent / "celery-ledger")
 
@@ -51,3 +54,42 @@ def test_downgrade_refuses_to_drop_a_log_holding_events_without_yes(any_url):
     # An empty log is dropped without asking.
     migrate.upgrade(ledger.engine)
     assert cli("db", "downgrade", "base", "--db", any_url).returncode == 0
+
+
+def _store_one(url: str, barrier, task_id: str) -> None:
+    """A process that starts with ledger_auto_upgrade and stores one result at once."""
+    from celery import Celery
+
+    app = Celery("race", backend=f"ledger+{url}", set_as_current=False)
+    app.conf.ledger_auto_upgrade = True
+    barrier.wait(60)
+    app.backend.mark_as_done(task_id, task_id)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh_url(request, tmp_path):
+    """An empty database, never migrated."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fresh.db'}"
+        return
+    ensure_postgres()
+    name = f"ledger_fresh_{RUN_ID}_{uuid.uuid4().hex[:8]}"
+    admin(f'CREATE DATABASE "{name}"')
+    yield f"{PG_SERVER}/{name}"
+    admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("round_", range(4))
+def test_processes_starting_together_on_a_fresh_database_all_store(fresh_url, round_):
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    procs = [ctx.Process(target=_store_one, args=(fresh_url, barrier, t)) for t in ids]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    ledger = Ledger.open(fresh_url)
+    assert migrate.current(ledger.engine) == migrate.head()
+    assert [ledger.task_meta(t).status for t in ids] == ["SUCCESS"] * 3
