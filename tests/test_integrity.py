@@ -42,7 +42,7 @@ def test_downgrade_refuses_to_drop_a_log_holding_events_without_yes(any_url):
     ledger = Ledger.open(any_url)
     ledger.append([TaskState(task_id="kept", status="SUCCESS")])
     for revision in ("base", "-1" if migrate.head() == migrate.LOG_REVISION else "base"):
-        done = cli("db", "downgrade", revision, "--db", any_url)
+        done = cli("db", "downgrade", "--db", any_url, "--", revision)
         assert done.returncode == 1
         assert done.stderr.count("\n") == 1 and "holds 1 events; pass --yes" in done.stderr
         assert [e.data.status for e in ledger.history("kept")] == ["SUCCESS"]
