@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ledger import database
-from ledger.errors import EventTooLarge
+from ledger.errors import EventTooLarge, SchemaMissing
 from ledger.events import (
     ChordFired,
     ChordPartReturned,
@@ -121,6 +121,37 @@ class Ledger:
         from ledger.migrate import upgrade
 
         upgrade(self.engine, revision)
+
+    def schema_missing(self) -> SchemaMissing | None:
+        """Why this database cannot serve the ledger yet (no schema, an older one), or None.
+
+        The fix is named, never applied: creating or migrating a schema implicitly
+        would take a DDL-capable role and Alembic's ownership away from the
+        operator (``ledger_auto_upgrade = True`` is the explicit opt-in).
+        """
+        from ledger import migrate
+
+        current, head = migrate.current(self.engine), migrate.head()
+        if current == head:
+            return None
+        state = "has no ledger schema" if current is None else f"has ledger schema {current}"
+        return SchemaMissing(
+            f"{self.url} {state}; this celery-ledger needs {head}: run "
+            f"`celery-ledger db upgrade --db {self.url}`"
+        )
+
+    def require_schema(self) -> None:
+        """Raise :class:`ledger.errors.SchemaMissing` unless the schema is at head."""
+        problem = self.schema_missing()
+        if problem is not None:
+            raise problem
+
+    def _schema_error(self, exc: sa.exc.DBAPIError) -> Exception:
+        # A missing table is an unmigrated database: say what to run, once, in
+        # one line (a worker otherwise logged 4,531 SQL tracebacks a minute).
+        if database.is_missing_table(exc):
+            return self.schema_missing() or exc
+        return exc
 
     def __repr__(self) -> str:
         return f"Ledger({self.url!r})"
@@ -252,6 +283,8 @@ class Ledger:
                     raise
                 log.debug("append conflict, retrying: %s", exc)
             except sa.exc.DBAPIError as exc:
+                if database.is_missing_table(exc):
+                    raise self._schema_error(exc) from None
                 if not database.is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
                     raise
                 log.warning(
@@ -288,6 +321,8 @@ class Ledger:
             try:
                 return read()
             except sa.exc.DBAPIError as exc:
+                if database.is_missing_table(exc):
+                    raise self._schema_error(exc) from None
                 if not database.is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
                     raise
                 time.sleep(self.retry.sleep(attempt))

@@ -51,7 +51,7 @@ from kombu.utils.encoding import ensure_bytes
 
 from ledger import codec, database
 from ledger.api import Ledger, RetryPolicy
-from ledger.errors import EventTooLarge, LedgerError, SettingError
+from ledger.errors import EventTooLarge, LedgerError, SchemaMissing, SettingError
 from ledger.events import (
     ChordPartAdded,
     ChordStarted,
@@ -249,6 +249,8 @@ class LedgerBackend(BaseBackend):
             self.ledger.append([event])
         except EventTooLarge as exc:
             raise PayloadTooLarge(str(exc), **info) from None
+        except SchemaMissing as exc:  # one line naming the fix, without the SQL traceback
+            raise error(str(exc), **info) from None
         except sa.exc.SQLAlchemyError as exc:
             data = event.data if isinstance(event, NewEvent) else event
             raise error(f"ledger {data.type} failed: {type(exc).__name__}", **info) from exc
@@ -268,6 +270,8 @@ class LedgerBackend(BaseBackend):
     def _get_task_meta_for(self, task_id):
         try:
             row = self.ledger.task_meta(task_id)
+        except SchemaMissing as exc:
+            raise BackendGetMetaError(str(exc), task_id=task_id) from None
         except sa.exc.SQLAlchemyError as exc:
             raise BackendGetMetaError(
                 f"failed to get meta: {type(exc).__name__}", task_id=task_id
@@ -376,6 +380,8 @@ class LedgerBackend(BaseBackend):
     def _ready(self, ids: Iterable[str], ready_states) -> Iterator[tuple[str, dict]]:
         try:
             rows = self.ledger.task_metas(ids)
+        except SchemaMissing as exc:
+            raise BackendGetMetaError(str(exc), task_id=next(iter(ids))) from None
         except sa.exc.SQLAlchemyError as exc:
             if not database.is_disconnect(exc):
                 raise BackendGetMetaError(

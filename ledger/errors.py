@@ -86,6 +86,10 @@ class UnknownId(NotFound):
 # -- operations --------------------------------------------------------------------------
 
 
+class SchemaMissing(LedgerError):
+    """The database has no ledger schema, or an older one: the message names the command to run."""
+
+
 class DowngradeRefused(LedgerError):
     """A downgrade would drop tables holding events, and was not confirmed."""
 

@@ -138,6 +138,7 @@ def _mixed(new: ProjectionTables, slots: Sequence[str]) -> ProjectionTables:
 def rebuild(ledger, projections: Sequence[str] | None = None, progress=None) -> RebuildReport:
     """Recompute projections from the log and swap them in atomically (module docstring)."""
     names = _names(projections)
+    ledger.require_schema()
     report = RebuildReport(projections=names)
     started = time.perf_counter()
     if ledger.dialect == "postgresql":
@@ -493,6 +494,7 @@ def verify(ledger, projections: Sequence[str] | None = None) -> list[str]:
     """Every difference between the live projections and a rebuild from the log (none: [])."""
     names = _names(projections)
     slots = _slots(names)
+    ledger.require_schema()
     scratch = ProjectionTables.define(sa.MetaData(), VERIFY_SUFFIX)
     with ledger.engine.connect() as conn:
         if ledger.dialect == "postgresql":
@@ -618,6 +620,7 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
     prune so that the rows deciding what is kept cannot move meanwhile.
     """
     T, e = LIVE, events_table
+    ledger.require_schema()
 
     def work(conn: Connection) -> PruneReport:
         if ledger.dialect == "postgresql" and not dry_run:

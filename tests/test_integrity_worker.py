@@ -15,9 +15,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+from celery.exceptions import BackendGetMetaError
 
+from ledger import migrate
+from ledger.database import engine_for
 from ledger.timeline import find_workflow, render_text, to_json
+from tests.faults.workers import Workers
 from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
+from tests.test_integrity import fresh_url  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.worker]
 
@@ -71,3 +76,31 @@ def test_timeline_says_durations_are_unknown_without_started(worker, db_url):  #
     assert tracked.get(timeout=WAIT) == 3
     wf = find_workflow(ledger, tracked.id)
     assert wf.tasks[tracked.id].duration is not None and wf.notes == []
+
+
+def test_an_unmigrated_database_is_named_with_its_fix_in_one_line(fresh_url, tmp_path):  # noqa: F811
+    w = Workers(f"ledger+{fresh_url}", {}, tmp_path)
+    try:
+        w.start(concurrency=1)
+        app = w.client()
+        r = app.tasks["workerapp.add"].delay(1, 2)
+        fix = f"run `celery-ledger db upgrade --db {fresh_url}`"
+        with pytest.raises(BackendGetMetaError, match=re.escape(fix)):
+            r.get(timeout=WAIT)
+        deadline = time.monotonic() + WAIT
+        while fix not in w.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = w.log_text()
+        assert "has no ledger schema" in log and fix in log
+        # No SQL error chain: the worker logs the one line, not the driver's traceback.
+        assert "no such table" not in log and "UndefinedTable" not in log
+        for command in (["history", r.id], ["verify"], ["rebuild"], ["prune", "--before", "2099-01-01"]):
+            done = cli(*command, "--db", fresh_url)
+            assert done.returncode == 1 and done.stderr.strip().endswith(fix), done.stderr
+            assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+        # Nothing was created implicitly; once migrated, the same worker stores.
+        assert migrate.current(engine_for(fresh_url)) is None
+        assert cli("db", "upgrade", "--db", fresh_url).returncode == 0
+        assert app.tasks["workerapp.add"].delay(2, 3).get(timeout=WAIT) == 5
+    finally:
+        w.close()
