@@ -51,7 +51,7 @@ from kombu.utils.encoding import ensure_bytes
 
 from ledger import codec, database
 from ledger.api import Ledger, RetryPolicy
-from ledger.errors import EventTooLarge, LedgerError, SchemaMissing, SettingError
+from ledger.errors import CorruptEvent, EventTooLarge, LedgerError, SchemaMissing, SettingError
 from ledger.events import (
     ChordPartAdded,
     ChordStarted,
@@ -279,7 +279,10 @@ class LedgerBackend(BaseBackend):
         if row is None:
             # The Redis backend's answer for an unknown id, key for key.
             return {"status": states.PENDING, "result": None}
-        return self._meta(row)
+        try:
+            return self._meta(row)
+        except CorruptEvent as exc:  # the message names the log position
+            raise BackendGetMetaError(str(exc), task_id=task_id) from None
 
     def _meta(self, row: TaskMeta) -> dict:
         ev: TaskState = row.data
@@ -392,7 +395,11 @@ class LedgerBackend(BaseBackend):
             return
         for task_id, row in rows.items():
             if row.status in ready_states:
-                yield task_id, self._meta(row)
+                try:
+                    meta = self._meta(row)
+                except CorruptEvent as exc:
+                    raise BackendGetMetaError(str(exc), task_id=task_id) from None
+                yield task_id, meta
 
     def _wake_ups(self, *, enabled: bool) -> Listener:
         # Entering a PgListener LISTENs (one connection), before the first read: a

@@ -70,7 +70,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ledger.errors import RebuildError
-from ledger.events import LogPruned, NewEvent, RecordedEvent, payload_problem
+from ledger.events import GroupSaved, LogPruned, NewEvent, RecordedEvent, TaskState, event_problem
 from ledger.log import Encoded
 from ledger.schema import checkpoints
 from ledger.schema import events as events_table
@@ -423,18 +423,20 @@ def _rebuild_sqlite(ledger, names, report: RebuildReport, progress) -> None:
     ledger._write(work)
 
 
-#: Rebuilt tables whose rows carry an event's payload: slot -> (key column, stream prefix).
-_PAYLOAD_SLOTS = {"task_meta": ("task_id", "task"), "groups": ("group_id", "group")}
+#: Rebuilt tables whose rows carry an event's payload: slot -> (key column, event model).
+_PAYLOAD_SLOTS = {"task_meta": ("task_id", TaskState), "groups": ("group_id", GroupSaved)}
 
 
 def _corrupt_payloads(conn: Connection, tables: ProjectionTables, slots: Sequence[str]) -> list[str]:
-    """Rows about to be served whose payload is unsound (rebuild copies bytes set-based).
+    """Rows about to be served that are not valid events (rebuild copies bytes set-based).
 
-    Only the payloads a projection serves are checked here (msgpack, no model
-    validation: ~2 µs a row); ``verify`` checks every event of the log.
+    Each is validated as the live path validates it (its pydantic model, ~10 µs
+    a row; msgpack alone let ``{"task_id": ...}`` without a state through, to
+    crash ``show`` and ``get()`` later). Only the rows a projection serves are
+    checked here; ``verify`` checks every event of the log.
     """
     problems = []
-    for slot, (key_field, prefix) in _PAYLOAD_SLOTS.items():
+    for slot, (key_field, model) in _PAYLOAD_SLOTS.items():
         if slot not in slots:
             continue
         t = getattr(tables, slot)
@@ -442,9 +444,10 @@ def _corrupt_payloads(conn: Connection, tables: ProjectionTables, slots: Sequenc
             sa.select(t.c[key_field], t.c.position, t.c.payload).execution_options(yield_per=5000)
         )
         for key, position, payload in rows:
-            problem = payload_problem(payload)
+            stream_id = f"{model.stream_prefix}:{key}"
+            problem = event_problem(model.type, model.schema_version, payload, stream_id)
             if problem is not None:
-                problems.append(f"corrupt payload at log position {position} ({prefix}:{key}): {problem}")
+                problems.append(f"corrupt event at log position {position} ({stream_id}): {problem}")
     return problems
 
 
@@ -457,17 +460,17 @@ def _corruption_message(problems: list[str]) -> str:
 
 
 def _corrupt_events(conn: Connection) -> list[str]:
-    """Every event of the log whose payload does not decode (verify's full scan)."""
+    """Every event of the log that is not a valid event of its stream (verify's full scan)."""
     e = events_table
     rows = conn.execute(
-        sa.select(e.c.position, e.c.stream_id, e.c.payload)
+        sa.select(e.c.position, e.c.stream_id, e.c.type, e.c.schema_version, e.c.payload)
         .order_by(e.c.position)
         .execution_options(yield_per=5000)
     )
     return [
-        f"corrupt payload at log position {position} ({stream_id}): {problem}"
-        for position, stream_id, payload in rows
-        if (problem := payload_problem(payload)) is not None
+        f"corrupt event at log position {position} ({stream_id}): {problem}"
+        for position, stream_id, type_, version, payload in rows
+        if (problem := event_problem(type_, version, payload, stream_id)) is not None
     ]
 
 

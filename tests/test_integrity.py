@@ -11,14 +11,21 @@ import sys
 import uuid
 from pathlib import Path
 
+import msgpack
 import pytest
 import sqlalchemy as sa
+from celery import Celery
+from celery.exceptions import BackendGetMetaError
 
 from ledger import migrate
 from ledger.api import Ledger
-from ledger.errors import DowngradeRefused
+from ledger.database import engine_for
+from ledger.errors import DowngradeRefused, RebuildError
 from ledger.events import TaskState
+from ledger.rebuild import rebuild, verify
+from ledger.schema import events
 from ledger.timeline import find_workflow
+from projections.sql import LIVE
 from tests.conftest import PG_SERVER, RUN_ID, admin, ensure_postgres
 
 CLI = str(Path(sys.executable).parent / "celery-ledger")
@@ -93,3 +100,57 @@ def test_processes_starting_together_on_a_fresh_database_all_store(fresh_url, ro
     ledger = Ledger.open(fresh_url)
     assert migrate.current(ledger.engine) == migrate.head()
     assert [ledger.task_meta(t).status for t in ids] == ["SUCCESS"] * 3
+
+
+def tamper(url: str, *statements) -> None:
+    """Change stored rows behind the ledger's back, as someone with database access could.
+
+    On PostgreSQL the log refuses UPDATE and DELETE unless the transaction says
+    it is a prune (``SET LOCAL ledger.prune = 'on'``); so does this.
+    """
+    engine = engine_for(url)
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SET LOCAL ledger.prune = 'on'"))
+        for statement in statements:
+            conn.execute(statement)
+
+
+def _stored(url: str, n: int = 3) -> tuple[Celery, list[str]]:
+    app = Celery("integrity", backend=f"ledger+{url}", set_as_current=False)
+    ids = [str(uuid.uuid4()) for _ in range(n)]
+    for i, task_id in enumerate(ids):
+        app.backend.mark_as_started(task_id)
+        app.backend.mark_as_done(task_id, i)
+    return app, ids
+
+
+NOT_AN_EVENT = msgpack.packb({"task_id": "x"})  # valid msgpack, no state: not a task.state
+
+
+def test_rebuild_and_verify_refuse_valid_msgpack_that_is_not_an_event(any_url):
+    app, ids = _stored(any_url)
+    ledger = Ledger.open(any_url)
+    bad = ledger.history(ids[1])[-1].position
+    tamper(any_url, sa.update(events).where(events.c.position == bad).values(payload=NOT_AN_EVENT))
+    with pytest.raises(RebuildError, match=rf"corrupt event at log position {bad} \(task:{ids[1]}\)"):
+        rebuild(ledger)
+    assert app.backend.get_task_meta(ids[1])["result"] == 1  # the good live row is kept
+    problems = verify(ledger)
+    assert any(f"corrupt event at log position {bad} (task:{ids[1]})" in p for p in problems), problems
+    done = cli("verify", "--db", any_url)
+    assert done.returncode == 1 and f"position {bad}" in done.stdout
+
+
+def test_a_bad_projection_row_is_a_get_meta_error_naming_the_position(any_url):
+    app, ids = _stored(any_url)
+    row = Ledger.open(any_url).task_meta(ids[0])
+    tamper(any_url, sa.update(LIVE.task_meta).where(LIVE.task_meta.c.task_id == ids[0])
+           .values(payload=NOT_AN_EVENT))
+    app.backend._cache.clear()
+    with pytest.raises(BackendGetMetaError, match=rf"corrupt event at log position {row.position}"):
+        app.AsyncResult(ids[0]).get(timeout=10)
+    done = cli("show", ids[0], "--db", any_url)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"corrupt event at log position {row.position}" in done.stderr
+    assert [app.backend.get_task_meta(t)["result"] for t in ids[1:]] == [1, 2]

@@ -249,7 +249,7 @@ def test_corrupt_payload_row_leaves_other_reads_alone_and_verify_reports_it(any_
     problems = verify(Ledger.open(any_url))
     print("\nverify:", problems)
     assert any(ids[2] in p for p in problems), problems
-    assert any(f"corrupt payload at log position {position}" in p for p in problems), problems
+    assert any(f"corrupt event at log position {position}" in p for p in problems), problems
 
 
 def test_corrupt_payload_row_stops_rebuild_with_a_clear_error(any_url):
