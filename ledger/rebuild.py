@@ -445,7 +445,7 @@ def _corrupt_payloads(conn: Connection, tables: ProjectionTables, slots: Sequenc
         )
         for key, position, payload in rows:
             stream_id = f"{model.stream_prefix}:{key}"
-            problem = event_problem(model.type, model.schema_version, payload, stream_id)
+            problem = event_problem(model.type, model.schema_version, payload)
             if problem is not None:
                 problems.append(f"corrupt event at log position {position} ({stream_id}): {problem}")
     return problems
@@ -460,7 +460,7 @@ def _corruption_message(problems: list[str]) -> str:
 
 
 def _corrupt_events(conn: Connection) -> list[str]:
-    """Every event of the log that is not a valid event of its stream (verify's full scan)."""
+    """Every event of the log that is not a valid event of its type (verify's full scan)."""
     e = events_table
     rows = conn.execute(
         sa.select(e.c.position, e.c.stream_id, e.c.type, e.c.schema_version, e.c.payload)
@@ -470,7 +470,7 @@ def _corrupt_events(conn: Connection) -> list[str]:
     return [
         f"corrupt event at log position {position} ({stream_id}): {problem}"
         for position, stream_id, type_, version, payload in rows
-        if (problem := event_problem(type_, version, payload, stream_id)) is not None
+        if (problem := event_problem(type_, version, payload)) is not None
     ]
 
 
