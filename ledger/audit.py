@@ -129,7 +129,26 @@ def task_history(ledger, task_id: str) -> list[dict[str, Any]]:
     events = ledger.history(task_id)
     if not events:
         raise UnknownTask(task_id)
-    return [describe(e) for e in events]
+    rows: list[dict[str, Any]] = []
+    expected = 1
+    for event in events:
+        if event.stream_version > expected:
+            rows.append(_gap(ledger, task_id, expected, event.stream_version - 1))
+        rows.append(describe(event))
+        expected = event.stream_version + 1
+    return rows
+
+
+def _gap(ledger, task_id: str, first: int, last: int) -> dict[str, Any]:
+    """A row for stream versions missing from the log: pruned, or deleted behind its back."""
+    pruned = bool(prunes_of(ledger, f"task:{task_id}"))
+    row = dict.fromkeys(("position", "time", "event", "name", "worker", "retries", "exc_type", "exc_message"))
+    row.update(
+        version=str(first) if first == last else f"{first}..{last}",
+        state="PRUNED" if pruned else "MISSING",
+        result="removed by celery-ledger prune" if pruned else "deleted from the log outside prune",
+    )
+    return row
 
 
 # -- rendering ------------------------------------------------------------------------

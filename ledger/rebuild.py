@@ -72,7 +72,7 @@ from sqlalchemy.engine import Connection
 from ledger.errors import RebuildError
 from ledger.events import GroupSaved, LogPruned, NewEvent, RecordedEvent, TaskState, event_problem
 from ledger.log import Encoded
-from ledger.schema import checkpoints
+from ledger.schema import PRUNE_SETTING, checkpoints
 from ledger.schema import events as events_table
 from projections.memory import Snapshot
 from projections.sql import LIVE, NAMING, ProjectionTables, SqlTarget, rebuild_statements
@@ -474,6 +474,46 @@ def _corrupt_events(conn: Connection) -> list[str]:
     ]
 
 
+def _version_gaps(ledger, conn: Connection) -> list[str]:
+    """Stream versions missing from the log that no prune explains (verify).
+
+    Versions are 1, 2, 3... per stream, so a deleted event leaves a gap even
+    where the projections still match (deleting a task's STARTED changes no
+    row). A gap is a prune's when that prune came after the event before the
+    gap and listed the stream (or listed too many streams to name them all).
+    """
+    e = events_table
+    w = {"partition_by": e.c.stream_id, "order_by": e.c.stream_version}
+    versions = sa.select(
+        e.c.stream_id, e.c.stream_version, e.c.position,
+        sa.func.lag(e.c.stream_version).over(**w).label("prev_version"),
+        sa.func.lag(e.c.position).over(**w).label("prev_position"),
+    ).where(~e.c.stream_id.like("ledger:%")).subquery()
+    gaps = conn.execute(
+        sa.select(versions).where(
+            versions.c.stream_version - sa.func.coalesce(versions.c.prev_version, 0) > 1
+        ).order_by(versions.c.position)
+    ).all()
+    if not gaps:
+        return []
+    prunes = [
+        (event.position, set(event.data.streams), len(event.data.streams) >= PRUNED_STREAMS_LISTED)
+        for event in ledger.log.read_stream(conn, f"{LogPruned.stream_prefix}:maintenance")
+    ]
+    out = []
+    for stream_id, version, position, prev_version, prev_position in gaps:
+        if any(at > (prev_position or 0) and (stream_id in streams or truncated)
+               for at, streams, truncated in prunes):
+            continue
+        first = (prev_version or 0) + 1
+        missing = f"version {first}" if first == version - 1 else f"versions {first}..{version - 1}"
+        out.append(
+            f"stream-version gap at log position {position} ({stream_id}): {missing} missing, "
+            "deleted outside prune"
+        )
+    return out
+
+
 def _sqlite_ddl(conn: Connection, table: str) -> tuple[str, list[str]]:
     rows = conn.exec_driver_sql(
         "SELECT type, sql FROM sqlite_master WHERE tbl_name = ? AND sql IS NOT NULL",
@@ -517,7 +557,9 @@ def verify(ledger, projections: Sequence[str] | None = None) -> list[str]:
                     )
             for _, stmt in _statements(conn, scratch, slots):
                 conn.execute(stmt)
-            differences = _corrupt_events(conn) + _differences(conn, scratch, slots)
+            differences = (
+                _corrupt_events(conn) + _version_gaps(ledger, conn) + _differences(conn, scratch, slots)
+            )
             if ledger.dialect == "sqlite":
                 for slot in slots:
                     conn.exec_driver_sql(f'DROP TABLE temp."{getattr(scratch, slot).name}"')
@@ -676,6 +718,10 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
             deleted = conn.execute(sa.select(sa.func.count()).where(doomed)).scalar_one()
             return PruneReport(before, deleted, affected, kept, True, held_by, for_followers)
         gone_chords = [s[len("chord:"):] for s in affected if s.startswith("chord:")]
+        if ledger.dialect == "postgresql":
+            # The log's trigger refuses deletes (migration 0002) unless the
+            # transaction says it is a prune; the setting ends with it.
+            conn.execute(sa.text(f"SET LOCAL {PRUNE_SETTING} = 'on'"))
         deleted = conn.execute(sa.delete(e).where(doomed)).rowcount
         for i in range(0, len(gone_chords), 500):
             chunk = gone_chords[i : i + 500]

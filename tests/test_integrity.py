@@ -9,25 +9,29 @@ import multiprocessing
 import subprocess
 import sys
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import msgpack
 import pytest
 import sqlalchemy as sa
+from alembic.script import ScriptDirectory
 from celery import Celery
 from celery.exceptions import BackendGetMetaError
 
 from ledger import migrate
 from ledger.api import Ledger
+from ledger.audit import task_history
 from ledger.database import engine_for
 from ledger.errors import DowngradeRefused, RebuildError
 from ledger.events import TaskState
-from ledger.rebuild import rebuild, verify
-from ledger.schema import events
+from ledger.rebuild import prune, rebuild, verify
+from ledger.schema import PRUNE_SETTING, events
 from ledger.timeline import find_workflow
 from projections.sql import LIVE
 from tests.conftest import PG_SERVER, RUN_ID, admin, ensure_postgres
 
+FAR_FUTURE = datetime(2099, 1, 1, tzinfo=timezone.utc)
 CLI = str(Path(sys.executable).parent / "celery-ledger")
 
 
@@ -48,7 +52,8 @@ def test_timeline_walk_ends_on_a_parent_cycle(ledger: Ledger):
 def test_downgrade_refuses_to_drop_a_log_holding_events_without_yes(any_url):
     ledger = Ledger.open(any_url)
     ledger.append([TaskState(task_id="kept", status="SUCCESS")])
-    for revision in ("base", "-1" if migrate.head() == migrate.LOG_REVISION else "base"):
+    to_base = f"-{len(list(ScriptDirectory.from_config(migrate.config()).walk_revisions()))}"
+    for revision in ("base", to_base):
         done = cli("db", "downgrade", "--db", any_url, "--", revision)
         assert done.returncode == 1
         assert done.stderr.count("\n") == 1 and "holds 1 events; pass --yes" in done.stderr
@@ -111,7 +116,7 @@ def tamper(url: str, *statements) -> None:
     engine = engine_for(url)
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
-            conn.execute(sa.text("SET LOCAL ledger.prune = 'on'"))
+            conn.execute(sa.text(f"SET LOCAL {PRUNE_SETTING} = 'on'"))
         for statement in statements:
             conn.execute(statement)
 
@@ -154,3 +159,44 @@ def test_a_bad_projection_row_is_a_get_meta_error_naming_the_position(any_url):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"corrupt event at log position {row.position}" in done.stderr
     assert [app.backend.get_task_meta(t)["result"] for t in ids[1:]] == [1, 2]
+
+
+@pytest.mark.postgres
+def test_the_log_refuses_update_delete_and_truncate_except_through_prune(pg_url):
+    app, ids = _stored(pg_url)
+    ledger = Ledger.open(pg_url)
+    first = ledger.history(ids[0])[0].position
+    for statement in (
+        sa.update(events).where(events.c.position == first).values(payload=NOT_AN_EVENT),
+        sa.delete(events).where(events.c.position == first),
+        sa.text("TRUNCATE ledger_events"),
+    ):
+        with pytest.raises(sa.exc.DBAPIError, match="ledger_events is append-only"), \
+                ledger.engine.begin() as conn:
+            conn.execute(statement)
+    assert [len(ledger.history(t)) for t in ids] == [2, 2, 2]
+    report = prune(ledger, FAR_FUTURE)  # prune passes (its own transaction says so)
+    assert report.events_deleted == 3 and verify(ledger) == []
+
+
+def test_verify_and_history_report_an_event_deleted_outside_prune(any_url, capsys):
+    app, ids = _stored(any_url)
+    ledger = Ledger.open(any_url)
+    started, done = ledger.history(ids[0])
+    tamper(any_url, sa.delete(events).where(events.c.position == started.position))
+    problems = verify(ledger)
+    assert problems == [
+        f"stream-version gap at log position {done.position} (task:{ids[0]}): version 1 missing, "
+        "deleted outside prune"
+    ]
+    rows = task_history(ledger, ids[0])
+    assert [(r["version"], r["state"]) for r in rows] == [("1", "MISSING"), (2, "SUCCESS")]
+    # What prune deletes is its own: no gap reported after it.
+    tamper(any_url, sa.insert(events).values(
+        position=started.position, event_id=started.event_id, stream_id=started.stream_id,
+        stream_version=1, type=started.type, schema_version=1, recorded_at=started.recorded_at,
+        task_state="STARTED", payload=started.payload, tx_id=started.tx_id))
+    assert verify(ledger) == []
+    prune(ledger, FAR_FUTURE)
+    assert verify(ledger) == []
+    assert [r["state"] for r in task_history(ledger, ids[0])] == ["PRUNED", "SUCCESS"]
