@@ -21,7 +21,7 @@ from celery.exceptions import BackendGetMetaError
 
 from ledger import migrate
 from ledger.api import Ledger
-from ledger.audit import task_history
+from ledger.audit import show_record, task_history
 from ledger.database import engine_for
 from ledger.errors import DowngradeRefused, RebuildError
 from ledger.events import TaskState
@@ -200,3 +200,24 @@ def test_verify_and_history_report_an_event_deleted_outside_prune(any_url, capsy
     prune(ledger, FAR_FUTURE)
     assert verify(ledger) == []
     assert [r["state"] for r in task_history(ledger, ids[0])] == ["PRUNED", "SUCCESS"]
+
+
+def test_show_says_forgotten_and_pruned_instead_of_pending(any_url):
+    app, ids = _stored(any_url, 2)
+    ledger = Ledger.open(any_url)
+    app.backend.forget(ids[0])
+    tombstone = ledger.history(ids[0])[-1]
+    record = show_record(ledger, ids[0], None)
+    assert (record["state"], record["position"]) == ("FORGOTTEN", tombstone.position)
+    assert record["date_done"] == tombstone.recorded_at
+    done = cli("show", ids[0], "--db", any_url)
+    assert done.returncode == 0 and "state: FORGOTTEN" in done.stdout
+    assert f"position: {tombstone.position}" in done.stdout
+
+    started = ledger.history(ids[1])[0]
+    prune(ledger, FAR_FUTURE)
+    record = show_record(ledger, ids[1], started.position)
+    assert record["state"] == "PRUNED" and "history at that time was pruned" in record["note"]
+    done = cli("show", ids[1], "--as-of", str(started.position), "--db", any_url)
+    assert "state: PRUNED" in done.stdout and "was pruned" in done.stdout
+    assert show_record(ledger, ids[1], None)["state"] == "SUCCESS"
