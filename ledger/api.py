@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ledger import database
+from ledger.errors import EventTooLarge, SchemaMissing
 from ledger.events import (
     ChordFired,
     ChordPartReturned,
@@ -73,9 +74,16 @@ class Ledger:
     """An event log with its projections, on one database."""
 
     def __init__(
-        self, engine: Engine, *, retry: RetryPolicy | None = None, notify: str = "ready"
+        self,
+        engine: Engine,
+        *,
+        retry: RetryPolicy | None = None,
+        notify: str = "ready",
+        max_payload_bytes: int | None = None,
     ) -> None:
         self.engine = engine
+        #: Largest encoded event payload :meth:`append` accepts (None: no limit).
+        self.max_payload_bytes = max_payload_bytes
         self.dialect = engine.dialect.name
         self.log = log_for(self.dialect, notify=notify)
         self.target = SqlTarget()
@@ -114,6 +122,37 @@ class Ledger:
 
         upgrade(self.engine, revision)
 
+    def schema_missing(self) -> SchemaMissing | None:
+        """Why this database cannot serve the ledger yet (no schema, an older one), or None.
+
+        The fix is named, never applied: creating or migrating a schema implicitly
+        would take a DDL-capable role and Alembic's ownership away from the
+        operator (``ledger_auto_upgrade = True`` is the explicit opt-in).
+        """
+        from ledger import migrate
+
+        current, head = migrate.current(self.engine), migrate.head()
+        if current == head:
+            return None
+        state = "has no ledger schema" if current is None else f"has ledger schema {current}"
+        return SchemaMissing(
+            f"{self.url} {state}; this celery-ledger needs {head}: run "
+            f"`celery-ledger db upgrade --db {self.url}`"
+        )
+
+    def require_schema(self) -> None:
+        """Raise :class:`ledger.errors.SchemaMissing` unless the schema is at head."""
+        problem = self.schema_missing()
+        if problem is not None:
+            raise problem
+
+    def _schema_error(self, exc: sa.exc.DBAPIError) -> Exception:
+        # A missing table is an unmigrated database: say what to run, once, in
+        # one line (a worker otherwise logged 4,531 SQL tracebacks a minute).
+        if database.is_missing_table(exc):
+            return self.schema_missing() or exc
+        return exc
+
     def __repr__(self) -> str:
         return f"Ledger({self.url!r})"
 
@@ -124,12 +163,16 @@ class Ledger:
 
         Idempotent on ``event_id``: an event already in the log is skipped and
         listed in ``duplicates``. Raises :class:`ledger.events.InvalidEvent` for
-        an invalid payload and :class:`ledger.log.VersionConflict` when an
+        an invalid payload (:class:`ledger.errors.EventTooLarge` for one over
+        ``max_payload_bytes``) and :class:`ledger.log.VersionConflict` when an
         ``expected_version`` does not hold; nothing is written in either case.
         """
         items = [Encoded.of(self._new(e)) for e in events]
         if not items:
             return AppendResult()
+        if self.max_payload_bytes is not None:
+            for item in items:
+                self._check_size(item)
         if self.dialect == "postgresql" and len(items) == 1:
             fused = self.target.fused_sql(items[0].new.data.type)
             # A lone event with a fused update is one autocommitted statement; not
@@ -166,6 +209,16 @@ class Ledger:
                 return self._append_fused(conn, items, fused)  # type: ignore[arg-type]
         recorded, duplicates = self.log.append(conn, items)
         return AppendResult(recorded, duplicates, self.target.apply(conn, recorded))
+
+    def _check_size(self, item: Encoded) -> None:
+        # The whole payload counts: result, traceback, args, kwargs, children.
+        size, limit = len(item.payload), self.max_payload_bytes
+        if limit is not None and size > limit:
+            data = item.new.data
+            raise EventTooLarge(
+                f"{data.type} event of {data.stream_id} is {size} bytes encoded; the limit "
+                f"(ledger_max_payload_bytes) is {limit} bytes"
+            )
 
     @staticmethod
     def _new(event: EventData | NewEvent) -> NewEvent:
@@ -230,6 +283,8 @@ class Ledger:
                     raise
                 log.debug("append conflict, retrying: %s", exc)
             except sa.exc.DBAPIError as exc:
+                if database.is_missing_table(exc):
+                    raise self._schema_error(exc) from None
                 if not database.is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
                     raise
                 log.warning(
@@ -266,6 +321,8 @@ class Ledger:
             try:
                 return read()
             except sa.exc.DBAPIError as exc:
+                if database.is_missing_table(exc):
+                    raise self._schema_error(exc) from None
                 if not database.is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
                     raise
                 time.sleep(self.retry.sleep(attempt))

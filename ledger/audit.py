@@ -129,7 +129,26 @@ def task_history(ledger, task_id: str) -> list[dict[str, Any]]:
     events = ledger.history(task_id)
     if not events:
         raise UnknownTask(task_id)
-    return [describe(e) for e in events]
+    rows: list[dict[str, Any]] = []
+    expected = 1
+    for event in events:
+        if event.stream_version > expected:
+            rows.append(_gap(ledger, task_id, expected, event.stream_version - 1))
+        rows.append(describe(event))
+        expected = event.stream_version + 1
+    return rows
+
+
+def _gap(ledger, task_id: str, first: int, last: int) -> dict[str, Any]:
+    """A row for stream versions missing from the log: pruned, or deleted behind its back."""
+    pruned = bool(prunes_of(ledger, f"task:{task_id}"))
+    row = dict.fromkeys(("position", "time", "event", "name", "worker", "retries", "exc_type", "exc_message"))
+    row.update(
+        version=str(first) if first == last else f"{first}..{last}",
+        state="PRUNED" if pruned else "MISSING",
+        result="removed by celery-ledger prune" if pruned else "deleted from the log outside prune",
+    )
+    return row
 
 
 # -- rendering ------------------------------------------------------------------------
@@ -173,12 +192,38 @@ def prunes_of(ledger, stream_id: str) -> list[dict[str, Any]]:
     return out
 
 
+def _why_no_state(ledger, task_id: str, as_of: datetime | int | None) -> dict[str, Any]:
+    events = [
+        e for e in ledger.history(task_id)
+        if as_of is None
+        or (e.position <= as_of if isinstance(as_of, int) else e.recorded_at <= as_of)
+    ]
+    if events and events[-1].type in (TaskForgotten.type, ResultExpired.type):
+        last = events[-1]
+        state = "FORGOTTEN" if last.type == TaskForgotten.type else "EXPIRED"
+        return {"state": state, "position": last.position, "date_done": last.recorded_at}
+    pruned = prunes_of(ledger, f"task:{task_id}")
+    if pruned and not events and as_of is not None:
+        return {
+            "state": "PRUNED",
+            "position": None,
+            "note": f"the history at that time was pruned (events recorded before "
+                    f"{pruned[-1]['before']}, at {pruned[-1]['pruned_at']}): its state then is unknown",
+        }
+    return {"state": "PENDING", "position": None}
+
+
 def show_record(ledger, task_id: str, as_of: datetime | int | None) -> dict[str, Any]:
-    """The task's projection (now or ``as_of``) as a record; PENDING when it had none."""
+    """The task's projection (now or ``as_of``) as a record.
+
+    Without a projection row it says why, as ``history`` does: FORGOTTEN or
+    EXPIRED (the tombstone's position and time), PRUNED when ``as_of`` falls in
+    history that ``prune`` deleted (the state then is unknown), else PENDING.
+    """
     meta = ledger.task_meta(task_id, as_of=as_of)
     record: dict[str, Any] = {"task_id": task_id, "as_of": as_of}
     if meta is None:
-        record.update(state="PENDING", position=None)
+        record.update(_why_no_state(ledger, task_id, as_of))
         return record
     data = meta.data
     exc_type, exc_message = _exception(data)

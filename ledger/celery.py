@@ -51,7 +51,7 @@ from kombu.utils.encoding import ensure_bytes
 
 from ledger import codec, database
 from ledger.api import Ledger, RetryPolicy
-from ledger.errors import LedgerError, SettingError
+from ledger.errors import CorruptEvent, EventTooLarge, LedgerError, SchemaMissing, SettingError
 from ledger.events import (
     ChordPartAdded,
     ChordStarted,
@@ -63,6 +63,7 @@ from ledger.events import (
     NewEvent,
     TaskForgotten,
     TaskState,
+    fit_extras,
 )
 from ledger.listen import Listener
 from ledger.redaction import redact_args, redact_kwargs
@@ -85,7 +86,7 @@ _upgrade_lock = threading.Lock()
 
 
 class PayloadTooLarge(LedgerError, BackendStoreError):
-    """A result or exception is larger than ``ledger_max_payload_bytes``."""
+    """An event (result, traceback, args, kwargs) is larger than ``ledger_max_payload_bytes``."""
 
 
 class LedgerBackend(BaseBackend):
@@ -128,7 +129,10 @@ class LedgerBackend(BaseBackend):
             base_sleep=self.base_sleep_between_retries_ms / 1000,
             max_sleep=self.max_sleep_between_retries_ms / 1000,
         )
-        ledger = Ledger(database.engine_for(self._db_url), retry=retry, notify=self.notify)
+        # The size limit bounds the whole event (result, traceback, args, kwargs):
+        # Ledger.append refuses a larger one before anything is written.
+        ledger = Ledger(database.engine_for(self._db_url), retry=retry, notify=self.notify,
+                        max_payload_bytes=self.max_payload_bytes)
         if self.auto_upgrade:
             key = ledger.url
             with _upgrade_lock:
@@ -172,20 +176,11 @@ class LedgerBackend(BaseBackend):
         meta = self._get_result_meta(
             result=result, state=state, traceback=traceback, request=request, format_date=False
         )
-        encoded = self._encoded(result)
-        if len(encoded.data) > self.max_payload_bytes:
-            # Refused before anything is appended: the log never holds part of a store.
-            what = "exception" if state in self.EXCEPTION_STATES else "result"
-            raise PayloadTooLarge(
-                f"{what} of task {task_id} is {len(encoded.data)} bytes encoded; the limit "
-                f"(ledger_max_payload_bytes) is {self.max_payload_bytes} bytes",
-                state=state, task_id=task_id,
-            )
         try:
             event = TaskState(
                 task_id=task_id,
                 status=state,
-                result=encoded,
+                result=self._encoded(result),
                 traceback=traceback,
                 children=meta["children"],
                 date_done=meta["date_done"],
@@ -198,6 +193,7 @@ class LedgerBackend(BaseBackend):
         except InvalidEvent as exc:
             # e.g. a task id over the column limit: refused before anything is written
             raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
+        event = fit_extras(event, self.max_payload_bytes)
         # One event id per store_result call (kept across Celery's retries of it):
         # a retry after a lost COMMIT reply is then a duplicate, not a second store.
         event_id = getattr(self._store_ids, "event_id", None) or uuid.uuid4()
@@ -251,6 +247,10 @@ class LedgerBackend(BaseBackend):
     def _append(self, event: EventData | NewEvent, error: type[Exception], **info: Any) -> None:
         try:
             self.ledger.append([event])
+        except EventTooLarge as exc:
+            raise PayloadTooLarge(str(exc), **info) from None
+        except SchemaMissing as exc:  # one line naming the fix, without the SQL traceback
+            raise error(str(exc), **info) from None
         except sa.exc.SQLAlchemyError as exc:
             data = event.data if isinstance(event, NewEvent) else event
             raise error(f"ledger {data.type} failed: {type(exc).__name__}", **info) from exc
@@ -270,6 +270,8 @@ class LedgerBackend(BaseBackend):
     def _get_task_meta_for(self, task_id):
         try:
             row = self.ledger.task_meta(task_id)
+        except SchemaMissing as exc:
+            raise BackendGetMetaError(str(exc), task_id=task_id) from None
         except sa.exc.SQLAlchemyError as exc:
             raise BackendGetMetaError(
                 f"failed to get meta: {type(exc).__name__}", task_id=task_id
@@ -277,7 +279,10 @@ class LedgerBackend(BaseBackend):
         if row is None:
             # The Redis backend's answer for an unknown id, key for key.
             return {"status": states.PENDING, "result": None}
-        return self._meta(row)
+        try:
+            return self._meta(row)
+        except CorruptEvent as exc:  # the message names the log position
+            raise BackendGetMetaError(str(exc), task_id=task_id) from None
 
     def _meta(self, row: TaskMeta) -> dict:
         ev: TaskState = row.data
@@ -378,6 +383,8 @@ class LedgerBackend(BaseBackend):
     def _ready(self, ids: Iterable[str], ready_states) -> Iterator[tuple[str, dict]]:
         try:
             rows = self.ledger.task_metas(ids)
+        except SchemaMissing as exc:
+            raise BackendGetMetaError(str(exc), task_id=next(iter(ids))) from None
         except sa.exc.SQLAlchemyError as exc:
             if not database.is_disconnect(exc):
                 raise BackendGetMetaError(
@@ -388,7 +395,11 @@ class LedgerBackend(BaseBackend):
             return
         for task_id, row in rows.items():
             if row.status in ready_states:
-                yield task_id, self._meta(row)
+                try:
+                    meta = self._meta(row)
+                except CorruptEvent as exc:
+                    raise BackendGetMetaError(str(exc), task_id=task_id) from None
+                yield task_id, meta
 
     def _wake_ups(self, *, enabled: bool) -> Listener:
         # Entering a PgListener LISTENs (one connection), before the first read: a

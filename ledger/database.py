@@ -196,6 +196,15 @@ def is_disconnect(exc: BaseException) -> bool:
     return isinstance(exc, sa.exc.InterfaceError | sa.exc.TimeoutError)
 
 
+def is_missing_table(exc: BaseException) -> bool:
+    """True when a statement failed because a table does not exist (schema not migrated)."""
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    if getattr(exc.orig, "sqlstate", None) == "42P01":  # PostgreSQL undefined_table
+        return True
+    return "no such table" in str(exc.orig)  # SQLite
+
+
 _NAMED_PARAM = re.compile(r"(?<![:\w]):(\w+)")
 
 

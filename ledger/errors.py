@@ -22,6 +22,10 @@ class InvalidEvent(LedgerError, ValueError):
     """An event failed validation; the message names the offending field."""
 
 
+class EventTooLarge(InvalidEvent):
+    """An event's encoded payload is over the ledger's size limit (``ledger_max_payload_bytes``)."""
+
+
 class CodecError(LedgerError, ValueError):
     """A value cannot be encoded, or bytes are not a valid payload."""
 
@@ -80,6 +84,14 @@ class UnknownId(NotFound):
 
 
 # -- operations --------------------------------------------------------------------------
+
+
+class SchemaMissing(LedgerError):
+    """The database has no ledger schema, or an older one: the message names the command to run."""
+
+
+class DowngradeRefused(LedgerError):
+    """A downgrade would drop tables holding events, and was not confirmed."""
 
 
 class RebuildError(LedgerError, RuntimeError):

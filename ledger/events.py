@@ -10,6 +10,7 @@ This module is pure: it imports neither SQLAlchemy nor Kafka.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -357,19 +358,54 @@ def decode(type_: str, schema_version: int, payload: bytes) -> EventData:
         raise CorruptEvent(f"cannot decode {type_} payload: {exc}") from exc
 
 
-def payload_problem(payload: bytes) -> str | None:
-    """Why ``payload`` cannot be a stored event payload, or None if it can.
+def event_problem(type_: str, schema_version: int, payload: bytes) -> str | None:
+    """Why a stored payload is not a valid ``type_`` event, or None if it is.
 
-    A cheap check for scans over many rows (msgpack only, no model validation,
-    ~2 µs): the bytes must decode, to a map.
+    The same check as the live path: the payload must decode into its pydantic
+    model (valid msgpack is not enough: ``{"task_id": ...}`` without a state is
+    no event). ~10 µs a row.
     """
     try:
-        value = codec.loads(payload)
-    except codec.CodecError as exc:
+        decode(type_, schema_version, payload)
+    except CorruptEvent as exc:
         return str(exc)
-    if not isinstance(value, dict):
-        return f"decodes to {type(value).__name__}, not a map"
     return None
+
+
+def fit_extras(event: TaskState, limit: int) -> TaskState:
+    """``event`` with its audit extras cut until the whole is at most ``limit`` bytes encoded.
+
+    Args and kwargs (result_extended) and the traceback are what the audit shows,
+    not what ``get()`` returns: over the limit they are replaced by a marker
+    naming their size (args/kwargs) or cut to their last lines (traceback), so a
+    task with huge arguments still runs and its failure is still recorded. The
+    result is never cut: an event still over the limit is refused by the append
+    (:class:`EventTooLarge`).
+    """
+    extras = [v.data for v in (event.args, event.kwargs) if v is not None]
+    cheap = sum(map(len, extras)) + len(event.traceback or "") + (
+        len(event.result.data) if event.result is not None else 0
+    )
+    if cheap < limit // 2:  # the encoded whole cannot be over: skip encoding twice
+        return event
+    size = len(encode(event))
+    if size <= limit:
+        return event
+    changes: dict[str, Any] = {}
+    for name, empty in (("args", []), ("kwargs", {})):
+        value = getattr(event, name)
+        if value is not None and len(value.data) > 64:
+            note = f"[{len(value.data)} bytes omitted: over ledger_max_payload_bytes]"
+            marked = [note] if isinstance(empty, list) else {"omitted": note}
+            changes[name] = Encoded(content_type="application/json", data=json.dumps(marked).encode())
+    if event.traceback:
+        over = size - limit + sum(len(getattr(event, n).data) for n in changes)
+        keep = max(0, len(event.traceback.encode()) - over - 200)
+        tail = event.traceback.encode()[-keep:].decode(errors="ignore") if keep else ""
+        changes["traceback"] = (
+            f"[traceback cut to its last {len(tail)} characters: over ledger_max_payload_bytes]\n{tail}"
+        )
+    return event.model_copy(update=changes) if changes else event
 
 
 def utcnow() -> datetime:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from importlib import resources
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
+
+from ledger.database import safe_url
+from ledger.errors import DowngradeRefused
+from ledger.schema import events
 
 
 def config() -> Config:
@@ -21,15 +30,83 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     _run(engine, command.upgrade, revision)
 
 
-def downgrade(engine: Engine, revision: str) -> None:
+#: The revision whose downgrade drops the log (``ledger_events``).
+LOG_REVISION = "0001"
+
+
+def downgrade(engine: Engine, revision: str, *, drop_events: bool = False) -> None:
+    """Migrate down to ``revision``.
+
+    Raises :class:`DowngradeRefused` (and changes nothing) when that would drop
+    ``ledger_events`` while it holds events, unless ``drop_events=True``: the log
+    is the only copy of the history, and a downgrade is easy to mistype.
+    """
+    if not drop_events:
+        events = _events_dropped(engine, revision)
+        if events:
+            raise DowngradeRefused(
+                f"downgrading {safe_url(engine.url)} to {revision!r} drops ledger_events, which "
+                f"holds {events:,} events; pass --yes to drop them"
+            )
     _run(engine, command.downgrade, revision)
 
 
+def _events_dropped(engine: Engine, revision: str) -> int:
+    """How many events a downgrade to ``revision`` would drop (0 if it keeps the log)."""
+    script = ScriptDirectory.from_config(config())
+    cur = current(engine)
+    if cur is None:
+        return 0
+    target = revision
+    if target.startswith("-") and target[1:].isdigit():  # relative: "-1" is one step down
+        target = cur
+        for _ in range(int(revision[1:])):
+            target = script.get_revision(target).down_revision or "base"
+            if target == "base":
+                break
+    # The revisions a downgrade from cur to target runs (target itself excluded).
+    steps = {s.revision for s in script.iterate_revisions(cur, target, implicit_base=True)}
+    if LOG_REVISION not in steps:
+        return 0
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one()
+
+
+#: Transaction advisory lock key: one migration at a time per PostgreSQL database.
+_MIGRATE_LOCK = 0x6C65646765720002
+
+
 def _run(engine: Engine, fn, revision: str) -> None:
+    """Run an Alembic command under a lock, so processes starting together migrate once.
+
+    Without it, three workers with ``ledger_auto_upgrade`` on a fresh database
+    each ran CREATE TABLE, and the losers failed (PostgreSQL: IntegrityError on
+    pg_type_typname_nsp_index; SQLite: OperationalError). Under the lock the
+    first migrates and the others then find the schema at head and do nothing.
+    PostgreSQL: a transaction-level advisory lock taken in the migration's own
+    transaction (DDL is transactional there, so it is held until the commit).
+    SQLite: ``flock`` on ``<database file>.migrate.lock``.
+    """
     cfg = config()
-    with engine.begin() as conn:
+    with _file_lock(engine), engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
         cfg.attributes["connection"] = conn
         fn(cfg, revision)
+
+
+@contextlib.contextmanager
+def _file_lock(engine: Engine) -> Iterator[None]:
+    db = engine.url.database
+    if engine.dialect.name != "sqlite" or not db or db == ":memory:":
+        yield
+        return
+    fd = os.open(f"{db}.migrate.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the migrating process is done
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
 
 
 def current(engine: Engine) -> str | None:

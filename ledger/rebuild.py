@@ -70,8 +70,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ledger.errors import RebuildError
-from ledger.events import LogPruned, NewEvent, RecordedEvent, payload_problem
+from ledger.events import GroupSaved, LogPruned, NewEvent, RecordedEvent, TaskState, event_problem
 from ledger.log import Encoded
+from ledger.schema import PRUNE_SETTING, checkpoints
 from ledger.schema import events as events_table
 from projections.memory import Snapshot
 from projections.sql import LIVE, NAMING, ProjectionTables, SqlTarget, rebuild_statements
@@ -137,6 +138,7 @@ def _mixed(new: ProjectionTables, slots: Sequence[str]) -> ProjectionTables:
 def rebuild(ledger, projections: Sequence[str] | None = None, progress=None) -> RebuildReport:
     """Recompute projections from the log and swap them in atomically (module docstring)."""
     names = _names(projections)
+    ledger.require_schema()
     report = RebuildReport(projections=names)
     started = time.perf_counter()
     if ledger.dialect == "postgresql":
@@ -421,18 +423,20 @@ def _rebuild_sqlite(ledger, names, report: RebuildReport, progress) -> None:
     ledger._write(work)
 
 
-#: Rebuilt tables whose rows carry an event's payload: slot -> (key column, stream prefix).
-_PAYLOAD_SLOTS = {"task_meta": ("task_id", "task"), "groups": ("group_id", "group")}
+#: Rebuilt tables whose rows carry an event's payload: slot -> (key column, event model).
+_PAYLOAD_SLOTS = {"task_meta": ("task_id", TaskState), "groups": ("group_id", GroupSaved)}
 
 
 def _corrupt_payloads(conn: Connection, tables: ProjectionTables, slots: Sequence[str]) -> list[str]:
-    """Rows about to be served whose payload is unsound (rebuild copies bytes set-based).
+    """Rows about to be served that are not valid events (rebuild copies bytes set-based).
 
-    Only the payloads a projection serves are checked here (msgpack, no model
-    validation: ~2 µs a row); ``verify`` checks every event of the log.
+    Each is validated as the live path validates it (its pydantic model, ~10 µs
+    a row; msgpack alone let ``{"task_id": ...}`` without a state through, to
+    crash ``show`` and ``get()`` later). Only the rows a projection serves are
+    checked here; ``verify`` checks every event of the log.
     """
     problems = []
-    for slot, (key_field, prefix) in _PAYLOAD_SLOTS.items():
+    for slot, (key_field, model) in _PAYLOAD_SLOTS.items():
         if slot not in slots:
             continue
         t = getattr(tables, slot)
@@ -440,9 +444,10 @@ def _corrupt_payloads(conn: Connection, tables: ProjectionTables, slots: Sequenc
             sa.select(t.c[key_field], t.c.position, t.c.payload).execution_options(yield_per=5000)
         )
         for key, position, payload in rows:
-            problem = payload_problem(payload)
+            stream_id = f"{model.stream_prefix}:{key}"
+            problem = event_problem(model.type, model.schema_version, payload)
             if problem is not None:
-                problems.append(f"corrupt payload at log position {position} ({prefix}:{key}): {problem}")
+                problems.append(f"corrupt event at log position {position} ({stream_id}): {problem}")
     return problems
 
 
@@ -455,18 +460,58 @@ def _corruption_message(problems: list[str]) -> str:
 
 
 def _corrupt_events(conn: Connection) -> list[str]:
-    """Every event of the log whose payload does not decode (verify's full scan)."""
+    """Every event of the log that is not a valid event of its type (verify's full scan)."""
     e = events_table
     rows = conn.execute(
-        sa.select(e.c.position, e.c.stream_id, e.c.payload)
+        sa.select(e.c.position, e.c.stream_id, e.c.type, e.c.schema_version, e.c.payload)
         .order_by(e.c.position)
         .execution_options(yield_per=5000)
     )
     return [
-        f"corrupt payload at log position {position} ({stream_id}): {problem}"
-        for position, stream_id, payload in rows
-        if (problem := payload_problem(payload)) is not None
+        f"corrupt event at log position {position} ({stream_id}): {problem}"
+        for position, stream_id, type_, version, payload in rows
+        if (problem := event_problem(type_, version, payload)) is not None
     ]
+
+
+def _version_gaps(ledger, conn: Connection) -> list[str]:
+    """Stream versions missing from the log that no prune explains (verify).
+
+    Versions are 1, 2, 3... per stream, so a deleted event leaves a gap even
+    where the projections still match (deleting a task's STARTED changes no
+    row). A gap is a prune's when that prune came after the event before the
+    gap and listed the stream (or listed too many streams to name them all).
+    """
+    e = events_table
+    w = {"partition_by": e.c.stream_id, "order_by": e.c.stream_version}
+    versions = sa.select(
+        e.c.stream_id, e.c.stream_version, e.c.position,
+        sa.func.lag(e.c.stream_version).over(**w).label("prev_version"),
+        sa.func.lag(e.c.position).over(**w).label("prev_position"),
+    ).where(~e.c.stream_id.like("ledger:%")).subquery()
+    gaps = conn.execute(
+        sa.select(versions).where(
+            versions.c.stream_version - sa.func.coalesce(versions.c.prev_version, 0) > 1
+        ).order_by(versions.c.position)
+    ).all()
+    if not gaps:
+        return []
+    prunes = [
+        (event.position, set(event.data.streams), len(event.data.streams) >= PRUNED_STREAMS_LISTED)
+        for event in ledger.log.read_stream(conn, f"{LogPruned.stream_prefix}:maintenance")
+    ]
+    out = []
+    for stream_id, version, position, prev_version, prev_position in gaps:
+        if any(at > (prev_position or 0) and (stream_id in streams or truncated)
+               for at, streams, truncated in prunes):
+            continue
+        first = (prev_version or 0) + 1
+        missing = f"version {first}" if first == version - 1 else f"versions {first}..{version - 1}"
+        out.append(
+            f"stream-version gap at log position {position} ({stream_id}): {missing} missing, "
+            "deleted outside prune"
+        )
+    return out
 
 
 def _sqlite_ddl(conn: Connection, table: str) -> tuple[str, list[str]]:
@@ -492,6 +537,7 @@ def verify(ledger, projections: Sequence[str] | None = None) -> list[str]:
     """Every difference between the live projections and a rebuild from the log (none: [])."""
     names = _names(projections)
     slots = _slots(names)
+    ledger.require_schema()
     scratch = ProjectionTables.define(sa.MetaData(), VERIFY_SUFFIX)
     with ledger.engine.connect() as conn:
         if ledger.dialect == "postgresql":
@@ -511,7 +557,9 @@ def verify(ledger, projections: Sequence[str] | None = None) -> list[str]:
                     )
             for _, stmt in _statements(conn, scratch, slots):
                 conn.execute(stmt)
-            differences = _corrupt_events(conn) + _differences(conn, scratch, slots)
+            differences = (
+                _corrupt_events(conn) + _version_gaps(ledger, conn) + _differences(conn, scratch, slots)
+            )
             if ledger.dialect == "sqlite":
                 for slot in slots:
                     conn.exec_driver_sql(f'DROP TABLE temp."{getattr(scratch, slot).name}"')
@@ -562,13 +610,34 @@ class PruneReport:
     events_deleted: int
     streams: list[str]
     kept_for_projections: int
+    #: Nothing was deleted: what a prune would delete now.
+    dry_run: bool = False
+    #: The follower checkpoint that stopped the prune short, and what it kept.
+    held_by: str | None = None
+    kept_for_followers: int = 0
+
+    def summary(self) -> list[str]:
+        """What the prune did (or would do), in lines for people."""
+        verb = "would prune" if self.dry_run else "pruned"
+        lines = [
+            f"{verb} {self.events_deleted:,} events recorded before {self.before.isoformat()} "
+            f"from {len(self.streams):,} streams; kept {self.kept_for_projections:,} older events "
+            "that live projections or followers still need"
+        ]
+        if self.held_by is not None:
+            lines.append(
+                f"stopped short: follower {self.held_by!r} has not read {self.kept_for_followers:,} "
+                "of those older events yet; they are kept until its checkpoint passes them "
+                "(delete its row in ledger_checkpoints if that follower is gone for good)"
+            )
+        return lines
 
 
 #: At most this many stream ids are listed in the ``ledger.pruned`` event.
 PRUNED_STREAMS_LISTED = 10_000
 
 
-def prune(ledger, before: datetime) -> PruneReport:
+def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
     """Delete events recorded before ``before``; rebuild and verify stay consistent.
 
     Kept, whatever their age:
@@ -581,7 +650,13 @@ def prune(ledger, before: datetime) -> PruneReport:
       ``before`` and the chord completed: a chord counter needs all its parts.
       A completed, fully pruned chord loses its counter rows too, in the same
       transaction, so the live tables still equal a rebuild;
-    * the ``ledger:*`` maintenance streams (the record of earlier prunes).
+    * the ``ledger:*`` maintenance streams (the record of earlier prunes);
+    * every event a follower with a checkpoint in ``ledger_checkpoints`` (the
+      Kafka relay) has not read yet: the cutoff never passes the first event
+      after the oldest checkpoint in follow order, so the relay still sends
+      everything (the report names the checkpoint that held the prune back).
+
+    ``dry_run=True`` counts what would be deleted and changes nothing.
 
     The cutoff is a *position*, the first event recorded at or after ``before``,
     because PostgreSQL stamps ``recorded_at`` with the transaction's start time
@@ -590,9 +665,10 @@ def prune(ledger, before: datetime) -> PruneReport:
     prune so that the rows deciding what is kept cannot move meanwhile.
     """
     T, e = LIVE, events_table
+    ledger.require_schema()
 
     def work(conn: Connection) -> PruneReport:
-        if ledger.dialect == "postgresql":
+        if ledger.dialect == "postgresql" and not dry_run:
             names = ", ".join(t.name for t in T.all())
             conn.execute(sa.text(f"LOCK TABLE {names} IN SHARE MODE"))
         cutoff = conn.execute(
@@ -600,6 +676,12 @@ def prune(ledger, before: datetime) -> PruneReport:
         ).scalar()
         if cutoff is None:
             cutoff = conn.execute(sa.select(sa.func.coalesce(sa.func.max(e.c.position), 0))).scalar_one() + 1
+        time_cutoff = cutoff
+        held_by, unread = _oldest_follower(conn)
+        if unread is not None and unread < cutoff:
+            cutoff = unread  # a position cutoff keeps the chord and pinning rules whole
+        else:
+            held_by = None
         key = sa.func.substr(e.c.stream_id, 7)  # after "group:" / "chord:"
         task_key = sa.func.substr(e.c.stream_id, 6)  # after "task:"
         old = e.c.position < cutoff
@@ -627,7 +709,19 @@ def prune(ledger, before: datetime) -> PruneReport:
         kept = conn.execute(
             sa.select(sa.func.count()).where(old, ~e.c.stream_id.like("ledger:%"), ~doomed)
         ).scalar_one()
+        for_followers = 0 if held_by is None else conn.execute(
+            sa.select(sa.func.count()).where(
+                e.c.position >= cutoff, e.c.position < time_cutoff, ~e.c.stream_id.like("ledger:%")
+            )
+        ).scalar_one()
+        if dry_run:
+            deleted = conn.execute(sa.select(sa.func.count()).where(doomed)).scalar_one()
+            return PruneReport(before, deleted, affected, kept, True, held_by, for_followers)
         gone_chords = [s[len("chord:"):] for s in affected if s.startswith("chord:")]
+        if ledger.dialect == "postgresql":
+            # The log's trigger refuses deletes (migration 0002) unless the
+            # transaction says it is a prune; the setting ends with it.
+            conn.execute(sa.text(f"SET LOCAL {PRUNE_SETTING} = 'on'"))
         deleted = conn.execute(sa.delete(e).where(doomed)).rowcount
         for i in range(0, len(gone_chords), 500):
             chunk = gone_chords[i : i + 500]
@@ -638,6 +732,28 @@ def prune(ledger, before: datetime) -> PruneReport:
         )
         recorded, _ = ledger.log.append(conn, [Encoded.of(NewEvent(record))])
         ledger.target.apply(conn, recorded)
-        return PruneReport(before, deleted, affected, kept)
+        return PruneReport(before, deleted, affected, kept, False, held_by, for_followers)
 
-    return ledger._write(work)
+    return ledger._read(work) if dry_run else ledger._write(work)
+
+
+def _oldest_follower(conn: Connection) -> tuple[str | None, int | None]:
+    """The checkpoint furthest behind in follow order, and the first position it has not read.
+
+    Follow order is ``(tx_id, position)`` (position alone on SQLite, where tx_id
+    is 0); an event a follower has not read may have a lower position than its
+    checkpoint on PostgreSQL, hence the smallest position among the unread.
+    """
+    c, e = checkpoints, events_table
+    row = conn.execute(
+        sa.select(c.c.name, c.c.tx_id, c.c.position).order_by(c.c.tx_id, c.c.position).limit(1)
+    ).first()
+    if row is None:
+        return None, None
+    unread = conn.execute(
+        sa.select(sa.func.min(e.c.position)).where(
+            sa.tuple_(e.c.tx_id, e.c.position) > sa.tuple_(row.tx_id, row.position)
+        )
+    ).scalar()
+    return row.name, unread
+

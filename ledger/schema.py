@@ -40,6 +40,10 @@ events = sa.Table(
     sqlite_autoincrement=True,  # never reuse a position, even after prune
 )
 
+#: The transaction setting that lets a prune past the log's append-only trigger
+#: on PostgreSQL (migrations/versions/0002_integrity.py).
+PRUNE_SETTING = "ledger.prune"
+
 #: Positions of followers (relay, remote projections) stored beside the log.
 checkpoints = sa.Table(
     "ledger_checkpoints",
@@ -52,4 +56,4 @@ checkpoints = sa.Table(
 
 projections = LIVE
 
-__all__ = ["checkpoints", "events", "metadata", "projections"]
+__all__ = ["PRUNE_SETTING", "checkpoints", "events", "metadata", "projections"]

@@ -8,8 +8,10 @@ as Celery users expect, read beside Celery's own ``result_*`` settings:
   backend first touches the database in this process.
 * ``ledger_redact_kwargs`` / ``ledger_redact_args``: argument names / positions
   stored as ``"[redacted]"`` with ``result_extended`` (see :mod:`ledger.redaction`).
-* ``ledger_max_payload_bytes`` (default 64 MiB): the largest encoded result or
-  exception stored; a larger one is refused and nothing is written.
+* ``ledger_max_payload_bytes`` (default 64 MiB): the largest encoded event stored
+  (result, traceback, args, kwargs together); args, kwargs and the traceback are
+  cut to fit (:func:`ledger.events.fit_extras`), a larger result is refused and
+  nothing is written.
 * ``ledger_notify`` (default ``"ready"``): which stores send a PostgreSQL NOTIFY.
   ``"ready"``: all but STARTED, RETRY and custom progress states, which no
   ``get()`` waits for; followers find those by polling (0.1 s). ``"all"``: every

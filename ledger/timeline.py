@@ -71,9 +71,11 @@ class TaskRun:
 
     @property
     def duration(self) -> float | None:
-        if self.start is None or self.ended_at is None:
+        # Without a STARTED state (Celery's default task_track_started=False) the
+        # first event is the end itself: the run time is unknown, not zero.
+        if self.started_at is None or self.ended_at is None:
             return None
-        return (self.ended_at - self.start).total_seconds()
+        return (self.ended_at - self.started_at).total_seconds()
 
     def record(self) -> dict[str, Any]:
         return {
@@ -112,7 +114,8 @@ def fold_run(task_id: str, events: list[RecordedEvent]) -> TaskRun:
         if not isinstance(data, TaskState):
             continue
         run.name = run.name or data.name
-        run.parent_id = run.parent_id or data.parent_id
+        if data.parent_id != task_id:  # a retry's parent_id is the task itself
+            run.parent_id = run.parent_id or data.parent_id
         run.group_id = run.group_id or data.group_id
         run.root_id = run.root_id or data.root_id
         if data.worker and data.worker not in run.workers:
@@ -163,6 +166,18 @@ class Workflow:
     groups: dict[str, list[str]]
     chords: dict[str, dict[str, Any]]
 
+    @property
+    def notes(self) -> list[str]:
+        """What the reader must know to read the times right."""
+        untracked = sum(1 for r in self.tasks.values() if r.ended_at and r.started_at is None)
+        if not untracked:
+            return []
+        return [
+            f"{untracked} of {len(self.tasks)} tasks stored no STARTED state (Celery's default "
+            "task_track_started=False): their duration is unknown ('-'); START shows when "
+            "they were first recorded, their end. Set task_track_started = True to measure it."
+        ]
+
 
 def _task_ids_mentioning(ledger, needle: str) -> list[str]:
     """Task streams with a ``task.state`` payload containing ``needle``'s UTF-8 bytes."""
@@ -204,9 +219,15 @@ def find_workflow(ledger, some_id: str) -> Workflow:
         raise UnknownId(some_id)
 
     # Walk up parent links (for tasks stored without root_id), then take the root.
-    top = seed
-    while top.parent_id and len(runs) < MAX_TASKS and load(top.parent_id) is not None:
+    # Celery gives a retry the task's own id as parent_id, and bad data may hold
+    # longer cycles: a task already walked through ends the walk.
+    top, walked = seed, {seed.task_id}
+    while (
+        top.parent_id not in walked and top.parent_id and len(runs) < MAX_TASKS
+        and load(top.parent_id) is not None
+    ):
         top = runs[top.parent_id]
+        walked.add(top.task_id)
     root = seed.root_id or top.task_id
     load(root)
     for task_id in _task_ids_mentioning(ledger, root):
@@ -369,6 +390,7 @@ def render_text(wf: Workflow, width: int = 40) -> str:
             f"|{_bar(run, t0, span, width)}|"
         )
     lines.append(f"{'':{tree_w}}  {'':37}  {_axis(span, width)}")
+    lines.extend(f"note: {note}" for note in wf.notes)
     return "\n".join(lines)
 
 
@@ -413,6 +435,7 @@ def to_json(wf: Workflow) -> dict[str, Any]:
         "groups": wf.groups,
         "chords": wf.chords,
         "tree": [node(n) for n in build_tree(wf)],
+        "notes": wf.notes,
     }
 
 

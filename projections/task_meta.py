@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from ledger.events import TOMBSTONE_TYPES, RecordedEvent, TaskState, decode
+from ledger.events import TOMBSTONE_TYPES, CorruptEvent, RecordedEvent, TaskState, decode
 
 #: Celery's READY_STATES: the states that set ``date_done``.
 READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
@@ -32,7 +32,13 @@ class TaskMeta:
 
     @property
     def data(self) -> TaskState:
-        return decode(TaskState.type, TaskState.schema_version, self.payload)  # type: ignore[return-value]
+        """The event; :class:`CorruptEvent` naming the log position if it is not a valid one."""
+        try:
+            return decode(TaskState.type, TaskState.schema_version, self.payload)  # type: ignore[return-value]
+        except CorruptEvent as exc:
+            raise CorruptEvent(
+                f"corrupt event at log position {self.position} (task:{self.task_id}): {exc}"
+            ) from None
 
 
 def fold(state: TaskMeta | None, event: RecordedEvent) -> TaskMeta | None:

@@ -131,7 +131,7 @@ def test_as_of_returns_each_intermediate_state(story, capsys):
     doc = json.loads(out)
     assert (doc["state"], doc["result"], doc["retries"]) == ("SUCCESS", {"rows": 42}, 2)
     code, out, _ = run(capsys, "show", "t1", "--db", url)  # now: forgotten
-    assert code == 0 and "state: PENDING" in out
+    assert code == 0 and "state: FORGOTTEN" in out  # said, as history says it
 
 
 def test_show_rejects_a_malformed_as_of(any_url, capsys):

@@ -28,14 +28,15 @@ def upgrade(env: Env, revision: str) -> None:
 
 @db.command()
 @click.argument("revision")
+@click.option("--yes", is_flag=True, help="also when that drops ledger_events holding events")
 @db_option
 @pass_env
-def downgrade(env: Env, revision: str) -> None:
+def downgrade(env: Env, revision: str, yes: bool) -> None:
     """Migrate the schema down to REVISION."""
     from ledger import migrate
 
     ledger = env.ledger()
-    migrate.downgrade(ledger.engine, revision)
+    migrate.downgrade(ledger.engine, revision, drop_events=yes)
     echo(f"{ledger.url}: schema at revision {migrate.current(ledger.engine)}")
 
 

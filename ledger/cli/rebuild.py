@@ -64,15 +64,12 @@ def verify(ctx: click.Context, env: Env, projections: tuple[str, ...]) -> None:
 @click.command()
 @click.option("--before", type=TIME, required=True, metavar="DATE",
               help="ISO 8601 date or time (UTC if no zone)")
+@click.option("--dry-run", is_flag=True, help="say what would be deleted; delete nothing")
 @db_option
 @pass_env
-def prune(env: Env, before: datetime) -> None:
-    """Delete events recorded before DATE (kept: what live projections need)."""
+def prune(env: Env, before: datetime, dry_run: bool) -> None:
+    """Delete events recorded before DATE (kept: what live projections and followers need)."""
     from ledger.rebuild import prune as run_prune
 
-    report = run_prune(env.ledger(), before)
-    echo(
-        f"pruned {report.events_deleted:,} events recorded before {report.before.isoformat()} "
-        f"from {len(report.streams):,} streams; kept {report.kept_for_projections:,} older events "
-        "that live projections still need"
-    )
+    for line in run_prune(env.ledger(), before, dry_run=dry_run).summary():
+        echo(line)

@@ -21,11 +21,14 @@ class LedgerGroup(DYMGroup):
         from sqlalchemy.exc import SQLAlchemyError
 
         from ledger.database import BadDatabaseURL, safe_url
+        from ledger.errors import LedgerError
 
         try:
             return super().invoke(ctx)
         except BadDatabaseURL as exc:
             raise Failure(str(exc), exit_code=2) from None
+        except LedgerError as exc:  # refusals that name their fix (DowngradeRefused, ...)
+            raise Failure(str(exc)) from None
         except SQLAlchemyError as exc:
             env = ctx.find_object(Env)
             where = f" [db {safe_url(env.db)}]" if env is not None and env.db else ""

@@ -32,6 +32,23 @@ def register(app: Celery) -> None:
     def echo(value):
         return value
 
+    @app.task(shared=False, name="faults.length")
+    def length(value):
+        return len(value)
+
+    def down(n):
+        if not n:
+            raise ValueError("deep down")
+        try:
+            down(n - 1)
+        except ValueError as exc:
+            raise ValueError("deep down") from exc
+
+    @app.task(shared=False, name="faults.deep")
+    def deep(n):
+        """Raises a chain of ``n`` exceptions: a traceback of ~300 characters each."""
+        return down(n)
+
     @app.task(shared=False, name="faults.slow_part")
     def slow_part(n, seconds):
         time.sleep(seconds)

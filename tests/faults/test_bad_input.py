@@ -23,7 +23,7 @@ from celery.exceptions import BackendStoreError
 from ledger.api import Ledger
 from ledger.celery import PayloadTooLarge
 from ledger.events import Encoded, InvalidEvent, TaskState
-from ledger.schema import events
+from ledger.schema import PRUNE_SETTING, events
 from tests.conftest import RUN_ID, _new_pg_db, admin
 from tests.faults.workers import Workers
 
@@ -81,14 +81,14 @@ def test_payload_over_the_limit_is_refused_naming_size_and_limit_and_nothing_is_
         else:
             backend.mark_as_failure(task_id, ValueError("x" * (LIMIT + 1)))
     message = str(raised.value)
-    assert f"{kind} of task {task_id}" in message
+    assert f"task.state event of task:{task_id}" in message
     assert f"limit (ledger_max_payload_bytes) is {LIMIT} bytes" in message
     size = int(message.split(" is ")[1].split(" bytes")[0])
     assert size > LIMIT
     assert [e.data.status for e in backend.ledger.history(task_id)] == [states.STARTED]
-    # just under the limit is stored
-    backend.mark_as_done(task_id, "x" * (LIMIT - 100))
-    assert backend.get_task_meta(task_id)["result"] == "x" * (LIMIT - 100)
+    # under the limit with the rest of the event is stored
+    backend.mark_as_done(task_id, "x" * (LIMIT - 500))
+    assert backend.get_task_meta(task_id)["result"] == "x" * (LIMIT - 500)
 
 
 def test_worker_result_over_the_limit_becomes_a_failure_naming_size_and_limit(worker):
@@ -98,6 +98,31 @@ def test_worker_result_over_the_limit_becomes_a_failure_naming_size_and_limit(wo
     assert r.state == states.FAILURE
     history = [e.data.status for e in worker.backend.ledger.history(r.id)]
     assert history == [states.STARTED, states.FAILURE]  # no SUCCESS, not even part of one
+
+
+def _payload_sizes(app, task_id: str) -> list[int]:
+    return [len(e.payload) for e in app.backend.ledger.history(task_id)]
+
+
+def test_worker_args_over_the_limit_are_omitted_and_the_task_still_runs(worker):
+    # 200 KB of args with a 10,000-byte limit: every event (STARTED, SUCCESS)
+    # carries them with result_extended, so they are what must be bounded.
+    r = worker.tasks["faults.length"].delay("a" * 200_000)
+    assert r.get(timeout=60) == 200_000
+    sizes = _payload_sizes(worker, r.id)
+    assert len(sizes) == 2 and max(sizes) <= LIMIT, sizes
+    last = worker.backend.ledger.history(r.id)[-1].data
+    assert b"bytes omitted: over ledger_max_payload_bytes" in last.args.data
+
+
+def test_worker_traceback_over_the_limit_is_cut_and_the_failure_recorded(worker):
+    r = worker.tasks["faults.deep"].delay(300)  # a traceback of ~45,000 characters
+    with pytest.raises(ValueError, match="deep down"):
+        r.get(timeout=60)
+    sizes = _payload_sizes(worker, r.id)
+    assert max(sizes) <= LIMIT, sizes
+    tb = r.traceback
+    assert tb.startswith("[traceback cut to its last") and tb.rstrip().endswith("ValueError: deep down")
 
 
 # -- exceptions and pickle: refused, nothing imported, nothing unpickled ----------------------
@@ -232,6 +257,8 @@ def _corrupt_one_of_five(url: str) -> tuple[Celery, list[str], int]:
     ledger = Ledger.open(url)
     position = ledger.history(ids[2])[-1].position
     with ledger.engine.begin() as conn:
+        if ledger.dialect == "postgresql":  # past the log's append-only trigger
+            conn.execute(sa.text(f"SET LOCAL {PRUNE_SETTING} = 'on'"))
         conn.execute(sa.update(events).where(events.c.position == position)
                      .values(payload=b"\xc1\xff not msgpack"))
     return backend, ids, position
@@ -245,7 +272,7 @@ def test_corrupt_payload_row_leaves_other_reads_alone_and_verify_reports_it(any_
     problems = verify(Ledger.open(any_url))
     print("\nverify:", problems)
     assert any(ids[2] in p for p in problems), problems
-    assert any(f"corrupt payload at log position {position}" in p for p in problems), problems
+    assert any(f"corrupt event at log position {position}" in p for p in problems), problems
 
 
 def test_corrupt_payload_row_stops_rebuild_with_a_clear_error(any_url):

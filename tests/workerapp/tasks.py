@@ -54,6 +54,11 @@ def register(app: Celery) -> None:
     def add(x, y):
         return x + y
 
+    @app.task(shared=False, name="workerapp.untracked", track_started=False)
+    def untracked(x):
+        """Stores no STARTED state: Celery's default (task_track_started=False)."""
+        return x
+
     @app.task(shared=False, name="workerapp.tsum")
     def tsum(numbers):
         return sum(numbers)

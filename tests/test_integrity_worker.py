@@ -1,0 +1,106 @@
+"""Integrity of the audit with a real ``celery worker``: what issue 13 found broken.
+
+The worker (prefork, Redis broker) is the one from tests/test_celery_worker.py,
+started for this module on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from celery.exceptions import BackendGetMetaError
+
+from ledger import migrate
+from ledger.database import engine_for
+from ledger.timeline import find_workflow, render_text, to_json
+from tests.faults.workers import Workers
+from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
+from tests.test_integrity import fresh_url  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.worker]
+
+CLI = str(Path(sys.executable).parent / "celery-ledger")
+
+
+def cli(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
+    """``celery-ledger ARGS`` in its own process (a hang fails the test, bounded)."""
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for_events(ledger, task_id: str, n: int) -> list:
+    deadline = time.monotonic() + WAIT
+    history = ledger.history(task_id)
+    while len(history) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+        history = ledger.history(task_id)
+    return history
+
+
+def test_timeline_of_a_task_retried_on_its_own_returns(worker, db_url):  # noqa: F811
+    r = task(worker, "flaky").delay(f"flaky-{uuid.uuid4()}", 3)
+    assert r.get(timeout=WAIT) == "ok on attempt 3"
+    ledger = worker.backend.ledger
+    history = wait_for_events(ledger, r.id, 6)
+    # What made the walk loop: Celery gives each retry the task's own id as parent.
+    assert r.id in {e.data.parent_id for e in history}
+    done = cli("timeline", r.id, "--db", db_url, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert [t["task_id"] for t in out["tasks"]] == [r.id]
+    assert out["tasks"][0]["retries"] == 2 and out["tasks"][0]["parent_id"] is None
+    assert out["tree"][0]["task"]["task_id"] == r.id
+
+
+def test_timeline_says_durations_are_unknown_without_started(worker, db_url):  # noqa: F811
+    r = task(worker, "untracked").delay(7)
+    assert r.get(timeout=WAIT) == 7
+    ledger = worker.backend.ledger
+    assert [e.data.status for e in ledger.history(r.id)] == ["SUCCESS"]
+    wf = find_workflow(ledger, r.id)
+    run = wf.tasks[r.id]
+    assert run.duration is None and run.ended_at is not None
+    text = render_text(wf)
+    assert "task_track_started=False" in text and "unknown" in text
+    row = next(line for line in text.splitlines() if line.startswith("└─"))
+    assert r.id in row and re.search(r"SUCCESS\s+\+0ms\s+-\s+0\s", row), row  # duration "-"
+    assert to_json(wf)["notes"] and to_json(wf)["tasks"][0]["duration_s"] is None
+    # A task that stores STARTED has a duration and no note.
+    tracked = task(worker, "add").delay(1, 2)
+    assert tracked.get(timeout=WAIT) == 3
+    wf = find_workflow(ledger, tracked.id)
+    assert wf.tasks[tracked.id].duration is not None and wf.notes == []
+
+
+def test_an_unmigrated_database_is_named_with_its_fix_in_one_line(fresh_url, tmp_path):  # noqa: F811
+    w = Workers(f"ledger+{fresh_url}", {}, tmp_path)
+    try:
+        w.start(concurrency=1)
+        app = w.client()
+        r = app.tasks["workerapp.add"].delay(1, 2)
+        fix = f"run `celery-ledger db upgrade --db {fresh_url}`"
+        with pytest.raises(BackendGetMetaError, match=re.escape(fix)):
+            r.get(timeout=WAIT)
+        deadline = time.monotonic() + WAIT
+        while fix not in w.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = w.log_text()
+        assert "has no ledger schema" in log and fix in log
+        # No SQL error chain: the worker logs the one line, not the driver's traceback.
+        assert "no such table" not in log and "UndefinedTable" not in log
+        for command in (["history", r.id], ["verify"], ["rebuild"], ["prune", "--before", "2099-01-01"]):
+            done = cli(*command, "--db", fresh_url)
+            assert done.returncode == 1 and done.stderr.strip().endswith(fix), done.stderr
+            assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+        # Nothing was created implicitly; once migrated, the same worker stores.
+        assert migrate.current(engine_for(fresh_url)) is None
+        assert cli("db", "upgrade", "--db", fresh_url).returncode == 0
+        assert app.tasks["workerapp.add"].delay(2, 3).get(timeout=WAIT) == 5
+    finally:
+        w.close()
