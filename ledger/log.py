@@ -423,6 +423,8 @@ class PostgresLog(FollowableLog):
             params["expected"] = item.new.expected_version
             params["key"] = item.new.data.stream_key
             params["notify"] = self._notifies(item)
+            if projection.binds is not None:
+                params.update(projection.binds(item.new.data))
             if params["stream_id"].startswith("chord:"):
                 statements.append((self._lock_stream_driver_sql, {"stream_id": params["stream_id"]}))
             slots.append(len(statements))

@@ -70,18 +70,36 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ledger.errors import RebuildError
-from ledger.events import GroupSaved, LogPruned, NewEvent, RecordedEvent, TaskState, event_problem
+from ledger.events import (
+    CorruptEvent,
+    GroupSaved,
+    LogPruned,
+    NewEvent,
+    RecordedEvent,
+    TaskState,
+    event_problem,
+)
 from ledger.log import Encoded
 from ledger.schema import PRUNE_SETTING, checkpoints
 from ledger.schema import events as events_table
 from projections.memory import Snapshot
-from projections.sql import LIVE, NAMING, ProjectionTables, SqlTarget, rebuild_statements
+from projections.sql import (
+    LIVE,
+    NAMING,
+    CatalogueFill,
+    ProjectionTables,
+    SqlTarget,
+    catalogue_select,
+    rebuild_statements,
+    run_fill,
+)
 
 #: Projection name -> the tables it owns and the stream prefix that feeds it.
 PROJECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "task_meta": (("task_meta",), "task"),
     "groups": (("groups",), "group"),
     "chords": (("chords", "chord_parts"), "chord"),
+    "catalogue": (("catalogue",), "task"),
 }
 REBUILD_SUFFIX = "__rebuild"
 VERIFY_SUFFIX = "__verify"
@@ -128,7 +146,8 @@ def _prefixes(names: Sequence[str]) -> list[str]:
 def _mixed(new: ProjectionTables, slots: Sequence[str]) -> ProjectionTables:
     """New tables for the rebuilt slots, live ones elsewhere (never touched: events are filtered)."""
     return ProjectionTables(**{
-        s: getattr(new if s in slots else LIVE, s) for s in ("task_meta", "groups", "chords", "chord_parts")
+        s: getattr(new if s in slots else LIVE, s)
+        for s in ("task_meta", "groups", "chords", "chord_parts", "catalogue")
     })
 
 
@@ -171,7 +190,7 @@ def _source(dialect: str) -> sa.FromClause:
 
 def _statements(
     conn: Connection, tables: ProjectionTables, slots: Sequence[str]
-) -> list[tuple[str, sa.Executable]]:
+) -> list[tuple[str, sa.Executable | CatalogueFill]]:
     by_table = {getattr(tables, s).name: s for s in slots}
     out = []
     for stmt in rebuild_statements(_source(conn.dialect.name), tables):
@@ -196,14 +215,15 @@ def _fill(conn: Connection, new: ProjectionTables, names, report: RebuildReport,
         progress.total = report.events
     statements = _statements(conn, new, _slots(names))
     for _, stmt in statements:
-        conn.execute(stmt)
+        _run_fill(stmt, conn)
         if progress is not None:
             progress.advance(report.events // len(statements))
 
 
 #: Fill statements per worker connection, balanced by their measured cost on a
-#: 1,000,000-event log (task_meta ~ chords > groups ~ chord_parts).
-_PG_WORKERS = (("task_meta", "chord_parts"), ("chords", "groups"))
+#: 1,000,000-event log (task_meta ~ chords > groups ~ chord_parts; the catalogue,
+#: which decodes a payload per task in Python, costs most).
+_PG_WORKERS = (("task_meta", "chord_parts"), ("chords", "groups"), ("catalogue",))
 
 
 #: Session advisory lock key: one rebuild at a time (they share the __rebuild tables).
@@ -295,10 +315,17 @@ def _fill_worker(ledger, exported: str, new: ProjectionTables, slots, share: int
             conn.execute(sa.text("SET LOCAL work_mem = '256MB'"))
             conn.execute(sa.text("SET LOCAL maintenance_work_mem = '256MB'"))
             for slot, stmt in _statements(conn, new, slots):
-                conn.execute(stmt)
+                _run_fill(stmt, conn)
                 _add_keys(conn, getattr(new, slot))
                 if progress is not None:
                     progress.advance(share)
+
+
+def _run_fill(stmt: sa.Executable | CatalogueFill, conn: Connection) -> None:
+    try:
+        run_fill(conn, stmt)
+    except CorruptEvent as exc:
+        raise RebuildError(_corruption_message([str(exc)])) from exc
 
 
 def _add_keys(conn: Connection, table: sa.Table) -> None:
@@ -530,6 +557,7 @@ _KEYS = {
     "groups": ("group_id",),
     "chords": ("chord_id",),
     "chord_parts": ("chord_id", "task_id"),
+    "catalogue": ("task_id",),
 }
 
 
@@ -555,11 +583,12 @@ def verify(ledger, projections: Sequence[str] | None = None) -> list[str]:
                         table_sql.replace("CREATE TABLE", "CREATE TEMPORARY TABLE", 1)
                         .replace(live.name, tmp.name, 1)
                     )
-            for _, stmt in _statements(conn, scratch, slots):
-                conn.execute(stmt)
-            differences = (
-                _corrupt_events(conn) + _version_gaps(ledger, conn) + _differences(conn, scratch, slots)
-            )
+            corrupt = _corrupt_events(conn)
+            # A corrupt payload stops the catalogue's fill; the lines above say where.
+            usable = [s for s in slots if not (corrupt and s == "catalogue")]
+            for _, stmt in _statements(conn, scratch, usable):
+                run_fill(conn, stmt)
+            differences = corrupt + _version_gaps(ledger, conn) + _differences(conn, scratch, usable)
             if ledger.dialect == "sqlite":
                 for slot in slots:
                     conn.exec_driver_sql(f'DROP TABLE temp."{getattr(scratch, slot).name}"')
@@ -589,6 +618,9 @@ def _differences(conn: Connection, scratch: ProjectionTables, slots: Sequence[st
     for (group_id,) in sorted(keys.get("groups", ())):
         _put(expected.groups, group_id, exp_target.group(conn, group_id))
         _put(found.groups, group_id, live_target.group(conn, group_id))
+    for (task_id,) in sorted(keys.get("catalogue", ())):
+        _put(expected.catalogue, task_id, exp_target.catalogue_entry(conn, task_id))
+        _put(found.catalogue, task_id, live_target.catalogue_entry(conn, task_id))
     chord_ids = {k[0] for k in keys.get("chords", ())} | {k[0] for k in keys.get("chord_parts", ())}
     for chord_id in sorted(chord_ids):
         _put(expected.chords, chord_id, exp_target.chord(conn, chord_id))
@@ -657,6 +689,9 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
       everything (the report names the checkpoint that held the prune back).
 
     ``dry_run=True`` counts what would be deleted and changes nothing.
+
+    The catalogue rows of the task streams cut are folded again from what is
+    left (a task whose events all went leaves the catalogue too).
 
     The cutoff is a *position*, the first event recorded at or after ``before``,
     because PostgreSQL stamps ``recorded_at`` with the transaction's start time
@@ -727,6 +762,14 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
             chunk = gone_chords[i : i + 500]
             conn.execute(sa.delete(T.chord_parts).where(T.chord_parts.c.chord_id.in_(chunk)))
             conn.execute(sa.delete(T.chords).where(T.chords.c.chord_id.in_(chunk)))
+        # The catalogue describes what the log keeps: a cut task's row is folded
+        # again from its remaining events (first seen, flags), or goes with them.
+        cut_tasks = [s for s in affected if s.startswith("task:")]
+        for i in range(0, len(cut_tasks), 500):
+            chunk = cut_tasks[i : i + 500]
+            keys = [s[len("task:"):] for s in chunk]
+            conn.execute(sa.delete(T.catalogue).where(T.catalogue.c.task_id.in_(keys)))
+            CatalogueFill(T.catalogue, catalogue_select(e, streams=chunk)).run(conn)
         record = LogPruned(
             before=before, events_deleted=deleted, streams=affected[:PRUNED_STREAMS_LISTED]
         )

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ledger.events import RecordedEvent
-from projections import chord, group, task_meta
+from projections import catalogue, chord, group, task_meta
 
 
 @dataclass
@@ -20,11 +20,12 @@ class Snapshot:
     tasks: dict[str, task_meta.TaskMeta] = field(default_factory=dict)
     groups: dict[str, group.GroupState] = field(default_factory=dict)
     chords: dict[str, chord.ChordState] = field(default_factory=dict)
+    catalogue: dict[str, catalogue.TaskEntry] = field(default_factory=dict)
 
     def differences(self, other: Snapshot) -> list[str]:
         """Human-readable differences, ``self`` being the expected side."""
         out: list[str] = []
-        for name in ("tasks", "groups", "chords"):
+        for name in ("tasks", "groups", "chords", "catalogue"):
             mine, theirs = getattr(self, name), getattr(other, name)
             for key in sorted(mine.keys() | theirs.keys()):
                 a, b = mine.get(key), theirs.get(key)
@@ -40,10 +41,11 @@ def _short(value: object) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+#: Stream prefix -> the projections its events feed: (snapshot attribute, fold).
 _FOLDS = {
-    "task": ("tasks", task_meta.fold),
-    "group": ("groups", group.fold),
-    "chord": ("chords", chord.fold),
+    "task": (("tasks", task_meta.fold), ("catalogue", catalogue.fold)),
+    "group": (("groups", group.fold),),
+    "chord": (("chords", chord.fold),),
 }
 
 
@@ -63,20 +65,20 @@ class MemoryTarget:
             if prefix not in _FOLDS:  # maintenance streams feed no projection
                 self.checkpoint = (event.tx_id, event.position)
                 continue
-            name, fold = _FOLDS[prefix]
-            table = getattr(self.state, name)
-            before = table.get(key)
-            after = fold(before, event)
-            if after is None:
-                table.pop(key, None)
-            else:
-                table[key] = after
-            if (
-                prefix == "chord"
-                and after is not None
-                and after.completed_position == event.position
-                and (before is None or before.completed_position is None)
-            ):
-                completed.append(key)
+            for name, fold in _FOLDS[prefix]:
+                table = getattr(self.state, name)
+                before = table.get(key)
+                after = fold(before, event)
+                if after is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = after
+                if (
+                    prefix == "chord"
+                    and after is not None
+                    and after.completed_position == event.position
+                    and (before is None or before.completed_position is None)
+                ):
+                    completed.append(key)
             self.checkpoint = (event.tx_id, event.position)
         return completed

@@ -9,7 +9,7 @@ Named queries live in this module only; the log's own SQL lives in ledger/log.py
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -17,12 +17,15 @@ from functools import cached_property
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ledger import codec
 from ledger.events import (
     TOMBSTONE_TYPES,
     ChordFired,
     ChordPartAdded,
     ChordPartReturned,
     ChordStarted,
+    CorruptEvent,
+    EventData,
     GroupExpired,
     GroupForgotten,
     GroupSaved,
@@ -31,6 +34,7 @@ from ledger.events import (
     TaskForgotten,
     TaskState,
 )
+from projections.catalogue import PAYLOAD_FIELDS, STARTED, TaskEntry, fields_of
 from projections.chord import ChordState
 from projections.group import GroupState
 from projections.memory import Snapshot
@@ -73,15 +77,16 @@ Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 @dataclass(frozen=True)
 class ProjectionTables:
-    """The four projection tables; ``rebuild`` fills a second set and swaps it in."""
+    """The projection tables; ``rebuild`` fills a second set and swaps it in."""
 
     task_meta: sa.Table
     groups: sa.Table
     chords: sa.Table
     chord_parts: sa.Table
+    catalogue: sa.Table
 
     def all(self) -> tuple[sa.Table, ...]:
-        return (self.task_meta, self.groups, self.chords, self.chord_parts)
+        return (self.task_meta, self.groups, self.chords, self.chord_parts, self.catalogue)
 
     @classmethod
     def define(cls, md: sa.MetaData, suffix: str = "") -> ProjectionTables:
@@ -120,7 +125,47 @@ class ProjectionTables:
                 sa.Column("status", sa.String(50), nullable=False),
                 sa.Column("position", Position, nullable=False),
             ),
+            catalogue=_catalogue_table(md, f"ledger_tasks{suffix}"),
         )
+
+
+def _catalogue_table(md: sa.MetaData, name: str) -> sa.Table:
+    """The task catalogue (:mod:`projections.catalogue`), beside ``ledger_task_meta``.
+
+    A table of its own, not columns of task meta: its row outlives ``forget()``
+    and expiry (task meta's row must go, Celery then reports PENDING), and the
+    indexes below would otherwise weigh on ``get_task_meta``'s table. Indexes
+    serve the catalogue's filters, newest first: ``(x, first_seen)`` for the
+    filters asked with a time range or a limit, ``root_id`` for a workflow.
+    Queue, exception type and args are filtered on rows these narrow down.
+    """
+    return sa.Table(
+        name,
+        md,
+        sa.Column("task_id", sa.String(255), primary_key=True),
+        sa.Column("state", sa.String(50), nullable=False),
+        sa.Column("position", Position, nullable=False),
+        sa.Column("first_seen", UTCDateTime(), nullable=False, index=True),
+        sa.Column("started_at", UTCDateTime(), nullable=True),
+        sa.Column("finished_at", UTCDateTime(), nullable=True),
+        sa.Column("name", sa.String(), nullable=True),
+        sa.Column("worker", sa.String(), nullable=True),
+        sa.Column("queue", sa.String(), nullable=True),
+        sa.Column("retries", sa.Integer(), nullable=True),
+        sa.Column("parent_id", sa.String(255), nullable=True),
+        sa.Column("root_id", sa.String(255), nullable=True, index=True),
+        sa.Column("group_id", sa.String(255), nullable=True),
+        sa.Column("exc_type", sa.String(), nullable=True),
+        sa.Column("content_type", sa.String(100), nullable=True),
+        sa.Column("args", sa.LargeBinary(), nullable=True),
+        sa.Column("kwargs", sa.LargeBinary(), nullable=True),
+        sa.Column("forgotten", sa.Boolean(), nullable=False),
+        sa.Column("expired", sa.Boolean(), nullable=False),
+        *(
+            sa.Index(f"ix_{name}_{col}_first_seen", col, "first_seen")
+            for col in ("name", "state", "worker")
+        ),
+    )
 
 
 LIVE = ProjectionTables.define(metadata)
@@ -141,6 +186,8 @@ class FusedSql:
     ctes: str
     #: the ``projection`` CTE returns ``completed_position`` (a chord may complete)
     completes: bool = False
+    #: more bind values the CTEs read, from the event's payload model
+    binds: Callable[[EventData], dict] | None = None
 
 
 class SqlTarget:
@@ -179,11 +226,47 @@ class SqlTarget:
             where=t.c.status != STICKY_STATE,
         )
         conn.execute(stmt)
+        self._catalogue_state(conn, e)
         return False
 
+    def _catalogue_state(self, conn: Connection, e: RecordedEvent) -> None:
+        # projections.catalogue.fold as an upsert; the fused form is _catalogue_sql.
+        c = self.t.catalogue
+        status = e.data.status  # type: ignore[attr-defined]
+        stmt = _insert(conn, c).values(
+            task_id=e.stream_key,
+            state=status,
+            position=e.position,
+            first_seen=e.recorded_at,
+            started_at=e.recorded_at if status == STARTED else None,
+            finished_at=e.recorded_at if status in READY_STATES else None,
+            forgotten=False,
+            expired=False,
+            **fields_of(e.data.__dict__),
+        )
+        ended = sa.or_(c.c.forgotten, c.c.expired)
+        x = stmt.excluded
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[c.c.task_id],
+            set_={
+                **{k: x[k] for k in ("state", "position", "finished_at", "forgotten", "expired")},
+                **{k: x[k] for k in PAYLOAD_FIELDS},
+                "first_seen": sa.case((ended, x.first_seen), else_=c.c.first_seen),
+                "started_at": sa.case(
+                    (x.started_at.is_not(None), x.started_at),
+                    (ended, sa.null()),
+                    else_=c.c.started_at,
+                ),
+            },
+            where=sa.or_(c.c.state != STICKY_STATE, ended),
+        )
+        conn.execute(stmt)
+
     def _task_gone(self, conn: Connection, e: RecordedEvent) -> bool:
-        t = self.t.task_meta
+        t, c = self.t.task_meta, self.t.catalogue
         conn.execute(sa.delete(t).where(t.c.task_id == e.stream_key))
+        flag = "forgotten" if e.type == TaskForgotten.type else "expired"
+        conn.execute(sa.update(c).where(c.c.task_id == e.stream_key).values({flag: True}))
         return False
 
     def _group_saved(self, conn: Connection, e: RecordedEvent) -> bool:
@@ -348,8 +431,50 @@ class SqlTarget:
             ChordPartReturned.type: part_returned,
             ChordFired.type: fired,
         } | {
-            event_type: FusedSql(f"projection AS ({sql})")
+            event_type: FusedSql(
+                f"{catalogue[event_type]}, projection AS ({sql})" if event_type in catalogue
+                else f"projection AS ({sql})",
+                binds=_catalogue_binds if event_type == TaskState.type else None,
+            )
             for event_type, sql in self._fused_updates(tm, g).items()
+            for catalogue in [self._catalogue_sql()]
+        }
+
+    def _catalogue_sql(self) -> dict[str, str]:
+        """The catalogue's CTEs, by event type: :meth:`_catalogue_state` and the
+        tombstone flags of :meth:`_task_gone`, against ``ev``."""
+        c = self.t.catalogue.name
+        ready = ", ".join(f"'{s}'" for s in sorted(READY_STATES))
+        ended = f"({c}.forgotten OR {c}.expired)"
+        state = "CAST(:task_state AS varchar)"
+        sql_type = {"retries": "integer", "args": "bytea", "kwargs": "bytea"}
+        binds = ", ".join(f"CAST(:{k} AS {sql_type.get(k, 'varchar')})" for k in PAYLOAD_FIELDS)
+        upsert = (
+            f"catalogue AS (INSERT INTO {c} (task_id, state, position, first_seen, started_at,"
+            f" finished_at, {', '.join(PAYLOAD_FIELDS)}, forgotten, expired)"
+            f" SELECT CAST(:key AS varchar), {state}, ev.position, ev.recorded_at,"
+            f" CASE WHEN {state} = '{STARTED}' THEN ev.recorded_at END,"
+            f" CASE WHEN {state} IN ({ready}) THEN ev.recorded_at END, {binds}, false, false"
+            " FROM ev ON CONFLICT (task_id) DO UPDATE SET state = excluded.state,"
+            " position = excluded.position, finished_at = excluded.finished_at,"
+            " forgotten = false, expired = false, "
+            + ", ".join(f"{k} = excluded.{k}" for k in PAYLOAD_FIELDS)
+            + f", first_seen = CASE WHEN {ended} THEN excluded.first_seen ELSE {c}.first_seen END,"
+            " started_at = CASE WHEN excluded.started_at IS NOT NULL THEN excluded.started_at"
+            f" WHEN {ended} THEN NULL ELSE {c}.started_at END"
+            f" WHERE {c}.state <> '{STICKY_STATE}' OR {ended})"
+        )
+
+        def flag(column: str) -> str:
+            return (
+                f"catalogue AS (UPDATE {c} SET {column} = true"
+                " WHERE task_id = CAST(:key AS varchar) AND EXISTS (SELECT 1 FROM ev))"
+            )
+
+        return {
+            TaskState.type: upsert,
+            TaskForgotten.type: flag("forgotten"),
+            ResultExpired.type: flag("expired"),
         }
 
     @staticmethod
@@ -428,6 +553,11 @@ class SqlTarget:
         ).all()
         return [tuple(r) for r in tasks], [tuple(r) for r in groups]
 
+    def catalogue_entry(self, conn: Connection, task_id: str) -> TaskEntry | None:
+        t = self.t.catalogue
+        row = conn.execute(sa.select(t).where(t.c.task_id == task_id)).first()
+        return TaskEntry(**row._mapping) if row is not None else None
+
     def group(self, conn: Connection, group_id: str) -> GroupState | None:
         t = self.t.groups
         row = conn.execute(sa.select(t).where(t.c.group_id == group_id)).first()
@@ -493,6 +623,8 @@ class SqlTarget:
             snap.tasks[row.task_id] = TaskMeta(**row._mapping)
         for row in conn.execute(sa.select(self.t.groups)):
             snap.groups[row.group_id] = GroupState(**row._mapping)
+        for row in conn.execute(sa.select(self.t.catalogue)):
+            snap.catalogue[row.task_id] = TaskEntry(**row._mapping)
         parts: dict[str, set] = {}
         for row in conn.execute(sa.select(self.t.chord_parts)):
             parts.setdefault(row.chord_id, set()).add((row.task_id, row.status, row.position))
@@ -517,7 +649,137 @@ class SqlTarget:
         first event at which distinct returned parts reach the running size.
         """
         for stmt in rebuild_statements(events, self.t):
-            conn.execute(stmt)
+            run_fill(conn, stmt)
+
+
+@dataclass(frozen=True)
+class CatalogueFill:
+    """The catalogue's rebuild: one set-based SELECT finds each task's effective
+    event, first event, last STARTED and tombstone flags (:mod:`projections.catalogue`
+    as sets, the task-meta rule included); the payload columns then come from
+    decoding that one effective payload per task (msgpack has no SQL form), and
+    the rows go in as batched multi-row INSERTs."""
+
+    table: sa.Table
+    select: sa.Select
+
+    BATCH = 5000
+
+    def run(self, conn: Connection) -> int:
+        rows = conn.execute(self.select.execution_options(yield_per=self.BATCH))
+        filled = 0
+        for chunk in rows.partitions():
+            batch = []
+            for row in chunk:
+                values = dict(row._mapping)
+                payload = values.pop("payload")
+                try:
+                    decoded = codec.loads(payload)
+                except codec.CodecError as exc:
+                    raise CorruptEvent(
+                        f"corrupt payload at log position {values['position']}"
+                        f" (task:{values['task_id']}): {exc}"
+                    ) from exc
+                values.update(fields_of(decoded), forgotten=bool(values["forgotten"]),
+                              expired=bool(values["expired"]))
+                batch.append(values)
+            conn.execute(sa.insert(self.table), batch)
+            filled += len(batch)
+        return filled
+
+
+def run_fill(conn: Connection, stmt: sa.Executable | CatalogueFill) -> None:
+    """Run one of :func:`rebuild_statements`."""
+    if isinstance(stmt, CatalogueFill):
+        stmt.run(conn)
+    else:
+        conn.execute(stmt)
+
+
+def catalogue_select(events: sa.FromClause, streams: Iterable[str] | None = None) -> sa.Select:
+    """Each task's catalogue row but its payload columns, and the effective payload.
+
+    ``streams`` limits it to those ``task:<id>`` streams (prune refreshes the
+    rows of the streams it cut).
+    """
+    e = events
+    task_state = sa.and_(e.c.type == TaskState.type, e.c.stream_id.like("task:%"))
+    if streams is not None:
+        task_state = sa.and_(task_state, e.c.stream_id.in_(list(streams)))
+    # The life a row shows ends at the stream's last task.state: a tombstone
+    # before it started that life, tombstones after it set the flags.
+    last = (
+        sa.select(e.c.stream_id, sa.func.max(e.c.position).label("last"))
+        .where(task_state).group_by(e.c.stream_id).subquery("last_state")
+    )
+    after_last = e.c.position > last.c.last
+
+    def flag(type_: str):
+        return sa.func.max(sa.case((sa.and_(after_last, e.c.type == type_), 1), else_=0))
+
+    tomb = (
+        sa.select(
+            e.c.stream_id,
+            sa.func.max(sa.case((e.c.position < last.c.last, e.c.position))).label("life_start"),
+            flag(TaskForgotten.type).label("forgotten"),
+            flag(ResultExpired.type).label("expired"),
+        )
+        .select_from(e.join(last, last.c.stream_id == e.c.stream_id))
+        .where(e.c.type.in_([TaskForgotten.type, ResultExpired.type]))
+        .group_by(e.c.stream_id)
+        .subquery("tomb")
+    )
+    life = (
+        sa.select(
+            e.c.stream_id, e.c.position, e.c.task_state,
+            # SUCCESS is sticky: the events after the life's first SUCCESS change nothing
+            sa.func.min(sa.case((e.c.task_state == STICKY_STATE, e.c.position)))
+            .over(partition_by=e.c.stream_id).label("first_success"),
+        )
+        .select_from(e.outerjoin(tomb, tomb.c.stream_id == e.c.stream_id))
+        .where(task_state, e.c.position > sa.func.coalesce(tomb.c.life_start, 0))
+        .subquery("life")
+    )
+    in_effect = sa.or_(life.c.first_success.is_(None), life.c.position <= life.c.first_success)
+    summary = (
+        sa.select(
+            life.c.stream_id,
+            sa.func.coalesce(sa.func.min(life.c.first_success), sa.func.max(life.c.position))
+            .label("effective"),
+            sa.func.min(life.c.position).label("first"),
+            sa.func.max(
+                sa.case((sa.and_(life.c.task_state == STARTED, in_effect), life.c.position))
+            ).label("started"),
+        )
+        .group_by(life.c.stream_id)
+        .subquery("summary")
+    )
+    eff, first, started = e.alias("effective"), e.alias("first"), e.alias("started")
+    return (
+        sa.select(
+            sa.func.substr(summary.c.stream_id, 6).label("task_id"),
+            eff.c.task_state.label("state"),
+            eff.c.position,
+            first.c.recorded_at.label("first_seen"),
+            started.c.recorded_at.label("started_at"),
+            sa.case(
+                (eff.c.task_state.in_(sorted(READY_STATES)), eff.c.recorded_at)
+            ).label("finished_at"),
+            sa.func.coalesce(tomb.c.forgotten, 0).label("forgotten"),
+            sa.func.coalesce(tomb.c.expired, 0).label("expired"),
+            eff.c.payload,
+        )
+        .select_from(
+            summary.join(eff, eff.c.position == summary.c.effective)
+            .join(first, first.c.position == summary.c.first)
+            .outerjoin(started, started.c.position == summary.c.started)
+            .outerjoin(tomb, tomb.c.stream_id == summary.c.stream_id)
+        )
+    )
+
+
+def _catalogue_binds(data: EventData) -> dict:
+    return fields_of(data.__dict__)
 
 
 def _life(events: sa.Table, prefix: str, tombstones: Iterable[str]):
@@ -532,7 +794,9 @@ def _life(events: sa.Table, prefix: str, tombstones: Iterable[str]):
     return e.outerjoin(last, last.c.stream_id == e.c.stream_id), sa.func.coalesce(last.c.p, 0)
 
 
-def rebuild_statements(events: sa.Table, t: ProjectionTables) -> list[sa.Executable]:
+def rebuild_statements(
+    events: sa.FromClause, t: ProjectionTables
+) -> list[sa.Executable | CatalogueFill]:
     e = events
     key_start = {"task": 6, "group": 7, "chord": 7}  # len("task:") + 1, ...
 
@@ -699,4 +963,4 @@ def rebuild_statements(events: sa.Table, t: ProjectionTables) -> list[sa.Executa
             sa.func.min(sa.case((z.c.type == ChordFired.type, z.c.position))),
         ).group_by(z.c.stream_id),
     )
-    return [tasks, groups, parts, chords]
+    return [tasks, groups, parts, chords, CatalogueFill(t.catalogue, catalogue_select(e))]

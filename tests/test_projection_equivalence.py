@@ -18,6 +18,7 @@ from ledger.events import (
     ChordPartAdded,
     ChordPartReturned,
     ChordStarted,
+    Encoded,
     GroupExpired,
     GroupForgotten,
     GroupSaved,
@@ -38,8 +39,21 @@ GROUPS = st.sampled_from(["g1", "g2"])
 CHORDS = st.sampled_from(["c1", "c2"])
 PARTS = st.sampled_from(["p1", "p2", "p3", "p4"])
 
+MAYBE_NAME = st.sampled_from([None, "shop.charge", "shop.sync"])
+MAYBE_WORKER = st.sampled_from([None, "w1@host", "w2@host"])
+ARGS = st.one_of(
+    st.none(),
+    st.builds(Encoded, content_type=st.just("application/json"), data=st.binary(max_size=6)),
+)
+
 event_data = st.one_of(
-    st.builds(TaskState, task_id=TASKS, status=STATES, retries=st.integers(0, 3)),
+    # the catalogue's columns come from the payload: vary them between events
+    st.builds(
+        TaskState, task_id=TASKS, status=STATES, retries=st.integers(0, 3),
+        name=MAYBE_NAME, worker=MAYBE_WORKER, queue=st.sampled_from([None, "celery"]),
+        root_id=st.sampled_from([None, "a"]), exc_type=st.sampled_from([None, "KeyError"]),
+        args=ARGS, kwargs=ARGS,
+    ),
     st.builds(TaskForgotten, task_id=TASKS),
     st.builds(ResultExpired, task_id=TASKS, expired_before=st.just(now())),
     st.builds(GroupSaved, group_id=GROUPS, result=st.lists(st.text(max_size=3), max_size=3)),

@@ -70,7 +70,7 @@ def test_rebuild_swaps_in_projections_equal_to_the_live_ones(any_url, capsys):
 
     code, out, _ = run(capsys, "rebuild", "--db", any_url)
     assert code == 0, out
-    assert "rebuilt task_meta, groups, chords from" in out
+    assert "rebuilt task_meta, groups, chords, catalogue from" in out
     after = ledger.snapshot()
     assert before.differences(after) == []
     assert len(after.tasks) == 20 - 1 and len(after.groups) == 1 and len(after.chords) == 2
@@ -238,6 +238,13 @@ def test_prune_then_rebuild_then_verify_is_clean(any_url, capsys):
 
     after = ledger.snapshot()
     before.chords.pop("old-c1")
+    # The catalogue describes what the log keeps: its rows are the remaining events' fold.
+    kept = MemoryTarget()
+    kept.apply(iter_events(ledger))
+    assert kept.state.catalogue == after.catalogue and "old-t1" not in after.catalogue
+    # only its pinned FAILURE is left: first seen then
+    assert after.catalogue["old-t0"].first_seen > before.catalogue["old-t0"].first_seen
+    before.catalogue = after.catalogue
     assert before.differences(after) == []
     assert verify(ledger) == []
     rebuild(ledger)
