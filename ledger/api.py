@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ledger import database
-from ledger.errors import EventTooLarge, SchemaMissing
+from ledger.errors import BadFilter, EventTooLarge, SchemaMissing
 from ledger.events import (
     ChordFired,
     ChordPartReturned,
@@ -43,6 +43,9 @@ from projections.group import GroupState
 from projections.memory import MemoryTarget, Snapshot
 from projections.sql import FusedSql, SqlTarget
 from projections.task_meta import TaskMeta
+
+if TYPE_CHECKING:
+    from ledger.catalogue import CatalogueRow, GroupStats
 
 log = logging.getLogger("ledger")
 T = TypeVar("T")
@@ -380,6 +383,33 @@ class Ledger:
             except VersionConflict as exc:
                 pending = [e for e in pending if e.data.stream_id != exc.stream_id]
         return found, len(pending)
+
+    # -- the task catalogue ------------------------------------------------------------
+
+    def tasks(self, **filters: Any) -> list[CatalogueRow]:
+        """Tasks found by :class:`ledger.catalogue.TaskFilter` fields (``name`` exact or
+        glob, ``state``, ``worker``, ``queue``, ``exception``, ``since``/``until`` on the
+        first event's time, ``root``, ``args``, ``slowest``, ``limit``), newest first.
+
+        >>> ledger.tasks(name="shop.*", state="FAILURE", since=yesterday, limit=50)
+        """
+        from ledger.catalogue import TaskFilter, find_tasks
+
+        try:
+            f = TaskFilter(**filters)
+        except TypeError:
+            unknown = sorted(set(filters) - set(TaskFilter.__dataclass_fields__))
+            raise BadFilter(f"unknown filter {', '.join(unknown)}") from None
+        return self._read(lambda c: find_tasks(c, f, self.target.t))
+
+    def stats(
+        self, *, by: str = "name", since: datetime | None = None, until: datetime | None = None
+    ) -> list[GroupStats]:
+        """Per task name, worker or queue: counts by state, failure and retry rates,
+        runtime percentiles (see :func:`ledger.catalogue.task_stats`)."""
+        from ledger.catalogue import task_stats
+
+        return self._read(lambda c: task_stats(c, by=by, since=since, until=until, tables=self.target.t))
 
     def group(self, group_id: str) -> GroupState | None:
         return self._read(lambda c: self.target.group(c, group_id), single_statement=True)

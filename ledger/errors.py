@@ -46,6 +46,10 @@ class SettingError(LedgerError, ValueError):
     """A ``ledger_*`` setting has a value the ledger cannot use."""
 
 
+class BadFilter(LedgerError, ValueError):
+    """A task catalogue filter that cannot be applied; the message names it."""
+
+
 # -- concurrency -------------------------------------------------------------------------
 
 

@@ -1,0 +1,298 @@
+"""Finding tasks without their id: queries and statistics on the task catalogue.
+
+The catalogue (``ledger_tasks``, folded by :mod:`projections.catalogue`) has one
+row per task. :func:`find_tasks` filters it (name exact or glob, state, worker,
+queue, exception type, first-seen time range, workflow root, args text) newest
+first, or lists the slowest; :func:`task_stats` groups it by name, worker or
+queue and computes counts by state, failure and retry rates and duration
+percentiles in one SQL statement per question, never a Python loop over tasks.
+
+Durations are named in :data:`DURATIONS` (start column, end column). Each gets
+its p50/p95/p99/max in :func:`task_stats`; a new one (queue wait once SENT and
+RECEIVED are recorded) is one more entry there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ledger.audit import decode_value
+from ledger.errors import BadFilter
+from ledger.events import Encoded
+from projections.catalogue import TaskEntry
+from projections.sql import LIVE, ProjectionTables
+
+#: Celery's state of a task that failed for good (its failure rate counts these).
+FAILURE = "FAILURE"
+RETRY = "RETRY"
+PERCENTILES = (0.5, 0.95, 0.99)
+GROUP_BY = ("name", "worker", "queue")
+#: Duration name -> (start column, end column) of the catalogue, in seconds.
+DURATIONS: dict[str, tuple[str, str]] = {"runtime": ("started_at", "finished_at")}
+DEFAULT_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    """What :func:`find_tasks` keeps. Unset fields do not filter."""
+
+    name: str | None = None
+    state: Sequence[str] | str | None = None
+    worker: str | None = None
+    queue: str | None = None
+    exception: str | None = None
+    #: first-seen time range: since <= first_seen < until
+    since: datetime | None = None
+    until: datetime | None = None
+    root: str | None = None
+    args: str | None = None
+    #: the N slowest (by runtime) instead of the newest
+    slowest: int | None = None
+    limit: int | None = DEFAULT_LIMIT
+
+    def __post_init__(self) -> None:
+        for field in ("slowest", "limit"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise BadFilter(f"{field} must be at least 1, not {value}")
+        if self.since and self.until and self.since >= self.until:
+            raise BadFilter(f"since ({self.since.isoformat()}) is not before until ({self.until.isoformat()})")
+
+    @property
+    def states(self) -> list[str]:
+        if self.state is None:
+            return []
+        return [self.state] if isinstance(self.state, str) else list(self.state)
+
+
+@dataclass(frozen=True)
+class CatalogueRow:
+    """A task as listed: the catalogue row, its runtime and its chord (if a header part)."""
+
+    entry: TaskEntry
+    chord_id: str | None
+
+    @property
+    def task_id(self) -> str:
+        return self.entry.task_id
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready: ids, state and every catalogue field; args/kwargs decoded
+        when JSON or msgpack, else ``<pickle N bytes>`` (never unpickled)."""
+        e = self.entry
+        out = {k: v for k, v in asdict(e).items() if k not in ("args", "kwargs", "content_type")}
+        for key in ("first_seen", "started_at", "finished_at"):
+            out[key] = out[key].isoformat() if out[key] else None
+        out["runtime"] = e.runtime
+        out["chord_id"] = self.chord_id
+        for key in ("args", "kwargs"):
+            raw = getattr(e, key)
+            out[key] = None if raw is None else decode_value(Encoded(content_type=e.content_type or "", data=raw))[1]
+        return out
+
+
+def find_tasks(conn: Connection, f: TaskFilter, tables: ProjectionTables = LIVE) -> list[CatalogueRow]:
+    """The tasks ``f`` keeps, newest first (or slowest first with ``f.slowest``)."""
+    t, c = tables.catalogue, tables.chords
+    q = sa.select(t, c.c.chord_id.label("chord_of")).select_from(
+        t.outerjoin(c, c.c.chord_id == t.c.group_id)
+    )
+    q = q.where(*_conditions(conn, t, f))
+    if f.slowest is not None:
+        runtime = _seconds(conn, t.c.started_at, t.c.finished_at)
+        q = q.where(runtime.is_not(None)).order_by(runtime.desc(), t.c.task_id).limit(
+            min(f.slowest, f.limit) if f.limit else f.slowest
+        )
+    else:
+        q = q.order_by(t.c.first_seen.desc(), t.c.task_id.desc())
+        if f.limit is not None:
+            q = q.limit(f.limit)
+    rows = []
+    for row in conn.execute(q):
+        values = dict(row._mapping)
+        chord_of = values.pop("chord_of")
+        rows.append(CatalogueRow(TaskEntry(**values), chord_of))
+    return rows
+
+
+def _conditions(conn: Connection, t: sa.Table, f: TaskFilter) -> list:
+    where: list = []
+    if f.name is not None:
+        where.append(_name_match(t.c.name, f.name))
+    if f.states:
+        where.append(t.c.state.in_(f.states))
+    for column, value in ((t.c.worker, f.worker), (t.c.queue, f.queue), (t.c.exc_type, f.exception)):
+        if value is not None:
+            where.append(column == value)
+    if f.since is not None:
+        where.append(t.c.first_seen >= f.since)
+    if f.until is not None:
+        where.append(t.c.first_seen < f.until)
+    if f.root is not None:
+        # The whole workflow: the tasks stamped with this root, and the root itself.
+        where.append(sa.or_(t.c.root_id == f.root, t.c.task_id == f.root))
+    if f.args:
+        where.append(sa.or_(_contains(conn, t.c.args, f.args), _contains(conn, t.c.kwargs, f.args)))
+    return where
+
+
+_GLOB = str.maketrans({"*": "%", "?": "_", "%": "\\%", "_": "\\_", "\\": "\\\\"})
+
+
+def _name_match(column: sa.ColumnElement, pattern: str) -> sa.ColumnElement:
+    """Exact unless the pattern holds a glob wildcard (``*`` any run, ``?`` one character)."""
+    if "*" not in pattern and "?" not in pattern:
+        return column == pattern
+    return column.like(pattern.translate(_GLOB), escape="\\")
+
+
+def _contains(conn: Connection, column: sa.ColumnElement, text: str) -> sa.ColumnElement:
+    """The stored bytes contain ``text``'s UTF-8 bytes (JSON and msgpack keep strings as
+    UTF-8, so this finds a string argument or a number as written)."""
+    needle = sa.literal(text.encode(), sa.LargeBinary)
+    if conn.dialect.name == "postgresql":
+        return sa.func.position(needle.op("IN")(column)) > 0
+    return sa.func.instr(column, needle) > 0
+
+
+def _seconds(conn: Connection, start: sa.ColumnElement, end: sa.ColumnElement) -> sa.ColumnElement:
+    """``end - start`` in seconds as a float (NULL if either is)."""
+    if conn.dialect.name == "postgresql":
+        return sa.cast(sa.extract("epoch", end - start), sa.Float)
+    # SQLite keeps the times as text, 'YYYY-MM-DD HH:MM:SS.ffffff'; its date functions
+    # resolve milliseconds only, so: whole seconds by julianday(), microseconds as text.
+    def whole(x: sa.ColumnElement) -> sa.ColumnElement:
+        return sa.func.julianday(sa.func.substr(x, 1, 19))
+
+    def fraction(x: sa.ColumnElement) -> sa.ColumnElement:
+        return sa.func.coalesce(sa.cast(sa.func.substr(x, 20), sa.Float), 0.0)
+
+    return sa.func.round((whole(end) - whole(start)) * 86400.0) + fraction(end) - fraction(start)
+
+
+# -- statistics -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """One group of :func:`task_stats`: counts, rates and duration percentiles (seconds)."""
+
+    key: str | None
+    total: int
+    states: dict[str, int]
+    #: FAILURE / total
+    failure_rate: float
+    #: tasks that retried at least once (Celery's ``retries`` > 0, or in RETRY now) / total
+    retry_rate: float
+    #: duration name -> {"p50", "p95", "p99", "max", "count"} (None where nothing was measured)
+    durations: dict[str, dict[str, float | None]]
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def task_stats(
+    conn: Connection,
+    *,
+    by: str = "name",
+    since: datetime | None = None,
+    until: datetime | None = None,
+    tables: ProjectionTables = LIVE,
+) -> list[GroupStats]:
+    """Per ``by`` (name, worker or queue) over the tasks first seen in [since, until),
+    most tasks first."""
+    if by not in GROUP_BY:
+        raise BadFilter(f"cannot group by {by!r}; choose from {', '.join(GROUP_BY)}")
+    t = tables.catalogue
+    where = _conditions(conn, t, TaskFilter(since=since, until=until, limit=None))
+    key = t.c[by].label("key")
+    retried = sa.or_(t.c.retries > 0, t.c.state == RETRY)
+    counts = conn.execute(
+        sa.select(
+            key, t.c.state, sa.func.count().label("n"),
+            sa.func.sum(sa.case((retried, 1), else_=0)).label("retried"),
+        ).where(*where).group_by(key, t.c.state)
+    ).all()
+    groups: dict[str | None, dict[str, Any]] = {}
+    for k, state, n, retried_n in counts:  # one row per (group, state), not per task
+        g = groups.setdefault(k, {"states": {}, "retried": 0})
+        g["states"][state] = n
+        g["retried"] += retried_n or 0
+    durations = {name: _percentiles(conn, t, key, where, *cols) for name, cols in DURATIONS.items()}
+    out = []
+    for k, g in groups.items():
+        total = sum(g["states"].values())
+        out.append(GroupStats(
+            key=k,
+            total=total,
+            states=dict(sorted(g["states"].items())),
+            failure_rate=g["states"].get(FAILURE, 0) / total,
+            retry_rate=g["retried"] / total,
+            durations={name: d.get(k, _no_durations()) for name, d in durations.items()},
+        ))
+    return sorted(out, key=lambda s: (-s.total, s.key or ""))
+
+
+def _no_durations() -> dict[str, float | None]:
+    return {**{_label(p): None for p in PERCENTILES}, "max": None, "count": 0}
+
+
+def _label(p: float) -> str:
+    return f"p{round(p * 100)}"
+
+
+def _percentiles(
+    conn: Connection, t: sa.Table, key: sa.ColumnElement, where: list, start: str, end: str
+) -> dict[str | None, dict[str, float | None]]:
+    """Per group: the duration's percentiles (continuous, as PostgreSQL's
+    ``percentile_cont``: linear between the two nearest ranks), max and count."""
+    seconds = _seconds(conn, t.c[start], t.c[end])
+    where = [*where, t.c[start].is_not(None), t.c[end].is_not(None)]
+    if conn.dialect.name == "postgresql":
+        q = sa.select(
+            key,
+            *(sa.func.percentile_cont(p).within_group(seconds).label(_label(p)) for p in PERCENTILES),
+            sa.func.max(seconds).label("max"),
+            sa.func.count().label("count"),
+        ).where(*where).group_by(key)
+    else:
+        q = _sqlite_percentiles(key, seconds, where)
+    return {
+        row.key: {**{_label(p): _micro(row._mapping[_label(p)]) for p in PERCENTILES},
+                  "max": _micro(row.max), "count": row.count}
+        for row in conn.execute(q)
+    }
+
+
+def _micro(seconds: float | None) -> float | None:
+    # The times are microseconds; the float arithmetic's last digits mean nothing.
+    return None if seconds is None else round(seconds, 6)
+
+
+def _sqlite_percentiles(key: sa.ColumnElement, seconds: sa.ColumnElement, where: list) -> sa.Select:
+    # SQLite has no percentile_cont: rank the values per group with a window, then
+    # per percentile pick the two ranks around p * (n - 1) and interpolate.
+    ranked = sa.select(
+        key,
+        seconds.label("s"),
+        (sa.func.row_number().over(partition_by=key, order_by=seconds) - 1).label("i"),
+        sa.func.count().over(partition_by=key).label("n"),
+    ).where(*where).subquery("ranked")
+    r = ranked
+    cols = []
+    for p in PERCENTILES:
+        at = p * (r.c.n - 1)
+        below = sa.cast(at, sa.Integer)  # floor: at is never negative
+        lo = sa.func.max(sa.case((r.c.i == below, r.c.s)))
+        hi = sa.func.max(sa.case((r.c.i == below + 1, r.c.s)))
+        frac = sa.func.max(at - below)
+        cols.append((lo + sa.func.coalesce(hi - lo, 0) * frac).label(_label(p)))
+    return sa.select(
+        r.c.key, *cols, sa.func.max(r.c.s).label("max"), sa.func.count().label("count")
+    ).group_by(r.c.key)
