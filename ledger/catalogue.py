@@ -86,7 +86,8 @@ class CatalogueRow:
         """JSON-ready: ids, state and every catalogue field; args/kwargs decoded
         when JSON or msgpack, else ``<pickle N bytes>`` (never unpickled)."""
         e = self.entry
-        out = {k: v for k, v in asdict(e).items() if k not in ("args", "kwargs", "content_type")}
+        out = {"task_id": e.task_id, "name": e.name, "state": e.state}
+        out |= {k: v for k, v in asdict(e).items() if k not in ("args", "kwargs", "content_type")}
         for key in ("first_seen", "started_at", "finished_at"):
             out[key] = out[key].isoformat() if out[key] else None
         out["runtime"] = e.runtime

@@ -9,12 +9,13 @@ both get it.
 
 from __future__ import annotations
 
-from ledger.cli import audit, db, demo, plugin, rebuild, stream, timeline
+from ledger.cli import audit, catalogue, db, demo, plugin, rebuild, stream, timeline
 from ledger.cli.root import cli, main
 
 COMMANDS = (
     db.db,
     audit.history, audit.show, audit.export,
+    catalogue.tasks, catalogue.stats,
     timeline.timeline,
     rebuild.rebuild, rebuild.verify, rebuild.prune,
     stream.relay, stream.tail,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import re
+from datetime import datetime, timedelta, timezone
 
 import click
 
@@ -33,5 +34,22 @@ class TimeOrPosition(Time):
         return super().convert(value, param, ctx)
 
 
+class RecentTime(Time):
+    """An ISO 8601 time, or a time before now: ``-90s``, ``-10m``, ``-1h``, ``-7d``."""
+
+    name = "TIME|-AGE"
+    _AGE = re.compile(r"-(\d+(?:\.\d+)?)([smhd])")
+    _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+    def convert(self, value, param, ctx) -> datetime:
+        if isinstance(value, str) and (age := self._AGE.fullmatch(value.strip())):
+            amount, unit = age.groups()
+            return datetime.now(timezone.utc) - timedelta(**{self._UNITS[unit]: float(amount)})
+        if isinstance(value, str) and value.strip().startswith("-"):
+            self.fail(f"{value!r} is not an age: -N followed by s, m, h or d (e.g. -1h)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 TIME = Time()
 TIME_OR_POSITION = TimeOrPosition()
+RECENT_TIME = RecentTime()
