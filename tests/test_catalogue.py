@@ -1,0 +1,293 @@
+"""The task catalogue answers an operator's questions without a task id.
+
+A real ``celery worker`` (prefork, Redis broker; the one of tests/test_celery_worker.py,
+started for this module) runs a mix: additions, failures, a task that retries twice,
+two slow tasks and a chain that fails at its end. ``tasks`` and ``stats`` must return
+exactly what a count done by hand from the log says, on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+from celery import chain
+
+from ledger.api import Ledger
+from ledger.cli import main
+from ledger.errors import BadFilter
+from ledger.events import Encoded, ResultExpired, TaskForgotten, TaskState
+from ledger.schema import events as events_table
+from projections.memory import MemoryTarget
+from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
+
+READY = {"SUCCESS", "FAILURE", "REVOKED"}
+
+
+def _wait(predicate, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def mix(worker):  # noqa: F811
+    add, fail, flaky, sleep = (task(worker, n) for n in ("add", "fail", "flaky", "sleep"))
+    ledger: Ledger = worker.backend.ledger
+    first = [add.delay(1000 + i, 7) for i in range(4)] + [fail.delay(f"boom-{i}") for i in range(2)]
+    for r in first:
+        r.get(timeout=WAIT, propagate=False)
+    time.sleep(0.2)  # the boundary between the two batches, clear of both
+    mid = datetime.now(timezone.utc)
+    time.sleep(0.2)
+    flaky_r = flaky.delay(f"flaky-{uuid.uuid4().hex[:8]}", 3)
+    slow = [sleep.delay(0.4), sleep.delay(0.25)]
+    wf = chain(add.si(1, 1), add.si(2, 2), fail.si("workflow failed")).apply_async()
+    for r in [flaky_r, *slow, wf]:
+        r.get(timeout=WAIT, propagate=False)
+    # Celery stores a RETRY after it sent the next attempt: wait, bounded, for all six.
+    _wait(lambda: len(ledger.history(flaky_r.id)) == 6, "the flaky task's six events")
+    root = wf.parent.parent.id
+    return {
+        "ledger": ledger, "mid": mid, "root": root, "chain": {root, wf.parent.id, wf.id},
+        "slow": [r.id for r in slow], "flaky": flaky_r.id, "arg_task": first[3].id,
+    }
+
+
+def by_hand(ledger: Ledger) -> dict[str, dict]:
+    """Each task as the log tells it, counted here without the catalogue's code."""
+    with ledger.engine.connect() as conn:
+        events = ledger.log.read_positions(conn, conn.execute(
+            events_table.select().with_only_columns(events_table.c.position)
+        ).scalars().all())
+    streams: dict[str, list] = {}
+    for e in events:
+        if e.type == "task.state":
+            streams.setdefault(e.stream_key, []).append(e)
+    out = {}
+    for task_id, states in streams.items():
+        effective = next((e for e in states if e.data.status == "SUCCESS"), states[-1])
+        until_effective = states[: states.index(effective) + 1]
+        starts = [e for e in until_effective if e.data.status == "STARTED"]
+        d = effective.data
+        out[task_id] = {
+            "name": d.name, "state": d.status, "worker": d.worker, "queue": d.queue,
+            "retries": d.retries, "root_id": d.root_id, "exc_type": d.exc_type,
+            "first_seen": states[0].recorded_at,
+            "runtime": (effective.recorded_at - starts[-1].recorded_at).total_seconds()
+            if starts and d.status in READY else None,
+        }
+    return out
+
+
+def _ids(rows) -> set[str]:
+    return {r.task_id for r in rows}
+
+
+def _keep(expected: dict[str, dict], **match) -> set[str]:
+    return {t for t, row in expected.items() if all(test(row) for test in match.values())}
+
+
+@pytest.mark.worker
+def test_tasks_lists_every_task_as_the_log_says_newest_first(mix):
+    ledger = mix["ledger"]
+    expected = by_hand(ledger)
+    rows = ledger.tasks(limit=None)
+    assert len(expected) == 4 + 2 + 1 + 2 + 3 + 1  # the mix and the fixture's ping
+    found = {
+        r.task_id: {
+            **{k: getattr(r.entry, k) for k in ("name", "state", "worker", "queue", "retries",
+                                                 "root_id", "exc_type", "first_seen")},
+            "runtime": r.entry.runtime,
+        }
+        for r in rows
+    }
+    assert found == expected
+    assert [r.task_id for r in rows] == sorted(expected, key=lambda t: expected[t]["first_seen"], reverse=True)
+    assert [r.task_id for r in ledger.tasks(limit=3)] == [r.task_id for r in rows[:3]]
+
+
+@pytest.mark.worker
+def test_each_filter_keeps_exactly_the_tasks_the_log_says(mix):
+    ledger, mid = mix["ledger"], mix["mid"]
+    expected = by_hand(ledger)
+    worker_name = expected[mix["flaky"]]["worker"]
+    cases = {
+        "name exact": ({"name": "workerapp.add"}, _keep(expected, n=lambda r: r["name"] == "workerapp.add")),
+        "name glob": ({"name": "workerapp.f*"}, _keep(expected, n=lambda r: r["name"].startswith("workerapp.f"))),
+        "state": ({"state": "FAILURE"}, _keep(expected, s=lambda r: r["state"] == "FAILURE")),
+        "exception": ({"exception": "ValueError"}, _keep(expected, e=lambda r: r["exc_type"] == "ValueError")),
+        "worker": ({"worker": worker_name}, _keep(expected, w=lambda r: r["worker"] == worker_name)),
+        "since": ({"since": mid}, _keep(expected, t=lambda r: r["first_seen"] >= mid)),
+        "until": ({"until": mid}, _keep(expected, t=lambda r: r["first_seen"] < mid)),
+        "since+state": ({"since": mid, "state": ["FAILURE"]},
+                        _keep(expected, t=lambda r: r["first_seen"] >= mid, s=lambda r: r["state"] == "FAILURE")),
+        "root": ({"root": mix["root"]}, mix["chain"]),
+        "args": ({"args": "1003"}, {mix["arg_task"]}),
+    }
+    for label, (filters, ids) in cases.items():
+        assert ids, label  # every case keeps something
+        assert _ids(ledger.tasks(limit=None, **filters)) == ids, label
+    assert len(cases["since"][1]) == 6 and len(cases["until"][1]) == 7  # the boundary is real
+    slowest = ledger.tasks(slowest=2)
+    assert [r.task_id for r in slowest] == mix["slow"]
+
+
+def _percentile(values: list[float], p: float) -> float:
+    v = sorted(values)
+    at = p * (len(v) - 1)
+    lo = int(at)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (at - lo)
+
+
+@pytest.mark.worker
+@pytest.mark.parametrize("by", ["name", "worker", "queue"])
+def test_stats_are_the_counts_and_percentiles_of_the_log(mix, by):
+    ledger = mix["ledger"]
+    expected = by_hand(ledger)
+    groups = {g.key: g for g in ledger.stats(by=by)}
+    keys = {row[by] for row in expected.values()}
+    assert set(groups) == keys
+    for key in keys:
+        rows = [r for r in expected.values() if r[by] == key]
+        g = groups[key]
+        states: dict[str, int] = {}
+        for r in rows:
+            states[r["state"]] = states.get(r["state"], 0) + 1
+        assert (g.total, g.states) == (len(rows), states), key
+        assert g.failure_rate == states.get("FAILURE", 0) / len(rows)
+        assert g.retry_rate == sum(1 for r in rows if r["retries"] or r["state"] == "RETRY") / len(rows)
+        runtimes = [r["runtime"] for r in rows if r["runtime"] is not None]
+        figures = g.durations["runtime"]
+        assert figures["count"] == len(runtimes)
+        for p in (0.5, 0.95, 0.99):
+            assert figures[f"p{round(p * 100)}"] == pytest.approx(_percentile(runtimes, p), abs=2e-6)
+        assert figures["max"] == pytest.approx(max(runtimes), abs=2e-6)
+    if by == "name":
+        assert groups["workerapp.flaky"].retry_rate == 1.0
+        assert groups["workerapp.fail"].failure_rate == 1.0
+
+
+@pytest.mark.worker
+def test_stats_over_a_period_count_only_its_tasks(mix):
+    ledger, mid = mix["ledger"], mix["mid"]
+    expected = by_hand(ledger)
+    later = [r for r in expected.values() if r["first_seen"] >= mid]
+    assert sum(g.total for g in ledger.stats(since=mid)) == len(later)
+    assert ledger.stats(since=mid + timedelta(days=1)) == []
+
+
+@pytest.mark.worker
+def test_cli_prints_the_same_rows_as_text_json_and_csv(mix, capsys):
+    ledger = mix["ledger"]
+    url = ledger.engine.url.render_as_string(hide_password=False)
+    api = [r.record() for r in ledger.tasks(state="FAILURE")]
+
+    assert main(["tasks", "--state", "FAILURE", "--format", "json", "--db", url]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(api, default=str))
+    assert main(["tasks", "--state", "FAILURE", "--format", "csv", "--db", url]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["task_id"] for r in rows] == [r["task_id"] for r in api]
+    assert main(["tasks", "--name", "workerapp.sl*", "--since", "-1h", "--db", url]) == 0
+    out = capsys.readouterr().out
+    assert out.count("workerapp.sleep") == 2 and "first seen" in out
+    assert main(["stats", "--by", "name", "--format", "json", "--db", url]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert {g["key"]: g["total"] for g in stats["groups"]} == {g.key: g.total for g in ledger.stats()}
+    assert main(["stats", "--db", url]) == 0
+    assert "workerapp.flaky" in capsys.readouterr().out
+
+
+# -- without a worker ----------------------------------------------------------------------
+
+
+def test_bad_filters_are_one_line_naming_the_problem(ledger, capsys):
+    with pytest.raises(BadFilter, match="unknown filter colour"):
+        ledger.tasks(colour="red")
+    with pytest.raises(BadFilter, match="cannot group by 'host'"):
+        ledger.stats(by="host")
+    url = ledger.engine.url.render_as_string(hide_password=False)
+    assert main(["tasks", "--since", "2030-01-01", "--until", "2020-01-01", "--db", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "since (2030-01-01T00:00:00+00:00) is not before until" in err
+    assert main(["tasks", "--since", "-1 hour", "--db", url]) == 2
+    assert "is not an age" in capsys.readouterr().err
+
+
+def test_a_glob_matches_wildcards_only_where_written(ledger):
+    for name in ("shop.charge", "shop_charge", "shop%charge", "shopXcharge"):
+        ledger.append([TaskState(task_id=name, status="SUCCESS", name=name)])
+    assert _ids(ledger.tasks(name="shop_charge")) == {"shop_charge"}
+    assert _ids(ledger.tasks(name="shop%charge")) == {"shop%charge"}
+    assert _ids(ledger.tasks(name="shop?charge")) == {"shop.charge", "shop_charge", "shop%charge", "shopXcharge"}
+    assert _ids(ledger.tasks(name="shop_*")) == {"shop_charge"}
+    assert _ids(ledger.tasks(name="*charge")) == {"shop.charge", "shop_charge", "shop%charge", "shopXcharge"}
+
+
+def test_args_text_is_found_in_json_and_msgpack_args(ledger):
+    import msgpack
+
+    as_json = Encoded(content_type="application/json", data=b'["order-17", 3]')
+    as_msgpack = Encoded(content_type="application/x-msgpack", data=msgpack.packb({"sku": "order-17"}))
+    ledger.append([
+        TaskState(task_id="j", status="SUCCESS", args=as_json),
+        TaskState(task_id="m", status="SUCCESS", kwargs=as_msgpack),
+        TaskState(task_id="other", status="SUCCESS", args=Encoded(content_type="application/json", data=b"[1]")),
+    ])
+    assert _ids(ledger.tasks(args="order-17")) == {"j", "m"}
+    assert ledger.tasks(args="order-17", name="x") == []
+    assert {r.task_id: r.record()["kwargs"] for r in ledger.tasks(args="order-17")}["m"] == {"sku": "order-17"}
+
+
+def test_a_forgotten_task_stays_listed_and_a_new_life_starts_over(ledger):
+    """The SQL forms must agree with the fold one event at a time (each event is its own
+    append: on PostgreSQL that is the fused single-statement path)."""
+    for data in (
+        TaskState(task_id="t", status="STARTED", name="a", worker="w1"),
+        TaskState(task_id="t", status="FAILURE", name="a", exc_type="KeyError"),
+        TaskForgotten(task_id="t"),
+    ):
+        ledger.append([data])
+    (row,) = ledger.tasks()
+    assert (row.entry.state, row.entry.forgotten, row.entry.exc_type) == ("FAILURE", True, "KeyError")
+    assert row.entry.runtime is not None
+    assert ledger.task_meta("t") is None  # Celery sees PENDING; the catalogue still lists it
+    ledger.append([TaskState(task_id="t", status="RETRY", name="a")])  # a new life, not started
+    (row,) = ledger.tasks()
+    assert (row.entry.state, row.entry.forgotten, row.entry.started_at) == ("RETRY", False, None)
+    ledger.append([ResultExpired(task_id="t", expired_before=datetime.now(timezone.utc))])
+    assert ledger.tasks()[0].entry.expired
+    memory = MemoryTarget()
+    with ledger.engine.connect() as conn:
+        memory.apply(ledger.log.read_stream(conn, "task:t"))
+    assert memory.state.catalogue == ledger.snapshot().catalogue
+
+
+def test_db_upgrade_back_fills_the_catalogue_of_an_existing_0001_ledger(any_url, capsys):
+    """A ledger at 0001 full of events (made by downgrading one): ``db upgrade`` fills
+    the catalogue from the log, equal to the fold of it."""
+    from ledger import migrate
+    from ledger.audit import iter_events
+    from tests.test_rebuild import workload
+
+    ledger = Ledger.open(any_url)
+    for tag in ("a", "b", "c"):
+        workload(ledger, tag)
+    migrate.downgrade(ledger.engine, "0001")
+    assert "ledger_tasks" not in sa.inspect(ledger.engine).get_table_names()
+    assert main(["db", "upgrade", "--db", ledger.engine.url.render_as_string(hide_password=False)]) == 0
+    assert "schema at revision" in capsys.readouterr().out
+    memory = MemoryTarget()
+    memory.apply(iter_events(ledger))
+    live = ledger.snapshot()
+    assert len(live.catalogue) == 60 and any(e.forgotten for e in live.catalogue.values())
+    assert memory.state.differences(live) == []
+    migrate.check(ledger.engine)
