@@ -4,12 +4,10 @@ How the workflow is found, from the log alone:
 
 1. ``ID`` is looked up as a task, a group, then a chord stream; the workflow's
    root is the ``root_id`` Celery stamped on the task's (or a member's) states.
-2. Every ``task.state`` event of the workflow carries that ``root_id``. The
-   candidates are found in SQL by searching the msgpack payloads for the root
-   id's bytes (msgpack stores strings as plain UTF-8, so this is exact for
-   the bytes and needs no extra column), then decoded and kept only if their
-   ``root_id`` (or own id) really is the root. Tasks without ``root_id``
-   (events from other writers) are reached through ``children`` and
+2. Every ``task.state`` event of the workflow carries that ``root_id``, which the
+   task catalogue keeps indexed: the workflow's tasks are one indexed lookup
+   (``Ledger.tasks(root=...)``), whatever the size of the log. Tasks without
+   ``root_id`` (events from other writers) are reached through ``children`` and
    ``parent_id`` as well.
 3. Groups come from the members' ``group_id``; a group with a ``chord:`` stream
    is shown as a chord, with the task its completing part applied as the body.
@@ -27,8 +25,6 @@ import html
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-
-import sqlalchemy as sa
 
 from ledger.errors import UnknownId
 from ledger.events import (
@@ -179,16 +175,10 @@ class Workflow:
         ]
 
 
-def _task_ids_mentioning(ledger, needle: str) -> list[str]:
-    """Task streams with a ``task.state`` payload containing ``needle``'s UTF-8 bytes."""
-    e = ledger.log.table
-    raw = needle.encode()
-    if ledger.dialect == "postgresql":
-        match = sa.func.position(sa.literal(raw, sa.LargeBinary).op("IN")(e.c.payload)) > 0
-    else:
-        match = sa.func.instr(e.c.payload, sa.literal(raw, sa.LargeBinary)) > 0
-    q = sa.select(e.c.stream_id).where(e.c.type == TaskState.type, match).distinct().limit(MAX_TASKS)
-    return [s.split(":", 1)[1] for s in ledger._read(lambda c: c.execute(q).scalars().all())]
+def _workflow_task_ids(ledger, root: str) -> list[str]:
+    """The tasks stamped with ``root`` as their ``root_id``, and the root: an indexed
+    lookup in the task catalogue (``ledger_tasks.root_id``), not a scan of payloads."""
+    return [row.task_id for row in ledger.tasks(root=root, limit=MAX_TASKS)]
 
 
 def find_workflow(ledger, some_id: str) -> Workflow:
@@ -230,10 +220,8 @@ def find_workflow(ledger, some_id: str) -> Workflow:
         walked.add(top.task_id)
     root = seed.root_id or top.task_id
     load(root)
-    for task_id in _task_ids_mentioning(ledger, root):
-        run = load(task_id)
-        if run is not None and run.root_id not in (None, root) and task_id != root:
-            del runs[task_id]  # mentions the root id but belongs to another workflow
+    for task_id in _workflow_task_ids(ledger, root):
+        load(task_id)
 
     # Downward: children lists and group members, until nothing new.
     groups: dict[str, list[str]] = {}

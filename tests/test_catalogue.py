@@ -291,3 +291,19 @@ def test_db_upgrade_back_fills_the_catalogue_of_an_existing_0001_ledger(any_url,
     assert len(live.catalogue) == 60 and any(e.forgotten for e in live.catalogue.values())
     assert memory.state.differences(live) == []
     migrate.check(ledger.engine)
+
+
+def test_timeline_finds_a_workflow_through_the_catalogues_root_ids(ledger):
+    """No children lists here: only the catalogue's root ids link x and y to r; z's
+    args mention r but it belongs to another workflow."""
+    from ledger.timeline import find_workflow
+
+    mentions_r = Encoded(content_type="application/json", data=b'["r"]')
+    ledger.append([
+        TaskState(task_id="r", status="SUCCESS", root_id="r"),
+        TaskState(task_id="x", status="SUCCESS", root_id="r"),
+        TaskState(task_id="y", status="FAILURE", root_id="r", exc_type="KeyError"),
+        TaskState(task_id="z", status="SUCCESS", root_id="other", args=mentions_r),
+    ])
+    assert set(find_workflow(ledger, "y").tasks) == {"r", "x", "y"}
+    assert set(find_workflow(ledger, "r").tasks) == {"r", "x", "y"}
