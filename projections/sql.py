@@ -666,26 +666,39 @@ class CatalogueFill:
     BATCH = 5000
 
     def run(self, conn: Connection) -> int:
+        if conn.dialect.name == "postgresql":
+            # yield_per reads through a server-side cursor, which PostgreSQL plans for
+            # the first 10% of rows (nested loops over the log); we read them all.
+            conn.execute(sa.text("SET LOCAL cursor_tuple_fraction = 1.0"))
         rows = conn.execute(self.select.execution_options(yield_per=self.BATCH))
+        columns = [*rows.keys()][:-3] + ["forgotten", "expired", *PAYLOAD_FIELDS]
         filled = 0
         for chunk in rows.partitions():
-            batch = []
-            for row in chunk:
-                values = dict(row._mapping)
-                payload = values.pop("payload")
-                try:
-                    decoded = codec.loads(payload)
-                except codec.CodecError as exc:
-                    raise CorruptEvent(
-                        f"corrupt payload at log position {values['position']}"
-                        f" (task:{values['task_id']}): {exc}"
-                    ) from exc
-                values.update(fields_of(decoded), forgotten=bool(values["forgotten"]),
-                              expired=bool(values["expired"]))
-                batch.append(values)
-            conn.execute(sa.insert(self.table), batch)
+            batch = [self._row(tuple(row)) for row in chunk]
+            if conn.dialect.name == "postgresql":
+                # COPY: ~4x the rate of multi-row INSERTs here (measured, 40,000 rows).
+                names = ", ".join(columns)
+                raw = conn.connection.driver_connection
+                with raw.cursor() as cur, cur.copy(f"COPY {self.table.name} ({names}) FROM STDIN") as copy:
+                    for values in batch:
+                        copy.write_row(values)
+            else:
+                conn.execute(sa.insert(self.table), [dict(zip(columns, v, strict=True)) for v in batch])
             filled += len(batch)
         return filled
+
+    @staticmethod
+    def _row(row: tuple) -> tuple:
+        """The selected row's values, its flags as booleans and the payload's fields."""
+        *values, forgotten, expired, payload = row
+        try:
+            decoded = codec.loads(payload)
+        except codec.CodecError as exc:
+            raise CorruptEvent(
+                f"corrupt payload at log position {values[2]} (task:{values[0]}): {exc}"
+            ) from exc
+        fields = fields_of(decoded)
+        return (*values, bool(forgotten), bool(expired), *(fields[k] for k in PAYLOAD_FIELDS))
 
 
 def run_fill(conn: Connection, stmt: sa.Executable | CatalogueFill) -> None:
