@@ -1,7 +1,7 @@
 """task catalogue: ledger_tasks, one row per task, back-filled from the log
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003_catalogue
+Revises: 0002_integrity
 Create Date: 2026-12-02
 
 The table's columns are spelled out (frozen). The back-fill is the catalogue's
@@ -16,8 +16,8 @@ from alembic import op
 
 from projections.sql import CatalogueFill, UTCDateTime, catalogue_select
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003_catalogue"
+down_revision = "0002_integrity"
 branch_labels = None
 depends_on = None
 
