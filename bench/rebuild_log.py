@@ -57,15 +57,36 @@ def _template_rows() -> str:
     return ", ".join(rows)
 
 
-def generate_log(url: str, n_events: int) -> int:
-    """Append about ``n_events`` synthetic events (a multiple of 10); returns how many."""
+def _variant(data, v: int):
+    """Template ``data`` as workflow ``v`` of a varied log: task payloads get one of 7
+    names, 5 workers, 2 queues and 50 roots (what the task catalogue indexes)."""
+    if not isinstance(data, TaskState):
+        return data
+    return data.model_copy(update={
+        "name": f"bench.task{v % 7}", "worker": f"celery@w{v % 5}",
+        "queue": ("celery", "slow")[v % 2], "root_id": f"root-{v}", "retries": v % 3,
+        "exc_type": "ValueError" if data.status == "FAILURE" else None,
+    })
+
+
+def generate_log(url: str, n_events: int, variants: int = 1) -> int:
+    """Append about ``n_events`` synthetic events (a multiple of 10); returns how many.
+
+    ``variants`` > 1: unit ``i`` uses the payloads of variant ``i % variants``
+    (:func:`_variant`), for the catalogue's filters and statistics to have work.
+    """
     from ledger.api import Ledger
 
     ledger = Ledger.open(url)
     units = max(1, n_events // UNIT)
     tag = uuid.uuid4().hex[:8]
-    payloads = {f"p{i}": encode(t[-1]) for i, t in enumerate(_TEMPLATES)}
-    payload_case = "CASE t.ord " + " ".join(f"WHEN {i} THEN :p{i}" for i in range(UNIT)) + " END"
+    payloads = {
+        f"p{i * variants + v}": encode(t[-1] if variants == 1 else _variant(t[-1], v))
+        for i, t in enumerate(_TEMPLATES) for v in range(variants)
+    }
+    payload_case = f"CASE t.ord * {variants} + s.i % {variants} " + " ".join(
+        f"WHEN {k} THEN :p{k}" for k in range(UNIT * variants)
+    ) + " END"
     pg = ledger.dialect == "postgresql"
     series = (
         "generate_series(1, :units) AS s(i)"

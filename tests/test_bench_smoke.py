@@ -64,3 +64,14 @@ def test_summary_takes_medians_over_rounds_and_keeps_failures_visible():
     assert s.rounds == 3
     assert not s.ok
     assert s.note == "boom"
+
+
+def test_catalogue_bench_answers_each_question_on_a_small_log(tmp_path, capsys):
+    from bench.catalogue import main
+
+    assert main([f"sqlite:///{tmp_path / 'cat.db'}", "200", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "catalogue 200 tasks" in out
+    for question in ("--state FAILURE", "--name bench.task3", "--root ID", "stats --since -24h"):
+        assert question in out
+    assert "| 50 |" in out  # the limited questions found their 50 rows
