@@ -62,6 +62,7 @@ class Mutation:
 BACKEND = "tests/test_celery_backend.py"
 LOG_PG = "tests/test_log.py::TestLogOnPostgres"
 LOG_SQLITE = "tests/test_log.py::TestLogOnSQLite"
+CATALOGUE = "tests/test_catalogue.py"
 
 MUTATIONS = [
     Mutation(
@@ -201,6 +202,55 @@ MUTATIONS = [
         '                log.debug(\n                    "ledger write failed',
         ("tests/faults/test_database_faults.py"
          "::test_2000_results_stored_exactly_once_while_every_connection_is_cut",),
+    ),
+    Mutation(
+        "catalogue rebuild: a STARTED after the sticky SUCCESS moves started_at",
+        "projections/sql.py",
+        "sa.case((sa.and_(life.c.task_state == STARTED, in_effect), life.c.position))",
+        "sa.case((life.c.task_state == STARTED, life.c.position))",
+        ("tests/test_projection_equivalence.py::test_memory_fold_live_sql_and_rebuild_agree",),
+    ),
+    Mutation(
+        "catalogue live (fused): a new life after forget keeps the forgotten flag",
+        "projections/sql.py",
+        '" forgotten = false, expired = false, "',
+        '" "',
+        (f"{CATALOGUE}::test_a_forgotten_task_stays_listed_and_a_new_life_starts_over",),
+    ),
+    Mutation(
+        "catalogue: an underscore in a name glob matches any character",
+        "ledger/catalogue.py",
+        '"_": "\\\\_", ',
+        "",
+        (f"{CATALOGUE}::test_a_glob_matches_wildcards_only_where_written",),
+    ),
+    Mutation(
+        "catalogue stats (SQLite): percentiles take the lower rank, no interpolation",
+        "ledger/catalogue.py",
+        "hi = sa.func.max(sa.case((r.c.i == below + 1, r.c.s)))",
+        "hi = sa.func.max(sa.case((r.c.i == below, r.c.s)))",
+        (f"{CATALOGUE}::test_stats_are_the_counts_and_percentiles_of_the_log",),
+    ),
+    Mutation(
+        "catalogue: --since is ignored",
+        "ledger/catalogue.py",
+        "        where.append(t.c.first_seen >= f.since)\n",
+        "        pass\n",
+        (f"{CATALOGUE}::test_each_filter_keeps_exactly_the_tasks_the_log_says",),
+    ),
+    Mutation(
+        "migration 0003: the catalogue is created empty (no back-fill)",
+        "migrations/versions/0003_catalogue.py",
+        "    CatalogueFill(target, catalogue_select(events)).run(op.get_bind())\n",
+        "",
+        (f"{CATALOGUE}::test_db_upgrade_back_fills_the_catalogue_of_an_existing_ledger",),
+    ),
+    Mutation(
+        "prune: the catalogue rows of cut tasks are not refolded",
+        "ledger/rebuild.py",
+        "            CatalogueFill(T.catalogue, catalogue_select(e, streams=chunk)).run(conn)\n",
+        "            pass\n",
+        ("tests/test_rebuild.py::test_prune_then_rebuild_then_verify_is_clean",),
     ),
 ]
 
