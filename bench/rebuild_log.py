@@ -13,7 +13,8 @@ Every 10 events are one small workflow, so all projections get work:
 Only the index columns the rebuild reads are real; payloads are one valid
 encoded event per template (their inner ids do not match the stream's).
 
-``python -m bench.rebuild_log URL N`` prints the measured rate.
+``python -m bench.rebuild_log URL N`` prints the measured rate and keeps it in
+``bench/results/rebuild_log-<dialect>-<N>.json``.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def measure_rebuild(url: str, n_events: int) -> dict:
 
 
 if __name__ == "__main__":
+    from bench.kept import keep
     from ledger.api import Ledger
 
     url, n = sys.argv[1], int(sys.argv[2])
@@ -166,3 +168,4 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     result = measure_rebuild(url, n)
     print(result, f"(total with generation {time.perf_counter() - t0:.1f}s)")
+    print("kept in", keep(f"rebuild_log-{Ledger.open(url).dialect}-{n}", result))

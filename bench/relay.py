@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.relay --db postgresql+psycopg://postgres@127.0.0.1/bench_relay
 
+It prints what it measured and keeps it in ``bench/results/relay-<dialect>.json``.
 ``measure_relay`` and ``measure_latency`` are plain functions for bench/__main__.py.
 """
 
@@ -14,6 +15,7 @@ import threading
 import time
 import uuid
 
+from bench.kept import keep
 from ledger.api import Ledger
 from ledger.events import TaskState
 from ledger.relay import Relay
@@ -131,8 +133,10 @@ def main() -> None:
             if args.latency_events
             else None
         )
-        print(json.dumps({"relay": {"runs": runs, "median_events_per_s": statistics.median(rates)}
-                          if runs else None, "latency": latency}, indent=2))
+        measured = {"relay": {"runs": runs, "median_events_per_s": statistics.median(rates)}
+                    if runs else None, "latency": latency}
+        print(json.dumps(measured, indent=2))
+        print("kept in", keep(f"relay-{Ledger.open(args.db).dialect}", measured))
     finally:
         if broker is not None:
             broker.kill()

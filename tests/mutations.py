@@ -140,9 +140,9 @@ MUTATIONS = [
         ("tests/test_celery_worker.py::test_redacted_arguments_never_reach_the_log",),
     ),
     Mutation(
-        "payload limit: an oversized result is stored",
-        "ledger/celery.py",
-        "        if len(encoded.data) > self.max_payload_bytes:\n",
+        "payload limit: an oversized event is stored",
+        "ledger/api.py",
+        "        if limit is not None and size > limit:\n",
         "        if False:\n",
         ("tests/faults/test_bad_input.py"
          "::test_payload_over_the_limit_is_refused_naming_size_and_limit_and_nothing_is_written",),
@@ -154,9 +154,13 @@ MUTATIONS = [
         "    text = url.update_query_dict(hidden).render_as_string(hide_password=False)\n",
         (f"{BACKEND}::test_construction_is_cheap_and_uri_hides_the_password",),
     ),
-    # TO ADD: prune's checkpoint floor (prune keeps the events a follower's stored
-    # checkpoint has not passed). Being built on another branch; not on main when this
-    # list was written. Add its one-line mutation and its test here once it lands.
+    Mutation(
+        "prune's checkpoint floor: prune deletes events the relay has not sent",
+        "ledger/rebuild.py",
+        "        if unread is not None and unread < cutoff:\n",
+        "        if False:\n",
+        ("tests/test_integrity_stream.py::test_prune_never_deletes_what_the_relay_has_not_sent",),
+    ),
     Mutation(
         "stored exception: Celery imports the module a stored exception names",
         "module:celery.backends.base",
