@@ -304,8 +304,14 @@ class RecordedEvent:
 
     @property
     def data(self) -> EventData:
+        """The payload's model; :class:`CorruptEvent` naming the log position if it is none."""
         if not self._data:
-            self._data.append(decode(self.type, self.schema_version, self.payload))
+            try:
+                self._data.append(decode(self.type, self.schema_version, self.payload))
+            except CorruptEvent as exc:
+                raise CorruptEvent(
+                    f"corrupt event at log position {self.position} ({self.stream_id}): {exc}"
+                ) from None
         return self._data[0]
 
     @property
