@@ -124,7 +124,10 @@ class TaskState(_TaskEvent):
     exc_message: str | None = None
 
     def index_columns(self) -> dict[str, Any]:
-        return {"task_state": self.status}
+        # ref_id: the group the task is a member of (indexed), so a timeline finds
+        # a group's members -- and the chord body, which carries the header's
+        # group id -- without scanning payloads.
+        return {"task_state": self.status, "ref_id": self.group_id}
 
 
 class TaskForgotten(_TaskEvent):
