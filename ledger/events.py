@@ -124,7 +124,10 @@ class TaskState(_TaskEvent):
     exc_message: str | None = None
 
     def index_columns(self) -> dict[str, Any]:
-        return {"task_state": self.status}
+        # ref_id: the group the task is a member of (indexed), so a timeline finds
+        # a group's members -- and the chord body, which carries the header's
+        # group id -- without scanning payloads.
+        return {"task_state": self.status, "ref_id": self.group_id}
 
 
 class TaskForgotten(_TaskEvent):
@@ -304,8 +307,14 @@ class RecordedEvent:
 
     @property
     def data(self) -> EventData:
+        """The payload's model; :class:`CorruptEvent` naming the log position if it is none."""
         if not self._data:
-            self._data.append(decode(self.type, self.schema_version, self.payload))
+            try:
+                self._data.append(decode(self.type, self.schema_version, self.payload))
+            except CorruptEvent as exc:
+                raise CorruptEvent(
+                    f"corrupt event at log position {self.position} ({self.stream_id}): {exc}"
+                ) from None
         return self._data[0]
 
     @property

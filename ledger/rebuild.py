@@ -561,8 +561,61 @@ _KEYS = {
 }
 
 
+#: What verify counts, by kind (the JSON summary's ``counts`` keys): bad events in the
+#: log, and differing rows per projection table.
+VERIFY_KINDS = ("corrupt_events", "version_gaps", "task_meta", "groups", "chords", "chord_parts")
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found: every difference counted by kind, the first ``limit`` described."""
+
+    counts: dict[str, int]
+    differences: list[str]
+    limit: int | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def hint(self) -> str | None:
+        """What to do next, or None when the projections match the log."""
+        if not self.total:
+            return None
+        hints = []
+        if any(self.counts[k] for k in VERIFY_KINDS[2:]):
+            hints.append("run `celery-ledger rebuild` to replace the live projections with the log's")
+        if self.counts["corrupt_events"] or self.counts["version_gaps"]:
+            hints.append("the log itself was changed: restore the events from a backup "
+                         "(rebuild refuses to serve a corrupt event)")
+        return "; ".join(hints)
+
+    def to_json(self) -> dict:
+        return {
+            "clean": not self.total,
+            "total": self.total,
+            "counts": self.counts,
+            "shown": len(self.differences),
+            "differences": self.differences,
+            "hint": self.hint,
+        }
+
+
 def verify(ledger, projections: Sequence[str] | None = None) -> list[str]:
     """Every difference between the live projections and a rebuild from the log (none: [])."""
+    return verify_report(ledger, projections).differences
+
+
+def verify_report(
+    ledger, projections: Sequence[str] | None = None, *, limit: int | None = None
+) -> VerifyReport:
+    """Compare the live projections and the log with a rebuild; describe the first ``limit``.
+
+    Differences are counted in SQL and only the first ``limit`` of each kind are
+    read and described, so a ledger where every row differs verifies as fast as
+    one where none does (each described difference costs two point reads).
+    """
     names = _names(projections)
     slots = _slots(names)
     ledger.require_schema()
@@ -583,39 +636,56 @@ def verify(ledger, projections: Sequence[str] | None = None) -> list[str]:
                         table_sql.replace("CREATE TABLE", "CREATE TEMPORARY TABLE", 1)
                         .replace(live.name, tmp.name, 1)
                     )
-            corrupt = _corrupt_events(conn)
+            corrupt, gaps = _corrupt_events(conn), _version_gaps(ledger, conn)
             # A corrupt payload stops the catalogue's fill; the lines above say where.
             usable = [s for s in slots if not (corrupt and s == "catalogue")]
             for _, stmt in _statements(conn, scratch, usable):
                 run_fill(conn, stmt)
-            differences = corrupt + _version_gaps(ledger, conn) + _differences(conn, scratch, usable)
+            counts, rows = _differences(conn, scratch, usable, limit)
             if ledger.dialect == "sqlite":
                 for slot in slots:
                     conn.exec_driver_sql(f'DROP TABLE temp."{getattr(scratch, slot).name}"')
             tx.rollback()
-    return differences
+    counts = {"corrupt_events": len(corrupt), "version_gaps": len(gaps), **counts}
+    described = corrupt[:limit] + gaps[:limit] + rows
+    return VerifyReport(counts, described[:limit] if limit is not None else described, limit)
 
 
-def _differing_keys(conn: Connection, expected: sa.Table, live: sa.Table, slot: str) -> set:
+def _differing_keys(
+    conn: Connection, expected: sa.Table, live: sa.Table, slot: str, limit: int | None
+) -> tuple[int, list[tuple]]:
+    """How many keys differ between the tables, and the first ``limit`` of them (sorted)."""
     cols = [c.name for c in live.columns]
     a = sa.select(*(expected.c[c] for c in cols))
     b = sa.select(*(live.c[c] for c in cols))
     keys = _KEYS[slot]
-    out = set()
-    for diff in (a.except_(b), b.except_(a)):
-        sub = diff.subquery()
-        out.update(tuple(r) for r in conn.execute(sa.select(*(sub.c[k] for k in keys))))
-    return out
+    both = sa.union(*(
+        sa.select(*(sub.c[k] for k in keys))
+        for sub in (a.except_(b).subquery(), b.except_(a).subquery())
+    )).subquery()
+    count = conn.execute(sa.select(sa.func.count()).select_from(both)).scalar_one()
+    first = sa.select(*(both.c[k] for k in keys)).order_by(*(both.c[k] for k in keys))
+    if limit is not None:
+        first = first.limit(limit)
+    return count, [tuple(r) for r in conn.execute(first)] if count else []
 
 
-def _differences(conn: Connection, scratch: ProjectionTables, slots: Sequence[str]) -> list[str]:
+def _differences(
+    conn: Connection, scratch: ProjectionTables, slots: Sequence[str], limit: int | None
+) -> tuple[dict[str, int], list[str]]:
+    """Differing rows counted per projection, and the first ``limit`` described."""
     expected, found = Snapshot(), Snapshot()
     exp_target, live_target = SqlTarget(_mixed(scratch, slots)), SqlTarget(LIVE)
-    keys = {s: _differing_keys(conn, getattr(scratch, s), getattr(LIVE, s), s) for s in slots}
-    for (task_id,) in sorted(keys.get("task_meta", ())):
+    counts = dict.fromkeys(VERIFY_KINDS[2:], 0)
+    keys: dict[str, list[tuple]] = {}
+    for slot in slots:
+        counts[slot], keys[slot] = _differing_keys(
+            conn, getattr(scratch, slot), getattr(LIVE, slot), slot, limit
+        )
+    for (task_id,) in keys.get("task_meta", ()):
         _put(expected.tasks, task_id, exp_target.task(conn, task_id))
         _put(found.tasks, task_id, live_target.task(conn, task_id))
-    for (group_id,) in sorted(keys.get("groups", ())):
+    for (group_id,) in keys.get("groups", ()):
         _put(expected.groups, group_id, exp_target.group(conn, group_id))
         _put(found.groups, group_id, live_target.group(conn, group_id))
     for (task_id,) in sorted(keys.get("catalogue", ())):
@@ -625,7 +695,7 @@ def _differences(conn: Connection, scratch: ProjectionTables, slots: Sequence[st
     for chord_id in sorted(chord_ids):
         _put(expected.chords, chord_id, exp_target.chord(conn, chord_id))
         _put(found.chords, chord_id, live_target.chord(conn, chord_id))
-    return expected.differences(found)
+    return counts, expected.differences(found)
 
 
 def _put(table: dict, key: str, value) -> None:

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ledger.api import Ledger
-from ledger.errors import DeliveryFailed
+from ledger.errors import CorruptEvent, DeliveryFailed
 from ledger.events import TOMBSTONE_TYPES, RecordedEvent, TaskState
 from ledger.listen import Listener
 from ledger.log import Checkpoint
@@ -183,6 +183,8 @@ class Relay:
         self.batches = 0
         #: Batches Kafka failed to acknowledge (each followed by a backoff and a resend).
         self.kafka_failures = 0
+        #: Corrupt events skipped (logged with their position, never sent).
+        self.skipped = 0
         self._producer: Any = None
         self._batch_bytes = 0
         self._linger = 0.0
@@ -261,11 +263,11 @@ class Relay:
                 # low latency; on PostgreSQL a notification ends the wait anyway.
                 wait = 0.01
                 try:
-                    sent, acknowledged = self._produce(unsent)
+                    consumed, sent, acknowledged = self._produce(unsent)
                     # The broker works on the batch meanwhile: read the next page.
                     # Follow order continues after the last event read, sent or not.
                     last_read = unsent[-1]
-                    unsent = unsent[sent:]
+                    unsent = unsent[consumed:]
                     if len(unsent) < self.batch_size and not stop.is_set():
                         unsent += self.ledger.read_from(
                             Checkpoint(last_read.tx_id, last_read.position),
@@ -301,11 +303,17 @@ class Relay:
 
     # -- one batch -----------------------------------------------------------------
 
-    def _produce(self, events: list[RecordedEvent]) -> tuple[int, Callable[[], RecordedEvent]]:
+    def _produce(self, events: list[RecordedEvent]) -> tuple[int, int, Callable[[], RecordedEvent]]:
         """Append a prefix of ``events`` to the producer and start its flush.
 
-        Returns the prefix length and a function that waits for the flush, checks
-        every record's acknowledgement and returns the prefix's last event.
+        Returns the prefix length, the records sent from it, and a function that
+        waits for the flush, checks every record's acknowledgement and returns
+        the prefix's last event.
+
+        A corrupt event (its payload is not a valid event) is skipped, by rule:
+        logged with its position, counted in ``skipped``, never sent (its bytes
+        would make the record unreadable to every consumer), and the checkpoint
+        moves past it with the batch, so the relay keeps going.
         """
         from kafka.partitioner.default import murmur2
 
@@ -320,25 +328,34 @@ class Relay:
         futures = []
         send = producer.send
         topic = self.topic
+        consumed = len(events)
         for i, e in enumerate(events):
+            try:
+                e.data  # noqa: B018  (validates the payload, as consumers will decode it)
+            except CorruptEvent as exc:
+                log.warning("relay %s: %s; skipped, not sent", self.topic, exc)
+                self.skipped += 1
+                continue
             key, value, headers = event_record(e)
             partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
             size = len(key) + len(value) + _RECORD_OVERHEAD
             for name, data in headers:
                 size += len(name) + len(data) + 10
             if filled[partition] and filled[partition] + size > room:
+                consumed = i
                 break  # the rest goes in the next batch
             if i % 256 == 255 and time.monotonic() > deadline:
+                consumed = i
                 break
             filled[partition] += size
             futures.append(send(topic, key=key, value=value, headers=headers, partition=partition))
         sent = len(futures)
-        batch_end = events[sent - 1]
+        batch_end = events[consumed - 1]
         if self.state_topic is not None:
             # The state topic keeps the latest value per key and gets one record per
             # task and batch, so a reordering across a failed batch heals with the
             # resend: it needs no partition accounting.
-            for task_id, meta in self._task_states(events[:sent]).items():
+            for task_id, meta in self._task_states(events[:consumed]).items():
                 futures.append(
                     send(self.state_topic, key=task_id.encode(), value=state_value(meta))
                 )
@@ -354,7 +371,7 @@ class Relay:
                     raise f.exception
             return batch_end
 
-        return sent, acknowledged
+        return consumed, sent, acknowledged
 
     def _task_states(self, events: list[RecordedEvent]) -> dict[str, task_meta.TaskMeta | None]:
         """Each touched task's meta after its last event in ``events`` (None: forgotten).
@@ -376,7 +393,10 @@ class Relay:
             for task_id in last:
                 state = None
                 for e in streams[f"task:{task_id}"]:
-                    state = task_meta.fold(state, e)
+                    try:
+                        state = task_meta.fold(state, e)
+                    except CorruptEvent as exc:  # skipped, as on the event topic
+                        log.debug("relay %s: state of %s: %s; skipped", self.topic, task_id, exc)
                 states[task_id] = state
             return states
 

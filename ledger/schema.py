@@ -3,7 +3,8 @@
 ``ledger_events`` is the log. Besides the envelope it carries three *index
 columns* lifted out of the payload (``task_state``, ``ref_id``, ``chord_size``)
 so that projections can be rebuilt with set-based SQL instead of decoding every
-msgpack payload in Python.
+msgpack payload in Python. ``ref_id`` is a chord part's task id, or the group id
+of a task state (how ``timeline`` finds a group's members).
 
 ``tx_id`` is PostgreSQL's ``pg_current_xact_id()`` of the appending transaction
 (0 on SQLite); followers order by ``(tx_id, position)`` (see ledger/log.py).
@@ -37,6 +38,12 @@ events = sa.Table(
     sa.Column("payload", sa.LargeBinary(), nullable=False),
     sa.UniqueConstraint("stream_id", "stream_version"),
     sa.Index(None, "tx_id", "position"),
+    # Task states of group members and chord parts/additions (ref_id is NULL for
+    # most events, which a partial index leaves out: no cost for plain tasks).
+    sa.Index(
+        None, "ref_id",
+        postgresql_where=sa.text("ref_id IS NOT NULL"), sqlite_where=sa.text("ref_id IS NOT NULL"),
+    ),
     sqlite_autoincrement=True,  # never reuse a position, even after prune
 )
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from ledger.errors import BadRecord
+from ledger.errors import BadRecord, CorruptEvent
 from ledger.events import RecordedEvent
 
 if TYPE_CHECKING:
@@ -248,7 +248,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def format_event(event: RecordedEvent, fmt: str = "text") -> str:
-    """One line for ``tail``: text for people, or a JSON object."""
+    """One line for ``tail``: text for people, or a JSON object.
+
+    A corrupt event does not stop ``tail``: its line says CORRUPT and why (the
+    position is on the line), it is logged, and the next event follows.
+    """
+    try:
+        data = event.data
+    except CorruptEvent as exc:
+        log.warning("tail: %s; shown as CORRUPT, following on", exc)
+        data, problem = None, str(exc)
     if fmt == "json":
         return json.dumps(
             {
@@ -259,10 +268,11 @@ def format_event(event: RecordedEvent, fmt: str = "text") -> str:
                 "stream_version": event.stream_version,
                 "type": event.type,
                 "recorded_at": event.recorded_at.isoformat(),
-                "data": _jsonable(event.data.model_dump(mode="python")),
+                **({"data": _jsonable(data.model_dump(mode="python"))} if data is not None
+                   else {"corrupt": problem}),
             }
         )
-    state = getattr(event.data, "status", "")
+    state = getattr(data, "status", "") if data is not None else f"CORRUPT: {problem}"
     return (
         f"{event.recorded_at.isoformat(timespec='milliseconds')}  {event.position:>8}  "
         f"{event.stream_id}  {event.type}  {state}".rstrip()

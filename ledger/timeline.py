@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
+
 from ledger.errors import UnknownId
 from ledger.events import (
     ChordFired,
@@ -203,8 +205,9 @@ def find_workflow(ledger, some_id: str) -> Workflow:
             e.data.task_id for e in chord_stream if e.type == ChordPartReturned.type
         ]
         seed = next((r for r in map(load, members) if r is not None), None)
-        if seed is None:
-            raise UnknownId(some_id)
+        if seed is None:  # saved, but none of its tasks has run yet: they are PENDING
+            pending_runs = {m: TaskRun(m, group_id=some_id) for m in members}
+            return Workflow(some_id, kind, some_id, pending_runs, {some_id: members}, {})
     else:
         raise UnknownId(some_id)
 
@@ -232,6 +235,9 @@ def find_workflow(ledger, some_id: str) -> Workflow:
         if run.group_id and run.group_id not in groups:
             groups[run.group_id] = _group_members(ledger, run.group_id)
             more.update(groups[run.group_id])
+            # Also the tasks stamped with the group id that are no members: the
+            # body of a chord carries its header's group id.
+            more.update(_group_stamped(ledger, run.group_id))
         for task_id in more:
             if task_id not in runs and load(task_id) is not None:
                 pending.append(task_id)
@@ -259,13 +265,31 @@ def find_workflow(ledger, some_id: str) -> Workflow:
 
 
 def _group_members(ledger, group_id: str) -> list[str]:
+    """The group's members: as saved (GroupResult.save, chord headers), else as stamped.
+
+    ``group().apply_async()`` saves nothing, but each member's states carry its
+    group id, indexed in ``ref_id`` (migration 0002).
+    """
     saved = [e for e in ledger.read_stream(f"group:{group_id}") if e.type == GroupSaved.type]
     if not saved:
-        return []
+        return _group_stamped(ledger, group_id)
     try:
         return _child_ids(saved[-1].data.result)
     except CorruptEvent:
         return []
+
+
+def _group_stamped(ledger, group_id: str) -> list[str]:
+    """Tasks whose states carry ``group_id`` (index on ``ref_id``), in the order they appeared."""
+    e = ledger.log.table
+    q = (
+        sa.select(e.c.stream_id)
+        .where(e.c.ref_id == group_id, e.c.type == TaskState.type)
+        .group_by(e.c.stream_id)
+        .order_by(sa.func.min(e.c.position))
+        .limit(MAX_TASKS)
+    )
+    return [s.split(":", 1)[1] for s in ledger._read(lambda c: c.execute(q).scalars().all())]
 
 
 # -- the tree ------------------------------------------------------------------------------
@@ -352,17 +376,23 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{seconds / 60:.1f}m"
 
 
+def _span(wf: Workflow) -> tuple[datetime | None, datetime | None, float]:
+    """First start, last end and the seconds between (None, None when nothing ran yet)."""
+    starts = [r.start for r in wf.tasks.values() if r.start]
+    if not starts:
+        return None, None, 1e-6
+    t0, t1 = min(starts), max(r.ended_at or r.start for r in wf.tasks.values() if r.start)
+    return t0, t1, max((t1 - t0).total_seconds(), 1e-6)
+
+
 def render_text(wf: Workflow, width: int = 40) -> str:
     """The tree with times, and a Gantt chart of each task's run (one column = span/width)."""
     rows = _flatten(build_tree(wf))
-    starts = [r.start for r in wf.tasks.values() if r.start]
-    ends = [r.ended_at or r.start for r in wf.tasks.values() if r.start]
-    t0, t1 = min(starts), max(ends)
-    span = max((t1 - t0).total_seconds(), 1e-6)
-    lines = [
-        f"workflow of {wf.kind} {wf.query}  root {wf.root}  {len(wf.tasks)} tasks  "
-        f"{t0.isoformat()} .. {t1.isoformat()} ({_fmt_duration(span)})",
-    ]
+    t0, t1, span = _span(wf)
+    when = f"{t0.isoformat()} .. {t1.isoformat()} ({_fmt_duration(span)})" if t0 and t1 else (
+        "no task has run yet"
+    )
+    lines = [f"workflow of {wf.kind} {wf.query}  root {wf.root}  {len(wf.tasks)} tasks  {when}"]
     tree_w = max(len(p) + len(n.label) for p, n in rows)
     header = f"{'':{tree_w}}  {'STATE':9} {'START':>9} {'DURATION':>8} {'RETRIES':>7}  |{'':{width}}|"
     lines.append(header)
@@ -434,10 +464,7 @@ _COLORS = {"SUCCESS": "#2e7d32", "FAILURE": "#c62828", "RETRY": "#ef6c00", "REVO
 def render_html(wf: Workflow) -> str:
     """A self-contained page (no scripts, no external files) with the tree and the chart."""
     rows = _flatten(build_tree(wf))
-    starts = [r.start for r in wf.tasks.values() if r.start]
-    t0 = min(starts)
-    t1 = max(r.ended_at or r.start for r in wf.tasks.values() if r.start)
-    span = max((t1 - t0).total_seconds(), 1e-6)
+    t0, t1, span = _span(wf)
     trs = []
     for prefix, node in rows:
         run = node.run

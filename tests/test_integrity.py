@@ -5,6 +5,7 @@ tests/test_integrity_worker.py.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import subprocess
 import sys
@@ -185,10 +186,14 @@ def test_verify_and_history_report_an_event_deleted_outside_prune(any_url, capsy
     started, done = ledger.history(ids[0])
     tamper(any_url, sa.delete(events).where(events.c.position == started.position))
     problems = verify(ledger)
-    assert problems == [
+    gap = (
         f"stream-version gap at log position {done.position} (task:{ids[0]}): version 1 missing, "
         "deleted outside prune"
-    ]
+    )
+    # The catalogue row was folded from the deleted STARTED too: a rebuild of what is
+    # left differs from it (its started time), and verify says that as well.
+    assert problems[0] == gap
+    assert len(problems) == 2 and problems[1].startswith(f"catalogue['{ids[0]}']")
     rows = task_history(ledger, ids[0])
     assert [(r["version"], r["state"]) for r in rows] == [("1", "MISSING"), (2, "SUCCESS")]
     # What prune deletes is its own: no gap reported after it.
@@ -221,3 +226,24 @@ def test_show_says_forgotten_and_pruned_instead_of_pending(any_url):
     done = cli("show", ids[1], "--as-of", str(started.position), "--db", any_url)
     assert "state: PRUNED" in done.stdout and "was pruned" in done.stdout
     assert show_record(ledger, ids[1], None)["state"] == "SUCCESS"
+
+
+def test_verify_json_summary_counts_every_difference_and_describes_the_first(any_url):
+    ledger = Ledger.open(any_url)
+    ledger.append([TaskState(task_id=f"t{i:03}", status="SUCCESS") for i in range(300)])
+    tamper(any_url, sa.update(LIVE.task_meta).values(status="TAMPERED"))  # every row differs
+    done = cli("verify", "--format", "json", "--limit", "5", "--db", any_url)
+    assert done.returncode == 1, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["clean"] is False and doc["total"] == 300
+    assert doc["counts"] == {"corrupt_events": 0, "version_gaps": 0, "task_meta": 300,
+                             "groups": 0, "chords": 0, "chord_parts": 0, "catalogue": 0}
+    assert doc["shown"] == 5 and [d.split("]")[0] for d in doc["differences"]] == [
+        f"tasks['t{i:03}'" for i in range(5)]
+    assert "celery-ledger rebuild" in doc["hint"]
+    text = cli("verify", "--limit", "3", "--db", any_url)
+    assert text.stdout.splitlines()[-1] == "... and 297 more"
+    assert "300 difference(s)" in text.stderr and "task_meta 300" in text.stderr
+    rebuild(ledger)
+    doc = json.loads(cli("verify", "--format", "json", "--db", any_url).stdout)
+    assert doc["clean"] and doc["total"] == 0 and doc["hint"] is None

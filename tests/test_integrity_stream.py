@@ -4,14 +4,20 @@ has not sent is pruned, and a corrupt event never stops or poisons the stream.
 
 from __future__ import annotations
 
+import logging
+import subprocess
 from datetime import datetime, timezone
+
+import sqlalchemy as sa
 
 from ledger.api import Ledger
 from ledger.events import TaskState
 from ledger.rebuild import prune
 from ledger.relay import Relay
+from ledger.schema import events
 from ledger.stream import decode_event
-from tests.kafka import kafka, read_all, topic  # noqa: F401
+from tests.kafka import create_topic, kafka, read_all, topic  # noqa: F401
+from tests.test_integrity import CLI, NOT_AN_EVENT, cli, tamper
 
 FAR_FUTURE = datetime(2099, 1, 1, tzinfo=timezone.utc)
 
@@ -46,3 +52,46 @@ def test_prune_never_deletes_what_the_relay_has_not_sent(any_url, kafka, topic):
     # Once the relay has read everything, the same prune goes all the way.
     report = prune(ledger, FAR_FUTURE)
     assert report.held_by is None and report.events_deleted == 10
+
+
+def test_corrupt_events_are_skipped_by_rule_and_the_stream_keeps_going(any_url, kafka, topic, caplog):  # noqa: F811
+    ledger = Ledger.open(any_url)
+    store_tasks(ledger, "c", 5)
+    bad = {ledger.history("c-1")[0].position: b"\xc1\xff not msgpack",
+           ledger.history("c-3")[1].position: NOT_AN_EVENT}
+    tamper(any_url, *(sa.update(events).where(events.c.position == p).values(payload=v)
+                      for p, v in bad.items()))
+    state_topic = create_topic(kafka)
+    relay = Relay(ledger, kafka, topic, state_topic=state_topic)
+    with caplog.at_level(logging.WARNING, logger="ledger.relay"):
+        assert relay.run(once=True) == 8
+    assert relay.skipped == 2
+    for position in bad:
+        assert f"corrupt event at log position {position}" in caplog.text
+    head = max(e.position for t in range(5) for e in ledger.history(f"c-{t}"))
+    assert relay.checkpoint.position == head  # checkpointed past them
+    records = [decode_event(r.value) for r in read_all(kafka, topic, expect=8)]
+    assert {r.position for r in records}.isdisjoint(bad) and len(records) == 8
+    assert all(r.data for r in records)  # every record a consumer reads is a valid event
+    states = {r.key.decode(): r.value for r in read_all(kafka, state_topic, expect=5)}
+    assert len(states) == 5 and all(states.values())
+
+    # tail and tail -f: the corrupt events are shown as such, and what follows them too.
+    done = cli("tail", "-n", "100", "--db", any_url)
+    assert done.returncode == 0, done.stderr
+    corrupt = [line for line in done.stdout.splitlines() if "CORRUPT" in line]
+    assert len(corrupt) == 2 and all(str(p) in "".join(corrupt) for p in bad)
+    assert done.stdout.strip().splitlines()[-1].endswith("SUCCESS")
+    follow = subprocess.Popen([CLI, "tail", "-f", "-n", "100", "--db", any_url],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ledger.append([TaskState(task_id="after-corrupt", status="SUCCESS")])
+        seen = []
+        for line in follow.stdout:  # bounded by the test timeout
+            seen.append(line)
+            if "task:after-corrupt" in line:
+                break
+        assert sum("CORRUPT" in line for line in seen) == 2
+    finally:
+        follow.terminate()
+        follow.wait(30)

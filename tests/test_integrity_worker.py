@@ -15,7 +15,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from celery import chord, group
 from celery.exceptions import BackendGetMetaError
+from celery.result import GroupResult
 
 from ledger import migrate
 from ledger.database import engine_for
@@ -104,3 +106,32 @@ def test_an_unmigrated_database_is_named_with_its_fix_in_one_line(fresh_url, tmp
         assert app.tasks["workerapp.add"].delay(2, 3).get(timeout=WAIT) == 5
     finally:
         w.close()
+
+
+def test_timeline_finds_every_member_from_any_member(worker, db_url):  # noqa: F811
+    add, tsum = task(worker, "add"), task(worker, "tsum")
+    ledger = worker.backend.ledger
+    # A plain group (never saved): each member carries its group id.
+    g = group(add.s(i, i) for i in range(3)).apply_async()
+    assert g.get(timeout=WAIT) == [0, 2, 4]
+    members = [r.id for r in g.results]
+    wf = find_workflow(ledger, members[1])
+    assert set(members) <= set(wf.tasks) and sorted(wf.groups[g.id]) == sorted(members)
+    assert "group " + g.id + " (3 tasks)" in render_text(wf)
+    # A chord, from one of its header parts: the body is there too.
+    c = chord([add.si(1, 1), add.si(2, 2)], tsum.s()).apply_async()
+    assert c.get(timeout=WAIT) == 6
+    header = [r.id for r in c.parent.results]
+    for start in header:
+        wf = find_workflow(ledger, start)
+        assert {*header, c.id} <= set(wf.tasks)
+        assert wf.chords[c.parent.id]["body"] == [c.id]
+    # A saved group whose tasks have not run yet: its members, PENDING.
+    saved = GroupResult(str(uuid.uuid4()), [worker.AsyncResult(str(uuid.uuid4())) for _ in range(2)],
+                        app=worker)
+    saved.save()
+    done = cli("timeline", saved.id, "--db", db_url, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert sorted(t["task_id"] for t in out["tasks"]) == sorted(r.id for r in saved.results)
+    assert {t["state"] for t in out["tasks"]} == {"PENDING"}

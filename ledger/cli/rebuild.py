@@ -6,7 +6,7 @@ from datetime import datetime
 
 import click
 
-from ledger.cli.context import Env, Failure, db_option, echo, pass_env
+from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
 from ledger.cli.params import TIME
 from ledger.rebuild import PROJECTIONS
 
@@ -44,21 +44,32 @@ def rebuild(env: Env, projections: tuple[str, ...]) -> None:
 
 @click.command()
 @projection_option
+@format_option("text", "json")
+@click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True,
+              help="describe at most this many differences of each kind (all are counted)")
 @db_option
 @pass_env
 @click.pass_context
-def verify(ctx: click.Context, env: Env, projections: tuple[str, ...]) -> None:
+def verify(ctx: click.Context, env: Env, projections: tuple[str, ...], fmt: str, limit: int) -> None:
     """Compare the live projections with a rebuild; exit 1 on any difference."""
-    from ledger.rebuild import verify as run_verify
+    from ledger.rebuild import verify_report
 
-    differences = run_verify(env.ledger(), list(projections) or None)
-    for line in differences:
-        echo(line)
-    if differences:
-        echo(f"{len(differences)} difference(s) between the live projections and the log",
-                   err=True)
+    report = verify_report(env.ledger(), list(projections) or None, limit=limit)
+    if fmt == "json":
+        print_json(report.to_json())
+    else:
+        for line in report.differences:
+            echo(line)
+        if report.total > len(report.differences):
+            echo(f"... and {report.total - len(report.differences):,} more")
+    if report.total:
+        if fmt == "text":
+            counts = ", ".join(f"{kind} {n:,}" for kind, n in report.counts.items() if n)
+            echo(f"{report.total} difference(s) between the live projections and the log "
+                 f"({counts}); {report.hint}", err=True)
         ctx.exit(1)
-    echo("projections match the log")
+    if fmt == "text":
+        echo("projections match the log")
 
 
 @click.command()

@@ -1,4 +1,5 @@
-"""integrity: the log refuses UPDATE, DELETE and TRUNCATE except through prune (PostgreSQL)
+"""integrity: the log refuses UPDATE, DELETE and TRUNCATE except through prune (PostgreSQL);
+ledger_events.ref_id is indexed (a task state's group id: timeline finds members)
 
 Revision ID: 0002_integrity
 Revises: 0001
@@ -15,6 +16,7 @@ there ``verify`` reports the stream-version gaps a deletion leaves.
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import op
 
 revision = "0002_integrity"
@@ -37,6 +39,12 @@ $$
 
 
 def upgrade() -> None:
+    # Task states stored before this revision carry no ref_id; timeline finds
+    # their groups' members through saved groups only.
+    op.create_index(
+        op.f("ix_ledger_events_ref_id"), "ledger_events", ["ref_id"],
+        postgresql_where=sa.text("ref_id IS NOT NULL"), sqlite_where=sa.text("ref_id IS NOT NULL"),
+    )
     if op.get_context().dialect.name != "postgresql":
         return
     op.execute(GUARD)
@@ -47,6 +55,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_ledger_events_ref_id"), table_name="ledger_events")
     if op.get_context().dialect.name != "postgresql":
         return
     op.execute("DROP TRIGGER ledger_events_append_only ON ledger_events")
