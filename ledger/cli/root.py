@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from collections.abc import Sequence
 
 import click
@@ -9,6 +12,9 @@ from click_didyoumean import DYMGroup
 
 from ledger import __version__
 from ledger.cli.context import DB_ENV, DEFAULT_DB, Env, Failure
+
+#: What a shell reports for a process killed by SIGPIPE.
+SIGPIPE_STATUS = 128 + signal.SIGPIPE
 
 
 class LedgerGroup(DYMGroup):
@@ -36,6 +42,14 @@ class LedgerGroup(DYMGroup):
             raise Failure(msg + where) from None
         except KeyboardInterrupt:
             raise click.exceptions.Exit(130) from None
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, as Unix tools do. Python
+            # would otherwise report the failed flush of stdout at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(SIGPIPE_STATUS) from None
+        except OSError as exc:  # a file the user named: a directory, missing, disk full
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise Failure(f"{where}{exc.strerror or exc}") from None
 
 
 def _first_line(exc: BaseException) -> str:
