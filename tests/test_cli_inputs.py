@@ -132,3 +132,92 @@ def test_csv_export_neutralizes_formula_cells_and_keeps_numbers(sqlite_url, tmp_
     assert [(r["position"], r["retries"]) for r in rows] == [("1", "3"), ("2", "0")]
     for row in rows:
         assert not any(str(v).startswith(("=", "+", "-", "@", "\t", "\r")) for v in row.values())
+
+
+# -- 7. export files: one line for a path that cannot be written, the old file kept on failure --
+
+
+@pytest.fixture
+def busy(sqlite_url):
+    """A ledger whose every output is over 1 MB (more than a pipe holds): 2,000 events."""
+    ledger = Ledger.open(sqlite_url)
+    ledger.append([TaskState(task_id=f"t{i}", status="SUCCESS", name="proj.add", worker="w" * 200)
+                   for i in range(1000)])
+    ledger.append([TaskState(task_id="long", status="STARTED", retries=i, worker="w" * 1000)
+                   for i in range(1000)])
+    return sqlite_url
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    (".", "{}: is a directory"),
+    ("missing/x.jsonl", "{}: no such directory missing"),
+    ("/dev/full", "{}: No space left on device"),
+])
+def test_export_to_a_path_that_cannot_be_written_says_so_in_one_line(busy, tmp_path, target, message):
+    line = one_line(cli("export", "-o", target, "--db", busy, cwd=tmp_path), 1)
+    assert line == "celery-ledger: " + message.format(target)
+
+
+def _limit_file_size() -> None:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+def test_an_export_that_fails_midway_leaves_the_existing_file_untouched(busy, tmp_path):
+    old = tmp_path / "audit.jsonl"
+    old.write_text("yesterday's export\n")
+    env = {k: v for k, v in os.environ.items() if k != "LEDGER_DATABASE_URL"}
+    run = subprocess.run([CLI, "export", "-o", str(old), "--db", busy], capture_output=True,
+                         text=True, timeout=120, env=env, preexec_fn=_limit_file_size)
+    assert one_line(run, 1) == f"celery-ledger: {old}: File too large"
+    assert old.read_text() == "yesterday's export\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name != "ledger.db" and "ledger.db-" not in p.name] == [
+        "audit.jsonl"
+    ]
+
+
+def test_an_export_of_an_unknown_task_leaves_the_existing_file_untouched(busy, tmp_path):
+    old = tmp_path / "audit.csv"
+    old.write_text("kept\n")
+    line = one_line(cli("export", "-o", str(old), "--task", "nope", "--format", "csv", "--db", busy), 1)
+    assert line == "celery-ledger: no events for task 'nope' in this ledger"
+    assert old.read_text() == "kept\n"
+
+
+def test_an_export_replaces_the_file_only_when_done(busy, tmp_path):
+    out = tmp_path / "audit.jsonl"
+    out.write_text("old\n")
+    run = cli("export", "-o", str(out), "--db", busy)
+    assert run.returncode == 0 and run.stderr == f"wrote 2000 events to {out}\n"
+    assert len(out.read_text().splitlines()) == 2000
+
+
+# -- 8. a reader that goes away (| head) ends the command quietly ------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ("export",), ("export", "--format", "csv"), ("tail", "-n", "2000", "--format", "json"),
+    ("history", "long", "--format", "json"), ("history", "long"),
+])
+def test_a_closed_pipe_ends_the_command_quietly(busy, argv):
+    env = {k: v for k, v in os.environ.items() if k != "LEDGER_DATABASE_URL"}
+    proc = subprocess.Popen([CLI, *argv, "--db", busy], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.readline()
+    proc.stdout.close()  # `| head -1`
+    err = proc.stderr.read().decode()
+    # 141 (SIGPIPE's status) when a write failed; a single write into the closed pipe can
+    # also end short without an error (exit 0). Never a traceback, never click's status 1.
+    assert proc.wait(timeout=120) in (0, 141) and err == ""
+
+
+# -- 13. an empty time window is a mistake worth a line ----------------------------------------
+
+
+def test_export_with_since_not_before_until_says_so(sqlite_url):
+    line = one_line(cli("export", "--since", "2026-12-03", "--until", "2026-12-01", "--db", sqlite_url), 2)
+    assert line == ("celery-ledger: --since 2026-12-03T00:00:00+00:00 is not before "
+                    "--until 2026-12-01T00:00:00+00:00: the window is empty")

@@ -10,6 +10,7 @@ from datetime import datetime
 import click
 
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
+from ledger.cli.files import replaced_on_success
 from ledger.cli.params import TIME, TIME_OR_POSITION
 
 
@@ -85,11 +86,16 @@ def export(env: Env, since: datetime | None, until: datetime | None, task: str |
     from ledger.audit import export as write_events
     from ledger.progress import Progress
 
+    if since is not None and until is not None and since >= until:
+        raise Failure(f"--since {since.isoformat()} is not before --until {until.isoformat()}: "
+                      "the window is empty", exit_code=2)
     ledger = env.ledger()
     filters = {"since": since, "until": until, "task_id": task}
     total = count_events(ledger, **filters)
+    if task is not None and total == 0:
+        raise Failure(f"no events for task {task!r} in this ledger" + (" in that window" if since or until else ""))
     with (
-        open(output, "w", newline="", encoding="utf-8") if output else contextlib.nullcontext(sys.stdout)
+        replaced_on_success(output, newline="") if output else contextlib.nullcontext(sys.stdout)
     ) as out, Progress("export", total) as progress:
         n = write_events(ledger, out, fmt=fmt, progress=progress, **filters)
     if output:

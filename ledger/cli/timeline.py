@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
+from ledger.cli.files import replaced_on_success
 
 
 @click.command()
@@ -24,7 +25,7 @@ def timeline(env: Env, id: str, fmt: str, html: str | None, width: int) -> None:
     except UnknownId:
         raise Failure(f"no task, group or chord {id!r} in this ledger") from None
     if html:
-        with open(html, "w", encoding="utf-8") as f:
+        with replaced_on_success(html) as f:
             f.write(render_html(wf))
     if fmt == "json":
         print_json(to_json(wf))
