@@ -43,7 +43,7 @@ def replaced_on_success(path: str, *, newline: str | None = None) -> Iterator[Te
             yield out
         if st is not None:
             os.chmod(tmp, stat.S_IMODE(st.st_mode))
-        os.unlink(tmp)
+        os.replace(tmp, path)
     except BaseException as exc:
         os.unlink(tmp)
         if isinstance(exc, OSError):  # disk full, quota: name the file, not the temporary one
