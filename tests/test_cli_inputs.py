@@ -221,3 +221,27 @@ def test_export_with_since_not_before_until_says_so(sqlite_url):
     line = one_line(cli("export", "--since", "2026-12-03", "--until", "2026-12-01", "--db", sqlite_url), 2)
     assert line == ("celery-ledger: --since 2026-12-03T00:00:00+00:00 is not before "
                     "--until 2026-12-01T00:00:00+00:00: the window is empty")
+
+
+# -- 9. numeric options are validated before anything runs --------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "option"), [
+    (("timeline", "t1", "--width", "-5"), "'--width': -5"),
+    (("timeline", "t1", "--width", "0"), "'--width': 0"),
+    (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--batch", "0"), "'--batch': 0"),
+    (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--batch", "-1"), "'--batch': -1"),
+    (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--max-backoff", "0"), "'--max-backoff': 0"),
+    (("tail", "-n", "-1"), "'-n' / '--lines': -1"),
+    (("tail", "-n", "many"), "'-n' / '--lines': 'many'"),
+])
+def test_a_numeric_option_out_of_range_is_refused_in_one_line(sqlite_url, argv, option):
+    line = one_line(cli(*argv, "--db", sqlite_url), 2)
+    assert line.startswith(f"celery-ledger: Invalid value for {option}")
+    assert line.endswith(f"(see: celery-ledger {argv[0]} --help)")
+
+
+def test_a_mistyped_command_gets_one_line_with_a_suggestion(sqlite_url):
+    line = one_line(cli("histroy", "t1"), 2)
+    assert line == ("celery-ledger: No such command 'histroy'. Did you mean one of these? history "
+                    "(see: celery-ledger --help)")

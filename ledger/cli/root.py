@@ -31,6 +31,11 @@ class LedgerGroup(DYMGroup):
 
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            # Click's usage block is several lines; the mistake and where to look is one.
+            message = " ".join(line.strip() for line in exc.format_message().splitlines() if line.strip())
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            raise Failure(f"{message} (see: {where} --help)", exit_code=exc.exit_code) from None
         except BadDatabaseURL as exc:
             raise Failure(str(exc), exit_code=2) from None
         except LedgerError as exc:  # refusals that name their fix (DowngradeRefused, ...)

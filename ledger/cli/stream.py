@@ -25,8 +25,9 @@ def _stop_on_sigterm() -> threading.Event:
 @click.option("--state-topic", metavar="TOPIC",
               help="also keep each task's latest meta here (null value when forgotten)")
 @click.option("--once", is_flag=True, help="relay what is there, then exit")
-@click.option("--batch", type=int, default=5000, show_default=True, help="events per flush")
-@click.option("--max-backoff", type=float, default=10.0, show_default=True, metavar="SECONDS",
+@click.option("--batch", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="events per flush")
+@click.option("--max-backoff", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, metavar="SECONDS",
               help="longest wait between retries while Kafka is down")
 @click.option("-v", "--verbose", is_flag=True, help="log every batch")
 @db_option
@@ -56,7 +57,7 @@ def relay(env: Env, bootstrap: str, topic: str, state_topic: str | None, once: b
 @click.command()
 @click.option("-f", "--follow", is_flag=True, help="keep printing new events")
 @click.option("--task", metavar="ID", help="only this task's events (its history first)")
-@click.option("-n", "--lines", type=int, default=20, show_default=True,
+@click.option("-n", "--lines", type=click.IntRange(min=0), default=20, show_default=True,
               help="start this many events back")
 @format_option("text", "json")
 @db_option

@@ -12,7 +12,8 @@ from ledger.cli.files import replaced_on_success
 @click.argument("id")
 @format_option("text", "json")
 @click.option("--html", metavar="FILE", default=None, help="also write a self-contained page")
-@click.option("--width", type=int, default=40, show_default=True, help="Gantt chart columns")
+@click.option("--width", type=click.IntRange(min=10), default=40, show_default=True,
+              help="Gantt chart columns")
 @db_option
 @pass_env
 def timeline(env: Env, id: str, fmt: str, html: str | None, width: int) -> None:
