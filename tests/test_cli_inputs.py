@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -245,3 +246,59 @@ def test_a_mistyped_command_gets_one_line_with_a_suggestion(sqlite_url):
     line = one_line(cli("histroy", "t1"), 2)
     assert line == ("celery-ledger: No such command 'histroy'. Did you mean one of these? history "
                     "(see: celery-ledger --help)")
+
+
+# -- 14. times: ISO 8601 with Z on every supported Python, relative times, @N for positions ---
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python_3_10() -> str | None:
+    found = sorted(Path.home().glob(".pyenv/versions/3.10.*/bin/python3.10"))
+    return str(found[-1]) if found else shutil.which("python3.10")
+
+
+@pytest.mark.skipif(_python_3_10() is None, reason="needs a Python 3.10 interpreter")
+def test_an_iso_time_with_z_is_parsed_on_python_3_10():
+    import dateutil
+
+    site = Path(dateutil.__file__).parents[1]  # dateutil and six are pure Python
+    code = ("import sys; sys.path.append(sys.argv[1]); from ledger.times import parse_time; "
+            "print(sys.version_info[:2], parse_time('2026-11-25T10:00:00Z').isoformat())")
+    run = subprocess.run([_python_3_10(), "-c", code, str(site)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.stdout.strip() == "(3, 10) 2026-11-25T10:00:00+00:00", run.stderr
+
+
+@pytest.fixture
+def three_states(sqlite_url):
+    ledger = Ledger.open(sqlite_url)
+    for status in ("STARTED", "RETRY", "SUCCESS"):
+        ledger.append([TaskState(task_id="t1", status=status)])
+    return sqlite_url
+
+
+@pytest.mark.parametrize(("as_of", "state", "when"), [
+    ("@1", "STARTED", "at position 1"),
+    ("@2", "RETRY", "at position 2"),
+    ("2000-01-01T00:00:00Z", "PENDING", "at 2000-01-01T00:00:00+00:00"),
+    ("2999-01-01T00:00:00Z", "SUCCESS", "at 2999-01-01T00:00:00+00:00"),
+    ("2999-01-01", "SUCCESS", "at 2999-01-01T00:00:00+00:00"),
+    ("-1h", "PENDING", "at "),
+    ("yesterday", "PENDING", "at "),
+    ("now", "SUCCESS", "at "),
+])
+def test_show_as_of_takes_a_position_or_a_time(three_states, as_of, state, when):
+    run = cli("show", "t1", "--as-of", as_of, "--db", three_states)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"task t1 {when}") and f"state: {state}\n" in run.stdout
+
+
+@pytest.mark.parametrize(("as_of", "message"), [
+    ("1733140000", "'1733140000' is ambiguous: write @1733140000 for a log position, or a time"),
+    ("@x", "'@x' is not a log position: use @ and a number, e.g. @123"),
+    ("last tuesday", "'last tuesday' is not a time: use ISO 8601"),
+])
+def test_show_as_of_refuses_what_it_cannot_read_in_one_line(three_states, as_of, message):
+    line = one_line(cli("show", "t1", "--as-of", as_of, "--db", three_states), 2)
+    assert message in line

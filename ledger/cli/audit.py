@@ -11,7 +11,7 @@ import click
 
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
 from ledger.cli.files import replaced_on_success
-from ledger.cli.params import TIME, TIME_OR_POSITION
+from ledger.cli.params import TIME, TIME_HELP, TIME_OR_POSITION
 
 
 @click.command()
@@ -41,7 +41,7 @@ def history(env: Env, task_id: str, fmt: str) -> None:
 @click.command()
 @click.argument("task_id")
 @click.option("--as-of", type=TIME_OR_POSITION, default=None,
-              help="ISO 8601 time (UTC if no zone given) or a log position")
+              help=f"a time ({TIME_HELP}) or @N, the log position N")
 @format_option("text", "json")
 @db_option
 @pass_env
@@ -72,7 +72,7 @@ def show(env: Env, task_id: str, as_of: datetime | int | None, fmt: str) -> None
 
 
 @click.command()
-@click.option("--since", type=TIME, default=None, help="first recorded_at included (ISO 8601, UTC if no zone)")
+@click.option("--since", type=TIME, default=None, help=f"first recorded_at included: {TIME_HELP}")
 @click.option("--until", type=TIME, default=None, help="recorded_at upper bound, excluded")
 @click.option("--task", default=None, metavar="TASK_ID", help="only this task's events")
 @format_option("jsonl", "csv", default="jsonl")
