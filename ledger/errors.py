@@ -100,3 +100,7 @@ class RebuildError(LedgerError, RuntimeError):
 
 class DeliveryFailed(LedgerError):
     """The broker did not acknowledge every record of a batch."""
+
+
+class KafkaUnavailable(LedgerError):
+    """``relay --once`` gave up: Kafka failed every attempt in a row."""

@@ -302,3 +302,25 @@ def test_show_as_of_takes_a_position_or_a_time(three_states, as_of, state, when)
 def test_show_as_of_refuses_what_it_cannot_read_in_one_line(three_states, as_of, message):
     line = one_line(cli("show", "t1", "--as-of", as_of, "--db", three_states), 2)
     assert message in line
+
+
+# -- 10. relay --once gives up on an unreachable broker; relay without the kafka extra --------
+
+
+def test_relay_once_gives_up_on_an_unreachable_broker_in_one_line(sqlite_url):
+    Ledger.open(sqlite_url).append([TaskState(task_id="t1", status="SUCCESS")])
+    run = cli("relay", "--once", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--max-backoff", "0.2",
+              "--db", sqlite_url)
+    line = one_line(run, 1)
+    assert line.startswith("celery-ledger: Kafka at 127.0.0.1:1 failed 3 times in a row (")
+    assert line.endswith("relayed 0 events, checkpoint (0, 0)")
+    assert run.stdout == ""
+
+
+def test_relay_without_the_kafka_extra_says_what_to_install(sqlite_url):
+    code = ("import sys; sys.modules['kafka'] = None  # as if kafka-python were not installed\n"
+            "from ledger.cli import main; sys.exit(main(sys.argv[1:]))")
+    run = subprocess.run([sys.executable, "-c", code, "relay", "--bootstrap", "127.0.0.1:1",
+                          "--topic", "t", "--db", sqlite_url], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in run.stderr
+    assert one_line(run, 1) == 'celery-ledger: relay needs kafka-python: pip install "celery-ledger[kafka]"'

@@ -26,8 +26,8 @@ class LedgerGroup(DYMGroup):
     def invoke(self, ctx: click.Context):
         from sqlalchemy.exc import SQLAlchemyError
 
-        from ledger.database import BadDatabaseURL, safe_url
-        from ledger.errors import LedgerError
+        from ledger.database import safe_url
+        from ledger.errors import BadDatabaseURL, LedgerError, SettingError
 
         try:
             return super().invoke(ctx)
@@ -36,9 +36,9 @@ class LedgerGroup(DYMGroup):
             message = " ".join(line.strip() for line in exc.format_message().splitlines() if line.strip())
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
             raise Failure(f"{message} (see: {where} --help)", exit_code=exc.exit_code) from None
-        except BadDatabaseURL as exc:
+        except (BadDatabaseURL, SettingError) as exc:  # the user's input, like a usage error
             raise Failure(str(exc), exit_code=2) from None
-        except LedgerError as exc:  # refusals that name their fix (DowngradeRefused, ...)
+        except LedgerError as exc:  # anything else it refuses or cannot do (DowngradeRefused, ...)
             raise Failure(str(exc)) from None
         except SQLAlchemyError as exc:
             env = ctx.find_object(Env)

@@ -10,7 +10,7 @@ import uuid
 
 import click
 
-from ledger.cli.context import Env, db_option, echo, format_option, pass_env
+from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env
 
 
 def _stop_on_sigterm() -> threading.Event:
@@ -35,13 +35,23 @@ def _stop_on_sigterm() -> threading.Event:
 def relay(env: Env, bootstrap: str, topic: str, state_topic: str | None, once: bool, batch: int,
           max_backoff: float, verbose: bool) -> None:
     """Relay the log to a Kafka topic (at-least-once, in order)."""
+    try:
+        import kafka  # noqa: F401
+    except ImportError:
+        raise Failure('relay needs kafka-python: pip install "celery-ledger[kafka]"') from None
     from ledger.relay import Relay
 
+    # --once is for scripts: its output is the result line or one error line
+    # (-v shows everything). kafka-python logs every refused connection; the
+    # relay's own warnings already say when Kafka fails.
+    quiet = logging.ERROR if once else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else quiet,
         format="%(asctime)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
     relayer = Relay(
         env.ledger(), bootstrap, topic, state_topic=state_topic, batch_size=batch,
         max_backoff=max_backoff,
