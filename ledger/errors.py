@@ -94,6 +94,10 @@ class DowngradeRefused(LedgerError):
     """A downgrade would drop tables holding events, and was not confirmed."""
 
 
+class SchemaError(LedgerError):
+    """A migration or schema check could not run (an unknown revision, a differing schema)."""
+
+
 class RebuildError(LedgerError, RuntimeError):
     """The rebuild could not complete; the live tables are unchanged."""
 

@@ -324,3 +324,35 @@ def test_relay_without_the_kafka_extra_says_what_to_install(sqlite_url):
                           "--topic", "t", "--db", sqlite_url], capture_output=True, text=True, timeout=60)
     assert "Traceback" not in run.stderr
     assert one_line(run, 1) == 'celery-ledger: relay needs kafka-python: pip install "celery-ledger[kafka]"'
+
+
+# -- 11. a schema revision this version does not know ----------------------------------------
+
+UNKNOWN = ("celery-ledger: the database's schema is at revision 'ffff0000', which this "
+           "celery-ledger does not know (written by a newer version?)")
+
+
+@pytest.fixture
+def newer_schema(sqlite_url):
+    """A ledger migrated by a (pretended) newer celery-ledger."""
+    Ledger.open(sqlite_url).append([TaskState(task_id="t1", status="SUCCESS")])
+    with Ledger.open(sqlite_url).engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'ffff0000'")
+    return sqlite_url
+
+
+@pytest.mark.parametrize("argv", [("db", "upgrade"), ("db", "check"), ("db", "downgrade", "base")])
+def test_db_commands_on_an_unknown_revision_say_so_in_one_line(newer_schema, argv):
+    assert one_line(cli(*argv, "--db", newer_schema), 1) == UNKNOWN
+
+
+def test_a_read_command_on_an_unknown_revision_warns_and_reads(newer_schema):
+    run = cli("history", "t1", "--db", newer_schema)
+    assert run.returncode == 0 and "SUCCESS" in run.stdout
+    assert run.stderr.startswith("celery-ledger: warning: the database's schema is at revision "
+                                 "'ffff0000', unknown to this celery-ledger")
+
+
+def test_db_upgrade_to_a_revision_that_does_not_exist_says_so(sqlite_url):
+    line = one_line(cli("db", "upgrade", "nosuch", "--db", sqlite_url), 1)
+    assert line == "celery-ledger: Can't locate revision identified by 'nosuch'"
