@@ -74,7 +74,7 @@ from ledger.events import (
     fit_extras,
 )
 from ledger.listen import Listener
-from ledger.redaction import redact_args, redact_kwargs
+from ledger.redaction import redact, signature_of
 from ledger.settings import BackendSettings
 from projections.task_meta import TaskMeta
 
@@ -218,8 +218,12 @@ class LedgerBackend(BaseBackend):
         )
 
     def _extended_fields(self, meta: dict) -> dict:
-        args = redact_args(meta["args"], self.redact_args)
-        kwargs = redact_kwargs(meta["kwargs"], self.redact_kwargs)
+        args, kwargs = redact(
+            meta["args"], meta["kwargs"], names=self.redact_kwargs, indexes=self.redact_args,
+            # Only looked up when there are names to find (the cost of a store otherwise).
+            signature=signature_of(getattr(self.app.tasks.get(meta["name"]), "run", None))
+            if self.redact_kwargs else None,
+        )
         return {
             "name": meta["name"],
             "args": self._encoded(list(args) if args is not None else None),
