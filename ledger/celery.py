@@ -263,10 +263,11 @@ class LedgerBackend(BaseBackend):
 
     def _append(self, event: EventData | NewEvent, error: type[Exception], **info: Any) -> None:
         try:
-            with _refused_as(error, **info):
-                self.ledger.append([event])
+            self.ledger.append([event])
         except EventTooLarge as exc:
             raise PayloadTooLarge(str(exc), **info) from None
+        except (InvalidEvent, CodecError) as exc:  # as _refused_as, after its EventTooLarge case
+            raise error(str(exc), **info) from exc
         except SchemaMissing as exc:  # one line naming the fix, without the SQL traceback
             raise error(str(exc), **info) from None
         except sa.exc.SQLAlchemyError as exc:

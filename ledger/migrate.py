@@ -13,6 +13,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from sqlalchemy.engine import Engine
 
@@ -45,7 +46,7 @@ def downgrade(engine: Engine, revision: str, *, drop_events: bool = False) -> No
     if not drop_events:
         try:
             events = _events_dropped(engine, revision)
-        except CommandError as exc:  # an unknown revision, ours or the database's
+        except (CommandError, RevisionError) as exc:  # an unknown revision, ours or the database's
             raise SchemaError(_explain(engine, exc)) from exc
         if events:
             raise DowngradeRefused(
@@ -102,7 +103,7 @@ def _run(engine: Engine, fn, revision: str) -> None:
         raise SchemaError(_explain(engine, exc)) from exc
 
 
-def _explain(engine: Engine, exc: CommandError) -> str:
+def _explain(engine: Engine, exc: CommandError | RevisionError) -> str:
     unknown = unknown_revision(engine)
     if unknown is not None:
         return (f"the database's schema is at revision {unknown!r}, which this celery-ledger "
