@@ -26,6 +26,7 @@ The ``ledger_*`` Celery settings it reads are listed in :mod:`ledger.settings`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -51,7 +52,14 @@ from kombu.utils.encoding import ensure_bytes
 
 from ledger import codec, database
 from ledger.api import Ledger, RetryPolicy
-from ledger.errors import CorruptEvent, EventTooLarge, LedgerError, SchemaMissing, SettingError
+from ledger.errors import (
+    CodecError,
+    CorruptEvent,
+    EventTooLarge,
+    LedgerError,
+    SchemaMissing,
+    SettingError,
+)
 from ledger.events import (
     ChordPartAdded,
     ChordStarted,
@@ -66,7 +74,7 @@ from ledger.events import (
     fit_extras,
 )
 from ledger.listen import Listener
-from ledger.redaction import redact_args, redact_kwargs
+from ledger.redaction import redact, signature_of
 from ledger.settings import BackendSettings
 from projections.task_meta import TaskMeta
 
@@ -210,8 +218,12 @@ class LedgerBackend(BaseBackend):
         )
 
     def _extended_fields(self, meta: dict) -> dict:
-        args = redact_args(meta["args"], self.redact_args)
-        kwargs = redact_kwargs(meta["kwargs"], self.redact_kwargs)
+        args, kwargs = redact(
+            meta["args"], meta["kwargs"], names=self.redact_kwargs, indexes=self.redact_args,
+            # Only looked up when there are names to find (the cost of a store otherwise).
+            signature=signature_of(getattr(self.app.tasks.get(meta["name"]), "run", None))
+            if self.redact_kwargs else None,
+        )
         return {
             "name": meta["name"],
             "args": self._encoded(list(args) if args is not None else None),
@@ -234,21 +246,28 @@ class LedgerBackend(BaseBackend):
         return {}
 
     def _forget(self, task_id):
-        self._append(TaskForgotten(task_id=task_id), BackendStoreError, task_id=task_id)
+        with _refused_as(BackendStoreError, task_id=task_id):
+            event = TaskForgotten(task_id=task_id)
+        self._append(event, BackendStoreError, task_id=task_id)
 
     def _save_group(self, group_id, result):
-        self._append(GroupSaved(group_id=group_id, result=result.as_tuple()), BackendStoreError,
-                     task_id=group_id)
+        with _refused_as(BackendStoreError, task_id=group_id):
+            event = GroupSaved(group_id=group_id, result=result.as_tuple())
+        self._append(event, BackendStoreError, task_id=group_id)
         return result
 
     def _delete_group(self, group_id):
-        self._append(GroupForgotten(group_id=group_id), BackendStoreError, task_id=group_id)
+        with _refused_as(BackendStoreError, task_id=group_id):
+            event = GroupForgotten(group_id=group_id)
+        self._append(event, BackendStoreError, task_id=group_id)
 
     def _append(self, event: EventData | NewEvent, error: type[Exception], **info: Any) -> None:
         try:
             self.ledger.append([event])
         except EventTooLarge as exc:
             raise PayloadTooLarge(str(exc), **info) from None
+        except (InvalidEvent, CodecError) as exc:  # as _refused_as, after its EventTooLarge case
+            raise error(str(exc), **info) from exc
         except SchemaMissing as exc:  # one line naming the fix, without the SQL traceback
             raise error(str(exc), **info) from None
         except sa.exc.SQLAlchemyError as exc:
@@ -272,7 +291,7 @@ class LedgerBackend(BaseBackend):
             row = self.ledger.task_meta(task_id)
         except SchemaMissing as exc:
             raise BackendGetMetaError(str(exc), task_id=task_id) from None
-        except sa.exc.SQLAlchemyError as exc:
+        except (sa.exc.SQLAlchemyError, UnicodeEncodeError) as exc:  # a lone surrogate in the id
             raise BackendGetMetaError(
                 f"failed to get meta: {type(exc).__name__}", task_id=task_id
             ) from exc
@@ -326,7 +345,12 @@ class LedgerBackend(BaseBackend):
         )
 
     def _restore_group(self, group_id):
-        group = self.ledger.group(group_id)
+        try:
+            group = self.ledger.group(group_id)
+        except (sa.exc.SQLAlchemyError, UnicodeEncodeError) as exc:  # a lone surrogate in the id
+            raise BackendGetMetaError(
+                f"failed to restore group: {type(exc).__name__}", task_id=group_id
+            ) from exc
         if group is None:
             return None
         return {"result": result_from_tuple(group.result, self.app)}
@@ -543,3 +567,13 @@ def _plain_ids(header: Any) -> list[str] | None:
             return None
         ids.append(res[0] if isinstance(res, list | tuple) else res)
     return ids
+
+
+@contextlib.contextmanager
+def _refused_as(error: type[Exception], **info: Any) -> Iterator[None]:
+    """What the ledger refuses (an id over the limit or None, a lone surrogate) raised as
+    Celery's ``error`` with the refusal as its cause, as Celery's own backends do."""
+    try:
+        yield
+    except (InvalidEvent, CodecError) as exc:
+        raise error(str(exc), **info) from exc

@@ -98,9 +98,17 @@ class DowngradeRefused(LedgerError):
     """A downgrade would drop tables holding events, and was not confirmed."""
 
 
+class SchemaError(LedgerError):
+    """A migration or schema check could not run (an unknown revision, a differing schema)."""
+
+
 class RebuildError(LedgerError, RuntimeError):
     """The rebuild could not complete; the live tables are unchanged."""
 
 
 class DeliveryFailed(LedgerError):
     """The broker did not acknowledge every record of a batch."""
+
+
+class KafkaUnavailable(LedgerError):
+    """``relay --once`` gave up: Kafka failed every attempt in a row."""

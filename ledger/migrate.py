@@ -13,10 +13,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
+from alembic.util import CommandError
 from sqlalchemy.engine import Engine
 
 from ledger.database import safe_url
-from ledger.errors import DowngradeRefused
+from ledger.errors import DowngradeRefused, SchemaError
 from ledger.schema import events
 
 
@@ -42,7 +44,10 @@ def downgrade(engine: Engine, revision: str, *, drop_events: bool = False) -> No
     is the only copy of the history, and a downgrade is easy to mistype.
     """
     if not drop_events:
-        events = _events_dropped(engine, revision)
+        try:
+            events = _events_dropped(engine, revision)
+        except (CommandError, RevisionError) as exc:  # an unknown revision, ours or the database's
+            raise SchemaError(_explain(engine, exc)) from exc
         if events:
             raise DowngradeRefused(
                 f"downgrading {safe_url(engine.url)} to {revision!r} drops ledger_events, which "
@@ -88,11 +93,22 @@ def _run(engine: Engine, fn, revision: str) -> None:
     SQLite: ``flock`` on ``<database file>.migrate.lock``.
     """
     cfg = config()
-    with _file_lock(engine), engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
-        cfg.attributes["connection"] = conn
-        fn(cfg, revision)
+    try:
+        with _file_lock(engine), engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
+            cfg.attributes["connection"] = conn
+            fn(cfg, revision)
+    except CommandError as exc:
+        raise SchemaError(_explain(engine, exc)) from exc
+
+
+def _explain(engine: Engine, exc: CommandError | RevisionError) -> str:
+    unknown = unknown_revision(engine)
+    if unknown is not None:
+        return (f"the database's schema is at revision {unknown!r}, which this celery-ledger "
+                "does not know (written by a newer version?)")
+    return str(exc).strip().splitlines()[0]
 
 
 @contextlib.contextmanager
@@ -118,9 +134,21 @@ def head() -> str | None:
     return ScriptDirectory.from_config(config()).get_current_head()
 
 
+def unknown_revision(engine: Engine) -> str | None:
+    """The database's revision if no migration of this package has it (else None)."""
+    revision = current(engine)
+    if revision is None:
+        return None
+    revisions = {r.revision for r in ScriptDirectory.from_config(config()).walk_revisions()}
+    return None if revision in revisions else revision
+
+
 def check(engine: Engine) -> None:
     """Raise if the database schema differs from the table definitions (``alembic check``)."""
     cfg = config()
-    with engine.connect() as conn:
-        cfg.attributes["connection"] = conn
-        command.check(cfg)
+    try:
+        with engine.connect() as conn:
+            cfg.attributes["connection"] = conn
+            command.check(cfg)
+    except CommandError as exc:
+        raise SchemaError(_explain(engine, exc)) from exc

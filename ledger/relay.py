@@ -19,7 +19,8 @@
   checkpoint) repeats them in order, and consumers drop the repeats by event_id.
 * Kafka down: the batch fails, the producer is closed, and the relay waits with
   capped exponential backoff (full jitter) before re-reading from its checkpoint.
-  Writers never wait: they do not know the relay exists.
+  Writers never wait: they do not know the relay exists. ``run(once=True)`` gives
+  up after ``once_attempts`` failures in a row (:class:`KafkaUnavailable`).
 * One active relay per topic (:class:`RelayLock`); others wait on standby and take
   over when the holder dies.
 * Follow mode wakes on LISTEN/NOTIFY on PostgreSQL and polls on SQLite.
@@ -40,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ledger.api import Ledger
-from ledger.errors import CorruptEvent, DeliveryFailed
+from ledger.errors import CorruptEvent, DeliveryFailed, KafkaUnavailable
 from ledger.events import TOMBSTONE_TYPES, RecordedEvent, TaskState
 from ledger.listen import Listener
 from ledger.log import Checkpoint
@@ -166,8 +167,11 @@ class Relay:
         max_backoff: float = 10.0,
         poll_interval: float = 0.1,
         producer_config: dict[str, Any] | None = None,
+        once_attempts: int = 3,
     ) -> None:
         self.ledger = ledger
+        #: ``run(once=True)`` raises :class:`KafkaUnavailable` after this many failures in a row.
+        self.once_attempts = once_attempts
         self.bootstrap = bootstrap
         self.topic = topic
         self.state_topic = state_topic
@@ -284,6 +288,14 @@ class Relay:
                     delay = random.uniform(0, min(self.max_backoff, 0.2 * 2**failures))
                     failures += 1
                     self.kafka_failures += 1
+                    if once and failures >= self.once_attempts:
+                        # A drain run (cron, a script) must end; the checkpoint keeps
+                        # what was acknowledged, so the next run resends only the rest.
+                        raise KafkaUnavailable(
+                            f"Kafka at {self.bootstrap} failed {failures} times in a row "
+                            f"({type(exc).__name__}: {exc}); relayed {self.relayed} events, "
+                            f"checkpoint {tuple(self.checkpoint)}"
+                        ) from exc
                     log.warning(
                         "relay %s: Kafka failed (%s: %s); retry %d in %.2fs",
                         self.topic, type(exc).__name__, exc, failures, delay,
@@ -425,6 +437,9 @@ class Relay:
                 "reconnect_backoff_max_ms": 2_000,
                 "client_id": f"celery-ledger-relay-{os.getpid()}",
             }
+            if "bootstrap_timeout_ms" in KafkaProducer.DEFAULT_CONFIG:  # kafka-python >= 3
+                # Its 30 s default made each attempt at an unreachable broker that long.
+                config["bootstrap_timeout_ms"] = config["max_block_ms"]
             config.update(self.producer_config)
             self._producer = KafkaProducer(**config)
             self._batch_bytes = config["batch_size"]

@@ -6,8 +6,8 @@ as Celery users expect, read beside Celery's own ``result_*`` settings:
 
 * ``ledger_auto_upgrade`` (default False): run the schema migrations when the
   backend first touches the database in this process.
-* ``ledger_redact_kwargs`` / ``ledger_redact_args``: argument names / positions
-  stored as ``"[redacted]"`` with ``result_extended`` (see :mod:`ledger.redaction`).
+* ``ledger_redact_kwargs`` / ``ledger_redact_args``: parameter and dict key names /
+  positions stored as ``"[redacted]"`` with ``result_extended`` (see :mod:`ledger.redaction`).
 * ``ledger_max_payload_bytes`` (default 64 MiB): the largest encoded event stored
   (result, traceback, args, kwargs together); args, kwargs and the traceback are
   cut to fit (:func:`ledger.events.fit_extras`), a larger result is refused and

@@ -220,7 +220,7 @@ def test_bad_filters_are_one_line_naming_the_problem(ledger, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "since (2030-01-01T00:00:00+00:00) is not before until" in err
     assert main(["tasks", "--since", "-1 hour", "--db", url]) == 2
-    assert "is not an age" in capsys.readouterr().err
+    assert "'-1 hour' is not a time" in capsys.readouterr().err
 
 
 def test_a_glob_matches_wildcards_only_where_written(ledger):

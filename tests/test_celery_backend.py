@@ -19,7 +19,7 @@ from kombu.exceptions import ContentDisallowed
 from ledger.celery import LedgerBackend
 from ledger.events import TaskForgotten, TaskState
 from ledger.rebuild import verify
-from ledger.redaction import REDACTED, redact_args, redact_kwargs
+from ledger.redaction import REDACTED, redact
 from tests.conftest import REDIS
 
 DEAD_PG = "postgresql+psycopg://postgres:hunter2@127.0.0.1:1/nowhere"
@@ -224,10 +224,10 @@ def test_get_many_yields_each_result_when_ready(backend):
 
 
 def test_redaction_replaces_named_kwargs_and_positions():
-    assert redact_args(["u", "pw", 3], {1, -1}) == ["u", REDACTED, REDACTED]
-    assert redact_args(["u"], {5}) == ["u"]
-    assert redact_kwargs({"password": "x", "user": "u"}, {"password"}) == {
-        "password": REDACTED, "user": "u"}
+    assert redact(["u", "pw", 3], None, names=(), indexes={1, -1}) == (["u", REDACTED, REDACTED], None)
+    assert redact(["u"], None, names=(), indexes={5}) == (["u"], None)
+    assert redact(None, {"password": "x", "user": "u"}, names={"password"}) == (
+        None, {"password": REDACTED, "user": "u"})
 
 
 # -- PostgreSQL only: NOTIFY wake-ups and connection loss ---------------------------------

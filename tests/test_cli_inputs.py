@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,224 @@ def test_csv_export_neutralizes_formula_cells_and_keeps_numbers(sqlite_url, tmp_
     assert [(r["position"], r["retries"]) for r in rows] == [("1", "3"), ("2", "0")]
     for row in rows:
         assert not any(str(v).startswith(("=", "+", "-", "@", "\t", "\r")) for v in row.values())
+
+
+# -- 7. export files: one line for a path that cannot be written, the old file kept on failure --
+
+
+@pytest.fixture
+def busy(sqlite_url):
+    """A ledger whose every output is over 1 MB (more than a pipe holds): 2,000 events."""
+    ledger = Ledger.open(sqlite_url)
+    ledger.append([TaskState(task_id=f"t{i}", status="SUCCESS", name="proj.add", worker="w" * 200)
+                   for i in range(1000)])
+    ledger.append([TaskState(task_id="long", status="STARTED", retries=i, worker="w" * 1000)
+                   for i in range(1000)])
+    return sqlite_url
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    (".", "{}: is a directory"),
+    ("missing/x.jsonl", "{}: no such directory missing"),
+    ("/dev/full", "{}: No space left on device"),
+])
+def test_export_to_a_path_that_cannot_be_written_says_so_in_one_line(busy, tmp_path, target, message):
+    line = one_line(cli("export", "-o", target, "--db", busy, cwd=tmp_path), 1)
+    assert line == "celery-ledger: " + message.format(target)
+
+
+def _limit_file_size() -> None:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+def test_an_export_that_fails_midway_leaves_the_existing_file_untouched(busy, tmp_path):
+    old = tmp_path / "audit.jsonl"
+    old.write_text("yesterday's export\n")
+    env = {k: v for k, v in os.environ.items() if k != "LEDGER_DATABASE_URL"}
+    run = subprocess.run([CLI, "export", "-o", str(old), "--db", busy], capture_output=True,
+                         text=True, timeout=120, env=env, preexec_fn=_limit_file_size)
+    assert one_line(run, 1) == f"celery-ledger: {old}: File too large"
+    assert old.read_text() == "yesterday's export\n"
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("ledger.db")] == ["audit.jsonl"]
+
+
+def test_an_export_of_an_unknown_task_leaves_the_existing_file_untouched(busy, tmp_path):
+    old = tmp_path / "audit.csv"
+    old.write_text("kept\n")
+    line = one_line(cli("export", "-o", str(old), "--task", "nope", "--format", "csv", "--db", busy), 1)
+    assert line == "celery-ledger: no events for task 'nope' in this ledger"
+    assert old.read_text() == "kept\n"
+
+
+def test_an_export_replaces_the_file_only_when_done(busy, tmp_path):
+    out = tmp_path / "audit.jsonl"
+    out.write_text("old\n")
+    run = cli("export", "-o", str(out), "--db", busy)
+    assert run.returncode == 0 and run.stderr == f"wrote 2000 events to {out}\n"
+    assert len(out.read_text().splitlines()) == 2000
+
+
+# -- 8. a reader that goes away (| head) ends the command quietly ------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ("export",), ("export", "--format", "csv"), ("tail", "-n", "2000", "--format", "json"),
+    ("history", "long", "--format", "json"), ("history", "long"),
+])
+def test_a_closed_pipe_ends_the_command_quietly(busy, argv):
+    env = {k: v for k, v in os.environ.items() if k != "LEDGER_DATABASE_URL"}
+    proc = subprocess.Popen([CLI, *argv, "--db", busy], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.readline()
+    proc.stdout.close()  # `| head -1`
+    err = proc.stderr.read().decode()
+    # 141 (SIGPIPE's status) when a write failed; a single write into the closed pipe can
+    # also end short without an error (exit 0). Never a traceback, never click's status 1.
+    assert proc.wait(timeout=120) in (0, 141) and err == ""
+
+
+# -- 13. an empty time window is a mistake worth a line ----------------------------------------
+
+
+def test_export_with_since_not_before_until_says_so(sqlite_url):
+    line = one_line(cli("export", "--since", "2026-12-03", "--until", "2026-12-01", "--db", sqlite_url), 2)
+    assert line == ("celery-ledger: --since 2026-12-03T00:00:00+00:00 is not before "
+                    "--until 2026-12-01T00:00:00+00:00: the window is empty")
+
+
+# -- 9. numeric options are validated before anything runs --------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "option"), [
+    (("timeline", "t1", "--width", "-5"), "'--width': -5"),
+    (("timeline", "t1", "--width", "0"), "'--width': 0"),
+    (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--batch", "0"), "'--batch': 0"),
+    (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--batch", "-1"), "'--batch': -1"),
+    (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--max-backoff", "0"), "'--max-backoff': 0"),
+    (("tail", "-n", "-1"), "'-n' / '--lines': -1"),
+    (("tail", "-n", "many"), "'-n' / '--lines': 'many'"),
+])
+def test_a_numeric_option_out_of_range_is_refused_in_one_line(sqlite_url, argv, option):
+    line = one_line(cli(*argv, "--db", sqlite_url), 2)
+    assert line.startswith(f"celery-ledger: Invalid value for {option}")
+    assert line.endswith(f"(see: celery-ledger {argv[0]} --help)")
+
+
+def test_a_mistyped_command_gets_one_line_with_a_suggestion(sqlite_url):
+    line = one_line(cli("histroy", "t1"), 2)
+    assert line == ("celery-ledger: No such command 'histroy'. Did you mean one of these? history "
+                    "(see: celery-ledger --help)")
+
+
+# -- 14. times: ISO 8601 with Z on every supported Python, relative times, @N for positions ---
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python_3_10() -> str | None:
+    found = sorted(Path.home().glob(".pyenv/versions/3.10.*/bin/python3.10"))
+    return str(found[-1]) if found else shutil.which("python3.10")
+
+
+@pytest.mark.skipif(_python_3_10() is None, reason="needs a Python 3.10 interpreter")
+def test_an_iso_time_with_z_is_parsed_on_python_3_10():
+    import dateutil
+
+    site = Path(dateutil.__file__).parents[1]  # dateutil and six are pure Python
+    code = ("import sys; sys.path.append(sys.argv[1]); from ledger.times import parse_time; "
+            "print(sys.version_info[:2], parse_time('2026-11-25T10:00:00Z').isoformat())")
+    run = subprocess.run([_python_3_10(), "-c", code, str(site)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.stdout.strip() == "(3, 10) 2026-11-25T10:00:00+00:00", run.stderr
+
+
+@pytest.fixture
+def three_states(sqlite_url):
+    ledger = Ledger.open(sqlite_url)
+    for status in ("STARTED", "RETRY", "SUCCESS"):
+        ledger.append([TaskState(task_id="t1", status=status)])
+    return sqlite_url
+
+
+@pytest.mark.parametrize(("as_of", "state", "when"), [
+    ("@1", "STARTED", "at position 1"),
+    ("@2", "RETRY", "at position 2"),
+    ("2000-01-01T00:00:00Z", "PENDING", "at 2000-01-01T00:00:00+00:00"),
+    ("2999-01-01T00:00:00Z", "SUCCESS", "at 2999-01-01T00:00:00+00:00"),
+    ("2999-01-01", "SUCCESS", "at 2999-01-01T00:00:00+00:00"),
+    ("-1h", "PENDING", "at "),
+    ("yesterday", "PENDING", "at "),
+    ("now", "SUCCESS", "at "),
+])
+def test_show_as_of_takes_a_position_or_a_time(three_states, as_of, state, when):
+    run = cli("show", "t1", "--as-of", as_of, "--db", three_states)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"task t1 {when}") and f"state: {state}\n" in run.stdout
+
+
+@pytest.mark.parametrize(("as_of", "message"), [
+    ("1733140000", "'1733140000' is ambiguous: write @1733140000 for a log position, or a time"),
+    ("@x", "'@x' is not a log position: use @ and a number, e.g. @123"),
+    ("last tuesday", "'last tuesday' is not a time: use ISO 8601"),
+])
+def test_show_as_of_refuses_what_it_cannot_read_in_one_line(three_states, as_of, message):
+    line = one_line(cli("show", "t1", "--as-of", as_of, "--db", three_states), 2)
+    assert message in line
+
+
+# -- 10. relay --once gives up on an unreachable broker; relay without the kafka extra --------
+
+
+def test_relay_once_gives_up_on_an_unreachable_broker_in_one_line(sqlite_url):
+    Ledger.open(sqlite_url).append([TaskState(task_id="t1", status="SUCCESS")])
+    run = cli("relay", "--once", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--max-backoff", "0.2",
+              "--db", sqlite_url)
+    line = one_line(run, 1)
+    assert line.startswith("celery-ledger: Kafka at 127.0.0.1:1 failed 3 times in a row (")
+    assert line.endswith("relayed 0 events, checkpoint (0, 0)")
+    assert run.stdout == ""
+
+
+def test_relay_without_the_kafka_extra_says_what_to_install(sqlite_url):
+    code = ("import sys; sys.modules['kafka'] = None  # as if kafka-python were not installed\n"
+            "from ledger.cli import main; sys.exit(main(sys.argv[1:]))")
+    run = subprocess.run([sys.executable, "-c", code, "relay", "--bootstrap", "127.0.0.1:1",
+                          "--topic", "t", "--db", sqlite_url], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in run.stderr
+    assert one_line(run, 1) == 'celery-ledger: relay needs kafka-python: pip install "celery-ledger[kafka]"'
+
+
+# -- 11. a schema revision this version does not know ----------------------------------------
+
+UNKNOWN = ("celery-ledger: the database's schema is at revision 'ffff0000', which this "
+           "celery-ledger does not know (written by a newer version?)")
+
+
+@pytest.fixture
+def newer_schema(sqlite_url):
+    """A ledger migrated by a (pretended) newer celery-ledger."""
+    Ledger.open(sqlite_url).append([TaskState(task_id="t1", status="SUCCESS")])
+    with Ledger.open(sqlite_url).engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'ffff0000'")
+    return sqlite_url
+
+
+@pytest.mark.parametrize("argv", [("db", "upgrade"), ("db", "check"), ("db", "downgrade", "base")])
+def test_db_commands_on_an_unknown_revision_say_so_in_one_line(newer_schema, argv):
+    assert one_line(cli(*argv, "--db", newer_schema), 1) == UNKNOWN
+
+
+def test_a_read_command_on_an_unknown_revision_warns_and_reads(newer_schema):
+    run = cli("history", "t1", "--db", newer_schema)
+    assert run.returncode == 0 and "SUCCESS" in run.stdout
+    assert run.stderr.startswith("celery-ledger: warning: the database's schema is at revision "
+                                 "'ffff0000', unknown to this celery-ledger")
+
+
+def test_db_upgrade_to_a_revision_that_does_not_exist_says_so(sqlite_url):
+    line = one_line(cli("db", "upgrade", "nosuch", "--db", sqlite_url), 1)
+    assert line == "celery-ledger: Can't locate revision identified by 'nosuch'"

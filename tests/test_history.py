@@ -123,7 +123,7 @@ def test_as_of_returns_each_intermediate_state(story, capsys):
     assert ledger.task_meta("t1", as_of=first.position - 1) is None
     assert show_record(ledger, "t1", events[3].position)["exc_type"] == "ValueError"
 
-    code, out, _ = run(capsys, "show", "t1", "--db", url, "--as-of", str(events[1].position))
+    code, out, _ = run(capsys, "show", "t1", "--db", url, "--as-of", f"@{events[1].position}")
     assert code == 0
     assert "state: RETRY" in out and "exc_type: ConnectionError" in out
     code, out, _ = run(capsys, "show", "t1", "--db", url, "--as-of",
@@ -136,4 +136,4 @@ def test_as_of_returns_each_intermediate_state(story, capsys):
 
 def test_show_rejects_a_malformed_as_of(any_url, capsys):
     assert main(["show", "t1", "--db", any_url, "--as-of", "yesterday-ish"]) == 2
-    assert "'yesterday-ish' is not an ISO 8601 time" in capsys.readouterr().err
+    assert "'yesterday-ish' is not a time: use ISO 8601" in capsys.readouterr().err

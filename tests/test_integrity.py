@@ -223,7 +223,7 @@ def test_show_says_forgotten_and_pruned_instead_of_pending(any_url):
     prune(ledger, FAR_FUTURE)
     record = show_record(ledger, ids[1], started.position)
     assert record["state"] == "PRUNED" and "history at that time was pruned" in record["note"]
-    done = cli("show", ids[1], "--as-of", str(started.position), "--db", any_url)
+    done = cli("show", ids[1], "--as-of", f"@{started.position}", "--db", any_url)
     assert "state: PRUNED" in done.stdout and "was pruned" in done.stdout
     assert show_record(ledger, ids[1], None)["state"] == "SUCCESS"
 

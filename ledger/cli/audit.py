@@ -10,7 +10,8 @@ from datetime import datetime
 import click
 
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
-from ledger.cli.params import TIME, TIME_OR_POSITION
+from ledger.cli.files import replaced_on_success
+from ledger.cli.params import TIME, TIME_HELP, TIME_OR_POSITION
 
 
 @click.command()
@@ -40,7 +41,7 @@ def history(env: Env, task_id: str, fmt: str) -> None:
 @click.command()
 @click.argument("task_id")
 @click.option("--as-of", type=TIME_OR_POSITION, default=None,
-              help="ISO 8601 time (UTC if no zone given) or a log position")
+              help=f"a time ({TIME_HELP}) or @N, the log position N")
 @format_option("text", "json")
 @db_option
 @pass_env
@@ -71,7 +72,7 @@ def show(env: Env, task_id: str, as_of: datetime | int | None, fmt: str) -> None
 
 
 @click.command()
-@click.option("--since", type=TIME, default=None, help="first recorded_at included (ISO 8601, UTC if no zone)")
+@click.option("--since", type=TIME, default=None, help=f"first recorded_at included: {TIME_HELP}")
 @click.option("--until", type=TIME, default=None, help="recorded_at upper bound, excluded")
 @click.option("--task", default=None, metavar="TASK_ID", help="only this task's events")
 @format_option("jsonl", "csv", default="jsonl")
@@ -85,11 +86,16 @@ def export(env: Env, since: datetime | None, until: datetime | None, task: str |
     from ledger.audit import export as write_events
     from ledger.progress import Progress
 
+    if since is not None and until is not None and since >= until:
+        raise Failure(f"--since {since.isoformat()} is not before --until {until.isoformat()}: "
+                      "the window is empty", exit_code=2)
     ledger = env.ledger()
     filters = {"since": since, "until": until, "task_id": task}
     total = count_events(ledger, **filters)
+    if task is not None and total == 0:
+        raise Failure(f"no events for task {task!r} in this ledger" + (" in that window" if since or until else ""))
     with (
-        open(output, "w", newline="", encoding="utf-8") if output else contextlib.nullcontext(sys.stdout)
+        replaced_on_success(output, newline="") if output else contextlib.nullcontext(sys.stdout)
     ) as out, Progress("export", total) as progress:
         n = write_events(ledger, out, fmt=fmt, progress=progress, **filters)
     if output:

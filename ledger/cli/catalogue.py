@@ -12,11 +12,9 @@ from typing import Any
 import click
 
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
-from ledger.cli.params import RECENT_TIME
+from ledger.cli.params import TIME, TIME_HELP
 from ledger.errors import BadFilter
 from ledger.output import csv_cell
-
-_TIME_HELP = "ISO 8601 (UTC if no zone) or an age: -90s, -10m, -1h, -7d"
 
 
 @click.command()
@@ -25,8 +23,8 @@ _TIME_HELP = "ISO 8601 (UTC if no zone) or an age: -90s, -10m, -1h, -7d"
 @click.option("--worker", default=None, help="worker hostname, exact")
 @click.option("--queue", default=None, help="queue (routing key), exact")
 @click.option("--exception", default=None, metavar="TYPE", help="exception type, e.g. KeyError")
-@click.option("--since", type=RECENT_TIME, default=None, help=f"first event at or after: {_TIME_HELP}")
-@click.option("--until", type=RECENT_TIME, default=None, help=f"first event before: {_TIME_HELP}")
+@click.option("--since", type=TIME, default=None, help=f"first event at or after: {TIME_HELP}")
+@click.option("--until", type=TIME, default=None, help=f"first event before: {TIME_HELP}")
 @click.option("--root", default=None, metavar="ID", help="the whole workflow under this root task id")
 @click.option("--args", default=None, metavar="TEXT", help="substring of the stored args/kwargs")
 @click.option("--slowest", type=click.IntRange(min=1), default=None, metavar="N",
@@ -75,8 +73,8 @@ def _print_tasks(records: list[dict]) -> None:
 
 
 @click.command()
-@click.option("--since", type=RECENT_TIME, default=None, help=f"tasks first seen at or after: {_TIME_HELP}")
-@click.option("--until", type=RECENT_TIME, default=None, help=f"tasks first seen before: {_TIME_HELP}")
+@click.option("--since", type=TIME, default=None, help=f"tasks first seen at or after: {TIME_HELP}")
+@click.option("--until", type=TIME, default=None, help=f"tasks first seen before: {TIME_HELP}")
 @click.option("--by", type=click.Choice(["name", "worker", "queue"]), default="name", show_default=True)
 @format_option("text", "json", "csv")
 @db_option

@@ -47,8 +47,12 @@ class Env:
             raise Failure(self.missing, exit_code=2)
         return self.db
 
-    def ledger(self, *, create: bool = False) -> Ledger:
-        """The ledger at ``--db``; unless ``create``, a SQLite file must already exist."""
+    def ledger(self, *, create: bool = False, schema_warning: bool = True) -> Ledger:
+        """The ledger at ``--db``; unless ``create``, a SQLite file must already exist.
+
+        A schema revision this version does not know is warned about (the ``db``
+        commands, which report it themselves, turn that off).
+        """
         from ledger import database
         from ledger.api import Ledger
 
@@ -56,7 +60,20 @@ class Env:
         if not create and path is not None and not os.path.exists(path):
             # A mistyped path must not leave an empty database behind.
             raise Failure(f"no ledger database at {path} (create one: celery-ledger db upgrade)")
-        return Ledger.open(self.url)
+        ledger = Ledger.open(self.url)
+        if schema_warning:
+            self._warn_on_unknown_schema(ledger)
+        return ledger
+
+    @staticmethod
+    def _warn_on_unknown_schema(ledger: Ledger) -> None:
+        from ledger import migrate
+
+        unknown = migrate.unknown_revision(ledger.engine)
+        if unknown is not None:
+            echo(f"celery-ledger: warning: the database's schema is at revision {unknown!r}, "
+                 "unknown to this celery-ledger (written by a newer version?); results may be "
+                 "wrong or missing", err=True)
 
 
 pass_env = click.make_pass_decorator(Env)

@@ -21,7 +21,7 @@ def upgrade(env: Env, revision: str) -> None:
     """Migrate the schema up (default: to head)."""
     from ledger import migrate
 
-    ledger = env.ledger(create=True)
+    ledger = env.ledger(create=True, schema_warning=False)
     migrate.upgrade(ledger.engine, revision)
     echo(f"{ledger.url}: schema at revision {migrate.current(ledger.engine)}")
 
@@ -35,7 +35,7 @@ def downgrade(env: Env, revision: str, yes: bool) -> None:
     """Migrate the schema down to REVISION."""
     from ledger import migrate
 
-    ledger = env.ledger()
+    ledger = env.ledger(schema_warning=False)
     migrate.downgrade(ledger.engine, revision, drop_events=yes)
     echo(f"{ledger.url}: schema at revision {migrate.current(ledger.engine)}")
 
@@ -48,7 +48,7 @@ def current(ctx: click.Context, env: Env) -> None:
     """Print the schema revision; exit 1 if not at head."""
     from ledger import migrate
 
-    ledger = env.ledger()
+    ledger = env.ledger(schema_warning=False)
     cur, head = migrate.current(ledger.engine), migrate.head()
     echo(f"{ledger.url}: revision {cur} (head {head})")
     if cur != head:
@@ -62,5 +62,5 @@ def check(env: Env) -> None:
     """Fail if the schema differs from the table definitions."""
     from ledger import migrate
 
-    migrate.check(env.ledger().engine)
+    migrate.check(env.ledger(schema_warning=False).engine)
     echo("schema matches the table definitions")

@@ -7,7 +7,7 @@ from datetime import datetime
 import click
 
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
-from ledger.cli.params import TIME
+from ledger.cli.params import TIME, TIME_HELP
 from ledger.rebuild import PROJECTIONS
 
 
@@ -74,7 +74,7 @@ def verify(ctx: click.Context, env: Env, projections: tuple[str, ...], fmt: str,
 
 @click.command()
 @click.option("--before", type=TIME, required=True, metavar="DATE",
-              help="ISO 8601 date or time (UTC if no zone)")
+              help=TIME_HELP)
 @click.option("--dry-run", is_flag=True, help="say what would be deleted; delete nothing")
 @db_option
 @pass_env

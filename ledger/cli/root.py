@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from collections.abc import Sequence
 
 import click
@@ -9,6 +12,9 @@ from click_didyoumean import DYMGroup
 
 from ledger import __version__
 from ledger.cli.context import DB_ENV, DEFAULT_DB, Env, Failure
+
+#: What a shell reports for a process killed by SIGPIPE.
+SIGPIPE_STATUS = 128 + signal.SIGPIPE
 
 
 class LedgerGroup(DYMGroup):
@@ -20,14 +26,19 @@ class LedgerGroup(DYMGroup):
     def invoke(self, ctx: click.Context):
         from sqlalchemy.exc import SQLAlchemyError
 
-        from ledger.database import BadDatabaseURL, safe_url
-        from ledger.errors import LedgerError
+        from ledger.database import safe_url
+        from ledger.errors import BadDatabaseURL, LedgerError, SettingError
 
         try:
             return super().invoke(ctx)
-        except BadDatabaseURL as exc:
+        except click.UsageError as exc:
+            # Click's usage block is several lines; the mistake and where to look is one.
+            message = " ".join(line.strip() for line in exc.format_message().splitlines() if line.strip())
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            raise Failure(f"{message} (see: {where} --help)", exit_code=exc.exit_code) from None
+        except (BadDatabaseURL, SettingError) as exc:  # the user's input, like a usage error
             raise Failure(str(exc), exit_code=2) from None
-        except LedgerError as exc:  # refusals that name their fix (DowngradeRefused, ...)
+        except LedgerError as exc:  # anything else it refuses or cannot do (DowngradeRefused, ...)
             raise Failure(str(exc)) from None
         except SQLAlchemyError as exc:
             env = ctx.find_object(Env)
@@ -36,6 +47,14 @@ class LedgerGroup(DYMGroup):
             raise Failure(msg + where) from None
         except KeyboardInterrupt:
             raise click.exceptions.Exit(130) from None
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, as Unix tools do. Python
+            # would otherwise report the failed flush of stdout at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(SIGPIPE_STATUS) from None
+        except OSError as exc:  # a file the user named: a directory, missing, disk full
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise Failure(f"{where}{exc.strerror or exc}") from None
 
 
 def _first_line(exc: BaseException) -> str:

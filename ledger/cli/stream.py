@@ -10,7 +10,7 @@ import uuid
 
 import click
 
-from ledger.cli.context import Env, db_option, echo, format_option, pass_env
+from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env
 
 
 def _stop_on_sigterm() -> threading.Event:
@@ -25,8 +25,9 @@ def _stop_on_sigterm() -> threading.Event:
 @click.option("--state-topic", metavar="TOPIC",
               help="also keep each task's latest meta here (null value when forgotten)")
 @click.option("--once", is_flag=True, help="relay what is there, then exit")
-@click.option("--batch", type=int, default=5000, show_default=True, help="events per flush")
-@click.option("--max-backoff", type=float, default=10.0, show_default=True, metavar="SECONDS",
+@click.option("--batch", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="events per flush")
+@click.option("--max-backoff", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, metavar="SECONDS",
               help="longest wait between retries while Kafka is down")
 @click.option("-v", "--verbose", is_flag=True, help="log every batch")
 @db_option
@@ -34,13 +35,23 @@ def _stop_on_sigterm() -> threading.Event:
 def relay(env: Env, bootstrap: str, topic: str, state_topic: str | None, once: bool, batch: int,
           max_backoff: float, verbose: bool) -> None:
     """Relay the log to a Kafka topic (at-least-once, in order)."""
+    try:
+        import kafka  # noqa: F401
+    except ImportError:
+        raise Failure('relay needs kafka-python: pip install "celery-ledger[kafka]"') from None
     from ledger.relay import Relay
 
+    # --once is for scripts: its output is the result line or one error line
+    # (-v shows everything). kafka-python logs every refused connection; the
+    # relay's own warnings already say when Kafka fails.
+    quiet = logging.ERROR if once else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else quiet,
         format="%(asctime)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
     relayer = Relay(
         env.ledger(), bootstrap, topic, state_topic=state_topic, batch_size=batch,
         max_backoff=max_backoff,
@@ -56,7 +67,7 @@ def relay(env: Env, bootstrap: str, topic: str, state_topic: str | None, once: b
 @click.command()
 @click.option("-f", "--follow", is_flag=True, help="keep printing new events")
 @click.option("--task", metavar="ID", help="only this task's events (its history first)")
-@click.option("-n", "--lines", type=int, default=20, show_default=True,
+@click.option("-n", "--lines", type=click.IntRange(min=0), default=20, show_default=True,
               help="start this many events back")
 @format_option("text", "json")
 @db_option

@@ -5,13 +5,15 @@ from __future__ import annotations
 import click
 
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
+from ledger.cli.files import replaced_on_success
 
 
 @click.command()
 @click.argument("id")
 @format_option("text", "json")
 @click.option("--html", metavar="FILE", default=None, help="also write a self-contained page")
-@click.option("--width", type=int, default=40, show_default=True, help="Gantt chart columns")
+@click.option("--width", type=click.IntRange(min=10), default=40, show_default=True,
+              help="Gantt chart columns")
 @db_option
 @pass_env
 def timeline(env: Env, id: str, fmt: str, html: str | None, width: int) -> None:
@@ -24,7 +26,7 @@ def timeline(env: Env, id: str, fmt: str, html: str | None, width: int) -> None:
     except UnknownId:
         raise Failure(f"no task, group or chord {id!r} in this ledger") from None
     if html:
-        with open(html, "w", encoding="utf-8") as f:
+        with replaced_on_success(html) as f:
             f.write(render_html(wf))
     if fmt == "json":
         print_json(to_json(wf))

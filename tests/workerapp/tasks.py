@@ -17,7 +17,7 @@ import time
 import redis
 from celery import Celery
 
-REDACT_KWARGS = ["password", "token"]
+REDACT_KWARGS = ["password", "token", "card"]
 REDACT_ARGS = [2]
 
 
@@ -91,6 +91,11 @@ def register(app: Celery) -> None:
     @app.task(shared=False, name="workerapp.login")
     def login(user, realm, secret, password=None, token=None):
         return f"{user}@{realm} logged in"
+
+    @app.task(shared=False, name="workerapp.charge")
+    def charge(amount, card, details=None):
+        """``card`` is redacted by name (ledger_redact_kwargs), however it is passed."""
+        return f"charged {amount}"
 
     @app.task(shared=False, name="workerapp.record_error")
     def record_error(request, exc, traceback):

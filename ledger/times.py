@@ -1,0 +1,52 @@
+"""Times as people type them: ISO 8601 (``Z`` included), ``-1h``, ``yesterday``; ``@N`` for a log position.
+
+Pure (dateutil only), so that every supported Python parses the same way:
+``datetime.fromisoformat`` refuses ``...Z`` before Python 3.11.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+
+from dateutil.parser import isoparse
+
+_RELATIVE = re.compile(r"^-(\d+)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+EXAMPLES = "ISO 8601 (2026-01-31T12:00:00Z, 2026-01-31), -30m, -1h, -2d, now, today, yesterday"
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """An aware UTC-or-given-zone datetime; a value without a zone is UTC. Raises ValueError."""
+    now = now or datetime.now(timezone.utc)
+    word = text.strip().lower()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    named = {"now": now, "today": midnight, "yesterday": midnight - timedelta(days=1)}
+    if word in named:
+        return named[word]
+    relative = _RELATIVE.match(word)
+    if relative:
+        return now - timedelta(**{_UNITS[relative.group(2)]: int(relative.group(1))})
+    if word.isdigit() and len(word) > 8:
+        # Not a date: most likely a Unix timestamp, which isoparse would misread.
+        raise ValueError(f"{text!r} is not a time: use {EXAMPLES}")
+    try:
+        value = isoparse(text.strip())
+    except (ValueError, OverflowError):
+        raise ValueError(f"{text!r} is not a time: use {EXAMPLES}") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def parse_as_of(text: str, now: datetime | None = None) -> datetime | int:
+    """``@N``: the log position N; anything else: a time (:func:`parse_time`).
+
+    A bare number is refused: a log position and a Unix timestamp look alike.
+    """
+    stripped = text.strip()
+    if stripped.startswith("@"):
+        if not stripped[1:].isdigit():
+            raise ValueError(f"{text!r} is not a log position: use @ and a number, e.g. @123")
+        return int(stripped[1:])
+    if stripped.isdigit():
+        raise ValueError(f"{text!r} is ambiguous: write @{stripped} for a log position, or a time")
+    return parse_time(text, now)
