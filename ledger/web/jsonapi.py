@@ -1,0 +1,84 @@
+"""The JSON API: the same models the pages show, as JSON (``/api/...``).
+
+Bad query parameters answer 400 with one line naming the parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ledger.audit import parse_as_of, parse_time
+from ledger.timeline import UnknownId, Workflow, find_workflow
+from ledger.web.models import TaskDetail, WorkflowOut
+
+
+def json_response(model) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def int_param(request: Request, name: str, default: int, *, maximum: int) -> int:
+    text = request.query_params.get(name)
+    if text in (None, ""):
+        return default
+    if not text.isdigit() or int(text) > maximum:
+        raise HTTPException(400, f"{name} must be a whole number from 0 to {maximum}, not {text!r}")
+    return int(text)
+
+
+def as_of_param(request: Request) -> int | datetime | None:
+    text = request.query_params.get("as_of")
+    if not text:
+        return None
+    try:
+        return parse_as_of(text)
+    except argparse.ArgumentTypeError as exc:
+        raise HTTPException(400, f"as_of: {exc}") from None
+
+
+def time_param(request: Request, name: str) -> datetime | None:
+    text = request.query_params.get(name)
+    if not text:
+        return None
+    try:
+        return parse_time(text)
+    except argparse.ArgumentTypeError as exc:
+        raise HTTPException(400, f"{name}: {exc}") from None
+
+
+def load_task(request: Request) -> TaskDetail:
+    task_id = request.path_params["task_id"]
+    detail = TaskDetail.of(request.app.state.ledger, task_id, as_of_param(request))
+    if detail is None:
+        raise HTTPException(404, f"no events for task {task_id!r} in this ledger")
+    return detail
+
+
+def load_workflow(request: Request) -> Workflow:
+    some_id = request.path_params["some_id"]
+    try:
+        return find_workflow(request.app.state.ledger, some_id)
+    except UnknownId:
+        raise HTTPException(404, f"no task, group or chord {some_id!r} in this ledger") from None
+
+
+def task(request: Request) -> Response:
+    """``/api/tasks/<id>[?as_of=POSITION|TIME]``: state and every event of the task."""
+    return json_response(load_task(request))
+
+
+def workflow(request: Request) -> Response:
+    """``/api/workflows/<id>``: the workflow any member id belongs to."""
+    return json_response(WorkflowOut.of(load_workflow(request)))
+
+
+def tasks(request: Request) -> Response:
+    raise HTTPException(404, "not yet")
+
+
+def stats(request: Request) -> Response:
+    raise HTTPException(404, "not yet")

@@ -1,0 +1,226 @@
+"""The console's data: pydantic models of the JSON API, built from the ledger's reads.
+
+Pages and the JSON API show the same models, so a page never shows what the API
+would not. Stored values (results, args, kwargs) go through
+:func:`ledger.audit.decode_value`: JSON and msgpack are decoded, anything else
+(pickle above all) is shown as ``<pickle N bytes>`` and never deserialized.
+Redacted arguments were replaced before they were stored; they stay
+``"[redacted]"`` here because nothing else was ever written.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ledger.audit import decode_value, describe, prunes_of
+from ledger.events import CorruptEvent, Encoded, RecordedEvent, TaskState
+from ledger.timeline import Workflow, to_json
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+def shown(value: Encoded | None) -> str | None:
+    """A stored value as display text (JSON of the decoded value, or the opaque summary)."""
+    if value is None:
+        return None
+    decoded, out = decode_value(value)
+    if not decoded:
+        return out
+    return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class EventOut(_Model):
+    """One event of a task's stream, with everything it stored."""
+
+    position: int
+    version: int
+    time: datetime
+    type: str
+    state: str | None = None
+    name: str | None = None
+    worker: str | None = None
+    queue: str | None = None
+    retries: int | None = None
+    exc_type: str | None = None
+    exc_message: str | None = None
+    traceback: str | None = None
+    result: str | None = None
+    args: str | None = None
+    kwargs: str | None = None
+    parent_id: str | None = None
+    group_id: str | None = None
+    root_id: str | None = None
+
+    @classmethod
+    def of(cls, event: RecordedEvent) -> EventOut:
+        row = describe(event)
+        fields: dict[str, Any] = {
+            k: row[k] for k in ("state", "name", "worker", "retries", "exc_type", "exc_message")
+        }
+        try:
+            data = event.data
+        except CorruptEvent:
+            data = None
+        if isinstance(data, TaskState):
+            fields.update(
+                traceback=data.traceback,
+                result=None if row["exc_type"] else shown(data.result),
+                args=shown(data.args),
+                kwargs=shown(data.kwargs),
+                queue=data.queue,
+                parent_id=data.parent_id,
+                group_id=data.group_id,
+                root_id=data.root_id,
+            )
+        else:
+            fields["result"] = row["result"]
+        return cls(
+            position=event.position,
+            version=event.stream_version,
+            time=event.recorded_at.astimezone(timezone.utc),
+            type=event.type,
+            **fields,
+        )
+
+
+class PruneNote(_Model):
+    pruned_at: str
+    before: str
+
+
+class TaskDetail(_Model):
+    """A task's state (now, or as of an event or time) and its whole history."""
+
+    task_id: str
+    name: str | None
+    state: str
+    as_of: int | datetime | None
+    as_of_position: int | None
+    events: list[EventOut]
+    pruned: list[PruneNote]
+    root_id: str | None
+
+    @classmethod
+    def of(cls, ledger, task_id: str, as_of: int | datetime | None = None) -> TaskDetail | None:
+        """None when the log holds no event of ``task_id``."""
+        events = ledger.history(task_id)
+        pruned = [PruneNote(**p) for p in prunes_of(ledger, f"task:{task_id}")]
+        if not events and not pruned:
+            return None
+        rows = [EventOut.of(e) for e in events]
+        meta = ledger.task_meta(task_id, as_of=as_of) if events else None
+        return cls(
+            task_id=task_id,
+            name=next((r.name for r in rows if r.name), None),
+            state=meta.status if meta else _state_without_row(rows, as_of),
+            as_of=as_of,
+            as_of_position=meta.position if meta else None,
+            events=rows,
+            pruned=pruned,
+            root_id=next((r.root_id for r in rows if r.root_id), None),
+        )
+
+    def shown_at(self, position: int) -> bool:
+        """Whether the event at ``position`` is within the as-of view."""
+        if self.as_of is None:
+            return True
+        if isinstance(self.as_of, int):
+            return position <= self.as_of
+        event = next(e for e in self.events if e.position == position)
+        return event.time <= self.as_of
+
+
+def _state_without_row(rows: list[EventOut], as_of: int | datetime | None) -> str:
+    """No projection row: PENDING, or the tombstone that ended the task's life."""
+    seen = [
+        r for r in rows
+        if as_of is None
+        or (r.position <= as_of if isinstance(as_of, int) else r.time <= as_of)
+    ]
+    if seen and seen[-1].state in ("FORGOTTEN", "EXPIRED"):
+        return seen[-1].state
+    return "PENDING"
+
+
+class RunOut(_Model):
+    task_id: str
+    name: str | None
+    state: str
+    start: datetime | None
+    end: datetime | None
+    duration_s: float | None
+    retries: int
+    workers: list[str]
+    parent_id: str | None
+    group_id: str | None
+    exc_type: str | None
+
+
+class NodeOut(_Model):
+    label: str
+    task: RunOut | None = None
+    children: list[NodeOut] = []
+
+
+class ChordOut(_Model):
+    size: int | None
+    returned: int
+    fired_at: datetime | None
+    header: list[str]
+    body: list[str]
+
+
+class WorkflowOut(_Model):
+    """The workflow a task, group or chord belongs to (:mod:`ledger.timeline`'s model)."""
+
+    query: str
+    kind: str
+    root_id: str
+    tasks: list[RunOut]
+    groups: dict[str, list[str]]
+    chords: dict[str, ChordOut]
+    tree: list[NodeOut]
+
+    @classmethod
+    def of(cls, wf: Workflow) -> WorkflowOut:
+        return cls.model_validate(to_json(wf))
+
+
+class LiveEvent(_Model):
+    """One appended event as ``/api/events`` sends it (one ``data:`` line of JSON)."""
+
+    position: int
+    time: datetime
+    type: str
+    stream_id: str
+    task_id: str | None
+    state: str | None
+    name: str | None
+    worker: str | None
+
+    @classmethod
+    def of(cls, event: RecordedEvent) -> LiveEvent:
+        kind, _, key = event.stream_id.partition(":")
+        name = worker = None
+        try:
+            data = event.data
+        except CorruptEvent:
+            data = None
+        if isinstance(data, TaskState):
+            name, worker = data.name, data.worker
+        return cls(
+            position=event.position,
+            time=event.recorded_at.astimezone(timezone.utc),
+            type=event.type,
+            stream_id=event.stream_id,
+            task_id=key if kind == "task" else None,
+            state=describe(event)["state"] if kind == "task" else None,
+            name=name,
+            worker=worker,
+        )

@@ -1,0 +1,67 @@
+"""The HTML pages, rendered on the server from the API's models.
+
+Handlers are plain functions: Starlette runs them in its thread pool, so a
+slow query never holds up the event loop that streams ``/api/events``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+
+from ledger.web import gantt
+from ledger.web.jsonapi import load_task, load_workflow
+from ledger.web.models import EventOut, WorkflowOut
+
+
+def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    state = request.app.state
+    html = state.templates.get_template(template).render(
+        request=request, ledger_url=state.ledger.url, **context
+    )
+    return HTMLResponse(html, status_code=status_code)
+
+
+def task(request: Request) -> HTMLResponse:
+    """``/tasks/<id>``: every event, the state as of any event or time, prune notes."""
+    detail = load_task(request)
+    return render(request, "task.html", task=detail, title=f"task {detail.task_id}")
+
+
+def workflow(request: Request) -> HTMLResponse:
+    """``/workflows/<id>``: the workflow as a tree and an SVG Gantt chart."""
+    wf = load_workflow(request)
+    ledger = request.app.state.ledger
+    # The exception text of each failed task (the workflow model keeps its type only).
+    messages = {}
+    for run in wf.tasks.values():
+        if run.state == "FAILURE":
+            rows = [EventOut.of(e) for e in ledger.history(run.task_id)]
+            last = next(r for r in reversed(rows) if r.state == "FAILURE")
+            messages[run.task_id] = f"{last.exc_type or 'Exception'}: {last.exc_message or ''}".strip()
+    return render(
+        request,
+        "workflow.html",
+        wf=WorkflowOut.of(wf),
+        chart=gantt.layout(wf, messages),
+        title=f"workflow {wf.root}",
+    )
+
+
+def live(request: Request) -> HTMLResponse:
+    """``/live``: events as they are appended (the page's script reads ``/api/events``)."""
+    return render(request, "live.html", title="live")
+
+
+def tasks(request: Request) -> HTMLResponse:
+    return render(request, "error.html", status=501, detail="not yet", title="tasks")
+
+
+def task_rows(request: Request) -> HTMLResponse:
+    return HTMLResponse("")
+
+
+def stats(request: Request) -> HTMLResponse:
+    return render(request, "error.html", status=501, detail="not yet", title="stats")

@@ -1,0 +1,53 @@
+"""``celery-ledger web``: the console under uvicorn, safe by default.
+
+Refuses a non-loopback address without ``--auth`` before opening anything, and
+opens the database read-only for good measure: the server's connections are
+read-only sessions (PostgreSQL ``default_transaction_read_only``, SQLite
+``query_only``), so even a bug in a page could not write to the ledger.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from ledger.api import Ledger
+from ledger.web.security import Credentials, check_bind
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5580
+
+
+def read_only(ledger: Ledger) -> None:
+    """Make every connection the ledger's engine opens from now on a read-only session."""
+
+    @sa.event.listens_for(ledger.engine, "connect")
+    def _connect(dbapi_conn, _record) -> None:
+        cur = dbapi_conn.cursor()
+        if ledger.dialect == "postgresql":
+            cur.execute("SET default_transaction_read_only = on")
+            dbapi_conn.commit()
+        else:
+            cur.execute("PRAGMA query_only = ON")
+        cur.close()
+
+    # Connections opened before (none in the server process) would not be covered.
+    ledger.engine.dispose()
+
+
+def serve(url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, auth: str | None = None) -> None:
+    """Run the console until interrupted; raises before listening when unsafe or unusable."""
+    import uvicorn
+
+    from ledger.web.app import create_app
+
+    credentials = Credentials.parse(auth) if auth else None
+    check_bind(host, credentials)
+    ledger = Ledger.open(url)
+    read_only(ledger)
+    ledger.follower_lag()  # fail now, with one line, if the database or its schema is missing
+    shown = f"[{host}]" if ":" in host else host
+    print(f"celery-ledger web: http://{shown}:{port}/ on {ledger.url}"
+          + (" (credentials required)" if credentials else ""), flush=True)
+    uvicorn.run(create_app(ledger, credentials=credentials), host=host, port=port,
+                # SSE streams never end by themselves: don't wait on them at shutdown.
+                log_level="warning", access_log=False, timeout_graceful_shutdown=2)

@@ -1,0 +1,355 @@
+"""The web console over HTTP: pages and API agree with the log, and it is safe by default.
+
+In-process requests go through Starlette's test client; the event stream, the
+bind check and the credentials are tested against a real server (uvicorn in a
+thread, or the ``celery-ledger web`` process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import pickle
+import re
+import socket
+import threading
+import time
+from datetime import timedelta
+
+import httpx
+import pytest
+import uvicorn
+from starlette.testclient import TestClient
+
+from ledger.api import Ledger
+from ledger.cli import main
+from ledger.events import Encoded, TaskForgotten, TaskState, utcnow
+from ledger.web.app import create_app
+from ledger.web.feed import EventFeed, Overflow
+from ledger.web.security import Credentials, check_bind
+from ledger.web.server import read_only
+from tests.browser import Server, server_for  # noqa: F401  (fixture)
+from tests.kafka import free_port
+
+WAIT = 30  # a hang guard, not a speed check
+
+
+def as_json(value) -> Encoded:
+    return Encoded(content_type="application/json", data=json.dumps(value).encode())
+
+
+def store_retried_task(ledger: Ledger, task_id: str = "t-1") -> None:
+    """STARTED, RETRY (ConnectionError), STARTED, SUCCESS, as a worker would store them."""
+    common = dict(task_id=task_id, name="shop.charge", worker="w1@host", queue="payments",
+                  args=as_json([42]), kwargs=as_json({"card": "[redacted]"}))
+    ledger.append([TaskState(status="STARTED", retries=0, **common)])
+    ledger.append([TaskState(status="RETRY", retries=0, exc_type="ConnectionError",
+                             exc_message="gateway down", traceback="Traceback ...\nConnectionError",
+                             **common)])
+    ledger.append([TaskState(status="STARTED", retries=1, **common)])
+    ledger.append([TaskState(status="SUCCESS", retries=1, result=as_json({"charged": True}), **common)])
+
+
+@pytest.fixture
+def client(ledger):
+    with TestClient(create_app(ledger), base_url="http://127.0.0.1") as c:
+        yield c
+
+
+def test_task_api_and_page_show_every_event_and_the_state_as_of_one(ledger, client):
+    store_retried_task(ledger)
+    doc = client.get("/api/tasks/t-1").json()
+    assert doc["state"] == "SUCCESS" and doc["name"] == "shop.charge"
+    assert [e["state"] for e in doc["events"]] == ["STARTED", "RETRY", "STARTED", "SUCCESS"]
+    retry = doc["events"][1]
+    assert (retry["exc_type"], retry["exc_message"], retry["worker"], retry["queue"]) == (
+        "ConnectionError", "gateway down", "w1@host", "payments")
+    assert retry["traceback"].endswith("ConnectionError")
+    assert doc["events"][3]["result"] == '{"charged": true}'
+    assert doc["events"][0]["kwargs"] == '{"card": "[redacted]"}'
+    at_retry = client.get(f"/api/tasks/t-1?as_of={retry['position']}").json()
+    assert at_retry["state"] == "RETRY" and at_retry["as_of_position"] == retry["position"]
+    before = client.get(f"/api/tasks/t-1?as_of={doc['events'][0]['position'] - 1}").json()
+    assert before["state"] == "PENDING"
+    at_time = client.get("/api/tasks/t-1", params={"as_of": retry["time"]}).json()
+    assert at_time["state"] == "RETRY"
+
+    page = client.get(f"/tasks/t-1?as_of={retry['position']}").text
+    assert page.count('<tr class="later') == 2  # the two events after the as-of point
+    assert "ConnectionError: gateway down" in page
+
+
+def test_tombstones_and_prunes_are_noted(ledger, client, any_url, capsys):
+    store_retried_task(ledger)
+    ledger.append([TaskForgotten(task_id="t-1")])
+    doc = client.get("/api/tasks/t-1").json()
+    assert doc["state"] == "FORGOTTEN" and doc["events"][-1]["state"] == "FORGOTTEN"
+    assert "forgotten: the result was removed" in client.get("/tasks/t-1").text
+    cutoff = utcnow() + timedelta(seconds=1)
+    time.sleep(1.1)
+    assert main(["prune", "--before", cutoff.isoformat(), "--db", any_url]) == 0
+    capsys.readouterr()
+    doc = client.get("/api/tasks/t-1").json()
+    assert doc["events"] == [] and doc["pruned"][0]["before"] == cutoff.isoformat()
+    assert f"Events recorded before {cutoff.isoformat()} were pruned" in client.get("/tasks/t-1").text
+
+
+def test_bad_input_answers_one_line_naming_it(ledger, client):
+    store_retried_task(ledger)
+    r = client.get("/api/tasks/t-1?as_of=yesterday")
+    assert r.status_code == 400 and r.json()["error"].startswith("as_of: 'yesterday' is not an ISO 8601 time")
+    r = client.get("/api/tasks/nope")
+    assert r.status_code == 404 and r.json() == {"error": "no events for task 'nope' in this ledger"}
+    r = client.get("/workflows/nope")
+    assert r.status_code == 404 and "no task, group or chord &#39;nope&#39;" in r.text
+    assert client.get("/api/events?backlog=lots").status_code == 400
+
+
+class Boom:
+    """Unpickling this would create ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_stored_pickles_are_never_unpickled(ledger, client, tmp_path):
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(Boom(str(marker)))
+    pickled = Encoded(content_type="application/x-python-serialize", content_encoding="binary",
+                      data=payload)
+    ledger.append([TaskState(task_id="p-1", status="SUCCESS", result=pickled, args=pickled)])
+    doc = client.get("/api/tasks/p-1").json()
+    assert doc["events"][0]["result"] == f"<pickle {len(payload)} bytes>"
+    assert f"&lt;pickle {len(payload)} bytes&gt;" in client.get("/tasks/p-1").text
+    assert not marker.exists()
+
+
+def all_paths(ledger: Ledger) -> list[str]:
+    store_retried_task(ledger)
+    return ["/", "/live", "/stats", "/tasks/t-1", "/tasks/t-1?as_of=2", "/workflows/t-1",
+            "/api/tasks", "/api/tasks/t-1", "/api/workflows/t-1", "/api/stats", "/tasks/missing"]
+
+
+def test_every_response_has_a_csp_and_pages_run_no_inline_script(ledger, client):
+    for path in all_paths(ledger):
+        r = client.get(path)
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "default-src 'none'" in csp, path
+        assert r.headers["x-content-type-options"] == "nosniff"
+        if r.headers["content-type"].startswith("text/html"):
+            scripts = re.findall(r"<script\b[^>]*>", r.text)
+            assert scripts == ['<script src="/static/console.js" defer>'], (path, scripts)
+            assert not re.search(r"\son[a-z]+\s*=|\sstyle\s*=", r.text), path
+    js = client.get("/static/console.js")
+    assert js.status_code == 200 and "innerHTML" not in js.text.replace("tmp.innerHTML = html", "")
+
+
+def test_no_endpoint_writes(ledger, client):
+    paths = all_paths(ledger)
+    head = ledger.follower_lag()["head_position"]
+    for path in paths:
+        client.get(path)
+        for method in ("POST", "PUT", "PATCH", "DELETE"):
+            assert client.request(method, path).status_code in (404, 405), (method, path)
+    assert ledger.follower_lag()["head_position"] == head
+
+
+def test_the_servers_connections_cannot_write(any_url):
+    ledger = Ledger.open(any_url)
+    ledger.engine.dispose()
+    read_only(ledger)
+    with pytest.raises(Exception, match="(?i)read-only|readonly"):
+        ledger.append([TaskState(task_id="w-1", status="STARTED")])
+    assert ledger.history("w-1") == []
+
+
+# -- who may connect ---------------------------------------------------------------------
+
+
+def test_a_public_address_is_refused_without_auth(sqlite_url, capsys):
+    assert main(["web", "--db", sqlite_url, "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("celery-ledger: refusing to listen on 0.0.0.0 (not a loopback address) without --auth")
+    assert err.count("\n") == 1
+    check_bind("0.0.0.0", Credentials.parse("token:s3cret"))  # allowed with credentials
+    check_bind("localhost", None)
+    assert main(["web", "--db", sqlite_url, "--auth", "nocolon"]) == 2
+    assert "--auth must be USER:PASSWORD or token:SECRET" in capsys.readouterr().err
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_credentials_are_required_when_set(sqlite_url, server_for):  # noqa: F811
+    token = server_for(sqlite_url, "--auth", "token:s3cret").base
+    for headers, status in [
+        ({}, 401), ({"Authorization": "Bearer wrong"}, 401), ({"Authorization": "Bearer s3cret"}, 200),
+        (basic("anyone", "s3cret"), 200), (basic("anyone", "s3cre"), 401),
+        ({"Authorization": "Basic !!notbase64"}, 401),
+    ]:
+        r = httpx.get(token + "/live", headers=headers, timeout=WAIT)
+        assert r.status_code == status, headers
+    assert httpx.get(token + "/live", timeout=WAIT).headers["www-authenticate"].startswith("Basic")
+    user = server_for(sqlite_url, "--auth", "ops:pa:ss").base
+    assert httpx.get(user + "/api/stats", headers=basic("ops", "pa:ss"), timeout=WAIT).status_code != 401
+    assert httpx.get(user + "/api/stats", headers=basic("dev", "pa:ss"), timeout=WAIT).status_code == 401
+    assert httpx.get(user + "/api/stats", headers={"Authorization": "Bearer pa:ss"},
+                     timeout=WAIT).status_code == 401
+
+
+def test_without_auth_only_localhost_names_are_answered(ledger):
+    # A web page whose own host name resolves to 127.0.0.1 (DNS rebinding) sends its name.
+    with TestClient(create_app(ledger), base_url="http://evil.example") as c:
+        r = c.get("/live")
+        assert r.status_code == 403 and "only to localhost" in r.text
+    for host in ("localhost:5580", "127.0.0.1", "[::1]:5580"):
+        with TestClient(create_app(ledger), base_url=f"http://{host}") as c:
+            assert c.get("/live").status_code == 200, host
+
+
+@pytest.mark.postgres
+def test_the_database_password_is_never_rendered(pg_url, server_for):  # noqa: F811
+    # The test server trusts local connections, so any password gets in.
+    secret = "pw-never-shown-7731"
+    url = pg_url.replace("postgres@", f"postgres:{secret}@", 1)
+    store_retried_task(Ledger.open(pg_url))
+    server = server_for(url)
+    bodies = [httpx.get(server.base + p, timeout=WAIT).text for p in all_paths(Ledger.open(pg_url))]
+    assert all("postgres:***@" in b for b in bodies if "<header>" in b)
+    assert not any(secret in b for b in bodies)
+    assert secret not in server.output() and "postgres:***@" in server.output()
+
+
+# -- the event stream --------------------------------------------------------------------
+
+
+class Running:
+    """The app under uvicorn in a thread (a real socket) for the stream tests."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                   log_level="warning", timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + WAIT
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(WAIT)
+
+
+def read_events(response, n: int) -> list[dict]:
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            out.append(json.loads(line[6:]))
+            if len(out) == n:
+                return out
+    return out
+
+
+def test_the_event_stream_sends_one_json_line_per_appended_event(ledger):
+    running = Running(create_app(ledger))
+    try:
+        with httpx.stream("GET", running.base + "/api/events", timeout=WAIT) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            store_retried_task(ledger, "s-1")
+            ledger.append([TaskForgotten(task_id="s-1")])
+            events = read_events(r, 5)
+    finally:
+        running.stop()
+    history = ledger.history("s-1")
+    assert [(e["task_id"], e["type"], e["state"], e["position"]) for e in events] == [
+        ("s-1", h.type, s, h.position)
+        for h, s in zip(history, ["STARTED", "RETRY", "STARTED", "SUCCESS", "FORGOTTEN"], strict=True)
+    ]
+    assert events[0]["name"] == "shop.charge" and events[0]["worker"] == "w1@host"
+
+
+def test_a_client_that_cannot_keep_up_is_cut_off_alone():
+    """Bounded per-client queues: the slow client overflows, the one that reads gets all."""
+
+    async def scenario() -> tuple[list, list]:
+        feed = EventFeed(None, lambda e: e, client_queue=3)  # type: ignore[arg-type]
+        with feed.subscribe() as slow, feed.subscribe() as fast:
+            got = []
+            for i in range(10):
+                feed._publish(f"event {i}")
+                got.extend(await fast.next_batch())
+            stuck = [slow.queue.get_nowait() for _ in range(slow.queue.qsize())]
+            return got, stuck
+
+    got, stuck = asyncio.run(scenario())
+    assert got == [f"event {i}" for i in range(10)]
+    assert len(stuck) == 1 and isinstance(stuck[0], Overflow) and stuck[0].dropped == 4
+
+
+def sse_socket(port: int, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    sock.settimeout(WAIT)
+    return sock
+
+
+def read_until(sock: socket.socket, done) -> bytes:
+    """Bytes from ``sock`` until ``done(chunks)`` (cheap to check: the list of chunks)."""
+    chunks: list[bytes] = []
+    while not done(chunks):
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def data_lines(n: int):
+    """``done`` for :func:`read_until`: ``n`` SSE messages received (counted once per chunk)."""
+    seen = [0, 0]  # chunks counted, messages in them
+
+    def done(chunks: list[bytes]) -> bool:
+        for chunk in chunks[seen[0]:]:
+            seen[1] += chunk.count(b"\n\n")
+        seen[0] = len(chunks)
+        return seen[1] >= n + 1  # and the ": connected" comment
+    return done
+
+
+@pytest.mark.postgres
+def test_a_client_that_never_reads_does_not_hold_up_writers_or_other_clients(pg_url):
+    ledger = Ledger.open(pg_url)
+    running = Running(create_app(ledger, client_queue=2500))
+    slow = sse_socket(running.port, rcvbuf=4096)
+    fast = sse_socket(running.port)
+    n = 20_000
+    try:
+        read_until(fast, lambda got: got)
+        read_until(slow, lambda got: got)
+        appended = [TaskState(task_id=f"x-{i}", status="SUCCESS", name="n" * 200) for i in range(n)]
+        writer = threading.Thread(target=ledger.append, args=(appended,))
+        writer.start()
+        # Raw bytes, counted: the reader keeps up without parsing as it goes.
+        got = b": connected\n\n" + read_until(fast, data_lines(n))
+        writer.join(WAIT)
+        lines = [json.loads(line[6:]) for line in got.split(b"\n") if line.startswith(b"data: ")]
+        ids = [d["task_id"] for d in lines]
+        assert ids == [f"x-{i}" for i in range(n)]
+        assert b"event: overflow" not in got
+        # The slow client, reading at last, finds its stream ended with an overflow.
+        rest = read_until(slow, lambda got: bool(got) and got[-1].endswith(b"0\r\n\r\n"))
+        assert b"event: overflow" in rest and rest.count(b"\ndata: ") < n
+    finally:
+        slow.close()
+        fast.close()
+        running.stop()
