@@ -50,6 +50,14 @@ class BadFilter(LedgerError, ValueError):
     """A task catalogue filter that cannot be applied; the message names it."""
 
 
+class BadAuth(LedgerError, ValueError):
+    """The web console's ``--auth`` value cannot be used."""
+
+
+class UnsafeBind(LedgerError, ValueError):
+    """The web console was asked to listen beyond loopback without credentials."""
+
+
 # -- concurrency -------------------------------------------------------------------------
 
 

@@ -20,7 +20,8 @@ as Celery users expect, read beside Celery's own ``result_*`` settings:
 
 Environment: commands without a Celery app read the database URL from
 ``$LEDGER_DATABASE_URL``; ``$LEDGER_POOL_SIZE`` (default 8) sizes each process's
-PostgreSQL connection pool.
+PostgreSQL connection pool; ``$LEDGER_WEB_AUTH`` holds the web console's
+credentials (so they stay out of the process list and shell history).
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ DEFAULT_DATABASE_URL = "sqlite:///celery-ledger.db"
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 #: The values ``ledger_notify`` accepts; the first is the default.
 NOTIFY_MODES = ("ready", "all")
+
+
+#: The web console's address and port when not given (loopback: see ledger.web.security).
+WEB_HOST, WEB_PORT = "127.0.0.1", 5580
+#: The environment variable holding the web console's ``--auth`` credentials.
+WEB_AUTH_ENV = "LEDGER_WEB_AUTH"
+
+
+def web_auth_from_env() -> str | None:
+    """``$LEDGER_WEB_AUTH`` (``USER:PASSWORD`` or ``token:SECRET``), or None."""
+    return os.environ.get(WEB_AUTH_ENV) or None
 
 
 #: The environment variable sizing a process's PostgreSQL pool, and its default.

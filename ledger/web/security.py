@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ledger.errors import BadAuth, UnsafeBind
+
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -36,14 +38,6 @@ HEADERS = [
     (b"x-frame-options", b"DENY"),
 ]
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
-
-
-class BadAuth(ValueError):
-    """The ``--auth`` value cannot be used."""
-
-
-class UnsafeBind(ValueError):
-    """A non-loopback address without ``--auth``."""
 
 
 @dataclass(frozen=True)

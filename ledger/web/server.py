@@ -11,10 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from ledger.api import Ledger
+from ledger.settings import WEB_HOST, WEB_PORT
 from ledger.web.security import Credentials, check_bind
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 5580
 
 
 def read_only(ledger: Ledger) -> None:
@@ -34,7 +32,7 @@ def read_only(ledger: Ledger) -> None:
     ledger.engine.dispose()
 
 
-def serve(url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, auth: str | None = None) -> None:
+def serve(url: str, host: str = WEB_HOST, port: int = WEB_PORT, auth: str | None = None) -> None:
     """Run the console until interrupted; raises before listening when unsafe or unusable."""
     import uvicorn
 
