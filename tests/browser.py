@@ -137,9 +137,15 @@ def chromium() -> Iterator[Console]:
             shutil.rmtree(profile, ignore_errors=True)
 
 
-def shoot(page, name: str) -> Path:
-    """Keep a full-page screenshot as a test artifact."""
+def shoot(page, name: str, down_to: str | None = None) -> Path:
+    """Keep a screenshot as a test artifact: the full page, or its top down to a selector."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    if down_to is None:
+        page.screenshot(path=str(path), full_page=True)
+    else:
+        box = page.locator(down_to).bounding_box()
+        width = page.viewport_size["width"]
+        page.screenshot(path=str(path), clip={"x": 0, "y": 0, "width": width,
+                                              "height": box["y"] + box["height"] + 16})
     return path

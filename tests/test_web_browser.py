@@ -117,6 +117,7 @@ def test_workflow_page_draws_the_bars_of_a_chord_with_a_retried_part(site, chrom
     body_bar = body.locator("rect.bar.failure")
     assert float(first_bar.get_attribute("x")) < float(body_bar.get_attribute("x"))
     shoot(page, "workflow-chord")
+    shoot(page, "workflow-chart", down_to="svg.gantt")  # the README's picture
     page.close()
     assert chromium.errors == []
 
@@ -174,4 +175,18 @@ def test_a_script_stored_as_name_or_result_renders_as_text(site, chromium, worke
     assert "pwned" not in live.title()
     shoot(live, "live-script-as-text")
     live.close()
+    assert chromium.errors == []
+
+
+def test_redacted_arguments_stay_redacted(site, chromium, worker):  # noqa: F811
+    result = task(worker, "login").delay("ann", "realm-1", "s3cret-arg", password="hunter2-kw")
+    assert result.get(timeout=WAIT) == "ann@realm-1 logged in"
+    page = chromium.open(f"{site}/tasks/{result.id}")
+    text = page.locator("main").inner_text()
+    assert '["ann", "realm-1", "[redacted]"]' in text and '"password": "[redacted]"' in text
+    api = page.request.get(f"{site}/api/tasks/{result.id}").text()
+    for secret in ("s3cret-arg", "hunter2-kw"):
+        assert secret not in text and secret not in api and secret not in page.content()
+    shoot(page, "task-redacted")
+    page.close()
     assert chromium.errors == []
