@@ -106,6 +106,62 @@ def test_bad_input_answers_one_line_naming_it(ledger, client):
     assert client.get("/api/events?backlog=lots").status_code == 400
 
 
+def store_catalogue(ledger: Ledger) -> list[str]:
+    """Seven tasks, oldest first: names, workers, a failure and a retry to filter on."""
+    ids = []
+    for i in range(7):
+        common = dict(task_id=f"c-{i}", name="shop.charge" if i % 2 == 0 else "mail.send",
+                      worker=f"w{i % 2 + 1}@host", queue="q", args=as_json([i * 11]))
+        ledger.append([TaskState(status="STARTED", **common)])
+        if i == 5:
+            ledger.append([TaskState(status="RETRY", exc_type="ConnectionError", **common)])
+            ledger.append([TaskState(status="STARTED", **common)])
+        if i == 3:
+            ledger.append([TaskState(status="FAILURE", exc_type="ValueError", exc_message="no", **common)])
+        else:
+            ledger.append([TaskState(status="SUCCESS", result=as_json(i), **common)])
+        ids.append(f"c-{i}")
+    return ids
+
+
+def test_tasks_api_filters_newest_first_and_pages(ledger, client):
+    ids = store_catalogue(ledger)
+
+    def listed(query: str) -> list[str]:
+        r = client.get("/api/tasks" + query)
+        assert r.status_code == 200, r.text
+        return [t["task_id"] for t in r.json()["tasks"]]
+
+    assert listed("") == ids[::-1]
+    assert listed("?name=shop.*") == ["c-6", "c-4", "c-2", "c-0"]
+    assert listed("?name=mail.send&worker=w2@host") == ["c-5", "c-3", "c-1"]
+    assert listed("?state=failure") == ["c-3"] == listed("?exception=ValueError")
+    assert listed("?args=55") == ["c-5"]
+    assert listed("?root=c-2") == ["c-2"]
+    assert listed("?name=shop.charge&state=FAILURE") == []
+    page = client.get("/api/tasks?limit=2&page=2").json()
+    assert [t["task_id"] for t in page["tasks"]] == ["c-4", "c-3"] and page["has_more"]
+    assert not client.get("/api/tasks?limit=2&page=4").json()["has_more"]
+    r = client.get("/api/tasks?limit=0")
+    assert r.status_code == 400 and r.json()["error"].startswith("limit: ")
+    assert client.get("/api/tasks?colour=red").json() == {"error": "unknown parameter 'colour'"}
+    html = client.get("/?name=shop.*&limit=2").text
+    assert html.count("<tr data-task-id=") == 2 and 'href="/?name=shop.%2A&amp;page=2&amp;limit=2"' in html
+
+
+def test_stats_api_counts_rates_and_runtimes_by_name(ledger, client):
+    store_catalogue(ledger)
+    rows = {r["name"]: r for r in client.get("/api/stats").json()["rows"]}
+    assert rows["shop.charge"]["total"] == 4 and rows["shop.charge"]["states"] == {"SUCCESS": 4}
+    mail = rows["mail.send"]
+    assert mail["total"] == 3 and mail["states"] == {"SUCCESS": 2, "FAILURE": 1}
+    assert mail["failure_rate"] == pytest.approx(1 / 3) and mail["retry_rate"] == pytest.approx(1 / 3)
+    assert 0 <= mail["runtime_p50"] <= mail["runtime_p99"] == mail["runtime_max"]
+    later = (utcnow() + timedelta(hours=1)).isoformat()
+    assert client.get("/api/stats", params={"since": later}).json()["rows"] == []
+    assert "mail.send" in client.get("/stats").text
+
+
 class Boom:
     """Unpickling this would create ``path``."""
 

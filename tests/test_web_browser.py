@@ -190,3 +190,46 @@ def test_redacted_arguments_stay_redacted(site, chromium, worker):  # noqa: F811
     shoot(page, "task-redacted")
     page.close()
     assert chromium.errors == []
+
+
+def listed(page) -> list[str]:
+    return page.eval_on_selector_all("#task-rows tr[data-task-id]", "rows => rows.map(r => r.dataset.taskId)")
+
+
+def test_filtering_the_tasks_page(site, chromium, run_workflow):  # noqa: F811
+    ledger, ids = run_workflow
+    workflow = {ids["first"], *ids["members"], ids["plain"], ids["flaky"], ids["body"]}
+    page = chromium.open(f"{site}/")
+    page.fill("input[name=name]", "workerapp.fl*")
+    page.click("#apply-filters")
+    page.wait_for_url(re.compile(r"name=workerapp.fl"))
+    assert ids["flaky"] in listed(page)
+    names = page.eval_on_selector_all("#task-rows tr td:nth-child(2)", "cells => cells.map(c => c.textContent)")
+    assert set(names) == {"workerapp.flaky"}
+
+    page.fill("input[name=name]", "")
+    page.select_option("select[name=state]", "FAILURE")
+    page.click("#apply-filters")
+    page.wait_for_url(re.compile(r"state=FAILURE"))
+    assert listed(page) == [ids["body"]]
+    api = page.request.get(f"{site}/api/tasks?state=FAILURE").json()
+    assert [t["task_id"] for t in api["tasks"]] == [ids["body"]]
+    assert api["tasks"][0]["exc_type"] == "ValueError"
+
+    page.select_option("select[name=state]", "")
+    page.fill("input[name=root]", ids["first"])
+    page.click("#apply-filters")
+    page.wait_for_url(re.compile(r"root="))
+    assert set(listed(page)) == workflow
+
+    page.fill("input[name=root]", "")
+    page.fill("input[name=args]", "body failed")
+    page.click("#apply-filters")
+    page.wait_for_url(re.compile(r"args=body"))
+    assert listed(page) == [ids["body"]]
+    shoot(page, "tasks-filtered")
+
+    page.goto(f"{site}/?since=not-a-time")
+    assert "since: 'not-a-time' is not an ISO 8601 time" in page.locator("p.error").inner_text()
+    page.close()
+    assert [e for e in chromium.errors if "400" not in e] == []

@@ -14,7 +14,8 @@ from starlette.responses import Response
 
 from ledger.audit import parse_as_of, parse_time
 from ledger.timeline import UnknownId, Workflow, find_workflow
-from ledger.web.models import TaskDetail, WorkflowOut
+from ledger.web.models import StatsQuery, TaskDetail, TaskQuery, WorkflowOut
+from ledger.web.tasklist import find_tasks, task_stats
 
 
 def json_response(model) -> Response:
@@ -76,9 +77,26 @@ def workflow(request: Request) -> Response:
     return json_response(WorkflowOut.of(load_workflow(request)))
 
 
+
+def task_query(request: Request) -> TaskQuery:
+    try:
+        return TaskQuery.from_params(request.query_params)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+def stats_query(request: Request) -> StatsQuery:
+    try:
+        return StatsQuery.from_params(request.query_params)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
 def tasks(request: Request) -> Response:
-    raise HTTPException(404, "not yet")
+    """``/api/tasks?name=&state=&worker=&queue=&exception=&since=&until=&root=&args=&page=&limit=``."""
+    return json_response(find_tasks(request.app.state.ledger, task_query(request)))
 
 
 def stats(request: Request) -> Response:
-    raise HTTPException(404, "not yet")
+    """``/api/stats?since=&until=`` (or ``hours=``, default 24): per task name."""
+    return json_response(task_stats(request.app.state.ledger, stats_query(request)))

@@ -10,13 +10,16 @@ Redacted arguments were replaced before they were stored; they stay
 
 from __future__ import annotations
 
+import argparse
 import json
-from datetime import datetime, timezone
-from typing import Any
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any, ClassVar
+from urllib.parse import urlencode
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ledger.audit import decode_value, describe, prunes_of
+from ledger.audit import decode_value, describe, parse_time, prunes_of
 from ledger.events import CorruptEvent, Encoded, RecordedEvent, TaskState
 from ledger.timeline import Workflow, to_json
 
@@ -224,3 +227,123 @@ class LiveEvent(_Model):
             name=name,
             worker=worker,
         )
+
+
+# -- the catalogue: Tasks and Stats ------------------------------------------------------
+
+
+class TaskQuery(_Model):
+    """The Tasks page's filters (query parameters of ``/`` and ``/api/tasks``)."""
+
+    name: str | None = None  # exact, or a glob with * ? [ ]
+    state: str | None = None
+    worker: str | None = None
+    queue: str | None = None
+    exception: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    root: str | None = None
+    args: str | None = None  # a substring of the stored args/kwargs
+    page: int = Field(1, ge=1, le=1000)
+    limit: int = Field(50, ge=1, le=500)
+
+    FILTERS: ClassVar[tuple[str, ...]] = (
+        "name", "state", "worker", "queue", "exception", "since", "until", "root", "args",
+    )
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> TaskQuery:
+        """From query parameters; :class:`ValueError` names the first bad one."""
+        return _from_params(cls, params)
+
+    def filters(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.FILTERS if getattr(self, k) is not None}
+
+    def link(self, **change: Any) -> str:
+        """The query string of this query with ``change`` applied (for pager links)."""
+        values = {**self.filters(), "page": self.page, "limit": self.limit, **change}
+        shown = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in values.items()
+                 if v is not None and not (k == "page" and v == 1) and not (k == "limit" and v == 50)}
+        return "?" + urlencode(shown) if shown else "?"
+
+
+class TaskRow(_Model):
+    """A task as the Tasks page lists it."""
+
+    task_id: str
+    state: str
+    name: str | None = None
+    worker: str | None = None
+    queue: str | None = None
+    retries: int | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    group_id: str | None = None
+    exc_type: str | None = None
+    args: str | None = None
+    kwargs: str | None = None
+    seen_at: datetime | None = None
+    runtime_s: float | None = None
+
+
+class TaskPage(_Model):
+    query: TaskQuery
+    tasks: list[TaskRow]
+    has_more: bool
+    note: str | None = None
+
+
+class StatsQuery(_Model):
+    since: datetime | None = None
+    until: datetime | None = None
+    hours: float = Field(24, gt=0, le=24 * 366)  # the period when ``since`` is not given
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> StatsQuery:
+        return _from_params(cls, params)
+
+    def period(self, now: datetime) -> tuple[datetime, datetime]:
+        until = self.until or now
+        return self.since or until - timedelta(hours=self.hours), until
+
+
+class StatsRow(_Model):
+    """Per task name over the period: counts, rates, runtime percentiles (seconds)."""
+
+    name: str
+    total: int
+    states: dict[str, int]
+    failure_rate: float
+    retry_rate: float
+    runtime_p50: float | None = None
+    runtime_p95: float | None = None
+    runtime_p99: float | None = None
+    runtime_max: float | None = None
+    queue_wait_p50: float | None = None
+    queue_wait_p95: float | None = None
+    queue_wait_p99: float | None = None
+
+
+class StatsOut(_Model):
+    since: datetime
+    until: datetime
+    rows: list[StatsRow]
+    note: str | None = None
+
+
+def _from_params(model: type[BaseModel], params: Mapping[str, str]) -> Any:
+    values = {k: v for k, v in params.items() if v != ""}
+    unknown = sorted(values.keys() - model.model_fields.keys())
+    if unknown:
+        raise ValueError(f"unknown parameter {unknown[0]!r}")
+    for key, value in values.items():
+        if model.model_fields[key].annotation in (datetime | None,):
+            try:
+                values[key] = parse_time(value)
+            except argparse.ArgumentTypeError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None

@@ -12,8 +12,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from ledger.web import gantt
-from ledger.web.jsonapi import load_task, load_workflow
+from ledger.web.jsonapi import load_task, load_workflow, stats_query, task_query
 from ledger.web.models import EventOut, WorkflowOut
+from ledger.web.tasklist import find_tasks, task_stats
 
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -55,13 +56,20 @@ def live(request: Request) -> HTMLResponse:
     return render(request, "live.html", title="live")
 
 
+
 def tasks(request: Request) -> HTMLResponse:
-    return render(request, "error.html", status=501, detail="not yet", title="tasks")
+    """``/``: the catalogue, filtered, paged, newest first; the first page follows the log."""
+    page = find_tasks(request.app.state.ledger, task_query(request))
+    return render(request, "tasks.html", tasks=page, title="tasks")
 
 
 def task_rows(request: Request) -> HTMLResponse:
-    return HTMLResponse("")
+    """The Tasks table's rows alone: what the Tasks page's script swaps in when events arrive."""
+    page = find_tasks(request.app.state.ledger, task_query(request))
+    return render(request, "task_rows.html", tasks=page)
 
 
 def stats(request: Request) -> HTMLResponse:
-    return render(request, "error.html", status=501, detail="not yet", title="stats")
+    """``/stats``: per task name counts, rates and runtime percentiles over a period."""
+    out = task_stats(request.app.state.ledger, stats_query(request))
+    return render(request, "stats.html", stats=out, query=stats_query(request), title="stats")

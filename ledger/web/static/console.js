@@ -49,7 +49,8 @@ function livePage() {
     tr.className = "fresh";
     tr.dataset.position = e.position;
     cell(tr, e.position);
-    cell(tr, e.time);
+    const when = cell(tr, e.time.replace("T", " ").slice(0, 23), "time");
+    when.title = e.time;
     cell(tr, e.type);
     stateBadge(cell(tr, ""), e.state);
     const task = cell(tr, e.task_id || e.stream_id);
