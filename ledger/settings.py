@@ -49,11 +49,6 @@ WEB_HOST, WEB_PORT = "127.0.0.1", 5580
 WEB_AUTH_ENV = "LEDGER_WEB_AUTH"
 
 
-def web_auth_from_env() -> str | None:
-    """``$LEDGER_WEB_AUTH`` (``USER:PASSWORD`` or ``token:SECRET``), or None."""
-    return os.environ.get(WEB_AUTH_ENV) or None
-
-
 #: The environment variable sizing a process's PostgreSQL pool, and its default.
 POOL_SIZE_ENV, DEFAULT_POOL_SIZE = "LEDGER_POOL_SIZE", 8
 

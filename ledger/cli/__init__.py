@@ -9,7 +9,7 @@ both get it.
 
 from __future__ import annotations
 
-from ledger.cli import audit, catalogue, db, demo, plugin, rebuild, stream, timeline
+from ledger.cli import audit, catalogue, db, demo, plugin, rebuild, stream, timeline, web
 from ledger.cli.root import cli, main
 
 COMMANDS = (
@@ -20,6 +20,7 @@ COMMANDS = (
     rebuild.rebuild, rebuild.verify, rebuild.prune,
     stream.relay, stream.tail,
     demo.demo,
+    web.web,
 )
 for _command in COMMANDS:
     cli.add_command(_command)

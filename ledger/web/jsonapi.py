@@ -5,15 +5,14 @@ Bad query parameters answer 400 with one line naming the parameter.
 
 from __future__ import annotations
 
-import argparse
 from datetime import datetime
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ledger.audit import parse_as_of, parse_time
 from ledger.timeline import UnknownId, Workflow, find_workflow
+from ledger.times import parse_as_of
 from ledger.web.models import StatsQuery, TaskDetail, TaskQuery, WorkflowOut
 from ledger.web.tasklist import find_tasks, task_stats
 
@@ -37,18 +36,8 @@ def as_of_param(request: Request) -> int | datetime | None:
         return None
     try:
         return parse_as_of(text)
-    except argparse.ArgumentTypeError as exc:
+    except ValueError as exc:
         raise HTTPException(400, f"as_of: {exc}") from None
-
-
-def time_param(request: Request, name: str) -> datetime | None:
-    text = request.query_params.get(name)
-    if not text:
-        return None
-    try:
-        return parse_time(text)
-    except argparse.ArgumentTypeError as exc:
-        raise HTTPException(400, f"{name}: {exc}") from None
 
 
 def load_task(request: Request) -> TaskDetail:

@@ -10,7 +10,6 @@ Redacted arguments were replaced before they were stored; they stay
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
@@ -19,9 +18,10 @@ from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ledger.audit import decode_value, describe, parse_time, prunes_of
+from ledger.audit import decode_value, describe, prunes_of
 from ledger.events import CorruptEvent, Encoded, RecordedEvent, TaskState
 from ledger.timeline import Workflow, to_json
+from ledger.times import parse_time
 
 
 class _Model(BaseModel):
@@ -340,7 +340,7 @@ def _from_params(model: type[BaseModel], params: Mapping[str, str]) -> Any:
         if model.model_fields[key].annotation in (datetime | None,):
             try:
                 values[key] = parse_time(value)
-            except argparse.ArgumentTypeError as exc:
+            except ValueError as exc:
                 raise ValueError(f"{key}: {exc}") from None
     try:
         return model(**values)

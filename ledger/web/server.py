@@ -32,7 +32,7 @@ def read_only(ledger: Ledger) -> None:
     ledger.engine.dispose()
 
 
-def serve(url: str, host: str = WEB_HOST, port: int = WEB_PORT, auth: str | None = None) -> None:
+def serve(ledger: Ledger, host: str = WEB_HOST, port: int = WEB_PORT, auth: str | None = None) -> None:
     """Run the console until interrupted; raises before listening when unsafe or unusable."""
     import uvicorn
 
@@ -40,7 +40,6 @@ def serve(url: str, host: str = WEB_HOST, port: int = WEB_PORT, auth: str | None
 
     credentials = Credentials.parse(auth) if auth else None
     check_bind(host, credentials)
-    ledger = Ledger.open(url)
     read_only(ledger)
     ledger.follower_lag()  # fail now, with one line, if the database or its schema is missing
     shown = f"[{host}]" if ":" in host else host
