@@ -13,6 +13,7 @@ import json
 import pickle
 import re
 import socket
+import subprocess
 import threading
 import time
 from datetime import timedelta
@@ -29,7 +30,7 @@ from ledger.web.app import create_app
 from ledger.web.feed import EventFeed, Overflow
 from ledger.web.security import Credentials, check_bind
 from ledger.web.server import read_only
-from tests.browser import Server, server_for  # noqa: F401  (fixture)
+from tests.browser import CLI, server_for  # noqa: F401  (fixture)
 from tests.kafka import free_port
 
 WAIT = 30  # a hang guard, not a speed check
@@ -227,10 +228,13 @@ def test_the_servers_connections_cannot_write(any_url):
 
 
 def test_a_public_address_is_refused_without_auth(sqlite_url, capsys):
-    assert main(["web", "--db", sqlite_url, "--host", "0.0.0.0"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("celery-ledger: refusing to listen on 0.0.0.0 (not a loopback address) without --auth")
-    assert err.count("\n") == 1
+    # A process with a deadline: were it to listen, it would not return by itself.
+    done = subprocess.run([CLI, "web", "--db", sqlite_url, "--host", "0.0.0.0"],
+                          capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(
+        "celery-ledger: refusing to listen on 0.0.0.0 (not a loopback address) without --auth")
+    assert done.stderr.count("\n") == 1
     check_bind("0.0.0.0", Credentials.parse("token:s3cret"))  # allowed with credentials
     check_bind("localhost", None)
     assert main(["web", "--db", sqlite_url, "--auth", "nocolon"]) == 2
