@@ -84,12 +84,18 @@ def test_task_api_and_page_show_every_event_and_the_state_as_of_one(ledger, clie
 def test_tombstones_and_prunes_are_noted(ledger, client, any_url, capsys):
     store_retried_task(ledger)
     ledger.append([TaskForgotten(task_id="t-1")])
+    ledger.append([TaskState(task_id="t-2", status="STARTED")])
     doc = client.get("/api/tasks/t-1").json()
     assert doc["state"] == "FORGOTTEN" and doc["events"][-1]["state"] == "FORGOTTEN"
     assert "forgotten: the result was removed" in client.get("/tasks/t-1").text
     cutoff = utcnow() + timedelta(seconds=1)
     time.sleep(1.1)
+    ledger.append([TaskState(task_id="t-2", status="SUCCESS")])
     assert main(["prune", "--before", cutoff.isoformat(), "--db", any_url]) == 0
+    # t-2 keeps the event its projection row needs; its STARTED is gone, and shown so.
+    events = client.get("/api/tasks/t-2").json()["events"]
+    assert [(e["version"], e["state"], e["position"]) for e in events][0] == ("1", "PRUNED", None)
+    assert events[1]["state"] == "SUCCESS" and "removed by celery-ledger prune" in client.get("/tasks/t-2").text
     capsys.readouterr()
     doc = client.get("/api/tasks/t-1").json()
     assert doc["events"] == [] and doc["pruned"][0]["before"] == cutoff.isoformat()

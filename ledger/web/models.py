@@ -18,7 +18,8 @@ from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ledger.audit import decode_value, describe, prunes_of
+from ledger.audit import decode_value, describe, prunes_of, show_record, task_history
+from ledger.errors import UnknownTask
 from ledger.events import CorruptEvent, Encoded, RecordedEvent, TaskState
 from ledger.timeline import Workflow, to_json
 from ledger.times import parse_time
@@ -41,10 +42,10 @@ def shown(value: Encoded | None) -> str | None:
 class EventOut(_Model):
     """One event of a task's stream, with everything it stored."""
 
-    position: int
-    version: int
-    time: datetime
-    type: str
+    position: int | None  # None for versions missing from the log (pruned or deleted)
+    version: int | str
+    time: datetime | None
+    type: str | None
     state: str | None = None
     name: str | None = None
     worker: str | None = None
@@ -59,6 +60,12 @@ class EventOut(_Model):
     parent_id: str | None = None
     group_id: str | None = None
     root_id: str | None = None
+
+    @classmethod
+    def gap(cls, row: dict[str, Any]) -> EventOut:
+        """Stream versions missing from the log, as :func:`ledger.audit.task_history` reports them."""
+        return cls(position=None, version=row["version"], time=None, type=None,
+                   state=row["state"], result=row["result"])
 
     @classmethod
     def of(cls, event: RecordedEvent) -> EventOut:
@@ -105,50 +112,45 @@ class TaskDetail(_Model):
     state: str
     as_of: int | datetime | None
     as_of_position: int | None
+    note: str | None = None
     events: list[EventOut]
     pruned: list[PruneNote]
     root_id: str | None
 
     @classmethod
     def of(cls, ledger, task_id: str, as_of: int | datetime | None = None) -> TaskDetail | None:
-        """None when the log holds no event of ``task_id``."""
-        events = ledger.history(task_id)
+        """None when the log holds no event of ``task_id`` and none was pruned."""
         pruned = [PruneNote(**p) for p in prunes_of(ledger, f"task:{task_id}")]
-        if not events and not pruned:
-            return None
-        rows = [EventOut.of(e) for e in events]
-        meta = ledger.task_meta(task_id, as_of=as_of) if events else None
+        try:
+            # history's rows, with the versions it finds missing (PRUNED/MISSING) in place
+            described = task_history(ledger, task_id)
+        except UnknownTask:
+            if not pruned:
+                return None
+            described = []
+        by_position = {e.position: e for e in ledger.history(task_id)}
+        rows = [EventOut.of(by_position[r["position"]]) if r["position"] is not None
+                else EventOut.gap(r) for r in described]
+        record = show_record(ledger, task_id, as_of)
         return cls(
             task_id=task_id,
             name=next((r.name for r in rows if r.name), None),
-            state=meta.status if meta else _state_without_row(rows, as_of),
+            state=record["state"],
             as_of=as_of,
-            as_of_position=meta.position if meta else None,
+            as_of_position=record["position"],
+            note=record.get("note"),
             events=rows,
             pruned=pruned,
             root_id=next((r.root_id for r in rows if r.root_id), None),
         )
 
-    def shown_at(self, position: int) -> bool:
-        """Whether the event at ``position`` is within the as-of view."""
-        if self.as_of is None:
+    def shown_at(self, event: EventOut) -> bool:
+        """Whether ``event`` is within the as-of view."""
+        if self.as_of is None or event.position is None or event.time is None:
             return True
         if isinstance(self.as_of, int):
-            return position <= self.as_of
-        event = next(e for e in self.events if e.position == position)
+            return event.position <= self.as_of
         return event.time <= self.as_of
-
-
-def _state_without_row(rows: list[EventOut], as_of: int | datetime | None) -> str:
-    """No projection row: PENDING, or the tombstone that ended the task's life."""
-    seen = [
-        r for r in rows
-        if as_of is None
-        or (r.position <= as_of if isinstance(as_of, int) else r.time <= as_of)
-    ]
-    if seen and seen[-1].state in ("FORGOTTEN", "EXPIRED"):
-        return seen[-1].state
-    return "PENDING"
 
 
 class RunOut(_Model):
