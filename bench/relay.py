@@ -16,6 +16,7 @@ import time
 import uuid
 
 from bench.kept import keep
+from bench.pacing import paced_appends
 from ledger.api import Ledger
 from ledger.events import TaskState
 from ledger.relay import Relay
@@ -87,11 +88,7 @@ def measure_latency(url: str, bootstrap: str, n: int = 500, rate: float = 100.0)
 
     consumer_thread = threading.Thread(target=consume, daemon=True)
     consumer_thread.start()
-    prefix = uuid.uuid4().hex[:6]
-    for i in range(n):
-        result = ledger.append([TaskState(task_id=f"lat-{prefix}-{i}", status="SUCCESS")])
-        committed[result.recorded[0].event_id] = time.perf_counter()
-        time.sleep(1 / rate)
+    committed.update((e.event_id, at) for e, at in paced_appends(ledger, n, rate, "lat"))
     deadline = time.monotonic() + 60
     while len(seen.keys() & committed.keys()) < n and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -31,9 +31,11 @@ from pathlib import Path
 
 import httpx
 
+from bench.pacing import paced_appends
 from bench.stats import percentile
 from ledger.api import Ledger
 from ledger.events import TaskState
+from tests.kafka import free_port
 
 NAMES = ["shop.charge", "shop.refund", "mail.send", "sync.inventory", "report.build"]
 STATES = ["SUCCESS"] * 8 + ["FAILURE", "RETRY"]
@@ -55,12 +57,6 @@ def seed(ledger: Ledger, n: int) -> tuple[str, str]:
         ledger.append([TaskState(status="STARTED", **common)])
         ledger.append([TaskState(status="SUCCESS", **common)])
     return f"b-{prefix}-{n // 2}", root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(url: str) -> tuple[subprocess.Popen, str]:
@@ -136,12 +132,7 @@ class Clients:
 def sse_latency(ledger: Ledger, port: int, clients: int, events: int, rate: float) -> dict:
     readers = Clients(port, clients)
     time.sleep(1)  # every client subscribed before the first append
-    appended: dict[int, float] = {}
-    prefix = uuid.uuid4().hex[:6]
-    for i in range(events):
-        result = ledger.append([TaskState(task_id=f"sse-{prefix}-{i}", status="SUCCESS")])
-        appended[result.recorded[0].position] = time.perf_counter()
-        time.sleep(1 / rate)
+    appended = {e.position: at for e, at in paced_appends(ledger, events, rate, "sse")}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(len(s.keys() & appended.keys()) < events for s in readers.seen):
         time.sleep(0.05)
