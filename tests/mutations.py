@@ -63,6 +63,7 @@ BACKEND = "tests/test_celery_backend.py"
 LOG_PG = "tests/test_log.py::TestLogOnPostgres"
 LOG_SQLITE = "tests/test_log.py::TestLogOnSQLite"
 CATALOGUE = "tests/test_catalogue.py"
+WEB_BROWSER = "tests/test_web_browser.py"
 
 MUTATIONS = [
     Mutation(
@@ -255,6 +256,84 @@ MUTATIONS = [
         "            CatalogueFill(T.catalogue, catalogue_select(e, streams=chunk)).run(conn)\n",
         "            pass\n",
         ("tests/test_rebuild.py::test_prune_then_rebuild_then_verify_is_clean",),
+    ),
+    Mutation(
+        "web: templates do not escape stored values",
+        "ledger/web/app.py",
+        "        autoescape=select_autoescape(default=True, default_for_string=True),\n",
+        "        autoescape=False,\n",
+        ("tests/test_web.py::test_stored_pickles_are_never_unpickled",
+         f"{WEB_BROWSER}::test_a_script_stored_as_name_or_result_renders_as_text"),
+    ),
+    Mutation(
+        "web: the live page's script inserts stored values as HTML",
+        "ledger/web/static/console.js",
+        '  td.textContent = text == null ? "" : String(text);\n',
+        '  td.innerHTML = text == null ? "" : String(text);\n',
+        (f"{WEB_BROWSER}::test_a_script_stored_as_name_or_result_renders_as_text",),
+    ),
+    Mutation(
+        "web: responses carry no Content-Security-Policy",
+        "ledger/web/security.py",
+        '    (b"content-security-policy", CSP.encode()),\n',
+        "",
+        ("tests/test_web.py::test_every_response_has_a_csp_and_pages_run_no_inline_script",),
+    ),
+    Mutation(
+        "web: a public address is accepted without credentials",
+        "ledger/web/security.py",
+        "    if credentials is None and not is_loopback(host):\n",
+        "    if False:\n",
+        ("tests/test_web.py::test_a_public_address_is_refused_without_auth",),
+    ),
+    Mutation(
+        "web: the password is not checked",
+        "ledger/web/security.py",
+        "        return _same(password, self.secret) & user_ok\n",
+        "        return user_ok\n",
+        ("tests/test_web.py::test_credentials_are_required_when_set",),
+    ),
+    Mutation(
+        "web: any Host is answered without credentials (DNS rebinding)",
+        "ledger/web/security.py",
+        '        elif _host_name(headers.get("host", "")) not in LOOPBACK_NAMES:\n',
+        "        elif False:\n",
+        ("tests/test_web.py::test_without_auth_only_localhost_names_are_answered",),
+    ),
+    Mutation(
+        "web: the server's database sessions can write",
+        "ledger/web/server.py",
+        '            cur.execute("PRAGMA query_only = ON")\n',
+        "            pass\n",
+        ("tests/test_web.py::test_the_servers_connections_cannot_write",),
+    ),
+    Mutation(
+        "web: the database URL is shown with its password",
+        "ledger/web/pages.py",
+        "        request=request, ledger_url=state.ledger.url, **context\n",
+        "        request=request, ledger_url=state.ledger.engine.url.render_as_string(hide_password=False), **context\n",
+        ("tests/test_web.py::test_the_database_password_is_never_rendered",),
+    ),
+    Mutation(
+        "web: an SSE client's queue is unbounded",
+        "ledger/web/feed.py",
+        "            self.queue.put_nowait(item)\n",
+        "            self.queue._queue.append(item)\n",
+        ("tests/test_web.py::test_a_client_that_cannot_keep_up_is_cut_off_alone",),
+    ),
+    Mutation(
+        "web: the Gantt chart draws no retried attempt",
+        "ledger/web/gantt.py",
+        '        row.segments.append(_segment(x_of(start), x_of(run.retried_at), "retried"))\n',
+        "        pass\n",
+        (f"{WEB_BROWSER}::test_workflow_page_draws_the_bars_of_a_chord_with_a_retried_part",),
+    ),
+    Mutation(
+        "web: the Tasks page does not follow the log",
+        "ledger/web/static/console.js",
+        "    if (pending === null) { pending = setTimeout(refresh, 300); }\n",
+        "    return;\n",
+        (f"{WEB_BROWSER}::test_a_task_a_worker_stores_appears_on_the_live_and_tasks_pages_without_reload",),
     ),
 ]
 
