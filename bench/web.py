@@ -8,9 +8,10 @@ unless the log already has that many. Reports, as JSON:
 
 * ``pages``: p50/p99 ms of ``--requests`` sequential GETs of each page and API
   route (one client, keep-alive);
-* ``sse``: with ``--clients`` connected ``/api/events`` clients, ``--events``
-  single-event appends at ``--rate``/s; the time from the append returning to
-  each client reading the event (p50/p99/max over all clients and events);
+* ``sse``: ``--events`` single-event appends at ``--rate``/s; the time from the
+  append returning to the event read by ``Ledger.follow()`` in this process (the
+  floor: what the log's followers see), then by 1 and by ``--clients`` connected
+  ``/api/events`` clients (p50/p99/max over all clients and events);
 * ``stores``: single-event appends per second for ``--store-seconds`` with no
   SSE client and with ``--clients`` connected, alternated ``--rounds`` times.
 """
@@ -143,6 +144,30 @@ def sse_latency(ledger: Ledger, port: int, clients: int, events: int, rate: floa
             "max_ms": round(max(lat), 1)}
 
 
+def follow_latency(ledger: Ledger, events: int, rate: float) -> dict:
+    """The same appends read by ``Ledger.follow()`` itself: the floor under the SSE figures."""
+    seen: dict[int, float] = {}
+    stop = threading.Event()
+    head = ledger.follower_lag()["head_position"]
+
+    def follow() -> None:
+        for event in ledger.follow(head, stop=stop):
+            seen[event.position] = time.perf_counter()
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    appended = {e.position: at for e, at in paced_appends(ledger, events, rate, "follow")}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(seen.keys() & appended.keys()) < events:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(10)
+    lat = [(seen[p] - t) * 1000 for p, t in appended.items() if p in seen]
+    return {"follow (no web)": True, "events": events, "received": len(lat),
+            "p50_ms": round(statistics.median(lat), 1), "p99_ms": round(percentile(lat, 99), 1)}
+
+
 def hold_clients(port: int, n: int, ready, stop) -> None:
     """In a child process: ``n`` clients reading the stream until ``stop`` is set."""
     readers = Clients(port, n)
@@ -181,7 +206,8 @@ def main() -> None:
             f"/tasks/{task_id}", f"/api/tasks/{task_id}", f"/workflows/{root}",
             f"/api/workflows/{root}", "/live", "/stats", "/api/stats",
         ], args.requests)
-        sse = [sse_latency(ledger, port, n, args.events, args.rate) for n in (1, args.clients)]
+        sse = [follow_latency(ledger, args.events, args.rate)]
+        sse += [sse_latency(ledger, port, n, args.events, args.rate) for n in (1, args.clients)]
         stores: dict[str, list[float]] = {"0 clients": [], f"{args.clients} clients": []}
         for _ in range(args.rounds):
             stores["0 clients"].append(round(store_rate(ledger, args.store_seconds)))
