@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from ledger.timeline import UnknownId, Workflow, find_workflow
 from ledger.times import parse_as_of
-from ledger.web.models import StatsQuery, TaskDetail, TaskQuery, WorkflowOut
+from ledger.web.models import StatsOut, StatsQuery, TaskDetail, TaskPage, TaskQuery, WorkflowOut
 from ledger.web.tasklist import find_tasks, task_stats
 
 
@@ -81,11 +81,25 @@ def stats_query(request: Request) -> StatsQuery:
         raise HTTPException(400, str(exc)) from None
 
 
+def load_tasks(request: Request) -> TaskPage:
+    try:
+        return find_tasks(request.app.state.ledger, task_query(request))
+    except ValueError as exc:  # a filter the catalogue refuses (BadFilter), or too deep a page
+        raise HTTPException(400, str(exc)) from None
+
+
+def load_stats(request: Request) -> StatsOut:
+    try:
+        return task_stats(request.app.state.ledger, stats_query(request))
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
 def tasks(request: Request) -> Response:
     """``/api/tasks?name=&state=&worker=&queue=&exception=&since=&until=&root=&args=&page=&limit=``."""
-    return json_response(find_tasks(request.app.state.ledger, task_query(request)))
+    return json_response(load_tasks(request))
 
 
 def stats(request: Request) -> Response:
-    """``/api/stats?since=&until=`` (or ``hours=``, default 24): per task name."""
-    return json_response(task_stats(request.app.state.ledger, stats_query(request)))
+    """``/api/stats?since=&until=`` (or ``hours=``, default 24) ``&by=name|worker|queue``."""
+    return json_response(load_stats(request))

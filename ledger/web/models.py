@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -284,21 +284,25 @@ class TaskRow(_Model):
     exc_type: str | None = None
     args: str | None = None
     kwargs: str | None = None
-    seen_at: datetime | None = None
+    seen_at: datetime | None = None  # the first event of its (current) life
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
     runtime_s: float | None = None
+    forgotten: bool = False
+    expired: bool = False
 
 
 class TaskPage(_Model):
     query: TaskQuery
     tasks: list[TaskRow]
     has_more: bool
-    note: str | None = None
 
 
 class StatsQuery(_Model):
     since: datetime | None = None
     until: datetime | None = None
     hours: float = Field(24, gt=0, le=24 * 366)  # the period when ``since`` is not given
+    by: Literal["name", "worker", "queue"] = "name"
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> StatsQuery:
@@ -310,7 +314,7 @@ class StatsQuery(_Model):
 
 
 class StatsRow(_Model):
-    """Per task name over the period: counts, rates, runtime percentiles (seconds)."""
+    """One group (a task name, worker or queue): counts, rates, percentiles (seconds)."""
 
     name: str
     total: int
@@ -329,8 +333,8 @@ class StatsRow(_Model):
 class StatsOut(_Model):
     since: datetime
     until: datetime
+    by: str
     rows: list[StatsRow]
-    note: str | None = None
 
 
 def _from_params(model: type[BaseModel], params: Mapping[str, str]) -> Any:

@@ -12,9 +12,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from ledger.web import gantt
-from ledger.web.jsonapi import load_task, load_workflow, stats_query, task_query
+from ledger.web.jsonapi import load_stats, load_task, load_tasks, load_workflow, stats_query
 from ledger.web.models import EventOut, WorkflowOut
-from ledger.web.tasklist import find_tasks, task_stats
 
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -59,17 +58,15 @@ def live(request: Request) -> HTMLResponse:
 
 def tasks(request: Request) -> HTMLResponse:
     """``/``: the catalogue, filtered, paged, newest first; the first page follows the log."""
-    page = find_tasks(request.app.state.ledger, task_query(request))
-    return render(request, "tasks.html", tasks=page, title="tasks")
+    return render(request, "tasks.html", tasks=load_tasks(request), title="tasks")
 
 
 def task_rows(request: Request) -> HTMLResponse:
     """The Tasks table's rows alone: what the Tasks page's script swaps in when events arrive."""
-    page = find_tasks(request.app.state.ledger, task_query(request))
-    return render(request, "task_rows.html", tasks=page)
+    return render(request, "task_rows.html", tasks=load_tasks(request))
 
 
 def stats(request: Request) -> HTMLResponse:
-    """``/stats``: per task name counts, rates and runtime percentiles over a period."""
-    out = task_stats(request.app.state.ledger, stats_query(request))
-    return render(request, "stats.html", stats=out, query=stats_query(request), title="stats")
+    """``/stats``: per name, worker or queue: counts, rates and percentiles over a period."""
+    return render(request, "stats.html", stats=load_stats(request), query=stats_query(request),
+                  title="stats")
