@@ -55,6 +55,8 @@ class TaskRun:
     root_id: str | None = None
     first_at: datetime | None = None
     started_at: datetime | None = None
+    #: the last STARTED: when the attempt that ended the task began (after retries)
+    last_started_at: datetime | None = None
     ended_at: datetime | None = None
     state: str = "PENDING"
     retries: int = 0
@@ -120,8 +122,9 @@ def fold_run(task_id: str, events: list[RecordedEvent]) -> TaskRun:
             run.workers.append(data.worker)
         for child in _child_ids(data.children):
             run.children.add(child)
-        if data.status == "STARTED" and run.started_at is None:
-            run.started_at = event.recorded_at
+        if data.status == "STARTED":
+            run.started_at = run.started_at or event.recorded_at
+            run.last_started_at = event.recorded_at
         if data.status == "RETRY":
             run.retries += 1
             run.retried_at = event.recorded_at

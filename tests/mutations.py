@@ -324,7 +324,7 @@ MUTATIONS = [
     Mutation(
         "web: the Gantt chart draws no retried attempt",
         "ledger/web/gantt.py",
-        '        row.segments.append(_segment(x_of(start), x_of(run.retried_at), "retried"))\n',
+        '        row.segments.append(_segment(x_of(start), x_of(run_from), "retried"))\n',
         "        pass\n",
         (f"{WEB_BROWSER}::test_workflow_page_draws_the_bars_of_a_chord_with_a_retried_part",),
     ),

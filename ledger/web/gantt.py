@@ -3,7 +3,7 @@
 Pure layout (no I/O, no markup): the template draws what this computes, and
 Jinja escapes every label. One row per tree node (task, group, chord, body); a
 task's row has up to three segments: the queue wait (first event to STARTED),
-the attempts that were retried (start to the last RETRY) and the final run,
+the attempts that were retried (first to last STARTED) and the final run,
 coloured by the final state. Failed tasks carry their exception as a marker.
 """
 
@@ -136,10 +136,15 @@ def _task_row(row: Row, run: TaskRun, x_of, fits_right: float, message: str | No
     ) + (f", {run.retries} retries" if run.retries else "")
     if run.first_at and run.started_at and run.first_at < run.started_at:
         row.segments.append(_segment(x_of(run.first_at), x_of(run.started_at), "queue"))
+    # The last attempt began at the last STARTED: Celery sends the retry before it
+    # stores RETRY, so the RETRY may even be recorded after the last attempt ended.
     run_from = start
-    if run.retried_at is not None and start < run.retried_at < end:
-        row.segments.append(_segment(x_of(start), x_of(run.retried_at), "retried"))
+    if run.retries and run.last_started_at is not None and start < run.last_started_at <= end:
+        run_from = run.last_started_at
+    elif run.retried_at is not None and start < run.retried_at < end:
         run_from = run.retried_at
+    if run_from > start:
+        row.segments.append(_segment(x_of(start), x_of(run_from), "retried"))
     row.segments.append(_segment(x_of(run_from), x_of(end), _KIND.get(run.state, "other")))
     if run.state == "FAILURE":
         row.marker = f"✗ {message or run.exc_type or 'failed'}"
