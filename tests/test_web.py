@@ -69,14 +69,14 @@ def test_task_api_and_page_show_every_event_and_the_state_as_of_one(ledger, clie
     assert retry["traceback"].endswith("ConnectionError")
     assert doc["events"][3]["result"] == '{"charged": true}'
     assert doc["events"][0]["kwargs"] == '{"card": "[redacted]"}'
-    at_retry = client.get(f"/api/tasks/t-1?as_of={retry['position']}").json()
+    at_retry = client.get(f"/api/tasks/t-1?as_of=@{retry['position']}").json()
     assert at_retry["state"] == "RETRY" and at_retry["as_of_position"] == retry["position"]
-    before = client.get(f"/api/tasks/t-1?as_of={doc['events'][0]['position'] - 1}").json()
+    before = client.get(f"/api/tasks/t-1?as_of=@{doc['events'][0]['position'] - 1}").json()
     assert before["state"] == "PENDING"
     at_time = client.get("/api/tasks/t-1", params={"as_of": retry["time"]}).json()
     assert at_time["state"] == "RETRY"
 
-    page = client.get(f"/tasks/t-1?as_of={retry['position']}").text
+    page = client.get(f"/tasks/t-1?as_of=@{retry['position']}").text
     assert page.count('<tr class="later') == 2  # the two events after the as-of point
     assert "ConnectionError: gateway down" in page
 
@@ -104,8 +104,10 @@ def test_tombstones_and_prunes_are_noted(ledger, client, any_url, capsys):
 
 def test_bad_input_answers_one_line_naming_it(ledger, client):
     store_retried_task(ledger)
-    r = client.get("/api/tasks/t-1?as_of=yesterday")
-    assert r.status_code == 400 and r.json()["error"].startswith("as_of: 'yesterday' is not an ISO 8601 time")
+    r = client.get("/api/tasks/t-1?as_of=the-day-before")
+    assert r.status_code == 400 and r.json()["error"].startswith("as_of: 'the-day-before' is not a time: use ISO 8601")
+    r = client.get("/api/tasks/t-1?as_of=3")
+    assert r.status_code == 400 and "write @3 for a log position" in r.json()["error"]
     r = client.get("/api/tasks/nope")
     assert r.status_code == 404 and r.json() == {"error": "no events for task 'nope' in this ledger"}
     r = client.get("/workflows/nope")
@@ -199,7 +201,7 @@ def test_stored_pickles_are_never_unpickled(ledger, client, tmp_path):
 
 def all_paths(ledger: Ledger) -> list[str]:
     store_retried_task(ledger)
-    return ["/", "/live", "/stats", "/tasks/t-1", "/tasks/t-1?as_of=2", "/workflows/t-1",
+    return ["/", "/live", "/stats", "/tasks/t-1", "/tasks/t-1?as_of=@2", "/workflows/t-1",
             "/api/tasks", "/api/tasks/t-1", "/api/workflows/t-1", "/api/stats", "/tasks/missing"]
 
 

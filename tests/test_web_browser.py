@@ -49,7 +49,7 @@ def test_every_page_loads_without_a_console_error(site, chromium, run_workflow):
     pages = {
         "tasks": "/",
         "task": f"/tasks/{ids['flaky']}",
-        "task-as-of": f"/tasks/{ids['flaky']}?as_of={retry_at}",
+        "task-as-of": f"/tasks/{ids['flaky']}?as_of=@{retry_at}",
         "task-failed": f"/tasks/{ids['body']}",
         "workflow": f"/workflows/{ids['first']}",
         "live": "/live",
@@ -74,9 +74,9 @@ def test_task_page_shows_every_event_and_the_state_as_of_one(site, chromium, run
     assert rows.count() == len(events)
     assert page.locator("table.history").inner_text().count("ConnectionError: attempt 1") == 1
     retry = next(e for e in events if e.data.status == "RETRY")
-    page.select_option("#as-of-event", str(retry.position))
+    page.select_option("#as-of-event", f"@{retry.position}")
     page.click("form.asof button >> nth=0")
-    page.wait_for_url(re.compile(rf"as_of={retry.position}"))
+    page.wait_for_url(re.compile(rf"as_of=(%40|@){retry.position}\b"))
     want = ledger.task_meta(ids["flaky"], as_of=retry.position).status
     assert page.locator("p.summary .state").inner_text() == want
     later = [e for e in events if e.position > retry.position]
@@ -230,6 +230,6 @@ def test_filtering_the_tasks_page(site, chromium, run_workflow):  # noqa: F811
     shoot(page, "tasks-filtered")
 
     page.goto(f"{site}/?since=not-a-time")
-    assert "since: 'not-a-time' is not an ISO 8601 time" in page.locator("p.error").inner_text()
+    assert "since: 'not-a-time' is not a time: use ISO 8601" in page.locator("p.error").inner_text()
     page.close()
     assert [e for e in chromium.errors if "400" not in e] == []
