@@ -229,7 +229,9 @@ class Ledger:
             return NewEvent(validate(event.data), event.event_id, event.expected_version)
         return NewEvent(validate(event))
 
-    def return_chord_part(self, chord_id: str, task_id: str, status: str) -> bool:
+    def return_chord_part(
+        self, chord_id: str, task_id: str, status: str, body_task_id: str | None = None
+    ) -> bool:
         """Record that header task ``task_id`` of chord ``chord_id`` returned.
 
         Returns True exactly once per chord: to the caller that must send the body.
@@ -238,14 +240,18 @@ class Ledger:
         chord claims the body with a ``chord.fired`` event of a fixed id in the
         same transaction. If the process died between completing and claiming, a
         redelivery of the completing part finds the chord complete at its own
-        event and claims then; any other duplicate returns False.
+        event and claims then; any other duplicate returns False. ``body_task_id``
+        (the body's task id) is recorded in the claim.
         """
         part_id = ChordPartReturned.deterministic_event_id(chord_id, task_id)
         part = Encoded.of(
             NewEvent(ChordPartReturned(chord_id=chord_id, task_id=task_id, status=status), part_id)
         )
         claim = Encoded.of(
-            NewEvent(ChordFired(chord_id=chord_id), ChordFired.deterministic_event_id(chord_id))
+            NewEvent(
+                ChordFired(chord_id=chord_id, body_task_id=body_task_id),
+                ChordFired.deterministic_event_id(chord_id),
+            )
         )
 
         def work(conn: Connection) -> bool:

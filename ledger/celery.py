@@ -468,7 +468,8 @@ class LedgerBackend(BaseBackend):
         gid, tid = request.group, request.id
         if not gid or not tid:
             return None
-        if not self.ledger.return_chord_part(gid, tid, state):
+        body_id = (request.chord.get("options") or {}).get("task_id")  # named in the claim
+        if not self.ledger.return_chord_part(gid, tid, state, body_task_id=body_id):
             return None
         app = self.app
         callback = app.signature(request.chord)

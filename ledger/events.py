@@ -228,6 +228,12 @@ class ChordFired(_ChordEvent):
     type: ClassVar[str] = "chord.fired"
     body_task_id: str | None = None
 
+    def index_columns(self) -> dict[str, Any]:
+        # The body's id, indexed: a body that failed before it ran (a header part
+        # failed) has one FAILURE event with no links; this is how timeline finds
+        # its chord.
+        return {"ref_id": self.body_task_id}
+
     @staticmethod
     def deterministic_event_id(chord_id: str) -> uuid.UUID:
         return uuid.uuid5(_PART_NAMESPACE, f"{chord_id}\x00fired")

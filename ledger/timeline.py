@@ -214,6 +214,12 @@ def find_workflow(ledger, some_id: str) -> Workflow:
     else:
         raise UnknownId(some_id)
 
+    if seed.parent_id is None and seed.root_id is None and seed.group_id is None:
+        # A chord body that never ran has no links: its chord's claim names it.
+        chord_id = _chord_fired_for(ledger, seed.task_id)
+        members = _group_members(ledger, chord_id) if chord_id else []
+        seed = next((r for r in map(load, members) if r is not None), seed)
+
     # Walk up parent links (for tasks stored without root_id), then take the root.
     # Celery gives a retry the task's own id as parent_id, and bad data may hold
     # longer cycles: a task already walked through ends the walk.
@@ -257,6 +263,12 @@ def find_workflow(ledger, some_id: str) -> Workflow:
         # The body is applied by the header part that completed the chord (its
         # parent) and carries the header's group id, but is not a header member.
         body = [r.task_id for r in runs.values() if r.parent_id in header and r.task_id not in header]
+        fired = next((e.data for e in stream if e.type == ChordFired.type), None)
+        # A body that failed before it ran (a header part failed) has no links of
+        # its own; the claim names it.
+        named = fired.body_task_id if fired is not None else None
+        if named and named not in body and load(named) is not None:
+            body.append(named)
         chords[group_id] = {
             "size": next((e.data.size for e in stream if e.type == ChordStarted.type), None),
             "returned": len({e.data.task_id for e in stream if e.type == ChordPartReturned.type}),
@@ -280,6 +292,14 @@ def _group_members(ledger, group_id: str) -> list[str]:
         return _child_ids(saved[-1].data.result)
     except CorruptEvent:
         return []
+
+
+def _chord_fired_for(ledger, body_task_id: str) -> str | None:
+    """The chord whose claim (``chord.fired``) names ``body_task_id`` as its body."""
+    e = ledger.log.table
+    q = sa.select(e.c.stream_id).where(e.c.ref_id == body_task_id, e.c.type == ChordFired.type)
+    stream = ledger._read(lambda c: c.execute(q.limit(1)).scalar())
+    return stream.split(":", 1)[1] if stream else None
 
 
 def _group_stamped(ledger, group_id: str) -> list[str]:

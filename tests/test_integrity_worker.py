@@ -135,3 +135,17 @@ def test_timeline_finds_every_member_from_any_member(worker, db_url):  # noqa: F
     out = json.loads(done.stdout)
     assert sorted(t["task_id"] for t in out["tasks"]) == sorted(r.id for r in saved.results)
     assert {t["state"] for t in out["tasks"]} == {"PENDING"}
+
+
+def test_timeline_of_a_chord_whose_body_failed_before_it_ran(worker):  # noqa: F811
+    add, fail, tsum = task(worker, "add"), task(worker, "fail"), task(worker, "tsum")
+    c = chord([add.si(1, 1), fail.si("header part failed")], tsum.s()).apply_async()
+    with pytest.raises(Exception, match="header part failed"):
+        c.get(timeout=WAIT)
+    ledger = worker.backend.ledger
+    header = [r.id for r in c.parent.results]
+    for start in (c.id, *header):
+        wf = find_workflow(ledger, start)
+        assert {*header, c.id} <= set(wf.tasks), start
+        assert wf.chords[c.parent.id]["body"] == [c.id]
+        assert wf.tasks[c.id].state == "FAILURE"
