@@ -28,7 +28,7 @@ from ledger.events import (
     TaskForgotten,
     TaskState,
 )
-from ledger.output import csv_cell
+from ledger.output import csv_cell, terminal_safe
 
 SUMMARY_WIDTH = 80
 
@@ -98,6 +98,8 @@ def describe(event: RecordedEvent) -> dict[str, Any]:
         "exc_type": None,
         "exc_message": None,
         "result": None,
+        "args": None,
+        "kwargs": None,
     }
     try:
         data = event.data
@@ -115,6 +117,8 @@ def describe(event: RecordedEvent) -> dict[str, Any]:
             exc_type=exc_type,
             exc_message=exc_message,
             result=None if exc_type else (summarize(data.result) or None),
+            args=_compact(data.args),
+            kwargs=_compact(data.kwargs),
         )
     elif isinstance(data, TaskForgotten):
         row["state"] = "FORGOTTEN"
@@ -122,6 +126,14 @@ def describe(event: RecordedEvent) -> dict[str, Any]:
         row["state"] = "EXPIRED"
         row["result"] = f"expired before {data.expired_before.isoformat()}"
     return row
+
+
+def _compact(value: Encoded | None) -> str | None:
+    """A stored value as one line of JSON (as stored: redacted), or its opaque marker."""
+    if value is None:
+        return None
+    decoded, shown = decode_value(value)
+    return json.dumps(shown, default=str, ensure_ascii=False, separators=(",", ":")) if decoded else shown
 
 
 def task_history(ledger, task_id: str) -> list[dict[str, Any]]:
@@ -251,7 +263,7 @@ def show_record(ledger, task_id: str, as_of: datetime | int | None) -> dict[str,
 EXPORT_BATCH = 5000
 _CSV_COLUMNS = (
     "position", "recorded_at", "stream_id", "stream_version", "type", "event_id",
-    "state", "name", "worker", "retries", "exc_type", "exc_message", "result",
+    "state", "name", "worker", "retries", "exc_type", "exc_message", "result", "args", "kwargs",
 )
 
 
@@ -325,26 +337,49 @@ def count_events(ledger, *, since=None, until=None, task_id=None) -> int:
     return ledger._read(lambda c: c.execute(q).scalar_one())
 
 
-def export_record(event: RecordedEvent) -> dict[str, Any]:
-    """The full event for an audit file: envelope plus decoded payload."""
+#: The summary fields ``history`` shows, in every JSON shape and CSV row of an event.
+SUMMARY_FIELDS = ("state", "name", "worker", "retries", "exc_type", "exc_message")
+
+
+def event_json(event: RecordedEvent) -> dict[str, Any]:
+    """The one JSON shape of an event, in ``history``, ``show``, ``tail`` and ``export``.
+
+    The envelope, the summary ``history`` shows (None where it does not apply),
+    and the payload with its stored values (result, args, kwargs: as stored, so
+    redacted) decoded when JSON or msgpack, else base64 with their content type.
+    """
     try:
         data = _jsonable(event.data.model_dump(mode="python"))
     except CorruptEvent as exc:
         data = {"corrupt": str(exc), "payload_base64": base64.b64encode(event.payload).decode()}
+    summary = describe(event)
     return {
         "position": event.position,
-        "recorded_at": event.recorded_at.isoformat(),
+        "tx_id": event.tx_id,
+        "event_id": str(event.event_id),
         "stream_id": event.stream_id,
         "stream_version": event.stream_version,
         "type": event.type,
         "schema_version": event.schema_version,
-        "event_id": str(event.event_id),
+        "recorded_at": event.recorded_at.isoformat(),
+        **{k: summary[k] for k in SUMMARY_FIELDS},
         "data": data,
     }
 
 
+def event_line(event: RecordedEvent) -> str:
+    """One line of text for an event (``tail``, ``export --format text``)."""
+    row = describe(event)
+    # A corrupt event does not stop tail: its line says so and why, and the next follows.
+    state = f"CORRUPT: {row['exc_message']}" if row["state"] == "CORRUPT" else row["state"] or ""
+    return (
+        f"{event.recorded_at.isoformat(timespec='milliseconds')}  {event.position:>8}  "
+        f"{event.stream_id}  {event.type}  {state}".rstrip()
+    )
+
+
 def export_row(event: RecordedEvent) -> dict[str, Any]:
-    """The flat CSV row: envelope plus the same summary ``history`` shows."""
+    """The flat CSV row: envelope, the summary ``history`` shows, and args/kwargs as JSON."""
     row = describe(event)
     return {
         "position": event.position,
@@ -353,26 +388,37 @@ def export_row(event: RecordedEvent) -> dict[str, Any]:
         "stream_version": event.stream_version,
         "type": event.type,
         "event_id": str(event.event_id),
-        **{k: row[k] for k in ("state", "name", "worker", "retries", "exc_type", "exc_message", "result")},
+        **{k: row[k] for k in (*SUMMARY_FIELDS, "result", "args", "kwargs")},
     }
+
+
+#: ``export --format`` choices: JSON lines, one JSON array, CSV, text lines.
+EXPORT_FORMATS = ("jsonl", "json", "csv", "text")
 
 
 def export(
     ledger, out, *, fmt: str, since=None, until=None, task_id=None, progress=None,
     batch: int = EXPORT_BATCH,
 ) -> int:
-    """Write events as JSON lines or CSV to ``out``; returns how many were written."""
+    """Write events to ``out`` in one of :data:`EXPORT_FORMATS`; returns how many were written."""
     writer = None
     if fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=_CSV_COLUMNS, extrasaction="raise")
         writer.writeheader()
+    elif fmt == "json":
+        out.write("[")
     n = 0
     for event in iter_events(ledger, since=since, until=until, task_id=task_id, batch=batch):
         if writer is not None:
             writer.writerow({k: csv_cell(v) for k, v in export_row(event).items()})
+        elif fmt == "text":
+            out.write(terminal_safe(event_line(event)) + "\n")
         else:
-            out.write(json.dumps(export_record(event), ensure_ascii=False, default=str) + "\n")
+            record = json.dumps(event_json(event), ensure_ascii=False, default=str)
+            out.write((",\n" if n and fmt == "json" else "") + record + ("\n" if fmt == "jsonl" else ""))
         n += 1
         if progress is not None:
             progress.advance()
+    if fmt == "json":
+        out.write("]\n")
     return n

@@ -24,19 +24,16 @@ acknowledgement and storing its checkpoint sends that batch again.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from ledger.errors import BadRecord, CorruptEvent
+from ledger.errors import BadRecord
 from ledger.events import RecordedEvent
 
 if TYPE_CHECKING:
@@ -230,50 +227,3 @@ def iter_events(
             consumer.commit(
                 {tp: OffsetAndMetadata(rs[-1].offset + 1, "", -1) for tp, rs in polled.items()}
             )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        try:
-            return value.decode()
-        except UnicodeDecodeError:
-            return {"base64": base64.b64encode(value).decode()}
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (datetime, uuid.UUID)):
-        return str(value)
-    return value
-
-
-def format_event(event: RecordedEvent, fmt: str = "text") -> str:
-    """One line for ``tail``: text for people, or a JSON object.
-
-    A corrupt event does not stop ``tail``: its line says CORRUPT and why (the
-    position is on the line), it is logged, and the next event follows.
-    """
-    try:
-        data = event.data
-    except CorruptEvent as exc:
-        log.warning("tail: %s; shown as CORRUPT, following on", exc)
-        data, problem = None, str(exc)
-    if fmt == "json":
-        return json.dumps(
-            {
-                "position": event.position,
-                "tx_id": event.tx_id,
-                "event_id": str(event.event_id),
-                "stream_id": event.stream_id,
-                "stream_version": event.stream_version,
-                "type": event.type,
-                "recorded_at": event.recorded_at.isoformat(),
-                **({"data": _jsonable(data.model_dump(mode="python"))} if data is not None
-                   else {"corrupt": problem}),
-            }
-        )
-    state = getattr(data, "status", "") if data is not None else f"CORRUPT: {problem}"
-    return (
-        f"{event.recorded_at.isoformat(timespec='milliseconds')}  {event.position:>8}  "
-        f"{event.stream_id}  {event.type}  {state}".rstrip()
-    )

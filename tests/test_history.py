@@ -83,7 +83,7 @@ def test_history_json_format_is_machine_readable(story, capsys):
     assert code == 0
     doc = json.loads(out)
     assert doc["task_id"] == "t1"
-    assert [e["event"] for e in doc["events"]] == ["task.state"] * 5 + ["task.forgotten"]
+    assert [e["type"] for e in doc["events"]] == ["task.state"] * 5 + ["task.forgotten"]
     assert doc["events"][3]["exc_type"] == "ValueError"
 
 

@@ -9,6 +9,7 @@ from datetime import datetime
 
 import click
 
+from ledger.audit import EXPORT_FORMATS
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
 from ledger.cli.files import replaced_on_success
 from ledger.cli.params import TIME, TIME_HELP, TIME_OR_POSITION
@@ -21,7 +22,7 @@ from ledger.cli.params import TIME, TIME_HELP, TIME_OR_POSITION
 @pass_env
 def history(env: Env, task_id: str, fmt: str) -> None:
     """Every event of a task in order, even after forget."""
-    from ledger.audit import UnknownTask, format_history, prunes_of, task_history
+    from ledger.audit import UnknownTask, event_json, format_history, prunes_of, task_history
 
     ledger = env.ledger()
     pruned = prunes_of(ledger, f"task:{task_id}")
@@ -31,7 +32,10 @@ def history(env: Env, task_id: str, fmt: str) -> None:
         why = f" (its events before {pruned[-1]['before']} were pruned)" if pruned else ""
         raise Failure(f"no events for task {task_id!r} in this ledger{why}") from None
     if fmt == "json":
-        print_json({"task_id": task_id, "events": rows, "pruned": pruned})
+        # Events in the one shape (ledger.audit.event_json); gaps are versions the log lacks.
+        events = [event_json(e) for e in ledger.history(task_id)]
+        gaps = [r for r in rows if r["position"] is None]
+        print_json({"task_id": task_id, "events": events, "gaps": gaps, "pruned": pruned})
         return
     echo(format_history(task_id, rows))
     for p in pruned:
@@ -47,14 +51,18 @@ def history(env: Env, task_id: str, fmt: str) -> None:
 @pass_env
 def show(env: Env, task_id: str, as_of: datetime | int | None, fmt: str) -> None:
     """A task's state now, or as it was at a time or log position."""
-    from ledger.audit import show_record
+    from ledger.audit import event_json, show_record
 
     ledger = env.ledger()
-    if not ledger.history(task_id):
+    events = ledger.history(task_id)
+    if not events:
         raise Failure(f"no events for task {task_id!r} in this ledger")
     record = show_record(ledger, task_id, as_of)
     if fmt == "json":
-        print_json(record)
+        # The event that set this state, in the shape history, tail and export use.
+        at = record.get("position")
+        shown = next((event_json(e) for e in events if e.position == at), None)
+        print_json({**record, "event": shown})
         return
     when = "now" if as_of is None else (
         f"at position {as_of}" if isinstance(as_of, int) else f"at {as_of.isoformat()}"
@@ -75,13 +83,13 @@ def show(env: Env, task_id: str, as_of: datetime | int | None, fmt: str) -> None
 @click.option("--since", type=TIME, default=None, help=f"first recorded_at included: {TIME_HELP}")
 @click.option("--until", type=TIME, default=None, help="recorded_at upper bound, excluded")
 @click.option("--task", default=None, metavar="TASK_ID", help="only this task's events")
-@format_option("jsonl", "csv", default="jsonl")
+@format_option(*EXPORT_FORMATS, default="jsonl")
 @click.option("--output", "-o", default=None, metavar="FILE", help="default: stdout")
 @db_option
 @pass_env
 def export(env: Env, since: datetime | None, until: datetime | None, task: str | None, fmt: str,
            output: str | None) -> None:
-    """Write events in a time range as JSON lines or CSV."""
+    """Write events in a time range as JSON lines, a JSON array, CSV or text."""
     from ledger.audit import count_events
     from ledger.audit import export as write_events
     from ledger.progress import Progress

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -74,7 +75,10 @@ def relay(env: Env, bootstrap: str, topic: str, state_topic: str | None, once: b
 @pass_env
 def tail(env: Env, follow: bool, task: str | None, lines: int, fmt: str) -> None:
     """Print ledger events as they happen."""
-    from ledger.stream import format_event
+    from ledger.audit import event_json, event_line
+
+    def line(event) -> str:
+        return json.dumps(event_json(event), default=str) if fmt == "json" else event_line(event)
 
     ledger = env.ledger()
     stream_id = f"task:{task}" if task else None
@@ -85,11 +89,11 @@ def tail(env: Env, follow: bool, task: str | None, lines: int, fmt: str) -> None
         start = history[0].position - 1 if history else ledger.follower_lag()["head_position"]
         for event in history:
             printed.add(event.event_id)
-            echo(format_event(event, fmt))
+            echo(line(event))
     else:
         start = max(0, ledger.follower_lag()["head_position"] - lines)
     stop = _stop_on_sigterm()
     for event in ledger.follow(start, stop=stop, idle_timeout=None if follow else 0):
         if stream_id is not None and (event.stream_id != stream_id or event.event_id in printed):
             continue
-        echo(format_event(event, fmt))
+        echo(line(event))
