@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -105,4 +106,9 @@ def echo(text: str, *, err: bool = False) -> None:
 
 
 def print_json(obj: object) -> None:
-    click.echo(json.dumps(obj, default=str, indent=2))
+    click.echo(json.dumps(obj, default=_jsonable, indent=2))
+
+
+def _jsonable(value: Any) -> str:
+    # Times as ISO 8601, as in every event (recorded_at); anything else as text.
+    return value.isoformat() if isinstance(value, datetime) else str(value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ledger.cli.context import Env, db_option, echo, pass_env
+from ledger.cli.context import Env, db_option, echo, format_option, pass_env, print_json
 from ledger.cli.root import LedgerGroup
 
 
@@ -41,16 +41,20 @@ def downgrade(env: Env, revision: str, yes: bool) -> None:
 
 
 @db.command()
+@format_option("text", "json")
 @db_option
 @pass_env
 @click.pass_context
-def current(ctx: click.Context, env: Env) -> None:
+def current(ctx: click.Context, env: Env, fmt: str) -> None:
     """Print the schema revision; exit 1 if not at head."""
     from ledger import migrate
 
     ledger = env.ledger(schema_warning=False)
     cur, head = migrate.current(ledger.engine), migrate.head()
-    echo(f"{ledger.url}: revision {cur} (head {head})")
+    if fmt == "json":
+        print_json({"db": ledger.url, "revision": cur, "head": head, "at_head": cur == head})
+    else:
+        echo(f"{ledger.url}: revision {cur} (head {head})")
     if cur != head:
         ctx.exit(1)
 

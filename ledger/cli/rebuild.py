@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 
 import click
@@ -20,9 +21,10 @@ def projection_option(f):
 
 @click.command()
 @projection_option
+@format_option("text", "json")
 @db_option
 @pass_env
-def rebuild(env: Env, projections: tuple[str, ...]) -> None:
+def rebuild(env: Env, projections: tuple[str, ...], fmt: str) -> None:
     """Recompute projections from the log into new tables and swap them in."""
     from ledger.progress import Progress
     from ledger.rebuild import RebuildError
@@ -34,6 +36,9 @@ def rebuild(env: Env, projections: tuple[str, ...]) -> None:
             report = run_rebuild(ledger, list(projections) or None, progress)
     except RebuildError as exc:
         raise Failure(f"rebuild failed: {exc}") from None
+    if fmt == "json":
+        print_json({**dataclasses.asdict(report), "rate": report.rate})
+        return
     rows = ", ".join(f"{name} {n:,}" for name, n in report.rows.items())
     echo(
         f"rebuilt {', '.join(report.projections)} from {report.events:,} events in "
@@ -76,11 +81,16 @@ def verify(ctx: click.Context, env: Env, projections: tuple[str, ...], fmt: str,
 @click.option("--before", type=TIME, required=True, metavar="DATE",
               help=TIME_HELP)
 @click.option("--dry-run", is_flag=True, help="say what would be deleted; delete nothing")
+@format_option("text", "json")
 @db_option
 @pass_env
-def prune(env: Env, before: datetime, dry_run: bool) -> None:
+def prune(env: Env, before: datetime, dry_run: bool, fmt: str) -> None:
     """Delete events recorded before DATE (kept: what live projections and followers need)."""
     from ledger.rebuild import prune as run_prune
 
-    for line in run_prune(env.ledger(), before, dry_run=dry_run).summary():
+    report = run_prune(env.ledger(), before, dry_run=dry_run)
+    if fmt == "json":
+        print_json(dataclasses.asdict(report))
+        return
+    for line in report.summary():
         echo(line)
