@@ -15,8 +15,8 @@ import pytest
 from ledger.cli import cli
 
 CLI = str(Path(sys.executable).parent / "celery-ledger")
-#: Commands whose output is a side effect or a stream of their own.
-NO_FORMAT = {"demo", "relay", "db upgrade", "db downgrade", "db check"}
+#: Commands whose output is a side effect, a stream or a web server of their own.
+NO_FORMAT = {"demo", "relay", "web", "db upgrade", "db downgrade", "db check"}
 
 
 def _leaves(group: click.Group, prefix: str = ""):
