@@ -839,7 +839,7 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
             chunk = cut_tasks[i : i + 500]
             keys = [s[len("task:"):] for s in chunk]
             conn.execute(sa.delete(T.catalogue).where(T.catalogue.c.task_id.in_(keys)))
-            CatalogueFill(T.catalogue, catalogue_select(e, streams=chunk)).run(conn)
+            CatalogueFill(T.catalogue, catalogue_select(e, streams=chunk), whole_log=False).run(conn)
         record = LogPruned(
             before=before, events_deleted=deleted, streams=affected[:PRUNED_STREAMS_LISTED]
         )
