@@ -20,12 +20,16 @@ import sqlalchemy as sa
 
 from ledger.errors import UnknownTask
 from ledger.events import (
+    RECEIVED,
+    SENT,
     CorruptEvent,
     Encoded,
     LogPruned,
     RecordedEvent,
     ResultExpired,
     TaskForgotten,
+    TaskReceived,
+    TaskSent,
     TaskState,
 )
 from ledger.output import csv_cell, terminal_safe
@@ -100,6 +104,7 @@ def describe(event: RecordedEvent) -> dict[str, Any]:
         "result": None,
         "args": None,
         "kwargs": None,
+        "detail": None,  # SENT / RECEIVED: routing, countdown, due time
     }
     try:
         data = event.data
@@ -120,6 +125,11 @@ def describe(event: RecordedEvent) -> dict[str, Any]:
             args=_compact(data.args),
             kwargs=_compact(data.kwargs),
         )
+    elif isinstance(data, TaskSent):
+        row.update(state=SENT, name=data.name, retries=data.retries, detail=_sent_detail(data))
+    elif isinstance(data, TaskReceived):
+        row.update(state=RECEIVED, name=data.name, worker=data.hostname, retries=data.retries,
+                   detail=f"due {data.due_at.isoformat()}" if data.due_at else None)
     elif isinstance(data, TaskForgotten):
         row["state"] = "FORGOTTEN"
     elif isinstance(data, ResultExpired):
@@ -134,6 +144,18 @@ def _compact(value: Encoded | None) -> str | None:
         return None
     decoded, shown = decode_value(value)
     return json.dumps(shown, default=str, ensure_ascii=False, separators=(",", ":")) if decoded else shown
+
+
+def _sent_detail(data: TaskSent) -> str:
+    """Where a SENT message went and when it may run: queue, countdown/ETA, expiry, publisher."""
+    parts = [f"queue {data.queue}" if data.queue else f"routing key {data.routing_key}"]
+    if data.countdown is not None:
+        parts.append(f"countdown {data.countdown:.1f}s (eta {data.eta.isoformat()})")  # type: ignore[union-attr]
+    if data.expires is not None:
+        parts.append(f"expires {data.expires.isoformat()}")
+    if data.hostname:
+        parts.append(f"from {data.hostname}")
+    return ", ".join(parts)
 
 
 def task_history(ledger, task_id: str) -> list[dict[str, Any]]:
@@ -169,6 +191,8 @@ _HISTORY_COLUMNS = ("version", "time", "state", "worker", "retries", "detail")
 
 
 def _detail(row: dict[str, Any]) -> str:
+    if row["detail"]:
+        return row["detail"]
     if row["exc_type"] or row["exc_message"]:
         return f"{row['exc_type'] or 'Exception'}: {row['exc_message'] or ''}".rstrip()
     return row["result"] or ""
@@ -187,7 +211,7 @@ def render_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 def format_history(task_id: str, rows: list[dict[str, Any]]) -> str:
     name = next((r["name"] for r in rows if r["name"]), None)
     head = f"task {task_id}" + (f"  {name}" if name else "") + f"  ({len(rows)} events)"
-    table = [dict(r, detail=_detail(r)) for r in rows]
+    table = [{**r, "detail": _detail(r)} for r in rows]
     return head + "\n" + render_table(table, _HISTORY_COLUMNS)
 
 

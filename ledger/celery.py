@@ -50,7 +50,7 @@ from celery.utils.log import get_logger
 from kombu.serialization import loads
 from kombu.utils.encoding import ensure_bytes
 
-from ledger import codec, database
+from ledger import codec, database, lifecycle
 from ledger.api import Ledger, RetryPolicy
 from ledger.errors import (
     CodecError,
@@ -124,6 +124,10 @@ class LedgerBackend(BaseBackend):
         self.max_payload_bytes = settings.max_payload_bytes
         self.notify = settings.notify
         self.extended = bool(conf.find_value_for_key("extended", "result"))
+        self.track_sent = settings.track_sent
+        self.track_received = settings.track_received
+        if self.track_sent or self.track_received:
+            lifecycle.track(self.app)
 
     # -- connection ---------------------------------------------------------------------
 
@@ -188,7 +192,7 @@ class LedgerBackend(BaseBackend):
             event = TaskState(
                 task_id=task_id,
                 status=state,
-                result=self._encoded(result),
+                result=self.encoded(result),
                 traceback=traceback,
                 children=meta["children"],
                 date_done=meta["date_done"],
@@ -210,7 +214,7 @@ class LedgerBackend(BaseBackend):
         # message is recorded in the log but does not replace the result.
         return result
 
-    def _encoded(self, value: Any) -> Encoded:
+    def encoded(self, value: Any) -> Encoded:
         return Encoded(
             content_type=self.content_type,
             content_encoding=self.content_encoding,
@@ -226,8 +230,8 @@ class LedgerBackend(BaseBackend):
         )
         return {
             "name": meta["name"],
-            "args": self._encoded(list(args) if args is not None else None),
-            "kwargs": self._encoded(kwargs),
+            "args": self.encoded(list(args) if args is not None else None),
+            "kwargs": self.encoded(kwargs),
             "worker": meta["worker"],
             "retries": meta["retries"],
             "queue": meta["queue"],

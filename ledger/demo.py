@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import TextIO
 
 from celery import Celery, chord, group
@@ -54,6 +55,11 @@ def make_app(db_url: str) -> Celery:
                              countdown=0)
         return f"ok after {self.request.retries} retries"
 
+    @app.task(name="demo.slow")
+    def slow(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
     @app.task(name="demo.fail")
     def fail(reason: str) -> None:
         raise ValueError(reason)
@@ -64,9 +70,12 @@ def make_app(db_url: str) -> Celery:
 def run(db_url: str, out: TextIO = sys.stdout) -> int:
     """Run the demo against ``db_url``; print the histories; return the exit status."""
     from ledger.audit import format_history, task_history
+    from ledger.timeline import find_workflow, render_text
 
     app = make_app(db_url)
-    add, total, flaky, fail = (app.tasks[f"demo.{n}"] for n in ("add", "total", "flaky", "fail"))
+    add, total, flaky, fail, slow = (
+        app.tasks[f"demo.{n}"] for n in ("add", "total", "flaky", "fail", "slow")
+    )
     # The worker's own ERROR log of the failing task would interleave with the tables.
     logging.getLogger("celery").setLevel(logging.CRITICAL)
     print(f"celery-ledger demo: in-process worker, results in ledger+{safe_url(db_url)}", file=out)
@@ -96,11 +105,17 @@ def run(db_url: str, out: TextIO = sys.stdout) -> int:
         print(f"  chord(3 adds, total) -> {c.get(timeout=TIMEOUT, interval=POLL)}", file=out)
         sections.append(("a chord: header parts, then the body", [*(p.id for p in c.parent.results), c.id]))
 
+        # One worker process: the header's second and third part wait in the queue.
+        busy = chord((slow.s(0.2) for _ in range(3)), total.s()).apply_async()
+        print(f"  chord(3 slow, total) -> {busy.get(timeout=TIMEOUT, interval=POLL)}", file=out)
+
     ledger = app.backend.ledger
     for title, ids in sections:
         print(f"\n== {title}", file=out)
         for task_id in ids:
             print(format_history(task_id, task_history(ledger, task_id)), file=out)
+    print("\n== a chord of slow tasks as a timeline: queue wait, then each run", file=out)
+    print(render_text(find_workflow(ledger, busy.id)), file=out)
     print(f"\nEvery line above is an event in {ledger.url}; try "
           f"`celery-ledger history <task id> --db {safe_url(db_url)}`.", file=out)
     return 0

@@ -25,6 +25,9 @@ from ledger.errors import CorruptEvent, InvalidEvent
 MAX_ID_LENGTH = 255
 #: Longest state name (Celery's own states are at most 8; custom states may be longer).
 MAX_STATE_LENGTH = 50
+#: Lifecycle states the ledger records before Celery's own (never reported to Celery).
+SENT = "SENT"
+RECEIVED = "RECEIVED"
 
 Id = str
 
@@ -128,6 +131,64 @@ class TaskState(_TaskEvent):
         # a group's members -- and the chord body, which carries the header's
         # group id -- without scanning payloads.
         return {"task_state": self.status, "ref_id": self.group_id}
+
+
+class TaskSent(_TaskEvent):
+    """The task's message was handed to the broker (Celery's ``after_task_publish``).
+
+    Appended by the publishing process (``ledger_track_sent``). Never a Celery
+    state: ``AsyncResult.state`` stays PENDING until the worker stores one
+    (see :mod:`projections.lifecycle`). A retry republishes the task, so a
+    task has one SENT per attempt (``retries`` tells them apart).
+    """
+
+    type: ClassVar[str] = "task.sent"
+
+    name: str = Field(min_length=1)
+    #: the publisher's clock when the message was handed to the broker
+    sent_at: datetime
+    #: the publisher's node name (Celery's ``origin`` header)
+    hostname: str | None = None
+    queue: str | None = None
+    routing_key: str | None = None
+    exchange: str | None = None
+    #: when it may run (``countdown`` and ``eta`` both arrive as an ETA)
+    eta: datetime | None = None
+    expires: datetime | None = None
+    retries: int = Field(default=0, ge=0)
+    parent_id: str | None = None
+    root_id: str | None = None
+    group_id: str | None = None
+    #: as the extended result stores them: encoded, redacted; None when not encodable
+    args: Encoded | None = None
+    kwargs: Encoded | None = None
+
+    def index_columns(self) -> dict[str, Any]:
+        return {"task_state": SENT}
+
+    @property
+    def countdown(self) -> float | None:
+        """Seconds from publishing to the ETA (what ``countdown=`` asked for)."""
+        return None if self.eta is None else (self.eta - self.sent_at).total_seconds()
+
+
+class TaskReceived(_TaskEvent):
+    """A worker took the task's message from the broker (Celery's ``task_received``).
+
+    Appended by the worker's consumer (``ledger_track_received``); for an ETA
+    task that is when it was received, and ``due_at`` is when it became due.
+    """
+
+    type: ClassVar[str] = "task.received"
+
+    name: str | None = None
+    #: the worker's node name
+    hostname: str | None = None
+    retries: int = Field(default=0, ge=0)
+    due_at: datetime | None = None
+
+    def index_columns(self) -> dict[str, Any]:
+        return {"task_state": RECEIVED}
 
 
 class TaskForgotten(_TaskEvent):
@@ -259,6 +320,8 @@ EVENT_TYPES: dict[str, type[EventData]] = {
     cls.type: cls
     for cls in (
         TaskState,
+        TaskSent,
+        TaskReceived,
         TaskForgotten,
         ResultExpired,
         GroupSaved,
@@ -271,6 +334,9 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         LogPruned,
     )
 }
+
+#: A task's lifecycle before Celery's states: never a Celery state, never notifying.
+LIFECYCLE_TYPES = frozenset({TaskSent.type, TaskReceived.type})
 
 #: Types that end a task's (or group's) current life: the projection row goes.
 TOMBSTONE_TYPES = frozenset(

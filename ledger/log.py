@@ -47,8 +47,8 @@ ready states notify against 1,370-1,718 when every store does (the former ahead
 in 6 of 7 pairs, by ~12% at the median); no difference with 1 process.
 
 By default (``notify="ready"``) every event notifies except a task state that
-is not ready -- STARTED, RETRY, custom progress states: no waiter wakes for
-those (``get()`` waits for a ready state), and followers find them at the next
+is not ready -- STARTED, RETRY, custom progress states -- and a task's SENT and
+RECEIVED (``task.sent``, ``task.received``): no waiter wakes for those (``get()`` waits for a ready state), and followers find them at the next
 notification or their next poll (``poll_interval``, 0.1 s by default).
 ``notify="all"`` notifies every event.
 """
@@ -67,7 +67,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ledger.database import driver_fetch, driver_sql, pooled_fetch
 from ledger.errors import RetryableConflict, VersionConflict
-from ledger.events import NewEvent, RecordedEvent, TaskState, encode
+from ledger.events import LIFECYCLE_TYPES, NewEvent, RecordedEvent, TaskState, encode
 from ledger.schema import events as events_table
 from ledger.settings import NOTIFY_MODES
 from projections.task_meta import READY_STATES
@@ -356,7 +356,11 @@ class PostgresLog(FollowableLog):
 
     def _notifies(self, item: Encoded) -> bool:
         """Whether this append wakes waiters and followers (module docstring)."""
-        if self.notify_all or item.new.data.type != TASK_STATE:
+        if self.notify_all:
+            return True
+        if item.new.data.type in LIFECYCLE_TYPES:
+            return False  # SENT/RECEIVED: no get() waits for them, as for STARTED
+        if item.new.data.type != TASK_STATE:
             return True
         return item.columns.get("task_state") in READY_STATES
 

@@ -12,6 +12,10 @@ as Celery users expect, read beside Celery's own ``result_*`` settings:
   (result, traceback, args, kwargs together); args, kwargs and the traceback are
   cut to fit (:func:`ledger.events.fit_extras`), a larger result is refused and
   nothing is written.
+* ``ledger_track_sent`` (default True): append ``task.sent`` when a task is
+  published (one ledger write per ``.delay()``; see the README's trade-off) and
+  ``ledger_track_received`` (default True): ``task.received`` when a worker takes
+  the message (:mod:`ledger.lifecycle`). Celery's own states are unchanged.
 * ``ledger_notify`` (default ``"ready"``): which stores send a PostgreSQL NOTIFY.
   ``"ready"``: all but STARTED, RETRY and custom progress states, which no
   ``get()`` waits for; followers find those by polling (0.1 s). ``"all"``: every
@@ -72,6 +76,8 @@ class BackendSettings:
     redact_args: frozenset[int] = frozenset()
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
     notify: str = NOTIFY_MODES[0]
+    track_sent: bool = True
+    track_received: bool = True
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> BackendSettings:
@@ -87,4 +93,6 @@ class BackendSettings:
             redact_args=frozenset(int(i) for i in conf.get("ledger_redact_args") or ()),
             max_payload_bytes=int(conf.get("ledger_max_payload_bytes") or MAX_PAYLOAD_BYTES),
             notify=notify,
+            track_sent=bool(conf.get("ledger_track_sent", True)),
+            track_received=bool(conf.get("ledger_track_received", True)),
         )

@@ -14,9 +14,12 @@ How the workflow is found, from the log alone:
 
 The tree is drawn by ``parent_id`` (the task that applied another), siblings of
 one group gathered under the group. Each task shows start (its first STARTED,
-else its first event), end (its first ready state), duration, retries (RETRY
-events) and final state (the projection's rule: SUCCESS is sticky; a tombstone
-shows as FORGOTTEN/EXPIRED).
+else when its RECEIVED says it began -- ``task_track_started`` off -- else its
+first event), queue wait (from its SENT, or its ETA if later, to that start:
+:mod:`projections.lifecycle`), end (its first ready state), duration, retries
+(RETRY events) and final state (the projection's rule: SUCCESS is sticky; a
+tombstone shows as FORGOTTEN/EXPIRED; SENT/RECEIVED only while no Celery state
+was stored).
 """
 
 from __future__ import annotations
@@ -38,8 +41,11 @@ from ledger.events import (
     RecordedEvent,
     ResultExpired,
     TaskForgotten,
+    TaskReceived,
+    TaskSent,
     TaskState,
 )
+from projections.lifecycle import STATE_OF, next_state, ready_at, run_start
 from projections.task_meta import READY_STATES, STICKY_STATE
 
 #: Upper bound on tasks gathered for one timeline (a guard against runaway workflows).
@@ -64,10 +70,24 @@ class TaskRun:
     workers: list[str] = field(default_factory=list)
     children: set[str] = field(default_factory=set)
     exc_type: str | None = None
+    #: when the first attempt could have run (its SENT: sent, or its ETA if later)
+    ready_at: datetime | None = None
+    #: when the first attempt began as far as its RECEIVED tells (received, or due)
+    received_start: datetime | None = None
 
     @property
     def start(self) -> datetime | None:
-        return self.started_at or self.first_at
+        # Without task_track_started there is no STARTED: the worker received it
+        # (or it became due) is the best-known start, not the end of the run.
+        return self.started_at or self.received_start or self.first_at
+
+    @property
+    def queue_wait(self) -> float | None:
+        """Seconds from when the task could have run to when it started (lifecycle rule)."""
+        start = self.started_at or self.received_start
+        if self.ready_at is None or start is None:
+            return None
+        return max(0.0, (start - self.ready_at).total_seconds())
 
     @property
     def duration(self) -> float | None:
@@ -82,6 +102,8 @@ class TaskRun:
             "task_id": self.task_id,
             "name": self.name,
             "state": self.state,
+            "ready": _iso(self.ready_at),
+            "queue_wait_s": self.queue_wait,
             "start": _iso(self.start),
             "end": _iso(self.ended_at),
             "duration_s": self.duration,
@@ -101,10 +123,25 @@ def fold_run(task_id: str, events: list[RecordedEvent]) -> TaskRun:
     """A task's run summarized from its stream (in order)."""
     run = TaskRun(task_id)
     sticky = False
+    lifecycle: str | None = None
+    sent: TaskSent | None = None
+    received: RecordedEvent | None = None
     for event in events:
         try:
             data = event.data
         except CorruptEvent:
+            continue
+        if isinstance(data, TaskSent | TaskReceived):
+            # The first attempt's (lowest ``retries``) SENT and RECEIVED, in
+            # whatever order they committed relative to the worker's states.
+            if isinstance(data, TaskSent) and (sent is None or data.retries < sent.retries):
+                sent = data
+            if isinstance(data, TaskReceived) and (
+                received is None or data.retries < received.data.retries  # type: ignore[attr-defined]
+            ):
+                received = event
+            lifecycle = next_state(lifecycle, STATE_OF[event.type])
+            run.name = run.name or data.name
             continue
         run.first_at = run.first_at or event.recorded_at
         if isinstance(data, TaskForgotten | ResultExpired):
@@ -134,6 +171,18 @@ def fold_run(task_id: str, events: list[RecordedEvent]) -> TaskRun:
             run.state = data.status
             run.exc_type = data.exc_type
             sticky = data.status == STICKY_STATE
+    if sent is not None:
+        run.ready_at = ready_at(sent)
+        run.parent_id = run.parent_id or sent.parent_id
+        run.group_id = run.group_id or sent.group_id
+        run.root_id = run.root_id or sent.root_id
+    if received is not None:
+        run.received_start = run_start(received)
+        worker = received.data.hostname  # type: ignore[attr-defined]
+        if worker and worker not in run.workers:
+            run.workers.insert(0, worker)
+    if run.state == "PENDING" and lifecycle is not None:
+        run.state = lifecycle  # a lifecycle state never replaces a Celery state
     return run
 
 
@@ -400,16 +449,19 @@ def _fmt_duration(seconds: float | None) -> str:
 
 
 def _span(wf: Workflow) -> tuple[datetime | None, datetime | None, float]:
-    """First start, last end and the seconds between (None, None when nothing ran yet)."""
-    starts = [r.start for r in wf.tasks.values() if r.start]
-    if not starts:
+    """The chart's first and last instant (queue waits included) and the seconds
+    between (None, None when nothing ran yet)."""
+    runs = [r for r in wf.tasks.values() if r.start]
+    if not runs:
         return None, None, 1e-6
-    t0, t1 = min(starts), max(r.ended_at or r.start for r in wf.tasks.values() if r.start)
+    t0 = min(min(r.start, r.ready_at or r.start) for r in runs)  # type: ignore[type-var]
+    t1 = max(r.ended_at or r.start for r in runs)  # type: ignore[type-var]
     return t0, t1, max((t1 - t0).total_seconds(), 1e-6)
 
 
 def render_text(wf: Workflow, width: int = 40) -> str:
-    """The tree with times, and a Gantt chart of each task's run (one column = span/width)."""
+    """The tree with times, and a Gantt chart of each task's queue wait and run
+    (one column = span/width)."""
     rows = _flatten(build_tree(wf))
     t0, t1, span = _span(wf)
     when = f"{t0.isoformat()} .. {t1.isoformat()} ({_fmt_duration(span)})" if t0 and t1 else (
@@ -417,7 +469,8 @@ def render_text(wf: Workflow, width: int = 40) -> str:
     )
     lines = [f"workflow of {wf.kind} {wf.query}  root {wf.root}  {len(wf.tasks)} tasks  {when}"]
     tree_w = max(len(p) + len(n.label) for p, n in rows)
-    header = f"{'':{tree_w}}  {'STATE':9} {'START':>9} {'DURATION':>8} {'RETRIES':>7}  |{'':{width}}|"
+    header = (f"{'':{tree_w}}  {'STATE':9} {'START':>9} {'WAIT':>8} {'DURATION':>8} {'RETRIES':>7}"
+              f"  |{'':{width}}|")
     lines.append(header)
     for prefix, node in rows:
         cells = f"{prefix}{node.label}".ljust(tree_w)
@@ -427,28 +480,37 @@ def render_text(wf: Workflow, width: int = 40) -> str:
             continue
         start = "-" if run.start is None else "+" + _fmt_duration((run.start - t0).total_seconds())
         lines.append(
-            f"{cells}  {run.state:9} {start:>9} {_fmt_duration(run.duration):>8} {run.retries:>7}  "
-            f"|{_bar(run, t0, span, width)}|"
+            f"{cells}  {run.state:9} {start:>9} {_fmt_duration(run.queue_wait):>8} "
+            f"{_fmt_duration(run.duration):>8} {run.retries:>7}  |{_bar(run, t0, span, width)}|"
         )
-    lines.append(f"{'':{tree_w}}  {'':37}  {_axis(span, width)}")
+    lines.append(f"{'':{tree_w}}  {'':46}  {_axis(span, width)}")
+    lines.append(f"{'':{tree_w}}  {'':46}  {QUEUE_CHAR} queue wait  ▒ retried attempts")
     lines.extend(f"note: {note}" for note in wf.notes)
     return "\n".join(lines)
 
 
 #: Bar characters by final state; ``▒`` marks the time spent in attempts that were retried.
 _BAR_CHAR = {"SUCCESS": "█", "FAILURE": "▓", "RETRY": "▒", "REVOKED": "x"}
+#: The queue wait before the run: from when it could have run to its start.
+QUEUE_CHAR = "·"
 
 
 def _bar(run: TaskRun, t0: datetime, span: float, width: int) -> str:
     if run.start is None:
         return " " * width
-    a = int((run.start - t0).total_seconds() / span * (width - 1))
-    end = run.ended_at or run.start
-    b = max(a, int((end - t0).total_seconds() / span * (width - 1)))
+
+    def col(when: datetime) -> int:
+        return int((when - t0).total_seconds() / span * (width - 1))
+
+    a = col(run.start)
+    b = max(a, col(run.ended_at or run.start))
     char = _BAR_CHAR.get(run.state, "░")
     bar = [" "] * a + [char] * (b - a + 1)
+    if run.queue_wait:  # the wait ends where the run's first column begins
+        for i in range(col(run.ready_at), a):  # type: ignore[arg-type]
+            bar[i] = QUEUE_CHAR
     if run.retried_at is not None:  # the attempts before the last retry
-        r = int((run.retried_at - t0).total_seconds() / span * (width - 1))
+        r = col(run.retried_at)
         for i in range(a, min(r, b) + 1):
             bar[i] = _BAR_CHAR["RETRY"]
     return "".join(bar).ljust(width)[:width]
@@ -488,22 +550,33 @@ def render_html(wf: Workflow) -> str:
     """A self-contained page (no scripts, no external files) with the tree and the chart."""
     rows = _flatten(build_tree(wf))
     t0, t1, span = _span(wf)
+
+    def pct(seconds: float) -> float:
+        return seconds / span * 100
+
     trs = []
     for prefix, node in rows:
         run = node.run
         label = html.escape(prefix + node.label)
         if run is None or run.start is None:
-            trs.append(f"<tr><td class=t>{label}</td><td></td><td></td><td></td><td></td><td></td></tr>")
+            trs.append(f"<tr><td class=t>{label}</td>{'<td></td>' * 6}</tr>")
             continue
-        left = (run.start - t0).total_seconds() / span * 100
-        w = max(((run.ended_at or run.start) - run.start).total_seconds() / span * 100, 0.4)
+        left = pct((run.start - t0).total_seconds())
+        w = max(pct(((run.ended_at or run.start) - run.start).total_seconds()), 0.4)
         color = _COLORS.get(run.state, "#757575")
         tip = html.escape(f"{run.task_id} {run.state} start {_iso(run.start)} end {_iso(run.ended_at)}")
+        wait = ""
+        if run.queue_wait:
+            wait_left = pct((run.ready_at - t0).total_seconds())  # type: ignore[operator]
+            wait_tip = html.escape(f"queue wait {_fmt_duration(run.queue_wait)} from {_iso(run.ready_at)}")
+            wait = (f"<div class=w title=\"{wait_tip}\" style=\"left:{wait_left:.3f}%;"
+                    f"width:{pct(run.queue_wait):.3f}%\"></div>")
         trs.append(
             f"<tr><td class=t>{label}</td><td>{html.escape(run.state)}</td>"
+            f"<td>{_fmt_duration(run.queue_wait)}</td>"
             f"<td>{_fmt_duration(run.duration)}</td><td>{run.retries}</td>"
             f"<td>{html.escape(', '.join(run.workers))}</td>"
-            f"<td class=g><div title=\"{tip}\" style=\"left:{left:.3f}%;width:{w:.3f}%;"
+            f"<td class=g>{wait}<div title=\"{tip}\" style=\"left:{left:.3f}%;width:{w:.3f}%;"
             f"background:{color}\"></div></td></tr>"
         )
     title = html.escape(f"workflow {wf.root}")
@@ -514,10 +587,12 @@ body{{font:13px system-ui,sans-serif;margin:1.5em}} table{{border-collapse:colla
 td,th{{padding:2px 8px;text-align:left;white-space:nowrap}} tr:nth-child(even){{background:#f5f5f5}}
 td.t{{font-family:monospace;white-space:pre}} td.g{{position:relative;width:45%;min-width:300px}}
 td.g div{{position:absolute;top:4px;height:12px;border-radius:2px}}
+td.g div.w{{background:repeating-linear-gradient(90deg,#bdbdbd 0 3px,transparent 3px 5px)}}
 </style></head><body>
 <h1>{title}</h1>
 <p>{html.escape(f"{wf.kind} {wf.query}: {len(wf.tasks)} tasks, {_iso(t0)} .. {_iso(t1)} ({_fmt_duration(span)})")}</p>
-<table><tr><th>task</th><th>state</th><th>duration</th><th>retries</th><th>worker</th><th>timeline (0 .. {_fmt_duration(span)})</th></tr>
+<table><tr><th>task</th><th>state</th><th>queue wait</th><th>duration</th><th>retries</th><th>worker</th>\
+<th>timeline (0 .. {_fmt_duration(span)}; hatched: queue wait)</th></tr>
 {chr(10).join(trs)}
 </table></body></html>
 """

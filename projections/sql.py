@@ -32,6 +32,8 @@ from ledger.events import (
     RecordedEvent,
     ResultExpired,
     TaskForgotten,
+    TaskReceived,
+    TaskSent,
     TaskState,
 )
 from projections.catalogue import PAYLOAD_FIELDS, STARTED, TaskEntry, fields_of
@@ -427,9 +429,15 @@ class SqlTarget:
             f" ON CONFLICT (chord_id) DO UPDATE SET"
             f" fired_position = COALESCE({c}.fired_position, excluded.fired_position))"
         )
+        # SENT/RECEIVED change no projection here (Celery's view ignores them), but
+        # taking the fused path keeps them one autocommitted round trip on
+        # PostgreSQL -- SENT is on the publisher's .delay() path.
+        untouched = FusedSql("projection AS (SELECT position FROM ev)")
         return {
             ChordPartReturned.type: part_returned,
             ChordFired.type: fired,
+            TaskSent.type: untouched,
+            TaskReceived.type: untouched,
         } | {
             event_type: FusedSql(
                 f"{catalogue[event_type]}, projection AS ({sql})" if event_type in catalogue

@@ -5,7 +5,10 @@ Rules (Celery's own):
   succeeded task stays in the log but does not change the projection;
 * ``task.forgotten`` / ``results.expired`` end the task's life (no row); a later
   ``task.state`` starts a new one;
-* an unknown id has no row; readers report it as PENDING.
+* an unknown id has no row; readers report it as PENDING;
+* ``task.sent`` / ``task.received`` change nothing: Celery reports PENDING until
+  the worker stores STARTED or a ready state, whenever they commit
+  (:mod:`projections.lifecycle`).
 """
 
 from __future__ import annotations

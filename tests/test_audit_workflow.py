@@ -19,7 +19,8 @@ from celery import chain, chord, group
 from ledger.api import Ledger
 from ledger.audit import task_history
 from ledger.cli import main
-from ledger.timeline import find_workflow, render_text, to_json
+from ledger.events import LIFECYCLE_TYPES
+from ledger.timeline import QUEUE_CHAR, find_workflow, render_text, to_json
 from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.worker]
@@ -45,7 +46,7 @@ def run_workflow(worker):  # noqa: F811
     # Celery stores attempt 1's RETRY after it sent attempt 2, which another worker
     # process may have run (and the chord after it) first: wait, bounded, for it.
     deadline = time.monotonic() + WAIT
-    while len(ledger.history(flaky_id)) < 4 and time.monotonic() < deadline:
+    while "RETRY" not in states(ledger, flaky_id) and time.monotonic() < deadline:
         time.sleep(0.05)
     return ledger, {
         "first": first.id,
@@ -58,7 +59,8 @@ def run_workflow(worker):  # noqa: F811
 
 
 def states(ledger: Ledger, task_id: str) -> list[str]:
-    return [r["state"] for r in task_history(ledger, task_id)]
+    """The task's Celery states in log order (its SENT/RECEIVED left out)."""
+    return [r["state"] for r in task_history(ledger, task_id) if r["event"] not in LIFECYCLE_TYPES]
 
 
 def test_history_of_a_real_workflow_matches_what_happened(run_workflow, db_url, capsys):  # noqa: F811
@@ -67,7 +69,14 @@ def test_history_of_a_real_workflow_matches_what_happened(run_workflow, db_url, 
     assert states(ledger, ids["plain"]) == ["STARTED", "SUCCESS"]
     # Celery sends the retry before it stores RETRY, so another worker process
     # may run the retry first: the log keeps the order things really happened in.
-    flaky = task_history(ledger, ids["flaky"])
+    # Every attempt was sent and received once (publisher and worker append them,
+    # so they may commit in either order, even after the worker's states).
+    for key, attempts in (("first", 1), ("plain", 1), ("body", 1), ("flaky", 2)):
+        lifecycle = [r for r in task_history(ledger, ids[key]) if r["event"] in LIFECYCLE_TYPES]
+        assert key and sorted((r["state"], r["retries"]) for r in lifecycle) == sorted(
+            (state, n) for state in ("RECEIVED", "SENT") for n in range(attempts)
+        )
+    flaky = [r for r in task_history(ledger, ids["flaky"]) if r["event"] not in LIFECYCLE_TYPES]
     assert sorted(r["state"] for r in flaky) == ["RETRY", "STARTED", "STARTED", "SUCCESS"]
     assert flaky[0]["state"] == "STARTED" and flaky[0]["retries"] == 0
     retry = next(r for r in flaky if r["state"] == "RETRY")
@@ -87,12 +96,16 @@ def test_history_of_a_real_workflow_matches_what_happened(run_workflow, db_url, 
 def test_as_of_walks_through_each_state_of_a_retried_task(run_workflow):
     ledger, ids = run_workflow
     events = ledger.history(ids["flaky"])
-    seen = [ledger.task_meta(ids["flaky"], as_of=e.position).status for e in events]
-    expected, done = [], False  # the latest state, except that SUCCESS stays
+    metas = [ledger.task_meta(ids["flaky"], as_of=e.position) for e in events]
+    seen = [m and m.status for m in metas]
+    # the latest state, except that SUCCESS stays; SENT/RECEIVED change nothing
+    expected, state = [], None
     for e in events:
-        done = done or e.data.status == "SUCCESS"
-        expected.append("SUCCESS" if done else e.data.status)
+        if e.type not in LIFECYCLE_TYPES and state != "SUCCESS":
+            state = e.data.status
+        expected.append(state)
     assert seen == expected
+    events = [e for e in events if e.type not in LIFECYCLE_TYPES]
     assert set(seen) >= {"STARTED", "SUCCESS"}
     retry_at = next(e.position for e in events if e.data.status == "RETRY")
     before_success = [e.position for e in events if e.data.status == "SUCCESS"][0] > retry_at
@@ -139,14 +152,14 @@ def test_timeline_draws_the_tree_and_a_gantt_chart(run_workflow, db_url, capsys,
         "         ├─ workerapp.",
         f"         └─ body: workerapp.fail {ids['body']}",
     ]
-    tree = lines[2:-1]
+    tree = lines[2:-2]  # below: the axis and the legend
     assert len(tree) == len(expected), text
     assert all(line.startswith(want) for line, want in zip(tree, expected, strict=True)), text
     assert sorted(line.split()[2] for line in tree[2:4]) == ids["members"]
     assert {line.split()[2] for line in tree[5:7]} == {ids["plain"], ids["flaky"]}
     bars = {k: next(line for line in tree if ids[k] in line).rsplit("|", 2)[1]
             for k in ("first", "flaky", "body")}
-    assert bars["first"].lstrip(" ").startswith("█") and bars["body"].rstrip(" ").endswith("▓")
+    assert bars["first"].lstrip(" " + QUEUE_CHAR).startswith("█") and bars["body"].rstrip(" ").endswith("▓")
     assert bars["first"].index("█") < bars["body"].index("▓")
     assert "▒" in bars["flaky"]  # the attempt that was retried
 

@@ -25,6 +25,8 @@ from ledger.events import (
     NewEvent,
     ResultExpired,
     TaskForgotten,
+    TaskReceived,
+    TaskSent,
     TaskState,
 )
 from ledger.events import utcnow as now
@@ -54,6 +56,10 @@ event_data = st.one_of(
         root_id=st.sampled_from([None, "a"]), exc_type=st.sampled_from([None, "KeyError"]),
         args=ARGS, kwargs=ARGS,
     ),
+    # SENT / RECEIVED: appended by other processes, so anywhere among the states
+    st.builds(TaskSent, task_id=TASKS, name=st.just("proj.t"), sent_at=st.just(now()),
+              retries=st.integers(0, 2)),
+    st.builds(TaskReceived, task_id=TASKS, hostname=st.just("celery@w1"), retries=st.integers(0, 2)),
     st.builds(TaskForgotten, task_id=TASKS),
     st.builds(ResultExpired, task_id=TASKS, expired_before=st.just(now())),
     st.builds(GroupSaved, group_id=GROUPS, result=st.lists(st.text(max_size=3), max_size=3)),

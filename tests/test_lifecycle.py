@@ -1,0 +1,174 @@
+"""SENT and RECEIVED: what they add, and what Celery keeps seeing.
+
+The pure rules first (property tests over every commit order), then a real
+``celery worker`` (prefork, Redis broker) on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from celery import states
+from celery.exceptions import TimeoutError
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ledger.audit import task_history
+from ledger.cli import main
+from ledger.events import NewEvent, RecordedEvent, TaskReceived, TaskSent, TaskState
+from ledger.events import utcnow as now
+from ledger.log import Encoded
+from ledger.timeline import fold_run
+from projections import task_meta
+from projections.lifecycle import next_state
+from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
+from tests.test_projection_equivalence import PROPERTY
+
+T0 = now()
+CELERY_STATES = st.sampled_from(["STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED", "PROGRESS"])
+LIFECYCLE = st.sampled_from([
+    TaskSent(task_id="a", name="proj.t", sent_at=T0),
+    TaskReceived(task_id="a", hostname="celery@w1"),
+])
+
+
+def recorded(datas) -> list[RecordedEvent]:
+    """``datas`` as a log would hold them, in this order, one second apart."""
+    return [
+        Encoded.of(NewEvent(d)).recorded(i + 1, i + 1, T0 + timedelta(seconds=i), 0)
+        for i, d in enumerate(datas)
+    ]
+
+
+@st.composite
+def interleaved(draw):
+    """Celery's states of one task in their order, with SENT/RECEIVED inserted anywhere."""
+    states = [TaskState(task_id="a", status=s) for s in draw(st.lists(CELERY_STATES, max_size=5))]
+    merged = list(states)
+    for event in draw(st.lists(LIFECYCLE, max_size=4)):
+        merged.insert(draw(st.integers(0, len(merged))), event)
+    return states, merged
+
+
+def _celery_view(events: list[RecordedEvent]):
+    state = None
+    for e in events:
+        state = task_meta.fold(state, e)
+    return None if state is None else (state.status, state.payload, state.done_at is None)
+
+
+@PROPERTY
+@given(interleaved())
+def test_sent_and_received_never_change_what_celery_sees(histories):
+    """Task meta (what AsyncResult reads) is the same with or without them, wherever
+    they committed: no row (PENDING) until STARTED or a ready state."""
+    states, merged = histories
+    with_lifecycle = recorded(merged)
+    expected = _celery_view([e for e in with_lifecycle if e.type == TaskState.type])
+    assert _celery_view(with_lifecycle) == expected
+    if not states:
+        assert expected is None
+
+
+@PROPERTY
+@given(interleaved())
+def test_a_lifecycle_state_never_overrides_a_celery_state(histories):
+    """The timeline's state: Celery's (SUCCESS sticky) if it stored one, else the
+    highest of SENT < RECEIVED, in whatever order they committed."""
+    states, merged = histories
+    run = fold_run("a", recorded(merged))
+    lifecycle = {type(d) for d in merged} - {TaskState}
+    if states:
+        statuses = [s.status for s in states]
+        assert run.state == ("SUCCESS" if "SUCCESS" in statuses else statuses[-1])
+    elif TaskReceived in lifecycle:
+        assert run.state == "RECEIVED"
+    elif TaskSent in lifecycle:
+        assert run.state == "SENT"
+    else:
+        assert run.state == "PENDING"
+
+
+def test_received_replaces_sent_and_nothing_else():
+    assert next_state(None, "SENT") == "SENT"
+    assert next_state("SENT", "RECEIVED") == "RECEIVED"
+    assert next_state("RECEIVED", "SENT") == "RECEIVED"
+    assert next_state("STARTED", "RECEIVED") == "STARTED"
+    assert next_state("RETRY", "SENT") == "RETRY"  # a retry's new message
+
+
+def test_queue_wait_and_duration_without_task_track_started():
+    """No STARTED: the run starts when the worker received it (or it became due);
+    the wait is from the ETA (the countdown asked for is not waiting)."""
+    sent = TaskSent(task_id="a", name="proj.t", sent_at=T0, eta=T0 + timedelta(seconds=2))
+    events = recorded([sent, TaskReceived(task_id="a", due_at=T0 + timedelta(seconds=2)),
+                       TaskState(task_id="a", status="SUCCESS")])
+    # recorded one second apart: received at T0+1 s, due at T0+2 s, done at T0+2 s
+    run = fold_run("a", events)
+    assert run.ready_at == T0 + timedelta(seconds=2)
+    assert run.start == T0 + timedelta(seconds=2)
+    assert run.queue_wait == 0.0 and run.duration == 0.0
+    late = recorded([TaskSent(task_id="a", name="proj.t", sent_at=T0), TaskState(task_id="a", status="PROGRESS"),
+                     TaskReceived(task_id="a"), TaskState(task_id="a", status="SUCCESS")])
+    run = fold_run("a", late)
+    assert run.queue_wait == 2.0 and run.duration == 1.0
+
+
+# -- a real worker -----------------------------------------------------------------------
+
+
+@pytest.mark.worker
+def test_countdown_task_history_reads_sent_received_started_success(worker, db_url, capsys):  # noqa: F811
+    r = task(worker, "add").apply_async((2, 3), countdown=2)
+    assert r.get(timeout=WAIT) == 5
+    ledger = worker.backend.ledger
+    rows = task_history(ledger, r.id)
+    assert [row["state"] for row in rows] == ["SENT", "RECEIVED", "STARTED", "SUCCESS"]
+    sent, received, started, _ = ledger.history(r.id)
+    assert sent.data.name == "workerapp.add" and sent.data.queue == worker.conf.task_default_queue
+    assert 1.9 <= sent.data.countdown <= 2.0  # eta - when it was handed to the broker
+    assert received.data.due_at == sent.data.eta
+    assert received.data.hostname == started.data.worker  # the worker that ran it
+    assert started.recorded_at >= sent.data.eta  # ran once due, not when received
+    assert "countdown 2.0s" in rows[0]["detail"] and rows[0]["detail"].startswith(
+        f"queue {worker.conf.task_default_queue}")
+    # Celery saw PENDING throughout: no state until STARTED.
+    assert ledger.task_meta(r.id, as_of=received.position) is None
+    assert main(["history", r.id, "--db", db_url]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[2] for line in out.splitlines()[2:]] == ["SENT", "RECEIVED", "STARTED", "SUCCESS"]
+    assert "countdown 2.0s" in out
+
+
+@pytest.mark.worker
+def test_task_sent_to_a_queue_nobody_consumes_is_sent_and_pending(worker):  # noqa: F811
+    queue = f"{worker.conf.task_default_queue}-nobody"
+    r = task(worker, "add").apply_async((1, 1), queue=queue)
+    ledger = worker.backend.ledger
+    (sent,) = ledger.history(r.id)
+    assert sent.type == "task.sent" and sent.data.queue == queue
+    assert r.state == states.PENDING and worker.backend.get_task_meta(r.id)["status"] == states.PENDING
+    with pytest.raises(TimeoutError):
+        r.get(timeout=0.5)
+    assert fold_run(r.id, ledger.history(r.id)).state == "SENT"
+
+
+@pytest.mark.worker
+def test_queue_wait_is_the_time_between_the_histories_events(worker):  # noqa: F811
+    """Three slow tasks on a worker of three processes, then three more: the second
+    three wait in the queue; the timeline's wait is what the histories say."""
+    sleep = task(worker, "sleep")
+    results = [sleep.delay(0.5) for _ in range(6)]
+    assert [r.get(timeout=WAIT) for r in results] == [0.5] * 6
+    ledger = worker.backend.ledger
+    waits = []
+    for r in results:
+        events = ledger.history(r.id)
+        sent = next(e.data for e in events if e.type == "task.sent")
+        started = next(e.recorded_at for e in events if e.type == "task.state"
+                       and e.data.status == states.STARTED)
+        run = fold_run(r.id, events)
+        assert run.queue_wait == max(0.0, (started - sent.sent_at).total_seconds())
+        waits.append(run.queue_wait)
+    assert max(waits) >= 0.4  # at least one waited for a busy process
