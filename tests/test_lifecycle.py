@@ -14,14 +14,18 @@ from celery.exceptions import TimeoutError
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ledger.api import Ledger
 from ledger.audit import task_history
 from ledger.cli import main
 from ledger.events import NewEvent, RecordedEvent, TaskReceived, TaskSent, TaskState
 from ledger.events import utcnow as now
 from ledger.log import Encoded
+from ledger.relay import Relay
+from ledger.stream import decode_event, decode_state
 from ledger.timeline import fold_run
 from projections import task_meta
 from projections.lifecycle import next_state
+from tests.kafka import create_topic, kafka, read_all, topic  # noqa: F401
 from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
 from tests.test_projection_equivalence import PROPERTY
 
@@ -172,3 +176,31 @@ def test_queue_wait_is_the_time_between_the_histories_events(worker):  # noqa: F
         assert run.queue_wait == max(0.0, (started - sent.sent_at).total_seconds())
         waits.append(run.queue_wait)
     assert max(waits) >= 0.4  # at least one waited for a busy process
+
+
+# -- the stream ------------------------------------------------------------------------------
+
+
+@pytest.mark.kafka
+def test_sent_and_received_reach_the_event_topic_and_leave_the_state_topic_alone(
+        any_url, kafka, topic):  # noqa: F811
+    """Like every event, they go to the event topic and decode there; the state
+    topic holds Celery's view, which they do not change (a late SENT included)."""
+    ledger = Ledger.open(any_url)
+    state_topic = create_topic(kafka)
+    ledger.append([TaskSent(task_id="lost", name="proj.t", sent_at=T0, queue="nobody")])
+    ledger.append([TaskSent(task_id="ran", name="proj.t", sent_at=T0),
+                   TaskReceived(task_id="ran", hostname="celery@w1")])
+    ledger.append([TaskState(task_id="ran", status="STARTED")])
+    ledger.append([TaskSent(task_id="ran", name="proj.t", sent_at=T0, retries=1)])  # committed late
+    Relay(ledger, kafka, topic, state_topic=state_topic).run(once=True)
+
+    events = [decode_event(r.value) for r in read_all(kafka, topic, expect=5)]
+    assert sorted((e.stream_key, e.type) for e in events) == [
+        ("lost", "task.sent"), ("ran", "task.received"), ("ran", "task.sent"),
+        ("ran", "task.sent"), ("ran", "task.state"),
+    ]
+    assert next(e for e in events if e.stream_key == "lost").data.queue == "nobody"
+    states_ = {r.key: r for r in read_all(kafka, state_topic, expect=1)}
+    assert set(states_) == {b"ran"}  # a task only sent has no Celery state
+    assert decode_state(states_[b"ran"].value).status == "STARTED"
