@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
-from celery._state import get_current_app
+from celery._state import _get_active_apps, get_current_app
 from celery.utils.log import get_logger
 from celery.utils.time import maybe_iso8601
 
@@ -78,15 +78,16 @@ def _publisher(task_name: str | None, declare: Any) -> Celery | None:
 
     The queue Celery declares with the message is an object of the publishing
     app's ``amqp.queues``, which tells apart apps with the same task names (tests,
-    several apps in one process). Otherwise (an explicit exchange, no queue): the
-    only tracked app that has the task, or the current app if tracked.
+    several apps in one process), tracked or on other backends. Without one (an
+    explicit exchange, a Queue object of the caller's): the only tracked app that
+    has the task, else the current app if tracked.
     """
-    apps = list(_apps)
-    for queue in declare or ():
-        owners = [app for app in apps if app.amqp.queues.get(getattr(queue, "name", None)) is queue]
-        if len(owners) == 1:
-            return owners[0]
-    owners = [app for app in apps if task_name in app.tasks]
+    queues = [q for q in declare or () if getattr(q, "name", None)]
+    for app in list(_get_active_apps()):
+        amqp = app.__dict__.get("amqp")  # only apps that publish have one
+        if amqp is not None and any(amqp.queues.get(q.name) is q for q in queues):
+            return app if app in _apps else None  # not tracked: another backend
+    owners = [app for app in list(_apps) if task_name in app.tasks]
     if len(owners) == 1:
         return owners[0]
     current = get_current_app()

@@ -6,14 +6,18 @@ The pure rules first (property tests over every commit order), then a real
 
 from __future__ import annotations
 
+import io
+import uuid
 from datetime import timedelta
 
 import pytest
-from celery import states
+from celery import Celery, states
+from celery.contrib.testing.worker import start_worker
 from celery.exceptions import TimeoutError
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ledger import demo
 from ledger.api import Ledger
 from ledger.audit import task_history
 from ledger.cli import main
@@ -22,7 +26,7 @@ from ledger.events import utcnow as now
 from ledger.log import Encoded
 from ledger.relay import Relay
 from ledger.stream import decode_event, decode_state
-from ledger.timeline import fold_run
+from ledger.timeline import QUEUE_CHAR, fold_run
 from projections import task_meta
 from projections.lifecycle import next_state
 from tests.kafka import create_topic, kafka, read_all, topic  # noqa: F401
@@ -176,6 +180,59 @@ def test_queue_wait_is_the_time_between_the_histories_events(worker):  # noqa: F
         assert run.queue_wait == max(0.0, (started - sent.sent_at).total_seconds())
         waits.append(run.queue_wait)
     assert max(waits) >= 0.4  # at least one waited for a busy process
+
+
+# -- settings, other apps, the demo (in-process worker, memory broker) -------------------------
+
+
+def in_process_app(url: str, **conf) -> Celery:
+    app = Celery("lifecycle", broker="memory://", backend=f"ledger+{url}", set_as_current=False)
+    app.conf.update(task_track_started=True, worker_hijack_root_logger=False,
+                    task_default_queue=f"lifecycle-{uuid.uuid4().hex[:8]}",
+                    broker_transport_options={"polling_interval": 0.01}, **conf)
+    app.task(name="lifecycle.add")(add)
+    return app
+
+
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@pytest.mark.parametrize("setting, left_out", [("ledger_track_sent", "task.sent"),
+                                               ("ledger_track_received", "task.received")])
+def test_each_setting_turns_its_event_off(sqlite_url, setting, left_out):
+    app = in_process_app(sqlite_url, **{setting: False})
+    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="CRITICAL"):
+        r = app.tasks["lifecycle.add"].delay(1, 2)
+        assert r.get(timeout=WAIT, interval=0.02) == 3
+    expected = ["task.sent", "task.received", "task.state", "task.state"]
+    expected.remove(left_out)
+    assert [e.type for e in app.backend.ledger.history(r.id)] == expected
+
+
+def test_an_app_on_another_backend_is_left_alone(sqlite_url):
+    """Celery's signals are process-wide: an app on another backend that publishes a
+    task of the same name, to a queue of the same name, records nothing and works."""
+    tracked = in_process_app(sqlite_url)
+    queue = tracked.conf.task_default_queue
+    mine = tracked.tasks["lifecycle.add"].delay(1, 1)
+    other = Celery("other", broker="memory://", backend="cache+memory://", set_as_current=False)
+    other.conf.task_default_queue = queue
+    other.task(name="lifecycle.add")(add)
+    theirs = other.tasks["lifecycle.add"].delay(1, 1)
+    ledger = tracked.backend.ledger
+    assert [e.type for e in ledger.history(mine.id)] == ["task.sent"]
+    assert ledger.history(theirs.id) == []
+
+
+def test_the_demo_shows_sent_received_and_a_queue_wait_segment(tmp_path):
+    out = io.StringIO()
+    assert demo.run(f"sqlite:///{tmp_path / 'demo.db'}", out) == 0
+    text = out.getvalue()
+    assert "SENT" in text and "RECEIVED" in text
+    chart = text.split("as a timeline")[1]
+    bars = [line.rsplit("|", 2)[1] for line in chart.splitlines() if "demo.slow" in line]
+    assert len(bars) == 3 and sum(QUEUE_CHAR in bar for bar in bars) >= 2  # two queued behind one
 
 
 # -- the stream ------------------------------------------------------------------------------
