@@ -17,7 +17,7 @@ from celery.exceptions import TimeoutError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ledger import demo
+from ledger import database, demo
 from ledger.api import Ledger
 from ledger.audit import task_history
 from ledger.cli import main
@@ -261,3 +261,14 @@ def test_sent_and_received_reach_the_event_topic_and_leave_the_state_topic_alone
     states_ = {r.key: r for r in read_all(kafka, state_topic, expect=1)}
     assert set(states_) == {b"ran"}  # a task only sent has no Celery state
     assert decode_state(states_[b"ran"].value).status == "STARTED"
+
+
+@pytest.mark.postgres
+def test_only_the_lone_lifecycle_event_skips_the_wal_flush_wait(pg_url):
+    """SENT/RECEIVED commit without waiting for the WAL flush (ledger/log.py says why);
+    the setting is local to that transaction: the next store on the same pooled
+    connection waits for its flush as every result does."""
+    ledger = Ledger.open(pg_url)
+    ledger.append([TaskSent(task_id="a", name="proj.t", sent_at=T0)])
+    (setting,) = database.pooled_fetch(ledger.engine, [("SHOW synchronous_commit", {})])
+    assert setting == ("on",)
