@@ -63,6 +63,24 @@ def track(app: Celery) -> None:
         _connected = True
 
 
+def watch_workers() -> None:
+    """Build a ledger app's backend when a worker starts (``worker_init``).
+
+    RECEIVED is appended in the worker's main process, whose receivers exist once
+    a LedgerBackend was built there. ``celery worker`` builds it for its banner,
+    but ``celery -q worker`` prints none, and nothing else in the main process
+    touches the backend before the first message. Connected by the ``celery``
+    command's ledger plugin (ledger/cli/plugin.py), which every ``celery`` run imports.
+    """
+    signals.worker_init.connect(_worker_init, weak=False, dispatch_uid="ledger.worker_init")
+
+
+def _worker_init(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is not None and str(app.conf.result_backend or "").startswith("ledger+"):
+        app.backend  # noqa: B018  (built: a LedgerBackend tracks its app)
+
+
 def _ledger_backend(app: Celery | None) -> LedgerBackend | None:
     """The app's backend if the app is tracked (never builds another app's backend)."""
     from ledger.celery import LedgerBackend

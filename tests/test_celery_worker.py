@@ -7,6 +7,7 @@ and Redis key prefix unique to this run (Redis database 11).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -48,6 +49,14 @@ def db_url(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def worker(db_url):
     """A real prefork worker; yields the client-side Celery app."""
+    with running_worker(db_url) as app:
+        yield app
+
+
+@contextlib.contextmanager
+def running_worker(db_url: str, *celery_options: str):
+    """A ``celery [celery_options] worker`` process (prefork, 3) on its own queue and
+    Redis key prefix; yields the client-side app once the worker answered a ping."""
     queue = f"ledger-test-{RUN_ID}-{uuid.uuid4().hex[:6]}"
     prefix = f"{queue}:"
     backend = f"ledger+{db_url}"
@@ -60,7 +69,7 @@ def worker(db_url):
         PYTHONPATH=str(ROOT),
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tests.workerapp.tasks", "worker",
+        [sys.executable, "-m", "celery", *celery_options, "-A", "tests.workerapp.tasks", "worker",
          "-P", "prefork", "-c", "3", "-Q", queue, "-n", f"{queue}@%h",
          "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"],
         cwd=ROOT, env=env,

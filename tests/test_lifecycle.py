@@ -30,7 +30,7 @@ from ledger.timeline import QUEUE_CHAR, fold_run
 from projections import task_meta
 from projections.lifecycle import next_state
 from tests.kafka import create_topic, kafka, read_all, topic  # noqa: F401
-from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
+from tests.test_celery_worker import WAIT, db_url, running_worker, task, worker  # noqa: F401  (fixtures)
 from tests.test_projection_equivalence import PROPERTY
 
 T0 = now()
@@ -181,6 +181,16 @@ def test_queue_wait_is_the_time_between_the_histories_events(worker):  # noqa: F
         waits.append(run.queue_wait)
     assert max(waits) >= 0.4  # at least one waited for a busy process
 
+
+
+@pytest.mark.worker
+def test_a_quiet_worker_records_received_too(sqlite_url):
+    """``celery -q worker`` prints no banner, which is what otherwise builds the backend
+    in the worker's main process: the plugin's worker_init hook builds it."""
+    with running_worker(sqlite_url, "-q") as app:
+        r = task(app, "add").delay(1, 2)
+        assert r.get(timeout=WAIT) == 3
+        assert [e.type for e in app.backend.ledger.history(r.id)][:2] == ["task.sent", "task.received"]
 
 # -- settings, other apps, the demo (in-process worker, memory broker) -------------------------
 
