@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import click
 
+from ledger import lifecycle
 from ledger.cli.context import Env
 from ledger.cli.root import LedgerGroup
+
+# Every `celery` run imports this plugin: the one hook before a worker starts.
+lifecycle.watch_workers()
 
 
 @click.group(name="ledger", cls=LedgerGroup)
