@@ -76,26 +76,29 @@ class TaskRun:
     received_start: datetime | None = None
 
     @property
+    def began(self) -> datetime | None:
+        """When the run began, if known: its STARTED, else (``task_track_started``
+        off) when the worker received it or it became due."""
+        return self.started_at or self.received_start
+
+    @property
     def start(self) -> datetime | None:
-        # Without task_track_started there is no STARTED: the worker received it
-        # (or it became due) is the best-known start, not the end of the run.
-        return self.started_at or self.received_start or self.first_at
+        return self.began or self.first_at
 
     @property
     def queue_wait(self) -> float | None:
-        """Seconds from when the task could have run to when it started (lifecycle rule)."""
-        start = self.started_at or self.received_start
-        if self.ready_at is None or start is None:
+        """Seconds from when the task could have run to when it began (lifecycle rule)."""
+        if self.ready_at is None or self.began is None:
             return None
-        return max(0.0, (start - self.ready_at).total_seconds())
+        return max(0.0, (self.began - self.ready_at).total_seconds())
 
     @property
     def duration(self) -> float | None:
-        # Without a STARTED state (Celery's default task_track_started=False) the
-        # first event is the end itself: the run time is unknown, not zero.
-        if self.started_at is None or self.ended_at is None:
+        # Without STARTED or RECEIVED the first event is the end itself: the run
+        # time is unknown, not zero.
+        if self.began is None or self.ended_at is None:
             return None
-        return (self.ended_at - self.started_at).total_seconds()
+        return (self.ended_at - self.began).total_seconds()
 
     def record(self) -> dict[str, Any]:
         return {
@@ -173,7 +176,8 @@ def fold_run(task_id: str, events: list[RecordedEvent]) -> TaskRun:
             sticky = data.status == STICKY_STATE
     if sent is not None:
         run.ready_at = ready_at(sent)
-        run.parent_id = run.parent_id or sent.parent_id
+        if sent.parent_id != task_id:  # a retry's parent_id is the task itself
+            run.parent_id = run.parent_id or sent.parent_id
         run.group_id = run.group_id or sent.group_id
         run.root_id = run.root_id or sent.root_id
     if received is not None:
@@ -219,13 +223,14 @@ class Workflow:
     @property
     def notes(self) -> list[str]:
         """What the reader must know to read the times right."""
-        untracked = sum(1 for r in self.tasks.values() if r.ended_at and r.started_at is None)
+        untracked = sum(1 for r in self.tasks.values() if r.ended_at and r.began is None)
         if not untracked:
             return []
         return [
             f"{untracked} of {len(self.tasks)} tasks stored no STARTED state (Celery's default "
-            "task_track_started=False): their duration is unknown ('-'); START shows when "
-            "they were first recorded, their end. Set task_track_started = True to measure it."
+            "task_track_started=False) and no RECEIVED (ledger_track_received=False): their "
+            "duration is unknown ('-'); START shows when they were first recorded, their end. "
+            "Set task_track_started = True or ledger_track_received = True to measure it."
         ]
 
 

@@ -133,7 +133,9 @@ def test_timeline_finds_the_whole_workflow_from_any_member(run_workflow, start):
     # What happened when: each stage ended before the next one started.
     stages = [[ids["first"]], ids["members"], second, [ids["body"]]]
     for earlier, later in zip(stages[:-1], stages[1:], strict=True):
-        assert max(runs[t].ended_at for t in earlier) <= min(runs[t].start for t in later)
+        assert max(runs[t].ended_at for t in earlier) <= min(runs[t].start for t in later), [
+            (t, runs[t].name, runs[t].started_at, runs[t].received_start, runs[t].first_at, runs[t].ended_at)
+            for t in earlier + later]
     assert all(r.start <= r.ended_at for r in runs.values())
 
 

@@ -21,7 +21,8 @@ from celery.result import GroupResult
 
 from ledger import migrate
 from ledger.database import engine_for
-from ledger.timeline import find_workflow, render_text, to_json
+from ledger.events import LIFECYCLE_TYPES
+from ledger.timeline import find_workflow, fold_run, render_text, to_json
 from tests.faults.workers import Workers
 from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
 from tests.test_integrity import fresh_url  # noqa: F401  (fixture)
@@ -37,12 +38,17 @@ def cli(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
 
 
 def wait_for_events(ledger, task_id: str, n: int) -> list:
+    """The task's first ``n`` stored states (its SENT/RECEIVED left out), waited for."""
     deadline = time.monotonic() + WAIT
-    history = ledger.history(task_id)
+    history = stored(ledger, task_id)
     while len(history) < n and time.monotonic() < deadline:
         time.sleep(0.05)
-        history = ledger.history(task_id)
+        history = stored(ledger, task_id)
     return history
+
+
+def stored(ledger, task_id: str) -> list:
+    return [e for e in ledger.history(task_id) if e.type not in LIFECYCLE_TYPES]
 
 
 def test_timeline_of_a_task_retried_on_its_own_returns(worker, db_url):  # noqa: F811
@@ -60,18 +66,24 @@ def test_timeline_of_a_task_retried_on_its_own_returns(worker, db_url):  # noqa:
     assert out["tree"][0]["task"]["task_id"] == r.id
 
 
-def test_timeline_says_durations_are_unknown_without_started(worker, db_url):  # noqa: F811
+def test_timeline_durations_without_started(worker, db_url):  # noqa: F811
     r = task(worker, "untracked").delay(7)
     assert r.get(timeout=WAIT) == 7
     ledger = worker.backend.ledger
-    assert [e.data.status for e in ledger.history(r.id)] == ["SUCCESS"]
+    assert [e.data.status for e in stored(ledger, r.id)] == ["SUCCESS"]
     wf = find_workflow(ledger, r.id)
+    run = wf.tasks[r.id]
+    # The worker's RECEIVED says when the run began: a duration without STARTED.
+    assert run.started_at is None and run.duration is not None and run.duration >= 0
+    assert wf.notes == []
+    # Without RECEIVED either (ledger_track_received = False) it is unknown, and said so.
+    wf.tasks[r.id] = fold_run(r.id, stored(ledger, r.id))
     run = wf.tasks[r.id]
     assert run.duration is None and run.ended_at is not None
     text = render_text(wf)
     assert "task_track_started=False" in text and "unknown" in text
     row = next(line for line in text.splitlines() if line.startswith("└─"))
-    assert r.id in row and re.search(r"SUCCESS\s+\+0ms\s+-\s+0\s", row), row  # duration "-"
+    assert r.id in row and re.search(r"SUCCESS\s+\+0ms\s+-\s+-\s+0\s", row), row  # wait, duration "-"
     assert to_json(wf)["notes"] and to_json(wf)["tasks"][0]["duration_s"] is None
     # A task that stores STARTED has a duration and no note.
     tracked = task(worker, "add").delay(1, 2)
