@@ -64,6 +64,7 @@ LOG_PG = "tests/test_log.py::TestLogOnPostgres"
 LOG_SQLITE = "tests/test_log.py::TestLogOnSQLite"
 CATALOGUE = "tests/test_catalogue.py"
 WEB_BROWSER = "tests/test_web_browser.py"
+LIFECYCLE = "tests/test_lifecycle.py"
 
 MUTATIONS = [
     Mutation(
@@ -334,6 +335,62 @@ MUTATIONS = [
         "    if (pending === null) { pending = setTimeout(refresh, 300); }\n",
         "    return;\n",
         (f"{WEB_BROWSER}::test_a_task_a_worker_stores_appears_on_the_live_and_tasks_pages_without_reload",),
+    ),
+    Mutation(
+        "lifecycle: a SENT ends Celery's view of the task (task meta)",
+        "projections/task_meta.py",
+        "    if event.type in TOMBSTONE_TYPES:\n",
+        "    if event.type in TOMBSTONE_TYPES | {'task.sent'}:\n",
+        (f"{LIFECYCLE}::test_sent_and_received_never_change_what_celery_sees",),
+    ),
+    Mutation(
+        "lifecycle: a SENT replaces a RECEIVED",
+        "projections/lifecycle.py",
+        "    if current is None or RANK.get(current, RANK[incoming]) < RANK[incoming]:\n",
+        "    if current is None or RANK.get(current, RANK[incoming]) != RANK[incoming]:\n",
+        (f"{LIFECYCLE}::test_a_lifecycle_state_never_overrides_a_celery_state",),
+    ),
+    Mutation(
+        "lifecycle: SENT gets a task-meta row on PostgreSQL's fused path",
+        "projections/sql.py",
+        "            TaskSent.type: untouched,\n",
+        "            TaskSent.type: FusedSql(f'projection AS ({self._fused_updates(tm, g)[TaskState.type]})'),\n",
+        ("tests/test_projection_equivalence.py::test_memory_fold_live_sql_and_rebuild_agree",),
+    ),
+    Mutation(
+        "lifecycle: SENT arguments are stored unredacted",
+        "ledger/lifecycle.py",
+        "            args=_encoded(backend, redact_args(args, backend.redact_args), list),\n",
+        "            args=_encoded(backend, args, list),\n",
+        ("tests/test_celery_worker.py::test_redacted_arguments_never_reach_the_log",),
+    ),
+    Mutation(
+        "lifecycle: an app on another backend is recorded in a ledger app's log",
+        "ledger/lifecycle.py",
+        "            return app if app in _apps else None  # not tracked: another backend\n",
+        "            pass\n",
+        (f"{LIFECYCLE}::test_an_app_on_another_backend_is_left_alone",),
+    ),
+    Mutation(
+        "lifecycle: queue wait measured to RECEIVED although STARTED was stored",
+        "ledger/timeline.py",
+        "        return self.started_at or self.received_start\n",
+        "        return self.received_start or self.started_at\n",
+        (f"{LIFECYCLE}::test_queue_wait_is_the_time_between_the_histories_events",),
+    ),
+    Mutation(
+        "lifecycle: a relaxed commit leaves synchronous_commit off on the connection",
+        "ledger/log.py",
+        "set_config('synchronous_commit', 'off', true)",
+        "set_config('synchronous_commit', 'off', false)",
+        (f"{LIFECYCLE}::test_only_the_lone_lifecycle_event_skips_the_wal_flush_wait",),
+    ),
+    Mutation(
+        "lifecycle: a quiet worker (no banner) never connects task_received",
+        "ledger/cli/plugin.py",
+        "lifecycle.watch_workers()\n",
+        "\n",
+        (f"{LIFECYCLE}::test_a_quiet_worker_records_received_too",),
     ),
 ]
 

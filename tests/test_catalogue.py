@@ -53,7 +53,8 @@ def mix(worker):  # noqa: F811
     for r in [flaky_r, *slow, wf]:
         r.get(timeout=WAIT, propagate=False)
     # Celery stores a RETRY after it sent the next attempt: wait, bounded, for all six.
-    _wait(lambda: len(ledger.history(flaky_r.id)) == 6, "the flaky task's six events")
+    _wait(lambda: sum(e.type == "task.state" for e in ledger.history(flaky_r.id)) == 6,
+          "the flaky task's six states")  # (its SENT and RECEIVED aside)
     root = wf.parent.parent.id
     return {
         "ledger": ledger, "mid": mid, "root": root, "chain": {root, wf.parent.id, wf.id},
