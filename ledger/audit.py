@@ -191,7 +191,7 @@ _HISTORY_COLUMNS = ("version", "time", "state", "worker", "retries", "detail")
 
 
 def _detail(row: dict[str, Any]) -> str:
-    if row["detail"]:
+    if row.get("detail"):  # gap rows (MISSING/PRUNED) carry none
         return row["detail"]
     if row["exc_type"] or row["exc_message"]:
         return f"{row['exc_type'] or 'Exception'}: {row['exc_message'] or ''}".rstrip()
