@@ -221,13 +221,17 @@ class LedgerBackend(BaseBackend):
             data=ensure_bytes(self.encode(value)),
         )
 
-    def _extended_fields(self, meta: dict) -> dict:
-        args, kwargs = redact(
-            meta["args"], meta["kwargs"], names=self.redact_kwargs, indexes=self.redact_args,
+    def redacted(self, name: str | None, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        """Task ``name``'s arguments as the ledger stores them (:mod:`ledger.redaction`)."""
+        return redact(
+            args, kwargs, names=self.redact_kwargs, indexes=self.redact_args,
             # Only looked up when there are names to find (the cost of a store otherwise).
-            signature=signature_of(getattr(self.app.tasks.get(meta["name"]), "run", None))
+            signature=signature_of(getattr(self.app.tasks.get(name), "run", None))
             if self.redact_kwargs else None,
         )
+
+    def _extended_fields(self, meta: dict) -> dict:
+        args, kwargs = self.redacted(meta["name"], meta["args"], meta["kwargs"])
         return {
             "name": meta["name"],
             "args": self.encoded(list(args) if args is not None else None),

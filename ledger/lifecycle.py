@@ -33,7 +33,6 @@ from celery.utils.log import get_logger
 from celery.utils.time import maybe_iso8601
 
 from ledger.events import Encoded, TaskReceived, TaskSent
-from ledger.redaction import redact_args, redact_kwargs
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -123,7 +122,7 @@ def _before_publish(sender: str | None = None, body: Any = None, headers: dict |
         return
     queues = [q.name for q in declare or () if getattr(q, "name", None)]
     try:
-        args, kwargs = _arguments(body)
+        args, kwargs = backend.redacted(name, *_arguments(body))
         event = TaskSent(
             task_id=headers["id"],
             name=name,
@@ -138,8 +137,8 @@ def _before_publish(sender: str | None = None, body: Any = None, headers: dict |
             parent_id=headers.get("parent_id"),
             root_id=headers.get("root_id"),
             group_id=headers.get("group"),
-            args=_encoded(backend, redact_args(args, backend.redact_args), list),
-            kwargs=_encoded(backend, redact_kwargs(kwargs, backend.redact_kwargs), dict),
+            args=_encoded(backend, args, list),
+            kwargs=_encoded(backend, kwargs, dict),
         )
         backend.ledger.append([event])
     except Exception as exc:  # recording must never keep a task from being sent
