@@ -309,3 +309,18 @@ def test_timeline_finds_a_workflow_through_the_catalogues_root_ids(ledger):
     ])
     assert set(find_workflow(ledger, "y").tasks) == {"r", "x", "y"}
     assert set(find_workflow(ledger, "r").tasks) == {"r", "x", "y"}
+
+
+def test_a_redelivery_after_success_changes_nothing_live_or_rebuilt(ledger):
+    """SUCCESS is sticky: a late STARTED/FAILURE of a redelivered message is in the log
+    but moves neither the state nor the runtime, in the live row or a rebuilt one."""
+    from ledger.rebuild import rebuild, verify
+
+    for status in ("STARTED", "SUCCESS", "STARTED", "FAILURE"):
+        ledger.append([TaskState(task_id="t", status=status, name="a")])
+    first_start = ledger.history("t")[0].recorded_at
+    (row,) = ledger.tasks()
+    assert (row.entry.state, row.entry.started_at) == ("SUCCESS", first_start)
+    assert verify(ledger, ["catalogue"]) == []
+    rebuild(ledger, ["catalogue"])
+    assert ledger.tasks()[0].entry == row.entry
