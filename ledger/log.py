@@ -324,8 +324,8 @@ class PostgresLog(FollowableLog):
             CAST(:schema_version AS smallint), now(), CAST(:task_state AS varchar),
             CAST(:ref_id AS varchar), CAST(:chord_size AS integer), :payload
         FROM ledger_events WHERE stream_id = CAST(:stream_id AS varchar)
-        HAVING CAST(:expected AS integer) IS NULL
-            OR COALESCE(MAX(stream_version), 0) = CAST(:expected AS integer)
+        HAVING (CAST(:expected AS integer) IS NULL
+            OR COALESCE(MAX(stream_version), 0) = CAST(:expected AS integer))
         ON CONFLICT (event_id) DO NOTHING
     """
     _binds = tuple(sa.bindparam(k, type_=v) for k, v in _BIND_TYPES.items() if k != "recorded_at")
@@ -400,22 +400,34 @@ class PostgresLog(FollowableLog):
         return self._append_fused(lambda st: driver_fetch(conn, st), items, projections)
 
     def append_fused_autocommit(
-        self, engine: Engine, item: Encoded, projection: FusedSql
+        self,
+        engine: Engine,
+        items: Sequence[Encoded],
+        projections: Sequence[FusedSql],
+        guard_binds: dict | None = None,
     ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
-        """One event that is not a chord's as one autocommitted statement.
+        """Events as one transaction in one round trip, on a pooled driver connection.
 
-        The store's hot path, on a pooled driver connection (see
-        :func:`ledger.database.pooled_fetch`). No ``prior_tx`` conflict can
-        come back: the statement's transaction id is assigned after its
-        snapshot was taken, so every event it sees has a lower one.
+        See :func:`ledger.database.pooled_fetch`. A lone event is one
+        autocommitted statement: the store's hot path. No ``prior_tx`` conflict
+        can come back from it: the statement's transaction id is assigned after
+        its snapshot was taken, so every event it sees has a lower one.
+
+        Several events (a returned chord part and its claim) go out as one
+        pipeline, which PostgreSQL runs as one implicit transaction committed
+        at the pipeline's Sync: an error rolls all of them back. A chord
+        event's stream lock is then held for the statements and the commit's
+        WAL flush only, never across a client round trip. ``guard_binds`` are
+        parameters of the projections' guards (see :class:`FusedSql`).
         """
-        return self._append_fused(lambda st: pooled_fetch(engine, st), [item], [projection])
+        return self._append_fused(lambda st: pooled_fetch(engine, st), items, projections, guard_binds)
 
     def _append_fused(
         self,
         fetch: Callable[[list[tuple[str, dict]]], list[tuple | None]],
         items: Sequence[Encoded],
         projections: Sequence[FusedSql],
+        guard_binds: dict | None = None,
     ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
         statements, slots = [], []
         for item, projection in zip(items, projections, strict=True):
@@ -425,6 +437,8 @@ class PostgresLog(FollowableLog):
             params["notify"] = self._notifies(item)
             if projection.binds is not None:
                 params.update(projection.binds(item.new.data))
+            if guard_binds:
+                params.update(guard_binds)
             if params["stream_id"].startswith("chord:"):
                 statements.append((self._lock_stream_driver_sql, {"stream_id": params["stream_id"]}))
             slots.append(len(statements))
@@ -454,8 +468,14 @@ class PostgresLog(FollowableLog):
             completed = (
                 "(SELECT completed_position FROM projection)" if projection.completes else "NULL"
             )
+            insert = self._insert_core
+            if projection.guard:
+                # appended only where the guard holds (no row: nothing written)
+                insert = insert.replace(
+                    "ON CONFLICT (event_id)", f"AND ({projection.guard}) ON CONFLICT (event_id)"
+                )
             sql = driver_sql(
-                f"WITH ev AS ({self._insert_core} RETURNING position, tx_id, stream_version, recorded_at),"
+                f"WITH ev AS ({insert} RETURNING position, tx_id, stream_version, recorded_at),"
                 f" {projection.ctes}"
                 " SELECT position, tx_id, stream_version, recorded_at,"
                 " (SELECT p.tx_id FROM ledger_events p"
