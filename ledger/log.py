@@ -48,7 +48,10 @@ in 6 of 7 pairs, by ~12% at the median); no difference with 1 process.
 
 By default (``notify="ready"``) every event notifies except a task state that
 is not ready -- STARTED, RETRY, custom progress states: no waiter wakes for
-those (``get()`` waits for a ready state), and followers find them at the next
+those (``get()`` waits for a ready state) -- and a chord's returned parts and
+its claim (``chord.fired``): nothing waits on a chord's stream, and every
+part's commit would otherwise queue behind the other workers' notifying
+commits on top of the chord's own lock. Followers find those at the next
 notification or their next poll (``poll_interval``, 0.1 s by default).
 ``notify="all"`` notifies every event.
 """
@@ -67,7 +70,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ledger.database import driver_fetch, driver_sql, pooled_fetch
 from ledger.errors import RetryableConflict, VersionConflict
-from ledger.events import NewEvent, RecordedEvent, TaskState, encode
+from ledger.events import ChordFired, ChordPartReturned, NewEvent, RecordedEvent, TaskState, encode
 from ledger.schema import events as events_table
 from ledger.settings import NOTIFY_MODES
 from projections.task_meta import READY_STATES
@@ -78,6 +81,8 @@ if TYPE_CHECKING:
 NOTIFY_CHANNEL = "ledger_events"
 #: PostgreSQL appends that NOTIFY: "ready" (all but non-ready task states) or "all".
 TASK_STATE = TaskState.type
+#: A chord's returned parts and its claim: nothing waits on them (module docstring).
+_CHORD_RETURNS = frozenset({ChordPartReturned.type, ChordFired.type})
 
 
 class Checkpoint(NamedTuple):
@@ -356,9 +361,11 @@ class PostgresLog(FollowableLog):
 
     def _notifies(self, item: Encoded) -> bool:
         """Whether this append wakes waiters and followers (module docstring)."""
-        if self.notify_all or item.new.data.type != TASK_STATE:
+        if self.notify_all:
             return True
-        return item.columns.get("task_state") in READY_STATES
+        if item.new.data.type == TASK_STATE:
+            return item.columns.get("task_state") in READY_STATES
+        return item.new.data.type not in _CHORD_RETURNS
 
     def _insert(self, conn: Connection, item: Encoded) -> RecordedEvent | None:
         params = item.params()
