@@ -50,7 +50,7 @@ from celery.utils.log import get_logger
 from kombu.serialization import loads
 from kombu.utils.encoding import ensure_bytes
 
-from ledger import codec, database
+from ledger import database
 from ledger.api import Ledger, RetryPolicy
 from ledger.errors import (
     CodecError,
@@ -522,10 +522,9 @@ class LedgerBackend(BaseBackend):
         return values
 
     def _result_of(self, row: TaskMeta) -> Any:
-        # Only the result field, straight from the msgpack payload: validating the
-        # whole task.state event (row.data) would double each part's decoding cost.
-        result = codec.loads(row.payload)["result"]
-        return self._decode(result)
+        # The stored map, shape-checked (TaskMeta.fields): validating the whole
+        # task.state event (row.data) would double each part's decoding cost.
+        return self._decode(row.fields().get("result"))
 
     def _join_header(self, gid: str) -> list:
         """Celery's way: restore the header and join it, waiting for results not yet stored."""
