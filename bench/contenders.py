@@ -18,10 +18,11 @@ import psycopg
 from celery import Celery
 
 PG_SERVER = os.environ.get("LEDGER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
-REDIS = os.environ.get("LEDGER_BENCH_REDIS", "redis://127.0.0.1:6379")
-#: Redis database numbers: results of the redis contender, and the broker that
-#: carries chord bodies (so that "the body was sent" is seen by a real broker).
-REDIS_RESULT_DB, REDIS_BROKER_DB = 14, 13
+#: The one Redis database the bench touches, number included: results of the redis
+#: contender and the broker that carries chord bodies (so that "the body was sent"
+#: is seen by a real broker). Keys and queues carry the run id, so one database
+#: serves both; other databases on the server (other runs' workers) are never touched.
+REDIS = os.environ.get("LEDGER_BENCH_REDIS", "redis://127.0.0.1:6379/14")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Environment:
 
     @property
     def broker_url(self) -> str:
-        return f"{REDIS}/{REDIS_BROKER_DB}"
+        return REDIS
 
     def open(self) -> Environment:
         _admin(f'DROP DATABASE IF EXISTS "{self.pg_db}" WITH (FORCE)')
@@ -75,7 +76,7 @@ class Environment:
             Contender("ledger+sqlite", f"ledger+sqlite:///{self.tmpdir}/ledger.db", family="ledger"),
             Contender("db+postgresql", f"db+{sa_pg}", native_chords=False, family="db"),
             Contender("db+sqlite", f"db+sqlite:///{self.tmpdir}/celery.db", native_chords=False, family="db"),
-            Contender("redis", f"{REDIS}/{REDIS_RESULT_DB}", family="redis"),
+            Contender("redis", REDIS, family="redis"),
         ]
 
     def prepare(self, contender: Contender) -> None:
@@ -127,9 +128,8 @@ def _admin(sql: str) -> None:
 def _redis_cleanup(run_id: str) -> None:
     import redis
 
-    for db in (REDIS_RESULT_DB, REDIS_BROKER_DB):
-        client = redis.Redis.from_url(f"{REDIS}/{db}")
-        keys = list(client.scan_iter(match=f"*{run_id}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+    client = redis.Redis.from_url(REDIS)
+    keys = list(client.scan_iter(match=f"*{run_id}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()

@@ -182,7 +182,7 @@ class Ledger:
             # a chord event, whose stream lock is scoped to a transaction.
             if fused is not None and not items[0].new.stream_id.startswith("chord:"):
                 recorded, missing, _ = self._retrying_write(
-                    lambda: self.log.append_fused_autocommit(self.engine, items[0], fused)  # type: ignore[attr-defined]
+                    lambda: self.log.append_fused_autocommit(self.engine, items, [fused])  # type: ignore[attr-defined]
                 )
                 if missing:  # raises VersionConflict unless a duplicate
                     self._read(lambda conn: self.log._explain_no_row(conn, missing[0]))
@@ -253,6 +253,22 @@ class Ledger:
                 ChordFired.deterministic_event_id(chord_id),
             )
         )
+
+        if self.dialect == "postgresql":
+            # The part, then its claim guarded on "this part completed the chord and
+            # nobody fired it", as one transaction in one round trip: the chord's
+            # stream lock is held for the statements and the WAL flush only, where
+            # the transaction below held it across three client round trips (the
+            # part, the claim, COMMIT), each queueing the chord's other parts.
+            recorded, _, _ = self._retrying_write(
+                lambda: self.log.append_fused_autocommit(  # type: ignore[attr-defined]
+                    self.engine,
+                    [part, claim],
+                    [self.target.fused_sql(ChordPartReturned.type), self.target.claim_sql],
+                    {"completing_task": task_id},
+                )
+            )
+            return any(event.type == ChordFired.type for event in recorded)
 
         def work(conn: Connection) -> bool:
             appended = self._append_in(conn, [part])

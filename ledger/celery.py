@@ -50,7 +50,7 @@ from celery.utils.log import get_logger
 from kombu.serialization import loads
 from kombu.utils.encoding import ensure_bytes
 
-from ledger import codec, database, lifecycle
+from ledger import database, lifecycle
 from ledger.api import Ledger, RetryPolicy
 from ledger.errors import (
     CodecError,
@@ -312,43 +312,43 @@ class LedgerBackend(BaseBackend):
             raise BackendGetMetaError(str(exc), task_id=task_id) from None
 
     def _meta(self, row: TaskMeta) -> dict:
-        ev: TaskState = row.data
+        ev = row.fields()
+        date_done = ev.get("date_done")
         meta = {
-            "status": ev.status,
-            "result": self._decode(ev.result),
-            "traceback": ev.traceback,
-            "children": ev.children,
-            "date_done": ev.date_done.astimezone(self.app.timezone).isoformat()
-            if ev.date_done
-            else None,
+            "status": ev["status"],
+            "result": self._decode(ev.get("result")),
+            "traceback": ev.get("traceback"),
+            "children": ev.get("children"),
+            "date_done": date_done.astimezone(self.app.timezone).isoformat() if date_done else None,
         }
-        if ev.group_id:
-            meta["group_id"] = ev.group_id
-        if ev.parent_id:
-            meta["parent_id"] = ev.parent_id
-        if ev.args is not None or ev.kwargs is not None:
+        if ev.get("group_id"):
+            meta["group_id"] = ev["group_id"]
+        if ev.get("parent_id"):
+            meta["parent_id"] = ev["parent_id"]
+        if ev.get("args") is not None or ev.get("kwargs") is not None:
             meta.update(
-                name=ev.name,
-                args=self._decode(ev.args),
-                kwargs=self._decode(ev.kwargs),
-                worker=ev.worker,
-                retries=ev.retries,
-                queue=ev.queue,
+                name=ev.get("name"),
+                args=self._decode(ev.get("args")),
+                kwargs=self._decode(ev.get("kwargs")),
+                worker=ev.get("worker"),
+                retries=ev.get("retries"),
+                queue=ev.get("queue"),
             )
         meta["task_id"] = row.task_id
         # Exceptions are rebuilt by Celery's exception_to_python: it never
         # imports a module and refuses a non-exception type (SecurityError).
         return self.meta_from_decoded(meta)
 
-    def _decode(self, value: Encoded | None) -> Any:
+    def _decode(self, value: dict | None) -> Any:
+        """A stored :class:`~ledger.events.Encoded` value (as a map) decoded by its content type."""
         if value is None:
             return None
         # The stored content type decides, checked against this app's accept
         # list: a pickle payload is refused (ContentDisallowed) unless accepted.
         return loads(
-            value.data,
-            content_type=value.content_type,
-            content_encoding=value.content_encoding,
+            value["data"],
+            content_type=value["content_type"],
+            content_encoding=value.get("content_encoding", "utf-8"),
             accept=self.accept,
         )
 
@@ -530,10 +530,9 @@ class LedgerBackend(BaseBackend):
         return values
 
     def _result_of(self, row: TaskMeta) -> Any:
-        # Only the result field, straight from the msgpack payload: validating the
-        # whole task.state event (row.data) would double each part's decoding cost.
-        result = codec.loads(row.payload)["result"]
-        return None if result is None else self._decode(Encoded.model_construct(**result))
+        # The stored map, shape-checked (TaskMeta.fields): validating the whole
+        # task.state event (row.data) would double each part's decoding cost.
+        return self._decode(row.fields().get("result"))
 
     def _join_header(self, gid: str) -> list:
         """Celery's way: restore the header and join it, waiting for results not yet stored."""

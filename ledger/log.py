@@ -47,8 +47,12 @@ ready states notify against 1,370-1,718 when every store does (the former ahead
 in 6 of 7 pairs, by ~12% at the median); no difference with 1 process.
 
 By default (``notify="ready"``) every event notifies except a task state that
-is not ready -- STARTED, RETRY, custom progress states -- and a task's SENT and
-RECEIVED (``task.sent``, ``task.received``): no waiter wakes for those (``get()`` waits for a ready state), and followers find them at the next
+is not ready -- STARTED, RETRY, custom progress states -- a task's SENT and
+RECEIVED (``task.sent``, ``task.received``): no waiter wakes for those
+(``get()`` waits for a ready state) -- and a chord's returned parts and
+its claim (``chord.fired``): nothing waits on a chord's stream, and every
+part's commit would otherwise queue behind the other workers' notifying
+commits on top of the chord's own lock. Followers find those at the next
 notification or their next poll (``poll_interval``, 0.1 s by default).
 ``notify="all"`` notifies every event.
 """
@@ -67,7 +71,15 @@ from sqlalchemy.engine import Connection, Engine
 
 from ledger.database import driver_fetch, driver_sql, pooled_fetch
 from ledger.errors import RetryableConflict, VersionConflict
-from ledger.events import LIFECYCLE_TYPES, NewEvent, RecordedEvent, TaskState, encode
+from ledger.events import (
+    LIFECYCLE_TYPES,
+    ChordFired,
+    ChordPartReturned,
+    NewEvent,
+    RecordedEvent,
+    TaskState,
+    encode,
+)
 from ledger.schema import events as events_table
 from ledger.settings import NOTIFY_MODES
 from projections.task_meta import READY_STATES
@@ -78,6 +90,8 @@ if TYPE_CHECKING:
 NOTIFY_CHANNEL = "ledger_events"
 #: PostgreSQL appends that NOTIFY: "ready" (all but non-ready task states) or "all".
 TASK_STATE = TaskState.type
+#: A chord's returned parts and its claim: nothing waits on them (module docstring).
+_CHORD_RETURNS = frozenset({ChordPartReturned.type, ChordFired.type})
 
 
 class Checkpoint(NamedTuple):
@@ -324,8 +338,8 @@ class PostgresLog(FollowableLog):
             CAST(:schema_version AS smallint), now(), CAST(:task_state AS varchar),
             CAST(:ref_id AS varchar), CAST(:chord_size AS integer), :payload
         FROM ledger_events WHERE stream_id = CAST(:stream_id AS varchar)
-        HAVING CAST(:expected AS integer) IS NULL
-            OR COALESCE(MAX(stream_version), 0) = CAST(:expected AS integer)
+        HAVING (CAST(:expected AS integer) IS NULL
+            OR COALESCE(MAX(stream_version), 0) = CAST(:expected AS integer))
         ON CONFLICT (event_id) DO NOTHING
     """
     _binds = tuple(sa.bindparam(k, type_=v) for k, v in _BIND_TYPES.items() if k != "recorded_at")
@@ -360,9 +374,10 @@ class PostgresLog(FollowableLog):
             return True
         if item.new.data.type in LIFECYCLE_TYPES:
             return False  # SENT/RECEIVED: no get() waits for them, as for STARTED
-        if item.new.data.type != TASK_STATE:
             return True
-        return item.columns.get("task_state") in READY_STATES
+        if item.new.data.type == TASK_STATE:
+            return item.columns.get("task_state") in READY_STATES
+        return item.new.data.type not in _CHORD_RETURNS
 
     def _insert(self, conn: Connection, item: Encoded) -> RecordedEvent | None:
         params = item.params()
@@ -404,14 +419,25 @@ class PostgresLog(FollowableLog):
         return self._append_fused(lambda st: driver_fetch(conn, st), items, projections)
 
     def append_fused_autocommit(
-        self, engine: Engine, item: Encoded, projection: FusedSql
+        self,
+        engine: Engine,
+        items: Sequence[Encoded],
+        projections: Sequence[FusedSql],
+        guard_binds: dict | None = None,
     ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
-        """One event that is not a chord's as one autocommitted statement.
+        """Events as one transaction in one round trip, on a pooled driver connection.
 
-        The store's hot path, on a pooled driver connection (see
-        :func:`ledger.database.pooled_fetch`). No ``prior_tx`` conflict can
-        come back: the statement's transaction id is assigned after its
-        snapshot was taken, so every event it sees has a lower one.
+        See :func:`ledger.database.pooled_fetch`. A lone event is one
+        autocommitted statement: the store's hot path. No ``prior_tx`` conflict
+        can come back from it: the statement's transaction id is assigned after
+        its snapshot was taken, so every event it sees has a lower one.
+
+        Several events (a returned chord part and its claim) go out as one
+        pipeline, which PostgreSQL runs as one implicit transaction committed
+        at the pipeline's Sync: an error rolls all of them back. A chord
+        event's stream lock is then held for the statements and the commit's
+        WAL flush only, never across a client round trip. ``guard_binds`` are
+        parameters of the projections' guards (see :class:`FusedSql`).
 
         A lone SENT or RECEIVED commits without waiting for its WAL flush
         (``synchronous_commit`` off for this transaction only): SENT is on the
@@ -423,9 +449,9 @@ class PostgresLog(FollowableLog):
         a loaded 2-core VM (python -m bench.delay, README): with it, tracking
         costs ``.delay()`` one round trip instead of one WAL flush.
         """
-        relaxed = item.new.data.type in LIFECYCLE_TYPES
+        relaxed = len(items) == 1 and items[0].new.data.type in LIFECYCLE_TYPES
         return self._append_fused(
-            lambda st: pooled_fetch(engine, st), [item], [projection], relaxed=relaxed
+            lambda st: pooled_fetch(engine, st), items, projections, guard_binds, relaxed=relaxed
         )
 
     def _append_fused(
@@ -433,6 +459,7 @@ class PostgresLog(FollowableLog):
         fetch: Callable[[list[tuple[str, dict]]], list[tuple | None]],
         items: Sequence[Encoded],
         projections: Sequence[FusedSql],
+        guard_binds: dict | None = None,
         *,
         relaxed: bool = False,
     ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
@@ -445,6 +472,8 @@ class PostgresLog(FollowableLog):
             if projection.binds is not None:
                 params.update(projection.binds(item.new.data))
             params["relaxed"] = relaxed
+            if guard_binds:
+                params.update(guard_binds)
             if params["stream_id"].startswith("chord:"):
                 statements.append((self._lock_stream_driver_sql, {"stream_id": params["stream_id"]}))
             slots.append(len(statements))
@@ -474,8 +503,14 @@ class PostgresLog(FollowableLog):
             completed = (
                 "(SELECT completed_position FROM projection)" if projection.completes else "NULL"
             )
+            insert = self._insert_core
+            if projection.guard:
+                # appended only where the guard holds (no row: nothing written)
+                insert = insert.replace(
+                    "ON CONFLICT (event_id)", f"AND ({projection.guard}) ON CONFLICT (event_id)"
+                )
             sql = driver_sql(
-                f"WITH ev AS ({self._insert_core} RETURNING position, tx_id, stream_version, recorded_at),"
+                f"WITH ev AS ({insert} RETURNING position, tx_id, stream_version, recorded_at),"
                 f" {projection.ctes}"
                 " SELECT position, tx_id, stream_version, recorded_at,"
                 " (SELECT p.tx_id FROM ledger_events p"

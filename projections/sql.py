@@ -190,6 +190,8 @@ class FusedSql:
     completes: bool = False
     #: more bind values the CTEs read, from the event's payload model
     binds: Callable[[EventData], dict] | None = None
+    #: a condition on the projection tables: the event is appended only where it holds
+    guard: str | None = None
 
 
 class SqlTarget:
@@ -198,6 +200,22 @@ class SqlTarget:
     def __init__(self, tables: ProjectionTables = LIVE) -> None:
         self.t = tables
         self._fused_sql = self._build_fused_sql()
+        c, p = self.t.chords.name, self.t.chord_parts.name
+        fired = self._fused_sql[ChordFired.type]
+        #: ``chord.fired`` appended only by the part that completed the chord, before
+        #: anyone fired it (binds ``:completing_task``): the claim that a returned
+        #: part sends in its own transaction, right after the part, without a round
+        #: trip in between (:meth:`ledger.api.Ledger.return_chord_part`). The
+        #: completing part's row holds the position at which the chord completed.
+        self.claim_sql = FusedSql(
+            fired.ctes,
+            guard=(
+                f"EXISTS (SELECT 1 FROM {c} JOIN {p} ON {p}.chord_id = {c}.chord_id"
+                f" AND {p}.position = {c}.completed_position"
+                f" WHERE {c}.chord_id = CAST(:key AS varchar) AND {c}.fired_position IS NULL"
+                f" AND {p}.task_id = CAST(:completing_task AS varchar))"
+            ),
+        )
 
     # -- live updates -------------------------------------------------------------
 

@@ -70,8 +70,8 @@ MUTATIONS = [
     Mutation(
         "NOTIFY: a ready task state does not notify",
         "ledger/log.py",
-        '        return item.columns.get("task_state") in READY_STATES\n',
-        "        return False\n",
+        '            return item.columns.get("task_state") in READY_STATES\n',
+        "            return False\n",
         (f"{BACKEND}::test_get_is_woken_by_notify_not_by_polling",),
     ),
     Mutation(
@@ -103,6 +103,28 @@ MUTATIONS = [
         "            if False:\n",
         (f"{LOG_SQLITE}::test_redelivered_chord_part_fires_body_once",
          f"{LOG_PG}::test_redelivered_chord_part_fires_body_once"),
+    ),
+    Mutation(
+        "chord claim (PostgreSQL): a part claims the body without having completed the chord",
+        "projections/sql.py",
+        '                f" AND {p}.position = {c}.completed_position"\n',
+        '                f""\n',
+        (f"{LOG_PG}::test_redelivered_chord_part_fires_body_once",),
+    ),
+    Mutation(
+        "chord claim (PostgreSQL): any part claims a chord that another part completed",
+        "projections/sql.py",
+        '                f" AND {p}.task_id = CAST(:completing_task AS varchar))"\n',
+        '                f")"\n',
+        (f"{LOG_PG}::test_redelivery_of_the_completing_part_claims_the_body_if_nobody_did",),
+    ),
+    Mutation(
+        "get_task_meta: a stored map of the wrong shape is read as if it were valid",
+        "projections/task_meta.py",
+        '            and type(value.get("status")) is str\n',
+        "",
+        ("tests/faults/test_bad_input.py"
+         "::test_corrupt_task_meta_row_raises_a_clear_error_and_other_reads_are_fine",),
     ),
     Mutation(
         "idempotent event id: SQLite appends a known event id again",

@@ -12,7 +12,14 @@ import uuid
 import psycopg
 
 from ledger.api import Ledger
-from ledger.events import ChordPartReturned, ChordStarted, GroupSaved, TaskForgotten, TaskState
+from ledger.events import (
+    ChordFired,
+    ChordPartReturned,
+    ChordStarted,
+    GroupSaved,
+    TaskForgotten,
+    TaskState,
+)
 from ledger.log import NOTIFY_CHANNEL, START
 from tests.conftest import _libpq
 from tests.relay_process import CLI, HORIZON_WAIT, eventually
@@ -101,10 +108,13 @@ def _one_of_each(run: str) -> list:
         GroupSaved(group_id=f"{run}-g", result=[f"{run}-SUCCESS"]),
         ChordStarted(chord_id=f"{run}-c", size=1),
         ChordPartReturned(chord_id=f"{run}-c", task_id=f"{run}-SUCCESS", status="SUCCESS"),
+        # a chord stream with only a returned part and a claim
+        ChordPartReturned(chord_id=f"{run}-parts", task_id=f"{run}-SUCCESS", status="SUCCESS"),
+        ChordFired(chord_id=f"{run}-parts"),
     ]
 
 
-def test_by_default_every_event_notifies_except_task_states_that_are_not_ready(pg_url):
+def test_by_default_every_event_notifies_except_non_ready_task_states_and_chord_returns(pg_url):
     run = uuid.uuid4().hex[:8]
     notified = _notified_streams(pg_url, Ledger.open(pg_url), _one_of_each(run))
     assert notified == {f"task:{run}-{s}" for s in READY} | {
@@ -116,7 +126,7 @@ def test_notify_all_notifies_every_event(pg_url):
     run = uuid.uuid4().hex[:8]
     notified = _notified_streams(pg_url, Ledger.open(pg_url, notify="all"), _one_of_each(run))
     assert notified == {f"task:{run}-{s}" for s in NON_READY + READY} | {
-        f"group:{run}-g", f"chord:{run}-c"
+        f"group:{run}-g", f"chord:{run}-c", f"chord:{run}-parts"
     }
 
 

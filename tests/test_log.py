@@ -173,6 +173,7 @@ class LogContract:
         part_id = ChordPartReturned.deterministic_event_id("c", "p1")
         ledger.append([NewEvent(ChordPartReturned(chord_id="c", task_id="p1", status="SUCCESS"), part_id)])
         assert ledger.chord("c").complete and ledger.chord("c").fired_position is None
+        assert ledger.return_chord_part("c", "p2", "SUCCESS") is False  # not the completer
         assert ledger.return_chord_part("c", "p1", "SUCCESS") is True
         assert ledger.return_chord_part("c", "p1", "SUCCESS") is False
 

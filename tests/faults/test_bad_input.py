@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from celery import Celery, states
-from celery.exceptions import BackendStoreError
+from celery.exceptions import BackendGetMetaError, BackendStoreError
 
+from ledger import codec
 from ledger.api import Ledger
 from ledger.celery import PayloadTooLarge
 from ledger.events import Encoded, InvalidEvent, TaskState
-from ledger.schema import PRUNE_SETTING, events
+from ledger.schema import PRUNE_SETTING, events, projections
 from tests.conftest import RUN_ID, _new_pg_db, admin
 from tests.faults.workers import Workers
 
@@ -298,6 +299,34 @@ def role_with_password(pg_url):
     yield role
     admin(f'DROP OWNED BY "{role}"')
     admin(f'DROP ROLE "{role}"')
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xc1\xff not msgpack",
+        codec.dumps(["a", "list"]),
+        codec.dumps({"task_id": "t", "status": 7}),
+        codec.dumps({"task_id": "t", "status": "SUCCESS", "result": "not a map"}),
+        codec.dumps({"task_id": "t", "status": "SUCCESS", "result": {"content_type": "application/json"}}),
+        codec.dumps({"task_id": "t", "status": "SUCCESS", "surprise": 1}),
+    ],
+    ids=["not-msgpack", "a-list", "status-not-a-string", "result-not-a-map", "result-without-data",
+         "unknown-field"],
+)
+def test_corrupt_task_meta_row_raises_a_clear_error_and_other_reads_are_fine(any_url, payload):
+    # get_task_meta reads the stored map without rebuilding the model (TaskMeta.fields):
+    # a row of the wrong shape must still be refused, naming the problem.
+    backend = _backend(any_url).backend
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    for i, tid in enumerate(ids):
+        backend.mark_as_done(tid, i)
+    with Ledger.open(any_url).engine.begin() as conn:
+        t = projections.task_meta
+        conn.execute(sa.update(t).where(t.c.task_id == ids[1]).values(payload=payload))
+    with pytest.raises(BackendGetMetaError, match="corrupt event at log position .* cannot decode task.state"):
+        backend.get_task_meta(ids[1])
+    assert [backend.get_task_meta(t)["result"] for t in (ids[0], ids[2])] == [0, 2]
 
 
 def test_database_passwords_are_never_printed(pg_url, role_with_password, tmp_path, caplog):
