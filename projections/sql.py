@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from ledger import codec
 from ledger.events import (
     TOMBSTONE_TYPES,
+    ChordApplied,
     ChordFired,
     ChordPartAdded,
     ChordPartReturned,
@@ -333,6 +334,16 @@ class SqlTarget:
         ).returning(c.c.completed_position)
         return conn.execute(stmt).scalar_one() == e.position
 
+    def _chord_applied(self, conn: Connection, e: RecordedEvent) -> bool:
+        # A new life starts empty (projections.chord.fold): the earlier life's parts
+        # go, so the same header task ids count again.
+        c, p = self.t.chords, self.t.chord_parts
+        conn.execute(sa.delete(p).where(p.c.chord_id == e.stream_key))
+        empty = {"size": None, "returned": 0, "completed_position": None, "fired_position": None}
+        stmt = _insert(conn, c).values(chord_id=e.stream_key, **empty)
+        conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.chord_id], set_=empty))
+        return False
+
     def _chord_started(self, conn: Connection, e: RecordedEvent) -> bool:
         return self._chord_upsert(conn, e, size=e.data.size, returned_inc=0)  # type: ignore[attr-defined]
 
@@ -375,6 +386,7 @@ class SqlTarget:
         GroupSaved.type: _group_saved,
         GroupForgotten.type: _group_gone,
         GroupExpired.type: _group_gone,
+        ChordApplied.type: _chord_applied,
         ChordStarted.type: _chord_started,
         ChordPartAdded.type: _chord_part_added,
         ChordPartReturned.type: _chord_part_returned,
@@ -898,7 +910,9 @@ def rebuild_statements(
         ).where(granked.c.rn == 1),
     )
 
-    # chord parts: the first return of each distinct header task -----------------
+    # chord parts: the first return of each distinct header task in the chord's
+    # current life, which starts at its last chord.applied (projections.chord.fold)
+    joined, life_start = _life(e, "chord", {ChordApplied.type})
     first_return = (
         sa.select(
             e.c.stream_id,
@@ -909,7 +923,8 @@ def rebuild_statements(
             .over(partition_by=(e.c.stream_id, e.c.ref_id), order_by=e.c.position)
             .label("rn"),
         )
-        .where(e.c.type == ChordPartReturned.type)
+        .select_from(joined)
+        .where(e.c.type == ChordPartReturned.type, e.c.position > life_start)
         .subquery("first_return")
     )
     parts = sa.insert(t.chord_parts).from_select(
@@ -928,7 +943,10 @@ def rebuild_statements(
         .where(first_return.c.rn == 1)
         .subquery("firsts")
     )
-    chord_types = [ChordStarted.type, ChordPartAdded.type, ChordPartReturned.type, ChordFired.type]
+    chord_types = [
+        ChordApplied.type, ChordStarted.type, ChordPartAdded.type, ChordPartReturned.type,
+        ChordFired.type,
+    ]
     is_start = sa.case((e.c.type == ChordStarted.type, 1), else_=0)
     steps = (
         sa.select(
@@ -942,12 +960,13 @@ def rebuild_statements(
             .label("seg"),
         )
         .select_from(
-            e.outerjoin(
+            joined.outerjoin(
                 firsts,
                 sa.and_(firsts.c.stream_id == e.c.stream_id, firsts.c.position == e.c.position),
             )
         )
-        .where(e.c.type.in_(chord_types))
+        # the life's own chord.applied (at life_start) gives an empty life its row
+        .where(e.c.type.in_(chord_types), e.c.position >= life_start)
         .subquery("steps")
     )
     s = steps
