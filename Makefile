@@ -40,9 +40,12 @@ mutations: $(STAMP)
 # Celery's integration suite (from the installed Celery's sdist) on ledger+postgresql,
 # ledger+sqlite and the Redis backend. Narrow it with CONFORMANCE_ARGS="-k chord" (pytest
 # arguments), CONFORMANCE_BACKENDS=postgresql,redis, CONFORMANCE_FILES=test_canvas.py.
+# Redis databases: CONFORMANCE_BROKER for the ledger runs, 4 and 5 for the Redis run
+# (python -m tests.conformance --help).
 CONFORMANCE_STAMP := $(VENV)/.conformance-stamp
 CONFORMANCE_BACKENDS ?= postgresql,sqlite,redis
 CONFORMANCE_FILES ?= test_tasks.py,test_canvas.py
+CONFORMANCE_BROKER ?= redis://127.0.0.1:6379/3
 
 $(CONFORMANCE_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,kafka,conformance]'
@@ -50,7 +53,7 @@ $(CONFORMANCE_STAMP): $(STAMP)
 
 conformance: $(CONFORMANCE_STAMP)
 	$(BIN)/python -m tests.conformance --backends '$(CONFORMANCE_BACKENDS)' \
-		--files '$(CONFORMANCE_FILES)' -- $(CONFORMANCE_ARGS)
+		--files '$(CONFORMANCE_FILES)' --ledger-broker '$(CONFORMANCE_BROKER)' -- $(CONFORMANCE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -45,7 +45,7 @@ from celery.exceptions import (
     ImproperlyConfigured,
     TimeoutError,
 )
-from celery.result import GroupResult, allow_join_result, result_from_tuple
+from celery.result import GroupResult, ResultSet, allow_join_result, result_from_tuple
 from celery.utils.functional import _regen
 from celery.utils.log import get_logger
 from kombu.serialization import loads
@@ -423,6 +423,43 @@ class LedgerBackend(BaseBackend):
                 # body's ChordError that the same wake-up may bring.
                 if on_interval:
                     on_interval()
+
+    def iter_native(self, result, timeout=None, interval=0.5, no_ack=True, on_message=None,
+                    on_interval=None):
+        """``GroupResult.join_native``: each member's meta as it becomes ready.
+
+        Also watches the group's own id: when a chain fails before the group in it
+        runs, Celery stores the error under the group's id (``_fail_chain``) and
+        none of its members ever runs. That error is raised here, where joining
+        would otherwise wait for members that never come (Celery #6437; on the
+        Redis backend such a join times out).
+        """
+        self._ensure_not_eager()
+        members = result.results
+        if not members:
+            return
+        ids = set()
+        for member in members:
+            if isinstance(member, ResultSet):
+                yield member.id, member.results
+            else:
+                ids.add(member.id)
+        if not ids:
+            return
+        group_id = result.id if isinstance(result, GroupResult) and result.id not in ids else None
+        waiting = set(ids)
+        for task_id, meta in self.get_many(
+            ids if group_id is None else ids | {group_id}, timeout=timeout, interval=interval,
+            no_ack=no_ack, on_message=on_message, on_interval=on_interval,
+        ):
+            if task_id == group_id:
+                if meta["status"] in states.PROPAGATE_STATES:
+                    raise meta["result"]
+                continue
+            waiting.discard(task_id)
+            yield task_id, meta
+            if not waiting:  # the group's own id need not be ready
+                return
 
     def _ready(self, ids: Iterable[str], ready_states) -> Iterator[tuple[str, dict]]:
         try:

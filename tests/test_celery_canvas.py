@@ -79,3 +79,12 @@ def test_reapplied_frozen_chord_fires_its_body_again(app):
     stream = [e.type for e in app.backend.ledger.read_stream(f"chord:{first.parent.id}")]
     assert stream.count("chord.applied") == 2
     assert stream.count("chord.fired") == 2
+
+
+def test_failure_before_a_trailing_group_reaches_the_group(app):
+    """A chain's failed task fails the group after it; ``get()`` on the group raises it
+    (test_error_propagates_from_chord)."""
+    add, fail = task(app, "add"), task(app, "fail")
+    r = (add.s(1, 1) | fail.s() | group(add.s(1), add.s(1))).delay()
+    with pytest.raises(ValueError, match="2"):
+        r.get(timeout=WAIT)
