@@ -127,6 +127,31 @@ def test_chord_fires_only_when_every_distinct_part_returned(any_url, returns):
             r.delete(*keys)
 
 
+def test_a_chord_applied_again_fires_once_per_life_however_often_parts_return(any_url):
+    """A frozen chord applied twice (same group id, same part ids) sends its body once
+    per apply, each part returning twice in each life."""
+    prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
+    app = make_app(any_url, prefix)
+    backend = app.backend
+    gid, part_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(3)]
+    body = app.signature("chords.body", options={"queue": BODY_QUEUE})
+    body.freeze()
+    for _ in range(2):
+        backend.apply_chord((gid, [app.AsyncResult(t) for t in part_ids]), body)
+        backend.set_chord_size(gid, len(part_ids))
+        for index, tid in enumerate(part_ids):
+            backend.store_result(tid, index * 10, states.SUCCESS)
+            for _ in range(2):
+                backend.on_chord_part_return(
+                    Context(id=tid, group=gid, group_index=index, chord=dict(body)),
+                    states.SUCCESS, index * 10,
+                )
+    sent = bodies_sent(prefix)
+    assert [json.loads(base64.b64decode(m["body"]))[0] for m in sent] == [[[0, 10, 20]]] * 2
+    stream = [e.type for e in backend.ledger.read_stream(f"chord:{gid}")]
+    assert (stream.count("chord.applied"), stream.count("chord.fired")) == (2, 2)
+
+
 def _chord_run(app, parts: list, *, returns: list[str] | None = None):
     """Apply a chord of ``len(parts)`` header tasks; ``parts[i]`` is the stored result of
     part ``i`` (an exception is stored as a FAILURE, ``None`` stores nothing); then every
