@@ -88,3 +88,17 @@ def test_failure_before_a_trailing_group_reaches_the_group(app):
     r = (add.s(1, 1) | fail.s() | group(add.s(1), add.s(1))).delay()
     with pytest.raises(ValueError, match="2"):
         r.get(timeout=WAIT)
+
+
+@pytest.mark.parametrize("shape", ["simple", "chain tail"])
+def test_failed_chord_calls_its_errback_and_raises_the_part_error(app, shape):
+    """An errback linked to a chord runs when a header part fails, and ``get()`` raises
+    the part's error (test_immutable_errback_called_by_chord_from_simple/_from_chain_tail)."""
+    add, fail_after, tsum, mark = (task(app, n) for n in ("add", "fail_after", "tsum", "mark"))
+    key = f"errback-{time.monotonic_ns()}"
+    c = chord([fail_after.si(0.5, "part broke"), add.si(1, 1)], tsum.s())
+    c.link_error(mark.si(key, "errback"))
+    r = (c if shape == "simple" else add.si(1, 1) | c).delay()
+    with pytest.raises(ValueError, match="part broke"):
+        r.get(timeout=WAIT)
+    assert wait_for_marks(app, key, 1) == ["errback"]

@@ -19,6 +19,7 @@ import redis
 from celery import Celery, states
 from celery.app.task import Context
 from celery.exceptions import ChordError
+from celery.utils.functional import _regen
 
 from tests.conftest import REDIS, RUN_ID
 
@@ -158,6 +159,33 @@ def test_a_chord_applied_again_fires_once_per_life_however_often_parts_return(an
     assert [json.loads(base64.b64decode(m["body"]))[0] for m in sent] == [[[0, 10, 20]]] * 2
     stream = [e.type for e in backend.ledger.read_stream(f"chord:{gid}")]
     assert (stream.count("chord.applied"), stream.count("chord.fired")) == (2, 2)
+
+
+def test_a_generator_header_is_never_unrolled_and_reaches_the_body_in_header_order(any_url):
+    """apply_chord leaves a generator header alone (Celery sends its parts as it makes
+    them); parts returning in reverse order reach the body in header order."""
+    prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
+    app = make_app(any_url, prefix)
+    backend = app.backend
+    gid, part_ids, body = _frozen_chord(app, 3)
+    made = []
+
+    def header():
+        for tid in part_ids:
+            made.append(tid)
+            yield app.AsyncResult(tid)
+
+    backend.apply_chord((gid, _regen(header())), body)
+    assert made == []
+    backend.set_chord_size(gid, len(part_ids))
+    for index in reversed(range(len(part_ids))):
+        backend.store_result(part_ids[index], index * 10, states.SUCCESS)
+        backend.on_chord_part_return(
+            Context(id=part_ids[index], group=gid, group_index=index, chord=dict(body)),
+            states.SUCCESS, index * 10,
+        )
+    sent = bodies_sent(prefix)
+    assert [json.loads(base64.b64decode(m["body"]))[0] for m in sent] == [[[0, 10, 20]]]
 
 
 def _chord_run(app, parts: list, *, returns: list[str] | None = None):
