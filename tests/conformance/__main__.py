@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -73,8 +75,11 @@ class FileRun:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # one directory per run: concurrent runs (on other broker databases) do not collide
+    workdir = Path(tempfile.mkdtemp(prefix=f"suite-{celery_version()}-", dir=CACHE))
     try:
-        workdir = prepare(CACHE / f"suite-{celery_version()}")
+        prepare(workdir)
     except SuiteError as exc:
         print(f"conformance: {exc}", file=sys.stderr)
         return 2
@@ -87,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                 for name in args.files
             }
     _report(runs, args.files)
-    return _verdict(runs)
+    status = _verdict(runs)
+    if status == 0:
+        shutil.rmtree(workdir)
+    else:
+        print(f"conformance: the suite's copy and JUnit reports stay in {workdir}")
+    return status
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
