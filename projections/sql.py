@@ -408,8 +408,8 @@ class SqlTarget:
         ``projection``. For the events that can complete a chord that CTE
         returns ``completed_position``, and the event completed the chord when
         it equals the event's own position. Chord started/part-added events
-        return None: they take the general path (they are rare; returned parts
-        and the claim are the hot ones).
+        return None: they take the general path (they are rare; applied chords,
+        returned parts and the claim are the hot ones).
         """
         return self._fused_sql.get(event_type)
 
@@ -445,7 +445,18 @@ class SqlTarget:
         # taking the fused path keeps them one autocommitted round trip on
         # PostgreSQL -- SENT is on the publisher's .delay() path.
         untouched = FusedSql("projection AS (SELECT position FROM ev)")
+        # A new life starts empty: the same rule as _chord_applied. A data-modifying
+        # CTE runs whether or not the statement reads it.
+        applied = FusedSql(
+            f"reset AS (DELETE FROM {p} WHERE chord_id = CAST(:key AS varchar)"
+            " AND EXISTS (SELECT 1 FROM ev)),"
+            f" projection AS (INSERT INTO {c} (chord_id, size, returned, completed_position,"
+            " fired_position) SELECT CAST(:key AS varchar), NULL, 0, NULL, NULL FROM ev"
+            " ON CONFLICT (chord_id) DO UPDATE SET size = NULL, returned = 0,"
+            " completed_position = NULL, fired_position = NULL)"
+        )
         return {
+            ChordApplied.type: applied,
             ChordPartReturned.type: part_returned,
             ChordFired.type: fired,
             TaskSent.type: untouched,
