@@ -15,7 +15,9 @@ event whose id is derived from (chord, task), the projection counts distinct
 task ids, and the part that completes the chord claims the body with a
 ``chord.fired`` event in the same transaction (:meth:`ledger.api.Ledger.return_chord_part`).
 The body is therefore sent once however often parts are redelivered, and
-``celery.chord_unlock`` is never scheduled.
+``celery.chord_unlock`` is never scheduled. ``apply_chord`` appends
+``chord.applied`` first: each apply is a life of the chord, so a frozen chord
+applied again fires its body again, once.
 
 ``AsyncResult.get()`` / ``GroupResult.join()`` wait on PostgreSQL
 LISTEN/NOTIFY (an append notifies its stream id at commit) and re-read only
