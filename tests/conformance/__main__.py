@@ -177,7 +177,9 @@ def _run_file(workdir: Path, name: str, backend: str, result_backend: str, broke
         os.environ,
         TEST_BROKER=broker,
         TEST_BACKEND=result_backend,
-        REDIS_DB=broker.rsplit("/", 1)[-1],
+        # the suite's Redis helper: its own keys go anywhere, but test_chord_on_error
+        # reads the Redis backend's keys, so on that run it is the results' database
+        REDIS_DB=(result_backend if backend == "redis" else broker).rsplit("/", 1)[-1],
     )
     cmd = [sys.executable, "-m", "pytest", f"t/integration/{name}", "-p", "no:cacheprovider",
            "-q", "--timeout=300", f"--junitxml={junit}", *pytest_args]

@@ -8,9 +8,10 @@ Celery version either patches cleanly or stops the run with a clear line:
 * the "Requires redis result backend" gates also open for ``ledger+`` backends:
   the behaviours behind them (errbacks, chord errors, frozen chords, ...) do not
   depend on the backend, only the suite's helpers that count calls use Redis;
-* the suite's own Redis helper connection (call counters, echo lists) uses the
-  database number in ``REDIS_DB`` instead of 0, so concurrent runs on other
-  database numbers do not see each other's keys.
+* the suite's own Redis helper connection (call counters, echo lists, and the
+  Redis backend's chord keys in one test) uses the database number in
+  ``REDIS_DB`` instead of 0, so concurrent runs on other database numbers do not
+  see each other's keys.
 """
 
 from __future__ import annotations
