@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # The demo needs only the package itself (no test tools, no Kafka client).
 DEMO_STAMP := $(VENV)/.demo-stamp
 
-.PHONY: demo test lint bench mutations clean
+.PHONY: demo test lint bench mutations conformance clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,24 @@ bench: $(STAMP)
 # ~13 minutes on a loaded 2-core machine, not run by CI. Last report: tests/mutations.txt.
 mutations: $(STAMP)
 	$(BIN)/python -m tests.mutations $(MUTATIONS_ARGS)
+
+# Celery's integration suite (from the installed Celery's sdist) on ledger+postgresql,
+# ledger+sqlite and the Redis backend. Narrow it with CONFORMANCE_ARGS="-k chord" (pytest
+# arguments), CONFORMANCE_BACKENDS=postgresql,redis, CONFORMANCE_FILES=test_canvas.py.
+# Redis databases: CONFORMANCE_BROKER for the ledger runs, 4 and 5 for the Redis run
+# (python -m tests.conformance --help).
+CONFORMANCE_STAMP := $(VENV)/.conformance-stamp
+CONFORMANCE_BACKENDS ?= postgresql,sqlite,redis
+CONFORMANCE_FILES ?= test_tasks.py,test_canvas.py
+CONFORMANCE_BROKER ?= redis://127.0.0.1:6379/3
+
+$(CONFORMANCE_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,kafka,conformance]'
+	touch $(CONFORMANCE_STAMP)
+
+conformance: $(CONFORMANCE_STAMP)
+	$(BIN)/python -m tests.conformance --backends '$(CONFORMANCE_BACKENDS)' \
+		--files '$(CONFORMANCE_FILES)' --ledger-broker '$(CONFORMANCE_BROKER)' -- $(CONFORMANCE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 from ledger import database
 from ledger.errors import BadFilter, EventTooLarge, SchemaMissing
 from ledger.events import (
+    ChordApplied,
     ChordFired,
     ChordPartReturned,
     EventData,
@@ -230,60 +231,75 @@ class Ledger:
         return NewEvent(validate(event))
 
     def return_chord_part(
-        self, chord_id: str, task_id: str, status: str, body_task_id: str | None = None
+        self,
+        chord_id: str,
+        task_id: str,
+        status: str,
+        group_index: int | None = None,
+        body_task_id: str | None = None,
     ) -> bool:
         """Record that header task ``task_id`` of chord ``chord_id`` returned.
 
-        Returns True exactly once per chord: to the caller that must send the body.
-        The part's event id is derived from (chord, task), so a redelivered part
-        is the same event and counts once. The caller whose part completed the
-        chord claims the body with a ``chord.fired`` event of a fixed id in the
-        same transaction. If the process died between completing and claiming, a
+        Returns True exactly once per life of the chord: to the caller that must
+        send the body. The part's event id is derived from (chord, task), so a
+        redelivered part is the same event and counts once. The caller whose
+        part completed the chord claims the body with a ``chord.fired`` event
+        whose id is derived from the completing position, in the same
+        transaction. If the process died between completing and claiming, a
         redelivery of the completing part finds the chord complete at its own
-        event and claims then; any other duplicate returns False. ``body_task_id``
+        return and claims then; any other duplicate returns False. ``body_task_id``
         (the body's task id) is recorded in the claim.
-        """
-        part_id = ChordPartReturned.deterministic_event_id(chord_id, task_id)
-        part = Encoded.of(
-            NewEvent(ChordPartReturned(chord_id=chord_id, task_id=task_id, status=status), part_id)
-        )
-        claim = Encoded.of(
-            NewEvent(
-                ChordFired(chord_id=chord_id, body_task_id=body_task_id),
-                ChordFired.deterministic_event_id(chord_id),
-            )
-        )
 
-        if self.dialect == "postgresql":
-            # The part, then its claim guarded on "this part completed the chord and
-            # nobody fired it", as one transaction in one round trip: the chord's
-            # stream lock is held for the statements and the WAL flush only, where
-            # the transaction below held it across three client round trips (the
-            # part, the claim, COMMIT), each queueing the chord's other parts.
-            recorded, _, _ = self._retrying_write(
-                lambda: self.log.append_fused_autocommit(  # type: ignore[attr-defined]
-                    self.engine,
-                    [part, claim],
-                    [self.target.fused_sql(ChordPartReturned.type), self.target.claim_sql],
-                    {"completing_task": task_id},
-                )
-            )
-            return any(event.type == ChordFired.type for event in recorded)
+        A chord applied again (``chord.applied``: a frozen chord reuses its
+        header task ids) finds the first life's id taken by a part it has not
+        counted: the part is then recorded under an id of the current life.
+        """
+        part = ChordPartReturned(
+            chord_id=chord_id, task_id=task_id, status=status, group_index=group_index
+        )
+        first = Encoded.of(NewEvent(part, ChordPartReturned.deterministic_event_id(chord_id, task_id)))
 
         def work(conn: Connection) -> bool:
-            appended = self._append_in(conn, [part])
-            if not appended.completed_chords:
-                if appended.recorded:
-                    return False
+            appended = self._append_in(conn, [first])
+            if not appended.recorded:
                 state = self.target.chord(conn, chord_id)
-                mine = self.log.read_positions(conn, [state.completed_position]) if (
-                    state and state.completed_position and state.fired_position is None
-                ) else []
-                if not (mine and mine[0].event_id == part_id):
+                if state is None:
                     return False
-            return bool(self._append_in(conn, [claim]).recorded)
+                counted = next((p for p in state.parts if p[0] == task_id), None)
+                if counted is not None:
+                    # a redelivery: claim only what a dead process completed and never claimed
+                    if state.completed_position != counted[2] or state.fired_position is not None:
+                        return False
+                    return self._claim_chord(conn, chord_id, counted[2], body_task_id)
+                life = self._chord_life(conn, chord_id)
+                if life is None:
+                    return False
+                again = NewEvent(part, ChordPartReturned.deterministic_event_id(chord_id, task_id, life))
+                appended = self._append_in(conn, [Encoded.of(again)])
+                if not appended.recorded:
+                    return False
+            if not appended.completed_chords:
+                return False
+            return self._claim_chord(conn, chord_id, appended.recorded[0].position, body_task_id)
 
         return self._write(work)
+
+    def _claim_chord(
+        self, conn: Connection, chord_id: str, completed_position: int, body_task_id: str | None
+    ) -> bool:
+        claim = NewEvent(
+            ChordFired(chord_id=chord_id, body_task_id=body_task_id),
+            ChordFired.deterministic_event_id(chord_id, completed_position),
+        )
+        return bool(self._append_in(conn, [Encoded.of(claim)]).recorded)
+
+    def _chord_life(self, conn: Connection, chord_id: str) -> int | None:
+        """Position of the ``chord.applied`` that began the chord's current life (None: none)."""
+        applied = [
+            e.position for e in self.log.read_stream(conn, f"chord:{chord_id}")
+            if e.type == ChordApplied.type
+        ]
+        return applied[-1] if applied else None
 
     def _write(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in a write transaction, retrying conflicts and lost connections."""

@@ -15,7 +15,9 @@ event whose id is derived from (chord, task), the projection counts distinct
 task ids, and the part that completes the chord claims the body with a
 ``chord.fired`` event in the same transaction (:meth:`ledger.api.Ledger.return_chord_part`).
 The body is therefore sent once however often parts are redelivered, and
-``celery.chord_unlock`` is never scheduled.
+``celery.chord_unlock`` is never scheduled. ``apply_chord`` appends
+``chord.applied`` first: each apply is a life of the chord, so a frozen chord
+applied again fires its body again, once.
 
 ``AsyncResult.get()`` / ``GroupResult.join()`` wait on PostgreSQL
 LISTEN/NOTIFY (an append notifies its stream id at commit) and re-read only
@@ -45,7 +47,8 @@ from celery.exceptions import (
     ImproperlyConfigured,
     TimeoutError,
 )
-from celery.result import GroupResult, allow_join_result, result_from_tuple
+from celery.result import GroupResult, ResultSet, allow_join_result, result_from_tuple
+from celery.utils.functional import _regen
 from celery.utils.log import get_logger
 from kombu.serialization import loads
 from kombu.utils.encoding import ensure_bytes
@@ -61,7 +64,9 @@ from ledger.errors import (
     SettingError,
 )
 from ledger.events import (
+    ChordApplied,
     ChordPartAdded,
+    ChordPartReturned,
     ChordStarted,
     Encoded,
     EventData,
@@ -269,9 +274,13 @@ class LedgerBackend(BaseBackend):
             event = GroupForgotten(group_id=group_id)
         self._append(event, BackendStoreError, task_id=group_id)
 
-    def _append(self, event: EventData | NewEvent, error: type[Exception], **info: Any) -> None:
+    def _append(
+        self, event: EventData | NewEvent | list[EventData], error: type[Exception], **info: Any
+    ) -> None:
+        """Append one event (or several, in one transaction); ``error`` if that fails."""
+        events = event if isinstance(event, list) else [event]
         try:
-            self.ledger.append([event])
+            self.ledger.append(events)
         except EventTooLarge as exc:
             raise PayloadTooLarge(str(exc), **info) from None
         except (InvalidEvent, CodecError) as exc:  # as _refused_as, after its EventTooLarge case
@@ -279,7 +288,7 @@ class LedgerBackend(BaseBackend):
         except SchemaMissing as exc:  # one line naming the fix, without the SQL traceback
             raise error(str(exc), **info) from None
         except sa.exc.SQLAlchemyError as exc:
-            data = event.data if isinstance(event, NewEvent) else event
+            data = events[-1].data if isinstance(events[-1], NewEvent) else events[-1]
             raise error(f"ledger {data.type} failed: {type(exc).__name__}", **info) from exc
 
     def cleanup(self) -> None:
@@ -408,9 +417,51 @@ class LedgerBackend(BaseBackend):
                     return
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"Operation timed out ({timeout})")
+                self._nap(listener, ids, deadline, interval)
+                # After every wake-up and before reading what woke us, as Celery's
+                # drain loop (Drainer.drain_events_until) does: AsyncResult.get()
+                # re-raises a failed parent's own exception from here, so a chord
+                # whose header part failed raises that part's error, not the
+                # body's ChordError that the same wake-up may bring.
                 if on_interval:
                     on_interval()
-                self._nap(listener, ids, deadline, interval)
+
+    def iter_native(self, result, timeout=None, interval=0.5, no_ack=True, on_message=None,
+                    on_interval=None):
+        """``GroupResult.join_native``: each member's meta as it becomes ready.
+
+        Also watches the group's own id: when a chain fails before the group in it
+        runs, Celery stores the error under the group's id (``_fail_chain``) and
+        none of its members ever runs. That error is raised here, where joining
+        would otherwise wait for members that never come (Celery #6437; on the
+        Redis backend such a join times out).
+        """
+        self._ensure_not_eager()
+        members = result.results
+        if not members:
+            return
+        ids = set()
+        for member in members:
+            if isinstance(member, ResultSet):
+                yield member.id, member.results
+            else:
+                ids.add(member.id)
+        if not ids:
+            return
+        group_id = result.id if isinstance(result, GroupResult) and result.id not in ids else None
+        waiting = set(ids)
+        for task_id, meta in self.get_many(
+            ids if group_id is None else ids | {group_id}, timeout=timeout, interval=interval,
+            no_ack=no_ack, on_message=on_message, on_interval=on_interval,
+        ):
+            if task_id == group_id:
+                if meta["status"] in states.PROPAGATE_STATES:
+                    raise meta["result"]
+                continue
+            waiting.discard(task_id)
+            yield task_id, meta
+            if not waiting:  # the group's own id need not be ready
+                return
 
     def _ready(self, ids: Iterable[str], ready_states) -> Iterator[tuple[str, dict]]:
         try:
@@ -462,10 +513,23 @@ class LedgerBackend(BaseBackend):
                      task_id=group_id)
 
     def apply_chord(self, header_result_args, body, **kwargs):
-        """Save the header group; the parts' returns fire the body (no chord_unlock)."""
+        """Begin a life of the chord and save its header group, in one transaction.
+
+        Called before any header task is sent, so every part of this apply returns
+        into this life: a frozen chord applied again counts afresh and fires its
+        body again. The parts' returns fire the body (no chord_unlock).
+
+        A generator header (``_regen``) is not saved: saving would unroll it
+        before its first task is sent (Celery #3021). Its parts carry their
+        ``group_index``, which orders the body's input instead.
+        """
         self.ensure_chords_allowed()
-        header_result = self.app.GroupResult(*header_result_args)
-        self.save_group(header_result.id, header_result)
+        group_id, results = header_result_args[0], header_result_args[1]
+        events: list[EventData] = [ChordApplied(chord_id=group_id)]
+        if not isinstance(results, _regen):
+            header_result = self.app.GroupResult(*header_result_args)
+            events.insert(0, GroupSaved(group_id=group_id, result=header_result.as_tuple()))
+        self._append(events, BackendStoreError, task_id=group_id)
 
     def add_to_chord(self, chord_id, result):
         self._append(ChordPartAdded(chord_id=chord_id, task_id=result.id), BackendStoreError,
@@ -477,7 +541,9 @@ class LedgerBackend(BaseBackend):
         if not gid or not tid:
             return None
         body_id = (request.chord.get("options") or {}).get("task_id")  # named in the claim
-        if not self.ledger.return_chord_part(gid, tid, state, body_task_id=body_id):
+        if not self.ledger.return_chord_part(
+            gid, tid, state, request.group_index, body_task_id=body_id
+        ):
             return None
         app = self.app
         callback = app.signature(request.chord)
@@ -508,12 +574,10 @@ class LedgerBackend(BaseBackend):
         """
         try:
             group, parts = self.ledger.chord_header(gid)
-            ids = None if group is None else _plain_ids(group.result)
+            ids = self._returned_ids(gid) if group is None else _plain_ids(group.result)
         except Exception as exc:
             logger.exception("Chord %r raised: %r", gid, exc)
             raise ChordError(f"Cannot restore group: {exc!r}") from exc
-        if group is None:
-            raise ChordError(f"GroupResult {gid} no longer exists")
         rows = [parts.get(task_id) for task_id in ids or ()]
         if ids is None or len(parts) != len(ids) or any(
             row is None or row.status not in states.READY_STATES for row in rows
@@ -553,11 +617,27 @@ class LedgerBackend(BaseBackend):
             reason = f"Dependency {culprit.id} raised {exc!r}" if culprit else repr(exc)
             raise ChordError(reason) from exc
 
+    def _returned_ids(self, gid: str) -> list[str]:
+        """A header that was not saved (a generator): the current life's returned parts,
+        in header order (``group_index``, then order of return)."""
+        parts: dict[str, tuple[float, int]] = {}
+        for event in self.ledger.read_stream(f"chord:{gid}"):
+            if event.type == ChordApplied.type:
+                parts.clear()
+            elif event.type == ChordPartReturned.type and event.data.task_id not in parts:
+                index = event.data.group_index
+                parts[event.data.task_id] = (float("inf") if index is None else index, event.position)
+        return sorted(parts, key=parts.__getitem__)
+
     def _chord_header(self, gid: str) -> GroupResult | None:
-        """The header as saved by apply_chord, plus parts added by add_to_chord, in order."""
+        """The header as saved by apply_chord, plus parts added by add_to_chord, in order;
+        for a header that was not saved (a generator), the parts that returned."""
         deps = self.app.GroupResult.restore(gid, backend=self)
         if deps is None:
-            return None
+            ids = self._returned_ids(gid)
+            if not ids:
+                return None
+            deps = self.app.GroupResult(gid, [self.app.AsyncResult(t, backend=self) for t in ids])
         known = {r.id for r in deps.results}
         for event in self.ledger.read_stream(f"chord:{gid}"):
             if event.type == ChordPartAdded.type and event.data.task_id not in known:

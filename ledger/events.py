@@ -242,6 +242,17 @@ class _ChordEvent(EventData):
         return self.chord_id
 
 
+class ChordApplied(_ChordEvent):
+    """``apply_chord``: the chord was applied, before any header task was sent.
+
+    Each one begins a new life of the chord: a frozen chord applied again reuses
+    its group id and its header task ids, and is a new run whose parts count
+    afresh and whose body fires again (as a task's new life after ``forget``).
+    """
+
+    type: ClassVar[str] = "chord.applied"
+
+
 class ChordStarted(_ChordEvent):
     """The chord's header was applied with ``size`` parts (``set_chord_size``/``apply_chord``)."""
 
@@ -266,11 +277,15 @@ class ChordPartAdded(_ChordEvent):
 
 
 class ChordPartReturned(_ChordEvent):
-    """A header task returned (any ready state). Counted once per distinct ``task_id``."""
+    """A header task returned (any ready state). Counted once per distinct ``task_id``
+    in each life of the chord."""
 
     type: ClassVar[str] = "chord.part_returned"
     task_id: Id
     status: str = Field(min_length=1, max_length=MAX_STATE_LENGTH)
+    #: the part's place in the header (Celery's ``group_index``): orders the body's
+    #: input when no header group was saved (a generator header is never unrolled)
+    group_index: int | None = Field(default=None, ge=0)
 
     _task_id = field_validator("task_id")(_check_id)
 
@@ -278,9 +293,15 @@ class ChordPartReturned(_ChordEvent):
         return {"ref_id": self.task_id, "task_state": self.status}
 
     @staticmethod
-    def deterministic_event_id(chord_id: str, task_id: str) -> uuid.UUID:
-        """The same part returning twice (redelivery) is the same event: a no-op."""
-        return uuid.uuid5(_PART_NAMESPACE, f"{chord_id}\x00{task_id}")
+    def deterministic_event_id(chord_id: str, task_id: str, life: int | None = None) -> uuid.UUID:
+        """The same part returning twice (redelivery) is the same event: a no-op.
+
+        ``life`` (the position of the ``chord.applied`` event that began the
+        chord's current life) tells a later life's return of the same task apart;
+        None is the chord's first life.
+        """
+        key = f"{chord_id}\x00{task_id}" + ("" if life is None else f"\x00{life}")
+        return uuid.uuid5(_PART_NAMESPACE, key)
 
 
 class ChordFired(_ChordEvent):
@@ -296,8 +317,10 @@ class ChordFired(_ChordEvent):
         return {"ref_id": self.body_task_id}
 
     @staticmethod
-    def deterministic_event_id(chord_id: str) -> uuid.UUID:
-        return uuid.uuid5(_PART_NAMESPACE, f"{chord_id}\x00fired")
+    def deterministic_event_id(chord_id: str, completed_position: int) -> uuid.UUID:
+        """One claim per completion: the position of the part that completed the chord
+        names the chord's life, so each life's body is claimed once."""
+        return uuid.uuid5(_PART_NAMESPACE, f"{chord_id}\x00fired\x00{completed_position}")
 
 
 class LogPruned(EventData):
@@ -327,6 +350,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         GroupSaved,
         GroupForgotten,
         GroupExpired,
+        ChordApplied,
         ChordStarted,
         ChordPartAdded,
         ChordPartReturned,

@@ -423,7 +423,6 @@ class PostgresLog(FollowableLog):
         engine: Engine,
         items: Sequence[Encoded],
         projections: Sequence[FusedSql],
-        guard_binds: dict | None = None,
     ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
         """Events as one transaction in one round trip, on a pooled driver connection.
 
@@ -432,12 +431,11 @@ class PostgresLog(FollowableLog):
         can come back from it: the statement's transaction id is assigned after
         its snapshot was taken, so every event it sees has a lower one.
 
-        Several events (a returned chord part and its claim) go out as one
+        Several events go out as one
         pipeline, which PostgreSQL runs as one implicit transaction committed
         at the pipeline's Sync: an error rolls all of them back. A chord
         event's stream lock is then held for the statements and the commit's
-        WAL flush only, never across a client round trip. ``guard_binds`` are
-        parameters of the projections' guards (see :class:`FusedSql`).
+        WAL flush only, never across a client round trip.
 
         A lone SENT or RECEIVED commits without waiting for its WAL flush
         (``synchronous_commit`` off for this transaction only): SENT is on the
@@ -451,7 +449,7 @@ class PostgresLog(FollowableLog):
         """
         relaxed = len(items) == 1 and items[0].new.data.type in LIFECYCLE_TYPES
         return self._append_fused(
-            lambda st: pooled_fetch(engine, st), items, projections, guard_binds, relaxed=relaxed
+            lambda st: pooled_fetch(engine, st), items, projections, relaxed=relaxed
         )
 
     def _append_fused(
@@ -459,7 +457,6 @@ class PostgresLog(FollowableLog):
         fetch: Callable[[list[tuple[str, dict]]], list[tuple | None]],
         items: Sequence[Encoded],
         projections: Sequence[FusedSql],
-        guard_binds: dict | None = None,
         *,
         relaxed: bool = False,
     ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
@@ -472,8 +469,6 @@ class PostgresLog(FollowableLog):
             if projection.binds is not None:
                 params.update(projection.binds(item.new.data))
             params["relaxed"] = relaxed
-            if guard_binds:
-                params.update(guard_binds)
             if params["stream_id"].startswith("chord:"):
                 statements.append((self._lock_stream_driver_sql, {"stream_id": params["stream_id"]}))
             slots.append(len(statements))
@@ -503,14 +498,8 @@ class PostgresLog(FollowableLog):
             completed = (
                 "(SELECT completed_position FROM projection)" if projection.completes else "NULL"
             )
-            insert = self._insert_core
-            if projection.guard:
-                # appended only where the guard holds (no row: nothing written)
-                insert = insert.replace(
-                    "ON CONFLICT (event_id)", f"AND ({projection.guard}) ON CONFLICT (event_id)"
-                )
             sql = driver_sql(
-                f"WITH ev AS ({insert} RETURNING position, tx_id, stream_version, recorded_at),"
+                f"WITH ev AS ({self._insert_core} RETURNING position, tx_id, stream_version, recorded_at),"
                 f" {projection.ctes}"
                 " SELECT position, tx_id, stream_version, recorded_at,"
                 " (SELECT p.tx_id FROM ledger_events p"

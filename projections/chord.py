@@ -6,6 +6,10 @@ records that event, once: whoever appended it (or a redelivery of the very same
 part, which is the same event) owns firing the body. Ids are counted, never
 blind increments, so a redelivered part cannot complete a chord early.
 ``chord.fired`` records that the body was sent.
+
+``chord.applied`` begins a new life: a frozen chord applied again reuses its id
+and its header task ids, and counts, completes and fires afresh. Each life is
+exactly-once on its own; nothing of an earlier life carries over.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ledger.events import (
+    ChordApplied,
     ChordFired,
     ChordPartAdded,
     ChordPartReturned,
@@ -45,7 +50,8 @@ class ChordState:
 def fold(state: ChordState | None, event: RecordedEvent) -> ChordState | None:
     if event.type not in _CHORD_TYPES:
         return state
-    if state is None:
+    if state is None or event.type == ChordApplied.type:
+        # the chord's first life, or a new one: an applied chord starts empty
         state = ChordState(chord_id=event.stream_key, size=None, parts=frozenset())
     data = event.data
     if event.type == ChordStarted.type:
@@ -64,5 +70,11 @@ def fold(state: ChordState | None, event: RecordedEvent) -> ChordState | None:
 
 
 _CHORD_TYPES = frozenset(
-    {ChordStarted.type, ChordPartAdded.type, ChordPartReturned.type, ChordFired.type}
+    {
+        ChordApplied.type,
+        ChordStarted.type,
+        ChordPartAdded.type,
+        ChordPartReturned.type,
+        ChordFired.type,
+    }
 )

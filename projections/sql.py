@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from ledger import codec
 from ledger.events import (
     TOMBSTONE_TYPES,
+    ChordApplied,
     ChordFired,
     ChordPartAdded,
     ChordPartReturned,
@@ -190,8 +191,6 @@ class FusedSql:
     completes: bool = False
     #: more bind values the CTEs read, from the event's payload model
     binds: Callable[[EventData], dict] | None = None
-    #: a condition on the projection tables: the event is appended only where it holds
-    guard: str | None = None
 
 
 class SqlTarget:
@@ -200,22 +199,6 @@ class SqlTarget:
     def __init__(self, tables: ProjectionTables = LIVE) -> None:
         self.t = tables
         self._fused_sql = self._build_fused_sql()
-        c, p = self.t.chords.name, self.t.chord_parts.name
-        fired = self._fused_sql[ChordFired.type]
-        #: ``chord.fired`` appended only by the part that completed the chord, before
-        #: anyone fired it (binds ``:completing_task``): the claim that a returned
-        #: part sends in its own transaction, right after the part, without a round
-        #: trip in between (:meth:`ledger.api.Ledger.return_chord_part`). The
-        #: completing part's row holds the position at which the chord completed.
-        self.claim_sql = FusedSql(
-            fired.ctes,
-            guard=(
-                f"EXISTS (SELECT 1 FROM {c} JOIN {p} ON {p}.chord_id = {c}.chord_id"
-                f" AND {p}.position = {c}.completed_position"
-                f" WHERE {c}.chord_id = CAST(:key AS varchar) AND {c}.fired_position IS NULL"
-                f" AND {p}.task_id = CAST(:completing_task AS varchar))"
-            ),
-        )
 
     # -- live updates -------------------------------------------------------------
 
@@ -351,6 +334,16 @@ class SqlTarget:
         ).returning(c.c.completed_position)
         return conn.execute(stmt).scalar_one() == e.position
 
+    def _chord_applied(self, conn: Connection, e: RecordedEvent) -> bool:
+        # A new life starts empty (projections.chord.fold): the earlier life's parts
+        # go, so the same header task ids count again.
+        c, p = self.t.chords, self.t.chord_parts
+        conn.execute(sa.delete(p).where(p.c.chord_id == e.stream_key))
+        empty = {"size": None, "returned": 0, "completed_position": None, "fired_position": None}
+        stmt = _insert(conn, c).values(chord_id=e.stream_key, **empty)
+        conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.chord_id], set_=empty))
+        return False
+
     def _chord_started(self, conn: Connection, e: RecordedEvent) -> bool:
         return self._chord_upsert(conn, e, size=e.data.size, returned_inc=0)  # type: ignore[attr-defined]
 
@@ -393,6 +386,7 @@ class SqlTarget:
         GroupSaved.type: _group_saved,
         GroupForgotten.type: _group_gone,
         GroupExpired.type: _group_gone,
+        ChordApplied.type: _chord_applied,
         ChordStarted.type: _chord_started,
         ChordPartAdded.type: _chord_part_added,
         ChordPartReturned.type: _chord_part_returned,
@@ -414,8 +408,8 @@ class SqlTarget:
         ``projection``. For the events that can complete a chord that CTE
         returns ``completed_position``, and the event completed the chord when
         it equals the event's own position. Chord started/part-added events
-        return None: they take the general path (they are rare; returned parts
-        and the claim are the hot ones).
+        return None: they take the general path (they are rare; applied chords,
+        returned parts and the claim are the hot ones).
         """
         return self._fused_sql.get(event_type)
 
@@ -451,7 +445,18 @@ class SqlTarget:
         # taking the fused path keeps them one autocommitted round trip on
         # PostgreSQL -- SENT is on the publisher's .delay() path.
         untouched = FusedSql("projection AS (SELECT position FROM ev)")
+        # A new life starts empty: the same rule as _chord_applied. A data-modifying
+        # CTE runs whether or not the statement reads it.
+        applied = FusedSql(
+            f"reset AS (DELETE FROM {p} WHERE chord_id = CAST(:key AS varchar)"
+            " AND EXISTS (SELECT 1 FROM ev)),"
+            f" projection AS (INSERT INTO {c} (chord_id, size, returned, completed_position,"
+            " fired_position) SELECT CAST(:key AS varchar), NULL, 0, NULL, NULL FROM ev"
+            " ON CONFLICT (chord_id) DO UPDATE SET size = NULL, returned = 0,"
+            " completed_position = NULL, fired_position = NULL)"
+        )
         return {
+            ChordApplied.type: applied,
             ChordPartReturned.type: part_returned,
             ChordFired.type: fired,
             TaskSent.type: untouched,
@@ -916,7 +921,9 @@ def rebuild_statements(
         ).where(granked.c.rn == 1),
     )
 
-    # chord parts: the first return of each distinct header task -----------------
+    # chord parts: the first return of each distinct header task in the chord's
+    # current life, which starts at its last chord.applied (projections.chord.fold)
+    joined, life_start = _life(e, "chord", {ChordApplied.type})
     first_return = (
         sa.select(
             e.c.stream_id,
@@ -927,7 +934,8 @@ def rebuild_statements(
             .over(partition_by=(e.c.stream_id, e.c.ref_id), order_by=e.c.position)
             .label("rn"),
         )
-        .where(e.c.type == ChordPartReturned.type)
+        .select_from(joined)
+        .where(e.c.type == ChordPartReturned.type, e.c.position > life_start)
         .subquery("first_return")
     )
     parts = sa.insert(t.chord_parts).from_select(
@@ -946,7 +954,10 @@ def rebuild_statements(
         .where(first_return.c.rn == 1)
         .subquery("firsts")
     )
-    chord_types = [ChordStarted.type, ChordPartAdded.type, ChordPartReturned.type, ChordFired.type]
+    chord_types = [
+        ChordApplied.type, ChordStarted.type, ChordPartAdded.type, ChordPartReturned.type,
+        ChordFired.type,
+    ]
     is_start = sa.case((e.c.type == ChordStarted.type, 1), else_=0)
     steps = (
         sa.select(
@@ -960,12 +971,13 @@ def rebuild_statements(
             .label("seg"),
         )
         .select_from(
-            e.outerjoin(
+            joined.outerjoin(
                 firsts,
                 sa.and_(firsts.c.stream_id == e.c.stream_id, firsts.c.position == e.c.position),
             )
         )
-        .where(e.c.type.in_(chord_types))
+        # the life's own chord.applied (at life_start) gives an empty life its row
+        .where(e.c.type.in_(chord_types), e.c.position >= life_start)
         .subquery("steps")
     )
     s = steps

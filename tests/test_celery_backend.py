@@ -241,9 +241,9 @@ def test_get_is_woken_by_notify_not_by_polling(pg_url, monkeypatch):
     # The safety re-read and the poll interval are both set far beyond the
     # deadline: after its first read finds nothing, the waiter reads again only
     # when a NOTIFY wakes it. The store starts once the waiter is LISTENing and
-    # has read (on_interval runs before the first wait), so a fast store cannot
-    # be picked up by that first read either. No timer: a slow machine only
-    # makes it wait longer, never pass without NOTIFY.
+    # its first read is done, so a fast store cannot be picked up by that first
+    # read either. No timer: a slow machine only makes it wait longer, never pass
+    # without NOTIFY.
     monkeypatch.setattr("ledger.celery.SAFETY_NET_SECONDS", 600.0)
     backend = make_app(pg_url).backend
     tid = new_id()
@@ -255,8 +255,15 @@ def test_get_is_woken_by_notify_not_by_polling(pg_url, monkeypatch):
                 target=lambda: make_app(pg_url).backend.mark_as_done(tid, "woken")))
             storers[0].start()
 
+    read = backend._ready
+
+    def read_then_store(ids, ready_states):
+        yield from read(ids, ready_states)
+        store_once()
+
+    monkeypatch.setattr(backend, "_ready", read_then_store)
     began = time.monotonic()
-    meta = backend.wait_for(tid, timeout=WOKEN_WITHIN, interval=600, on_interval=store_once)
+    meta = backend.wait_for(tid, timeout=WOKEN_WITHIN, interval=600)
     waited = time.monotonic() - began
     storers[0].join()
     assert meta["result"] == "woken"

@@ -19,6 +19,7 @@ import redis
 from celery import Celery, states
 from celery.app.task import Context
 from celery.exceptions import ChordError
+from celery.utils.functional import _regen
 
 from tests.conftest import REDIS, RUN_ID
 
@@ -91,6 +92,20 @@ def test_redelivered_parts_from_two_processes_fire_the_body_once(any_url):
         assert state.returned == PARTS and state.fired_position is not None
 
 
+def _frozen_chord(app, size: int):
+    """A chord's group id, header task ids and frozen body (sent to BODY_QUEUE)."""
+    gid, part_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(size)]
+    body = app.signature("chords.body", options={"queue": BODY_QUEUE})
+    body.freeze()
+    return gid, part_ids, body
+
+
+def _apply(app, gid: str, part_ids: list[str], body) -> None:
+    """What Celery's chord.run does to the backend before and while sending the header."""
+    app.backend.apply_chord((gid, [app.AsyncResult(t) for t in part_ids]), body)
+    app.backend.set_chord_size(gid, len(part_ids))
+
+
 def _three_part_chord_with_two_returned(url: str, returns: int = 1):
     """A chord of 3 parts whose first two stored SUCCESS and returned ``returns`` times each.
 
@@ -100,11 +115,8 @@ def _three_part_chord_with_two_returned(url: str, returns: int = 1):
     prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
     app = make_app(url, prefix)
     backend = app.backend
-    gid, part_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(3)]
-    body = app.signature("chords.body", options={"queue": BODY_QUEUE})
-    body.freeze()
-    backend.apply_chord((gid, [app.AsyncResult(t) for t in part_ids]), body)
-    backend.set_chord_size(gid, 3)
+    gid, part_ids, body = _frozen_chord(app, 3)
+    _apply(app, gid, part_ids, body)
     for index, tid in enumerate(part_ids[:2]):
         backend.store_result(tid, index, states.SUCCESS)
         for _ in range(returns):  # a redelivered part must not count twice
@@ -127,16 +139,62 @@ def test_chord_fires_only_when_every_distinct_part_returned(any_url, returns):
             r.delete(*keys)
 
 
+def test_a_chord_applied_again_fires_once_per_life_however_often_parts_return(any_url):
+    """A frozen chord applied twice (same group id, same part ids) sends its body once
+    per apply, each part returning twice in each life."""
+    prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
+    app = make_app(any_url, prefix)
+    backend = app.backend
+    gid, part_ids, body = _frozen_chord(app, 3)
+    for _ in range(2):
+        _apply(app, gid, part_ids, body)
+        for index, tid in enumerate(part_ids):
+            backend.store_result(tid, index * 10, states.SUCCESS)
+            for _ in range(2):
+                backend.on_chord_part_return(
+                    Context(id=tid, group=gid, group_index=index, chord=dict(body)),
+                    states.SUCCESS, index * 10,
+                )
+    sent = bodies_sent(prefix)
+    assert [json.loads(base64.b64decode(m["body"]))[0] for m in sent] == [[[0, 10, 20]]] * 2
+    stream = [e.type for e in backend.ledger.read_stream(f"chord:{gid}")]
+    assert (stream.count("chord.applied"), stream.count("chord.fired")) == (2, 2)
+
+
+def test_a_generator_header_is_never_unrolled_and_reaches_the_body_in_header_order(any_url):
+    """apply_chord leaves a generator header alone (Celery sends its parts as it makes
+    them); parts returning in reverse order reach the body in header order."""
+    prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
+    app = make_app(any_url, prefix)
+    backend = app.backend
+    gid, part_ids, body = _frozen_chord(app, 3)
+    made = []
+
+    def header():
+        for tid in part_ids:
+            made.append(tid)
+            yield app.AsyncResult(tid)
+
+    backend.apply_chord((gid, _regen(header())), body)
+    assert made == []
+    backend.set_chord_size(gid, len(part_ids))
+    for index in reversed(range(len(part_ids))):
+        backend.store_result(part_ids[index], index * 10, states.SUCCESS)
+        backend.on_chord_part_return(
+            Context(id=part_ids[index], group=gid, group_index=index, chord=dict(body)),
+            states.SUCCESS, index * 10,
+        )
+    sent = bodies_sent(prefix)
+    assert [json.loads(base64.b64decode(m["body"]))[0] for m in sent] == [[[0, 10, 20]]]
+
+
 def _chord_run(app, parts: list, *, returns: list[str] | None = None):
     """Apply a chord of ``len(parts)`` header tasks; ``parts[i]`` is the stored result of
     part ``i`` (an exception is stored as a FAILURE, ``None`` stores nothing); then every
     part in ``returns`` (default: all, in header order) returns to the chord."""
     backend = app.backend
-    gid, part_ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in parts]
-    body = app.signature("chords.body", options={"queue": BODY_QUEUE})
-    body.freeze()
-    backend.apply_chord((gid, [app.AsyncResult(t) for t in part_ids]), body)
-    backend.set_chord_size(gid, len(parts))
+    gid, part_ids, body = _frozen_chord(app, len(parts))
+    _apply(app, gid, part_ids, body)
     for tid, value in zip(part_ids, parts, strict=True):
         if value is not None:
             state = states.FAILURE if isinstance(value, Exception) else states.SUCCESS

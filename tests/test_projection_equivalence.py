@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from ledger.api import Ledger
 from ledger.events import (
+    ChordApplied,
     ChordFired,
     ChordPartAdded,
     ChordPartReturned,
@@ -65,6 +66,7 @@ event_data = st.one_of(
     st.builds(GroupSaved, group_id=GROUPS, result=st.lists(st.text(max_size=3), max_size=3)),
     st.builds(GroupForgotten, group_id=GROUPS),
     st.builds(GroupExpired, group_id=GROUPS, expired_before=st.just(now())),
+    st.builds(ChordApplied, chord_id=CHORDS),
     st.builds(ChordStarted, chord_id=CHORDS, size=st.integers(0, 4)),
     st.builds(ChordPartAdded, chord_id=CHORDS, task_id=PARTS),
     st.builds(ChordPartReturned, chord_id=CHORDS, task_id=PARTS, status=STATES),
@@ -74,8 +76,10 @@ event_data = st.one_of(
 
 # Chord counting is where the three forms are easiest to get subtly different
 # (distinct ids, running size, completion recorded once): histories of one
-# chord, mostly returned parts, reach completion often.
+# chord, mostly returned parts, reach completion often; a chord applied again
+# (chord.applied) starts a new life in which the same parts count afresh.
 chord_event_data = st.one_of(
+    st.builds(ChordApplied, chord_id=st.just("c1")),
     st.builds(ChordStarted, chord_id=st.just("c1"), size=st.integers(0, 4)),
     st.builds(ChordPartAdded, chord_id=st.just("c1"), task_id=PARTS),
     *[st.builds(ChordPartReturned, chord_id=st.just("c1"), task_id=PARTS, status=STATES)] * 4,

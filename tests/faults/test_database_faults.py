@@ -309,17 +309,13 @@ def test_connection_lost_mid_transaction_is_backend_store_error_and_nothing_part
 
 
 def test_transaction_cut_before_commit_writes_nothing_of_it(pg_url, proxy_to):
-    """A multi-statement unit (a chord part: lock, event, counters, claim) cut before it commits.
-
-    On PostgreSQL the unit is one pipeline committed at its Sync; the cut drops it
-    where the claim's guard is on the wire (its text goes out with every fresh
-    connection's first use of the statement)."""
+    """A multi-statement unit (a chord part: lock, event, counters, claim) cut at COMMIT."""
     proxy = proxy_to(pg_url)
     url = proxy.url(pg_url.rsplit("/", 1)[1])
     ledger = Ledger.open(url)
     ledger.append([ChordStarted(chord_id="c", size=1)])
     snapshot = Ledger.open(pg_url).snapshot()
-    proxy.drop_when(b"fired_position IS NULL", upstream=True, times=1000)
+    proxy.drop_when(b"COMMIT", upstream=True, times=1000)
     with pytest.raises(sa.exc.DBAPIError) as raised:
         ledger.return_chord_part("c", "p1", states.SUCCESS)
     attempts = proxy.dropped

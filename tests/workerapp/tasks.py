@@ -101,6 +101,19 @@ def register(app: Celery) -> None:
     def record_error(request, exc, traceback):
         _redis(app).rpush(f"{prefix}errors", f"{request.id} {type(exc).__name__}: {exc}")
 
+    @app.task(shared=False, name="workerapp.fail_after")
+    def fail_after(seconds, message):
+        """Fails once the caller is surely waiting (a part failing before get() began
+        would not test what get() does while it waits)."""
+        time.sleep(seconds)
+        raise ValueError(message)
+
+    @app.task(shared=False, name="workerapp.mark")
+    def mark(key, value):
+        """Appends ``value`` to the Redis list ``key``: the test sees each run of it."""
+        _redis(app).rpush(f"{prefix}{key}", value)
+        return value
+
     @app.task(shared=False, name="workerapp.grow", bind=True)
     def grow(self, n):
         """Adds a task to the chord it belongs to (``Task.add_to_chord``)."""
