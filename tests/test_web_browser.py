@@ -139,7 +139,13 @@ def test_a_task_a_worker_stores_appears_on_the_live_and_tasks_pages_without_relo
         "tr => tr.textContent.includes(id) && tr.textContent.includes('SUCCESS'))",
         arg=result.id, timeout=WAIT_MS,
     )
-    assert states.count() == 2  # STARTED and SUCCESS, each once
+    # each event of the task once: SENT (publisher), RECEIVED (worker), STARTED, SUCCESS
+    rows = states.all_text_contents()
+    # (a row's text is its cells run together: position, time, type, state, ...)
+    assert [sum(marker in row for row in rows) for marker in
+            ("task.sentSENT", "task.receivedRECEIVED", "task.stateSTARTED", "task.stateSUCCESS")
+            ] == [1, 1, 1, 1], rows
+    assert len(rows) == 4, rows
     tasks.wait_for_selector(f'#task-rows a[href="/tasks/{result.id}"]', timeout=WAIT_MS)
     for page in (live, tasks):
         assert page.evaluate("window.__notReloaded") is True
