@@ -146,6 +146,12 @@ def test_a_follower_still_gets_events_that_do_not_notify(pg_url):
 
     t = threading.Thread(target=follower, daemon=True)
     t.start()
+    # A notifying event first: once the follower has it, it is in its wait loop, so
+    # the events below can only reach it through its poll (not a first read racing them).
+    ledger.append([TaskState(task_id=f"{run}-ready", status="SUCCESS")])
+    eventually(lambda: ledger.follower_lag()["held_back"] == 0, timeout=HORIZON_WAIT,
+               what="the server's oldest open transaction to end")
+    assert got.get(timeout=60) == f"task:{run}-ready"
     for status in NON_READY:
         ledger.append([TaskState(task_id=f"{run}-{status}", status=status)])
     # A follower sees an event only once every older transaction on the server
