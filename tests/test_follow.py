@@ -7,6 +7,7 @@ import queue
 import signal
 import subprocess
 import threading
+import time
 import uuid
 
 import psycopg
@@ -152,6 +153,10 @@ def test_a_follower_still_gets_events_that_do_not_notify(pg_url):
     eventually(lambda: ledger.follower_lag()["held_back"] == 0, timeout=HORIZON_WAIT,
                what="the server's oldest open transaction to end")
     assert got.get(timeout=60) == f"task:{run}-ready"
+    # Let the follower go idle (several empty polls) so that what follows arrives while
+    # it waits: correctness does not depend on this pause, only that a follower that
+    # stopped polling is caught.
+    time.sleep(1.0)
     for status in NON_READY:
         ledger.append([TaskState(task_id=f"{run}-{status}", status=status)])
     # A follower sees an event only once every older transaction on the server
