@@ -249,9 +249,8 @@ class TaskQuery(_Model):
     page: int = Field(1, ge=1, le=1000)
     limit: int = Field(50, ge=1, le=500)
 
-    FILTERS: ClassVar[tuple[str, ...]] = (
-        "name", "state", "worker", "queue", "exception", "since", "until", "root", "args",
-    )
+    #: the fields that are not filters of ``Ledger.tasks``
+    PAGING: ClassVar[frozenset[str]] = frozenset({"page", "limit"})
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> TaskQuery:
@@ -259,7 +258,9 @@ class TaskQuery(_Model):
         return _from_params(cls, params)
 
     def filters(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.FILTERS if getattr(self, k) is not None}
+        """The set filters, for :meth:`ledger.api.Ledger.tasks` (every field but paging)."""
+        fields = type(self).model_fields
+        return {k: v for k in fields if k not in self.PAGING and (v := getattr(self, k)) is not None}
 
     def link(self, **change: Any) -> str:
         """The query string of this query with ``change`` applied (for pager links)."""
