@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     report = rebuild(ledger)
     print(f"rebuild: {report.events:,} events in {report.seconds:.1f}s ({report.rate:,.0f} events/s), "
           f"catalogue {report.rows.get('ledger_tasks', 0):,} tasks")
-    if ledger.dialect == "postgresql":
+    if ledger.engine.dialect.name == "postgresql":
         with ledger.engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("ANALYZE ledger_tasks"))
     now = datetime.now(timezone.utc)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda: ledger.tasks(worker="celery@w2", since=now - timedelta(minutes=10), limit=50),
         "stats --since -24h": lambda: ledger.stats(since=now - timedelta(hours=24)),
     }
-    print(f"\n| question ({ledger.dialect}, {report.rows.get('ledger_tasks', 0):,} tasks) | p50 ms | max ms | rows |")
+    print(f"\n| question ({ledger.engine.dialect.name}, {report.rows.get('ledger_tasks', 0):,} tasks) | p50 ms | max ms | rows |")
     print("|---|---|---|---|")
     for label, fn in questions.items():
         p50, worst, rows = _timed(fn, a.runs if not label.startswith("stats") else max(3, a.runs // 5))

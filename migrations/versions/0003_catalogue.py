@@ -5,7 +5,7 @@ Revises: 0002_integrity
 Create Date: 2026-12-02
 
 The table's columns are spelled out (frozen). The back-fill is the catalogue's
-rebuild (:func:`projections.sql.catalogue_select`): set-based SQL picks each
+rebuild (:func:`ledger.store.target.catalogue_select`): set-based SQL picks each
 task's events, one payload per task is decoded, rows go in batched.
 """
 
@@ -14,7 +14,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from projections.sql import CatalogueFill, UTCDateTime, catalogue_select
+from ledger.store import store_type
+from ledger.store.schema import UTCDateTime
+from ledger.store.target import CatalogueFill, catalogue_select
 
 revision = "0003_catalogue"
 down_revision = "0002_integrity"
@@ -80,7 +82,7 @@ def upgrade() -> None:
             for name, type_, _ in COLUMNS
         ),
     )
-    CatalogueFill(target, catalogue_select(events)).run(op.get_bind())
+    CatalogueFill(target, catalogue_select(events)).run(op.get_bind(), store_type(op.get_bind()))
     for name, columns in INDEXES.items():
         op.create_index(op.f(name), TABLE, columns)
 
