@@ -54,7 +54,7 @@ from kombu.serialization import loads
 from kombu.utils.encoding import ensure_bytes
 
 from ledger import lifecycle
-from ledger.api import Ledger, RetryPolicy
+from ledger.api import ChordInputs, Ledger, RetryPolicy
 from ledger.errors import (
     CodecError,
     CorruptEvent,
@@ -542,14 +542,15 @@ class LedgerBackend(BaseBackend):
         if not gid or not tid:
             return None
         body_id = (request.chord.get("options") or {}).get("task_id")  # named in the claim
-        if not self.ledger.return_chord_part(
+        claimed, inputs = self.ledger.return_chord_part_read(
             gid, tid, state, request.group_index, body_task_id=body_id
-        ):
+        )
+        if not claimed:
             return None
         app = self.app
         callback = app.signature(request.chord)
         try:
-            ret = self._chord_results(gid)
+            ret = self._chord_results(gid, inputs)
         except ChordError as exc:
             logger.error("Chord %r raised: %s", gid, exc)
             return self.chord_error_from_stack(callback, exc)
@@ -562,19 +563,20 @@ class LedgerBackend(BaseBackend):
             return self.chord_error_from_stack(callback, error)
         return None
 
-    def _chord_results(self, gid: str) -> list:
+    def _chord_results(self, gid: str, inputs: ChordInputs | None = None) -> list:
         """The header's results in header order; ChordError (as Redis words it) if one failed.
 
         Every part stores its own result before it returns to the chord
         (``mark_as_done``/``mark_as_failure``), so when the chord completes the
         results are normally all there: one read fetches the saved header and
-        the returned parts' rows, without LISTEN or a wait. Anything else -- a
+        the returned parts' rows (``inputs``, when the claim brought them back),
+        without LISTEN or a wait. Anything else -- a
         part whose result is not stored (yet), parts added by ``add_to_chord``,
         a group nested in the header -- takes Celery's join with
         ``result_chord_join_timeout``.
         """
         try:
-            group, parts = self.ledger.chord_header(gid)
+            group, parts = inputs if inputs is not None else self.ledger.chord_header(gid)
             ids = self._returned_ids(gid) if group is None else _plain_ids(group.result)
         except Exception as exc:
             logger.exception("Chord %r raised: %r", gid, exc)

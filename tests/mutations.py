@@ -105,6 +105,13 @@ MUTATIONS = [
          f"{LOG_PG}::test_redelivered_chord_part_fires_body_once"),
     ),
     Mutation(
+        "chord claim on PostgreSQL: a returned part claims the body without completing the chord",
+        "ledger/store/postgres.py",
+        '            " AND c.fired_position IS NULL AND c.completed_position ="\n',
+        '            " AND c.fired_position IS NULL AND c.completed_position IS NULL OR c.completed_position ="\n',
+        (f"{LOG_PG}::test_redelivered_chord_part_fires_body_once",),
+    ),
+    Mutation(
         "get_task_meta: a stored map of the wrong shape is read as if it were valid",
         "projections/task_meta.py",
         '            and type(value.get("status")) is str\n',
