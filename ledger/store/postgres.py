@@ -54,8 +54,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -206,9 +209,29 @@ def pooled_fetch_then_read(
 
 
 def _pooled(engine: Engine, sql: str, params: dict, run: Callable[[Any, dict], T]) -> T:
-    """``run(psycopg_connection, record_info)`` on a pooled connection in autocommit mode."""
+    """``run(psycopg_connection, record_info)`` on a pooled connection in autocommit mode.
+
+    The process's main thread keeps one such connection checked out (:func:`_kept`):
+    a checkout, the switch to autocommit and back, and the reset on return cost
+    ~20 µs of client CPU per store or point read (measured, see the README's
+    benchmark notes). Other threads check one out each time: a kept connection per
+    thread would hold as many connections as a threaded worker has threads.
+    """
     import psycopg
 
+    if threading.get_ident() == _MAIN_THREAD:
+        fairy = _kept(engine)
+        raw = fairy.driver_connection
+        try:
+            return run(raw, fairy.info)
+        except psycopg.Error as orig:
+            error = _driver_error(engine, fairy, sql, params, orig)
+            if raw.broken or raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                _drop_kept(engine)
+            raise error from orig
+        except BaseException:
+            _drop_kept(engine)  # interrupted mid-statement (a time limit): state unknown
+            raise
     try:
         fairy = engine.raw_connection()
     except psycopg.Error as orig:  # as engine.connect() raises it
@@ -225,6 +248,50 @@ def _pooled(engine: Engine, sql: str, params: dict, run: Callable[[Any, dict], T
         raise _driver_error(engine, fairy, sql, params, orig) from orig
     finally:
         fairy.close()
+
+
+#: Gevent and eventlet patch get_ident per greenlet: only the main one keeps a connection.
+_MAIN_THREAD = threading.main_thread().ident
+#: Per engine: (process id, its pool, the main thread's kept connection).
+_KEPT: weakref.WeakKeyDictionary[Engine, tuple[int, Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _kept(engine: Engine) -> Any:
+    """The main thread's pooled connection of ``engine``, checked out once, in autocommit.
+
+    Given up when its process is not this one (a forked child: the parent's socket
+    is not ours), when the engine was disposed (a new pool) or when it was
+    invalidated (a disconnect): the next call checks out a fresh one.
+    """
+    import psycopg
+
+    kept = _KEPT.get(engine)
+    if kept is not None:
+        pid, pool, fairy = kept
+        if pid == os.getpid() and pool is engine.pool and fairy.is_valid:
+            return fairy
+        _drop_kept(engine)
+    try:
+        fairy = engine.raw_connection()
+    except psycopg.Error as orig:  # as engine.connect() raises it
+        raise sa.exc.DBAPIError.instance(None, None, orig, psycopg.Error, dialect=engine.dialect) from orig
+    try:
+        fairy.driver_connection.autocommit = True
+    except BaseException:
+        fairy.close()
+        raise
+    if not sa.event.contains(engine, "engine_disposed", _drop_kept):
+        # engine.dispose() closes the engine's connections; a test or a bench then
+        # drops or clones the database, which an open connection would prevent.
+        sa.event.listen(engine, "engine_disposed", _drop_kept)
+    _KEPT[engine] = (os.getpid(), engine.pool, fairy)
+    return fairy
+
+
+def _drop_kept(engine: Engine) -> None:
+    kept = _KEPT.pop(engine, None)
+    if kept is not None and kept[0] == os.getpid() and kept[2].is_valid:
+        kept[2].invalidate()  # closes it: it may have been interrupted mid-statement
 
 
 def pooled_fetchone(engine: Engine, sql: str, params: dict) -> tuple | None:
