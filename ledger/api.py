@@ -247,15 +247,29 @@ class Ledger:
         status: str,
         group_index: int | None = None,
         body_task_id: str | None = None,
+        *,
+        result: EventData | NewEvent | None = None,
     ) -> tuple[bool, ChordInputs | None]:
         """:meth:`return_chord_part`, and when it claims the body, the chord's inputs as
         :meth:`chord_header` reads them, where the store reads them with the claim
-        (PostgreSQL: in the same round trip); None when not read."""
+        (PostgreSQL: in the same round trip); None when not read.
+
+        ``result`` (the part's own task state) is appended first: in the same
+        transaction where the store can (PostgreSQL), else by :meth:`append`. It is
+        checked as :meth:`append` checks it before anything is written.
+        """
         part = ChordPartReturned(
             chord_id=chord_id, task_id=task_id, status=status, group_index=group_index
         )
         first = Encoded.of(NewEvent(part, ChordPartReturned.deterministic_event_id(chord_id, task_id)))
-        together = self.store.chord_part_write(first, self._claim_of(chord_id, first.new.event_id, body_task_id))
+        claim = self._claim_of(chord_id, first.new.event_id, body_task_id)
+        before = None
+        if result is not None:
+            before = Encoded.of(self._new(result))
+            self._check_size(before)
+        together = self.store.chord_part_write(first, claim, before)
+        if together is None and before is not None:
+            self.append([before.new])
         if together is not None:
             # The common case in one unit: a part returning for the first time. A part
             # already in the log (a redelivery, or the same task id in a later life of

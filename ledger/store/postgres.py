@@ -714,6 +714,7 @@ class PostgresLog(FollowableLog):
         part: tuple[Encoded, FusedSql],
         claim: tuple[Encoded, FusedSql, str],
         read: tuple[str, dict],
+        before: tuple[Encoded, FusedSql] | None = None,
     ) -> tuple[bool, bool, list[tuple]]:
         """A returned chord part and, if it completed the chord, the body's claim: one
         transaction in one round trip, then ``read`` (the claimed chord's inputs).
@@ -728,23 +729,32 @@ class PostgresLog(FollowableLog):
         wait of the parts queued behind it. ``read`` runs after the commit in the
         same round trip; it is expected to return rows only when the claim exists.
 
-        No ``prior_tx`` check: the lock comes first, so the part's insert is this
-        transaction's first write and its id is newer than every earlier writer's
-        of the stream, which all took their ids before releasing the lock.
+        ``before`` (the part's own task state) is appended first in the same
+        transaction: a returning part's result and its return are one commit.
+
+        No ``prior_tx`` check: the lock comes first, so this transaction's first
+        write follows it and its id is newer than every earlier writer's of the
+        chord stream (they took theirs before releasing the lock); ``before``'s
+        stream is a task's, whose earlier states committed before this began.
 
         Returns whether the part was recorded (False: its event id was already in
         the log), whether this call claimed the body, and ``read``'s rows.
         """
         (item, projection), (claim_item, claim_projection, guard) = part, claim
         statements = [(self._lock_stream_driver_sql, {"stream_id": item.new.data.stream_id})]
-        for new, fused, condition in ((item, projection, ""), (claim_item, claim_projection, guard)):
+        units = [(item, projection, ""), (claim_item, claim_projection, guard)]
+        if before is not None:
+            units.insert(0, (*before, ""))
+        for new, fused, condition in units:
             params = self._fused_params(new, fused)
             params["part_event_id"] = item.new.event_id
             statements.append((self._fused_statement(fused, condition), params))
         rows, read_rows = self._guarded(
-            lambda: pooled_fetch_then_read(engine, statements, read), statements[1][1], item
+            lambda: pooled_fetch_then_read(engine, statements, read), statements[1][1], units[0][0]
         )
-        return rows[1] is not None, rows[2] is not None, read_rows
+        # ``before`` inserting no row is a duplicate (it has no expected version): a
+        # retry after a lost reply, whose event id was kept; the rest is idempotent too.
+        return rows[-2] is not None, rows[-1] is not None, read_rows
 
     def _fused_statement(self, projection: FusedSql, guard: str = "") -> str:
         """The event's insert and its projection update as one statement; ``guard``
@@ -1021,11 +1031,16 @@ class PostgresStore(MaintainableStore):
 
         return write
 
-    def chord_part_write(self, part: Encoded, claim: Encoded) -> Any:
-        """One round trip: the part, the claim if the part completed the chord, and then
-        the chord's inputs if claimed (:meth:`PostgresLog.return_chord_part`)."""
+    def chord_part_write(self, part: Encoded, claim: Encoded, before: Encoded | None = None) -> Any:
+        """One round trip: ``before``, the part, the claim if the part completed the
+        chord, and then the chord's inputs if claimed (:meth:`PostgresLog.return_chord_part`)."""
         chord_id = part.new.data.stream_key
         fused = self.fused.get
+        first = None
+        if before is not None:
+            first = (before, fused(before.new.data.type))
+            if first[1] is None or before.new.expected_version is not None:
+                return None
 
         def write() -> tuple[bool, bool, Any]:
             recorded, claimed, rows = self.log.return_chord_part(
@@ -1033,6 +1048,7 @@ class PostgresStore(MaintainableStore):
                 (part, fused(ChordPartReturned.type)),  # type: ignore[arg-type]
                 (claim, fused(ChordFired.type), self.fused.claim_guard()),  # type: ignore[arg-type]
                 (self._claimed_header_sql, {"key": chord_id, "claim_id": claim.new.event_id}),
+                first,  # type: ignore[arg-type]
             )
             return recorded, claimed, self._chord_inputs(chord_id, rows) if claimed else None
 
