@@ -276,7 +276,13 @@ def _kept(engine: Engine) -> Any:
     except psycopg.Error as orig:  # as engine.connect() raises it
         raise sa.exc.DBAPIError.instance(None, None, orig, psycopg.Error, dialect=engine.dialect) from orig
     try:
-        fairy.driver_connection.autocommit = True
+        raw = fairy.driver_connection
+        raw.autocommit = True
+        raw.execute(_GENERIC_PLANS)
+    except psycopg.Error as orig:
+        error = _driver_error(engine, fairy, _GENERIC_PLANS, {}, orig)
+        fairy.close()
+        raise error from orig
     except BaseException:
         fairy.close()
         raise
@@ -286,6 +292,12 @@ def _kept(engine: Engine) -> Any:
         sa.event.listen(engine, "engine_disposed", _drop_kept)
     _KEPT[engine] = (os.getpid(), engine.pool, fairy)
     return fairy
+
+
+#: The kept connection runs only the hot paths' statements, keyed lookups whose best
+#: plan does not depend on the values: plan each once, not at each of its first five
+#: runs as PostgreSQL does by default. This connection only, not the pool's.
+_GENERIC_PLANS = "SET plan_cache_mode = force_generic_plan"
 
 
 def _drop_kept(engine: Engine) -> None:
@@ -579,7 +591,7 @@ class PostgresLog(FollowableLog):
         if notify not in NOTIFY_MODES:
             raise ValueError(f"notify must be one of {', '.join(NOTIFY_MODES)}, not {notify!r}")
         self.notify_all = notify == "all"
-        self._fused: dict[tuple[FusedSql, str], str] = {}
+        self._fused: dict[tuple[FusedSql, str, bool], str] = {}
 
     def _notifies(self, item: Encoded) -> bool:
         """Whether this append wakes waiters and followers (module docstring)."""
@@ -659,9 +671,10 @@ class PostgresLog(FollowableLog):
         a loaded 2-core VM (python -m bench.delay, README): with it, tracking
         costs ``.delay()`` one round trip instead of one WAL flush.
         """
-        relaxed = len(items) == 1 and items[0].new.data.type in LIFECYCLE_TYPES
+        alone = len(items) == 1
+        relaxed = alone and items[0].new.data.type in LIFECYCLE_TYPES
         return self._append_fused(
-            lambda st: pooled_fetch(engine, st), items, projections, relaxed=relaxed
+            lambda st: pooled_fetch(engine, st), items, projections, relaxed=relaxed, checked=not alone
         )
 
     def _fused_params(self, item: Encoded, projection: FusedSql, *, relaxed: bool = False) -> dict:
@@ -681,6 +694,7 @@ class PostgresLog(FollowableLog):
         projections: Sequence[FusedSql],
         *,
         relaxed: bool = False,
+        checked: bool = True,
     ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
         statements, slots = [], []
         for item, projection in zip(items, projections, strict=True):
@@ -688,7 +702,7 @@ class PostgresLog(FollowableLog):
             if params["stream_id"].startswith("chord:"):
                 statements.append((self._lock_stream_driver_sql, {"stream_id": params["stream_id"]}))
             slots.append(len(statements))
-            statements.append((self._fused_statement(projection), params))
+            statements.append((self._fused_statement(projection, checked=checked), params))
         rows = self._guarded(lambda: fetch(statements), statements[slots[0]][1], items[0])
         recorded, missing, completed = [], [], []
         for item, projection, slot in zip(items, projections, slots, strict=True):
@@ -748,7 +762,7 @@ class PostgresLog(FollowableLog):
         for new, fused, condition in units:
             params = self._fused_params(new, fused)
             params["part_event_id"] = item.new.event_id
-            statements.append((self._fused_statement(fused, condition), params))
+            statements.append((self._fused_statement(fused, condition, checked=False), params))
         rows, read_rows = self._guarded(
             lambda: pooled_fetch_then_read(engine, statements, read), statements[1][1], units[0][0]
         )
@@ -756,29 +770,35 @@ class PostgresLog(FollowableLog):
         # retry after a lost reply, whose event id was kept; the rest is idempotent too.
         return rows[-2] is not None, rows[-1] is not None, read_rows
 
-    def _fused_statement(self, projection: FusedSql, guard: str = "") -> str:
+    def _fused_statement(self, projection: FusedSql, guard: str = "", *, checked: bool = True) -> str:
         """The event's insert and its projection update as one statement; ``guard``
-        (SQL, ``AND ...``) is a further condition for inserting the event at all."""
-        sql = self._fused.get((projection, guard))
+        (SQL, ``AND ...``) is a further condition for inserting the event at all.
+        ``checked=False`` where no ``prior_tx`` conflict can come back (the statement
+        then spares the lookup of the stream's previous event)."""
+        key = (projection, guard, checked)
+        sql = self._fused.get(key)
         if sql is None:
             completed = (
                 "(SELECT completed_position FROM projection)" if projection.completes else "NULL"
+            )
+            prior = (
+                "(SELECT p.tx_id FROM ledger_events p"
+                " WHERE p.stream_id = CAST(:stream_id AS varchar)"
+                " ORDER BY p.stream_version DESC LIMIT 1)" if checked else "NULL"
             )
             sql = driver_sql(
                 f"WITH ev AS ({self._insert_core.format(guard=guard)}"
                 " RETURNING position, tx_id, stream_version, recorded_at),"
                 f" {projection.ctes}"
                 " SELECT position, tx_id, stream_version, recorded_at,"
-                " (SELECT p.tx_id FROM ledger_events p"
-                "  WHERE p.stream_id = CAST(:stream_id AS varchar)"
-                "  ORDER BY p.stream_version DESC LIMIT 1) AS prior_tx,"
+                f" {prior} AS prior_tx,"
                 f" {_NOTIFY},"
                 # is_local: this transaction only (append_fused_autocommit says when)
                 " CASE WHEN CAST(:relaxed AS boolean)"
                 " THEN set_config('synchronous_commit', 'off', true) END AS relaxed,"
                 f" {completed} AS completed_position FROM ev"
             )
-            self._fused[(projection, guard)] = sql
+            self._fused[key] = sql
         return sql
 
     def _run_insert(self, conn: Connection, stmt: sa.TextClause, params: dict, item: Encoded):
