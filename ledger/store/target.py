@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -45,18 +45,32 @@ from projections.group import GroupState
 from projections.memory import Snapshot
 from projections.task_meta import READY_STATES, STICKY_STATE, TaskMeta
 
-if TYPE_CHECKING:
-    from ledger.store.base import MaintainableStore
+
+class SqlForms(Protocol):
+    """A database's forms of what the statements here need (its store class has them)."""
+
+    @staticmethod
+    def insert(table: sa.Table) -> Any: ...
+
+    @staticmethod
+    def prepare_bulk_read(conn: Connection, whole_log: bool) -> None: ...
+
+    @staticmethod
+    def after_bulk_read(conn: Connection, whole_log: bool) -> None: ...
+
+    @staticmethod
+    def write_rows(conn: Connection, table: sa.Table, columns: list[str], rows: list[tuple]) -> None: ...
 
 
 class SqlTarget:
     """Applies recorded events to projection tables inside the caller's transaction.
 
     ``store`` is the store class of the database (:mod:`ledger.store.postgres`,
-    :mod:`ledger.store.sqlite`): the upsert and bulk-write forms are its own.
+    :mod:`ledger.store.sqlite`): the upsert and bulk-write forms are its own
+    (:class:`SqlForms`).
     """
 
-    def __init__(self, tables: ProjectionTables, store: type[MaintainableStore]) -> None:
+    def __init__(self, tables: ProjectionTables, store: SqlForms) -> None:
         self.t = tables
         self.store = store
 
@@ -413,7 +427,7 @@ class CatalogueFill:
 
     BATCH = 5000
 
-    def run(self, conn: Connection, store: type[MaintainableStore]) -> int:
+    def run(self, conn: Connection, store: SqlForms) -> int:
         """Fill the table; ``store`` is the database's store class (its bulk read and write)."""
         store.prepare_bulk_read(conn, self.whole_log)
         rows = conn.execute(self.select.execution_options(yield_per=self.BATCH))
@@ -440,7 +454,7 @@ class CatalogueFill:
         return (*values, bool(forgotten), bool(expired), *(fields[k] for k in PAYLOAD_FIELDS))
 
 
-def run_fill(conn: Connection, stmt: sa.Executable | CatalogueFill, store: type[MaintainableStore]) -> None:
+def run_fill(conn: Connection, stmt: sa.Executable | CatalogueFill, store: SqlForms) -> None:
     """Run one of :func:`rebuild_statements` (``store``: the database's store class)."""
     if isinstance(stmt, CatalogueFill):
         stmt.run(conn, store)
