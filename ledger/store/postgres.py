@@ -99,7 +99,9 @@ from ledger.store.base import (
 )
 from ledger.store.schema import LIVE, PRUNE_SETTING, ProjectionTables
 from ledger.store.schema import events as events_table
-from projections.catalogue import PAYLOAD_FIELDS, STARTED, fields_of
+from ledger.store.target import lifecycle_columns
+from projections.catalogue import LIFECYCLE_TIMES, PAYLOAD_FIELDS, STARTED, fields_of
+from projections.lifecycle import RANK, STATE_OF
 from projections.task_meta import READY_STATES, STICKY_STATE, TaskMeta
 
 log = logging.getLogger("ledger.store.postgres")
@@ -319,10 +321,14 @@ class FusedUpdates:
             f" ON CONFLICT (chord_id) DO UPDATE SET"
             f" fired_position = COALESCE({c}.fired_position, excluded.fired_position))"
         )
-        # SENT/RECEIVED change no projection here (Celery's view ignores them), but
-        # taking the fused path keeps them one autocommitted round trip on
-        # PostgreSQL -- SENT is on the publisher's .delay() path.
-        untouched = FusedSql("projection AS (SELECT position FROM ev)")
+        # SENT/RECEIVED change the catalogue only (Celery's view ignores them); the
+        # fused path keeps them one autocommitted round trip on PostgreSQL -- SENT
+        # is on the publisher's .delay() path.
+        catalogue = self._catalogue_sql()
+        lifecycle = {
+            t: FusedSql(f"{catalogue[t]}, projection AS (SELECT position FROM ev)", binds=_lifecycle_binds)
+            for t in (TaskSent.type, TaskReceived.type)
+        }
         # A new life starts empty: the same rule as _chord_applied. A data-modifying
         # CTE runs whether or not the statement reads it.
         applied = FusedSql(
@@ -337,8 +343,7 @@ class FusedUpdates:
             ChordApplied.type: applied,
             ChordPartReturned.type: part_returned,
             ChordFired.type: fired,
-            TaskSent.type: untouched,
-            TaskReceived.type: untouched,
+            **lifecycle,
         } | {
             event_type: FusedSql(
                 f"{catalogue[event_type]}, projection AS ({sql})" if event_type in catalogue
@@ -346,12 +351,11 @@ class FusedUpdates:
                 binds=_catalogue_binds if event_type == TaskState.type else None,
             )
             for event_type, sql in self._fused_updates(tm, g).items()
-            for catalogue in [self._catalogue_sql()]
         }
 
     def _catalogue_sql(self) -> dict[str, str]:
-        """The catalogue's CTEs, by event type: :meth:`_catalogue_state` and the
-        tombstone flags of :meth:`_task_gone`, against ``ev``."""
+        """The catalogue's CTEs, by event type: :meth:`_catalogue_state`,
+        :meth:`_lifecycle` and the tombstone flags of :meth:`_task_gone`, against ``ev``."""
         c = self.t.catalogue.name
         ready = ", ".join(f"'{s}'" for s in sorted(READY_STATES))
         ended = f"({c}.forgotten OR {c}.expired)"
@@ -360,7 +364,7 @@ class FusedUpdates:
         binds = ", ".join(f"CAST(:{k} AS {sql_type.get(k, 'varchar')})" for k in PAYLOAD_FIELDS)
         upsert = (
             f"catalogue AS (INSERT INTO {c} (task_id, state, position, first_seen, started_at,"
-            f" finished_at, {', '.join(PAYLOAD_FIELDS)}, forgotten, expired)"
+            f" finished_at, {', '.join(PAYLOAD_FIELDS)}, forgotten, expired)"  # lifecycle times NULL
             f" SELECT CAST(:key AS varchar), {state}, ev.position, ev.recorded_at,"
             f" CASE WHEN {state} = '{STARTED}' THEN ev.recorded_at END,"
             f" CASE WHEN {state} IN ({ready}) THEN ev.recorded_at END, {binds}, false, false"
@@ -370,9 +374,37 @@ class FusedUpdates:
             + ", ".join(f"{k} = excluded.{k}" for k in PAYLOAD_FIELDS)
             + f", first_seen = CASE WHEN {ended} THEN excluded.first_seen ELSE {c}.first_seen END,"
             " started_at = CASE WHEN excluded.started_at IS NOT NULL THEN excluded.started_at"
-            f" WHEN {ended} THEN NULL ELSE {c}.started_at END"
-            f" WHERE {c}.state <> '{STICKY_STATE}' OR {ended})"
+            f" WHEN {ended} THEN NULL ELSE {c}.started_at END, "
+            + ", ".join(f"{k} = CASE WHEN {ended} THEN NULL ELSE {c}.{k} END" for k in LIFECYCLE_TIMES)
+            + f" WHERE {c}.state <> '{STICKY_STATE}' OR {ended})"
         )
+
+        def lifecycle(event_type: str) -> str:
+            incoming = STATE_OF[event_type]
+            sent = event_type == TaskSent.type
+            below = ", ".join(f"'{s}'" for s, r in RANK.items() if r <= RANK[incoming])
+            takes = f"({ended} OR {c}.state IN ({below}))"
+
+            def pick(cond: str, k: str) -> str:
+                return f"{k} = CASE WHEN {cond} THEN excluded.{k} ELSE {c}.{k} END"
+
+            return (
+                f"catalogue AS (INSERT INTO {c} (task_id, state, position, first_seen, started_at,"
+                f" finished_at, sent_at, ready_at, received_at, {', '.join(PAYLOAD_FIELDS)},"
+                f" forgotten, expired) SELECT CAST(:key AS varchar), {state}, ev.position,"
+                " ev.recorded_at, NULL, NULL, CAST(:sent_at AS timestamptz),"
+                f" CAST(:ready_at AS timestamptz), {'NULL' if sent else 'ev.recorded_at'}, {binds},"
+                " false, false FROM ev ON CONFLICT (task_id) DO UPDATE SET "
+                + ", ".join(pick(takes, k) for k in ("state", "position", *PAYLOAD_FIELDS)) + ", "
+                + ", ".join(pick(ended, k) for k in ("first_seen", "finished_at", "forgotten", "expired"))
+                + ", "
+                # a SENT begins an attempt (sets its times, clears the rest); RECEIVED
+                # sets its own; a new life has none but the event's
+                + ", ".join(f"{k} = excluded.{k}" if sent else pick(ended, k)
+                            for k in ("sent_at", "ready_at", "started_at"))
+                + ", received_at = excluded.received_at"
+                f" WHERE {c}.state <> '{STICKY_STATE}' OR {ended})"
+            )
 
         def flag(column: str) -> str:
             return (
@@ -382,6 +414,8 @@ class FusedUpdates:
 
         return {
             TaskState.type: upsert,
+            TaskSent.type: lifecycle(TaskSent.type),
+            TaskReceived.type: lifecycle(TaskReceived.type),
             TaskForgotten.type: flag("forgotten"),
             ResultExpired.type: flag("expired"),
         }
@@ -420,6 +454,12 @@ class FusedUpdates:
 
 def _catalogue_binds(data: EventData) -> dict:
     return fields_of(data.__dict__)
+
+
+def _lifecycle_binds(data: EventData) -> dict:
+    columns = lifecycle_columns(data)
+    del columns["state"]  # :task_state
+    return columns
 
 
 # -- the log -------------------------------------------------------------------------------
