@@ -37,7 +37,7 @@ from ledger.events import (
     TaskSent,
     TaskState,
 )
-from projections.catalogue import PAYLOAD_FIELDS, STARTED, TaskEntry, fields_of
+from projections.catalogue import PAYLOAD_FIELDS, STARTED, TaskEntry, fields_of, payload_values
 from projections.chord import ChordState
 from projections.group import GroupState
 from projections.memory import Snapshot
@@ -689,7 +689,13 @@ class CatalogueFill:
     event, first event, last STARTED and tombstone flags (:mod:`projections.catalogue`
     as sets, the task-meta rule included); the payload columns then come from
     decoding that one effective payload per task (msgpack has no SQL form), and
-    the rows go in as batched multi-row INSERTs."""
+    the rows go in batched (COPY on PostgreSQL, ``executemany`` on SQLite).
+
+    Rows travel through the driver's own cursors, not SQLAlchemy's result
+    objects: at 1,000,000 tasks the per-row cost is the whole cost here
+    (SQLAlchemy's rows and UTC conversions took 4 of 24 s, measured), and the
+    non-payload values are written back exactly as the driver read them.
+    """
 
     table: sa.Table
     select: sa.Select
@@ -697,12 +703,13 @@ class CatalogueFill:
     #: streams (prune's refresh, where index nested loops are the right plan).
     whole_log: bool = True
 
-    BATCH = 5000
+    BATCH = 10_000
 
     def run(self, conn: Connection) -> int:
-        if conn.dialect.name == "postgresql":
-            # yield_per reads through a server-side cursor, which PostgreSQL plans for
-            # the first 10% of rows (nested loops over the log); we read them all.
+        pg = conn.dialect.name == "postgresql"
+        if pg:
+            # A server-side cursor is planned for the first 10% of rows (nested
+            # loops over the log) unless told that we read them all.
             conn.execute(sa.text("SET LOCAL cursor_tuple_fraction = 1.0"))
             if self.whole_log:
                 # On a log never ANALYZEd (autovacuum off, or just back-filled) the
@@ -710,38 +717,66 @@ class CatalogueFill:
                 # aggregate for every task: verify of 4,000 events ran > 5 min.
                 # Hash and merge joins read each input once, whatever the estimates.
                 conn.execute(sa.text("SET LOCAL enable_nestloop = off"))
-        rows = conn.execute(self.select.execution_options(yield_per=self.BATCH))
-        if conn.dialect.name == "postgresql" and self.whole_log:
-            # The plan is made; what else runs in this transaction plans as usual.
-            conn.execute(sa.text("SET LOCAL enable_nestloop = on"))
-        columns = [*rows.keys()][:-3] + ["forgotten", "expired", *PAYLOAD_FIELDS]
+        compiled = self.select.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+        raw = conn.connection.driver_connection
+        columns = [*compiled.statement.selected_columns.keys()][:-1] + list(PAYLOAD_FIELDS)
+        names = ", ".join(columns)
         filled = 0
-        for chunk in rows.partitions():
-            batch = [self._row(tuple(row)) for row in chunk]
-            if conn.dialect.name == "postgresql":
-                # COPY: ~4x the rate of multi-row INSERTs here (measured, 40,000 rows).
-                names = ", ".join(columns)
-                raw = conn.connection.driver_connection
-                with raw.cursor() as cur, cur.copy(f"COPY {self.table.name} ({names}) FROM STDIN") as copy:
-                    for values in batch:
-                        copy.write_row(values)
-            else:
-                conn.execute(sa.insert(self.table), [dict(zip(columns, v, strict=True)) for v in batch])
-            filled += len(batch)
+        if pg:
+            with raw.cursor(name="ledger_catalogue_fill") as rows:
+                rows.execute(str(compiled), compiled.params)
+                if self.whole_log:
+                    # The plan is made; what else runs in this transaction plans as usual.
+                    conn.execute(sa.text("SET LOCAL enable_nestloop = on"))
+                types = _column_types(raw, self.table.name, columns)
+                copy_in = f"COPY {self.table.name} ({names}) FROM STDIN (FORMAT BINARY)"
+                while chunk := rows.fetchmany(self.BATCH):
+                    # COPY: ~4x the rate of multi-row INSERTs here (measured, 40,000
+                    # rows); its binary format is 2.9x the text one's (1.3 against
+                    # 3.7 µs a row of the catalogue, measured).
+                    with raw.cursor() as cur, cur.copy(copy_in) as copy:
+                        copy.set_types(types)
+                        for row in _with_payload_values(chunk):
+                            copy.write_row(row)
+                    filled += len(chunk)
+            return filled
+        params = [compiled.params[k] for k in compiled.positiontup or ()]
+        insert = f"INSERT INTO {self.table.name} ({names}) VALUES ({', '.join('?' * len(columns))})"
+        rows = raw.cursor()
+        try:
+            rows.execute(str(compiled), params)
+            while chunk := rows.fetchmany(self.BATCH):
+                raw.executemany(insert, _with_payload_values(chunk))
+                filled += len(chunk)
+        finally:
+            rows.close()
         return filled
 
-    @staticmethod
-    def _row(row: tuple) -> tuple:
-        """The selected row's values, its flags as booleans and the payload's fields."""
-        *values, forgotten, expired, payload = row
-        try:
-            decoded = codec.loads(payload)
-        except codec.CodecError as exc:
-            raise CorruptEvent(
-                f"corrupt payload at log position {values[2]} (task:{values[0]}): {exc}"
-            ) from exc
-        fields = fields_of(decoded)
-        return (*values, bool(forgotten), bool(expired), *(fields[k] for k in PAYLOAD_FIELDS))
+
+def _column_types(raw, table: str, columns: list[str]) -> list[str]:
+    """The PostgreSQL type of each of ``table``'s ``columns`` (a binary COPY needs them)."""
+    with raw.cursor() as cur:
+        cur.execute(
+            "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute"
+            " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+            (table,),
+        )
+        types = dict(cur.fetchall())
+    return [types[c] for c in columns]
+
+
+def _with_payload_values(chunk: list[tuple]) -> list[tuple]:
+    """Each selected row with its payload replaced by its payload's columns."""
+    out = []
+    loads = codec.loads
+    try:
+        for *values, payload in chunk:
+            out.append((*values, *payload_values(loads(payload))))
+    except codec.CodecError as exc:
+        raise CorruptEvent(
+            f"corrupt payload at log position {values[2]} (task:{values[0]}): {exc}"
+        ) from exc
+    return out
 
 
 def run_fill(conn: Connection, stmt: sa.Executable | CatalogueFill) -> None:
@@ -821,8 +856,8 @@ def catalogue_select(events: sa.FromClause, streams: Iterable[str] | None = None
             sa.case(
                 (eff.c.task_state.in_(sorted(READY_STATES)), eff.c.recorded_at)
             ).label("finished_at"),
-            sa.func.coalesce(tomb.c.forgotten, 0).label("forgotten"),
-            sa.func.coalesce(tomb.c.expired, 0).label("expired"),
+            (sa.func.coalesce(tomb.c.forgotten, 0) == 1).label("forgotten"),
+            (sa.func.coalesce(tomb.c.expired, 0) == 1).label("expired"),
             eff.c.payload,
         )
         .select_from(

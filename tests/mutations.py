@@ -256,7 +256,7 @@ MUTATIONS = [
     Mutation(
         "migration 0003: the catalogue is created empty (no back-fill)",
         "migrations/versions/0003_catalogue.py",
-        "    CatalogueFill(target, catalogue_select(events)).run(op.get_bind())\n",
+        "    back_fill(op.get_bind())\n",
         "",
         (f"{CATALOGUE}::test_db_upgrade_back_fills_the_catalogue_of_an_existing_ledger",),
     ),

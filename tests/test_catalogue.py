@@ -283,6 +283,14 @@ def test_db_upgrade_back_fills_the_catalogue_of_an_existing_ledger(any_url, caps
     ledger = Ledger.open(any_url)
     for tag in ("a", "b", "c"):
         workload(ledger, tag)
+    # Every payload column, and a redelivery after SUCCESS (its late STARTED moves
+    # neither state nor runtime): the migration's own copy of the rule must hold.
+    full = dict(name="shop.charge", worker="celery@w7", queue="payments", retries=1, parent_id="p",
+                root_id="r", group_id="g", args=Encoded(content_type="application/json", data=b'["order-17"]'),
+                kwargs=Encoded(content_type="application/json", data=b'{"n": 1}'))
+    for status in ("STARTED", "SUCCESS", "STARTED", "FAILURE"):
+        ledger.append([TaskState(task_id="redelivered", status=status, **full)])
+    ledger.append([TaskState(task_id="failed", status="FAILURE", exc_type="KeyError", **full)])
     migrate.downgrade(ledger.engine, "0002_integrity")
     assert "ledger_tasks" not in sa.inspect(ledger.engine).get_table_names()
     assert main(["db", "upgrade", "--db", ledger.engine.url.render_as_string(hide_password=False)]) == 0
@@ -290,7 +298,8 @@ def test_db_upgrade_back_fills_the_catalogue_of_an_existing_ledger(any_url, caps
     memory = MemoryTarget()
     memory.apply(iter_events(ledger))
     live = ledger.snapshot()
-    assert len(live.catalogue) == 60 and any(e.forgotten for e in live.catalogue.values())
+    assert len(live.catalogue) == 62 and any(e.forgotten for e in live.catalogue.values())
+    assert (live.catalogue["redelivered"].state, live.catalogue["failed"].exc_type) == ("SUCCESS", "KeyError")
     assert memory.state.differences(live) == []
     migrate.check(ledger.engine)
 
