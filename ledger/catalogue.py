@@ -7,9 +7,10 @@ first, or lists the slowest; :func:`task_stats` groups it by name, worker or
 queue and computes counts by state, failure and retry rates and duration
 percentiles in one SQL statement per question, never a Python loop over tasks.
 
-Durations are named in :data:`DURATIONS` (start column, end column). Each gets
-its p50/p95/p99/max in :func:`task_stats`; a new one (queue wait once SENT and
-RECEIVED are recorded) is one more entry there.
+Durations are named in :data:`DURATIONS`: ``runtime`` (last STARTED to the
+ready state) and ``queue_wait`` (from when the task could run -- sent, or its ETA
+if later -- to when its attempt began: STARTED, else RECEIVED; never negative).
+Each gets its p50/p95/p99/max in :func:`task_stats`, computed by the database.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ FAILURE = "FAILURE"
 RETRY = "RETRY"
 PERCENTILES = (0.5, 0.95, 0.99)
 GROUP_BY = ("name", "worker", "queue")
-#: Duration name -> (start column, end column) of the catalogue, in seconds.
-DURATIONS: dict[str, tuple[str, str]] = {"runtime": ("started_at", "finished_at")}
+#: The durations :func:`task_stats` gives percentiles of (:func:`_duration` defines them).
+DURATIONS = ("runtime", "queue_wait")
 DEFAULT_LIMIT = 100
 
 
@@ -88,9 +89,10 @@ class CatalogueRow:
         e = self.entry
         out = {"task_id": e.task_id, "name": e.name, "state": e.state}
         out |= {k: v for k, v in asdict(e).items() if k not in ("args", "kwargs", "content_type")}
-        for key in ("first_seen", "started_at", "finished_at"):
+        for key in ("first_seen", "started_at", "finished_at", "sent_at", "ready_at", "received_at"):
             out[key] = out[key].isoformat() if out[key] else None
         out["runtime"] = e.runtime
+        out["queue_wait"] = e.queue_wait
         out["chord_id"] = self.chord_id
         for key in ("args", "kwargs"):
             raw = getattr(e, key)
@@ -106,7 +108,7 @@ def find_tasks(conn: Connection, f: TaskFilter, tables: ProjectionTables = LIVE)
     )
     q = q.where(*_conditions(conn, t, f))
     if f.slowest is not None:
-        runtime = _seconds(conn, t.c.started_at, t.c.finished_at)
+        runtime = _duration(conn, t, "runtime")
         q = q.where(runtime.is_not(None)).order_by(runtime.desc(), t.c.task_id).limit(
             min(f.slowest, f.limit) if f.limit else f.slowest
         )
@@ -177,6 +179,17 @@ def _seconds(conn: Connection, start: sa.ColumnElement, end: sa.ColumnElement) -
     return sa.func.round((whole(end) - whole(start)) * 86400.0) + fraction(end) - fraction(start)
 
 
+def _duration(conn: Connection, t: sa.Table, name: str) -> sa.ColumnElement:
+    """Seconds of one of :data:`DURATIONS` per catalogue row (NULL where not measured):
+    the rules of :attr:`TaskEntry.runtime` and :attr:`TaskEntry.queue_wait`."""
+    if name == "runtime":
+        return _seconds(conn, t.c.started_at, t.c.finished_at)
+    wait = _seconds(conn, t.c.ready_at, sa.func.coalesce(t.c.started_at, t.c.received_at))
+    # Never negative (the publisher's clock and the database's may differ a little);
+    # not greatest(), which would turn NULL (never began) into 0 on PostgreSQL.
+    return sa.case((wait < 0, 0.0), else_=wait)
+
+
 # -- statistics -----------------------------------------------------------------------
 
 
@@ -225,7 +238,7 @@ def task_stats(
         g = groups.setdefault(k, {"states": {}, "retried": 0})
         g["states"][state] = n
         g["retried"] += retried_n or 0
-    durations = {name: _percentiles(conn, t, key, where, *cols) for name, cols in DURATIONS.items()}
+    durations = {name: _percentiles(conn, key, where, _duration(conn, t, name)) for name in DURATIONS}
     out = []
     for k, g in groups.items():
         total = sum(g["states"].values())
@@ -249,12 +262,11 @@ def _label(p: float) -> str:
 
 
 def _percentiles(
-    conn: Connection, t: sa.Table, key: sa.ColumnElement, where: list, start: str, end: str
+    conn: Connection, key: sa.ColumnElement, where: list, seconds: sa.ColumnElement
 ) -> dict[str | None, dict[str, float | None]]:
     """Per group: the duration's percentiles (continuous, as PostgreSQL's
     ``percentile_cont``: linear between the two nearest ranks), max and count."""
-    seconds = _seconds(conn, t.c[start], t.c[end])
-    where = [*where, t.c[start].is_not(None), t.c[end].is_not(None)]
+    where = [*where, seconds.is_not(None)]
     if conn.dialect.name == "postgresql":
         q = sa.select(
             key,

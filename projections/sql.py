@@ -37,9 +37,17 @@ from ledger.events import (
     TaskSent,
     TaskState,
 )
-from projections.catalogue import PAYLOAD_FIELDS, STARTED, TaskEntry, fields_of, payload_values
+from projections.catalogue import (
+    LIFECYCLE_TIMES,
+    PAYLOAD_FIELDS,
+    STARTED,
+    TaskEntry,
+    fields_of,
+    payload_values,
+)
 from projections.chord import ChordState
 from projections.group import GroupState
+from projections.lifecycle import RANK, STATE_OF, ready_at
 from projections.memory import Snapshot
 from projections.task_meta import READY_STATES, STICKY_STATE, TaskMeta
 
@@ -139,7 +147,8 @@ def _catalogue_table(md: sa.MetaData, name: str) -> sa.Table:
     and expiry (task meta's row must go, Celery then reports PENDING), and the
     indexes below would otherwise weigh on ``get_task_meta``'s table. Indexes
     serve the catalogue's filters, newest first: ``(x, first_seen)`` for the
-    filters asked with a time range or a limit, ``root_id`` for a workflow.
+    filters asked with a time range or a limit, ``root_id`` for a workflow,
+    ``group_id`` for a group's members (the timeline, a chord's header).
     Queue, exception type and args are filtered on rows these narrow down.
     """
     return sa.Table(
@@ -151,13 +160,16 @@ def _catalogue_table(md: sa.MetaData, name: str) -> sa.Table:
         sa.Column("first_seen", UTCDateTime(), nullable=False, index=True),
         sa.Column("started_at", UTCDateTime(), nullable=True),
         sa.Column("finished_at", UTCDateTime(), nullable=True),
+        sa.Column("sent_at", UTCDateTime(), nullable=True),
+        sa.Column("ready_at", UTCDateTime(), nullable=True),
+        sa.Column("received_at", UTCDateTime(), nullable=True),
         sa.Column("name", sa.String(), nullable=True),
         sa.Column("worker", sa.String(), nullable=True),
         sa.Column("queue", sa.String(), nullable=True),
         sa.Column("retries", sa.Integer(), nullable=True),
         sa.Column("parent_id", sa.String(255), nullable=True),
         sa.Column("root_id", sa.String(255), nullable=True, index=True),
-        sa.Column("group_id", sa.String(255), nullable=True),
+        sa.Column("group_id", sa.String(255), nullable=True, index=True),
         sa.Column("exc_type", sa.String(), nullable=True),
         sa.Column("content_type", sa.String(100), nullable=True),
         sa.Column("args", sa.LargeBinary(), nullable=True),
@@ -260,10 +272,47 @@ class SqlTarget:
                     (ended, sa.null()),
                     else_=c.c.started_at,
                 ),
+                **{k: sa.case((ended, sa.null()), else_=c.c[k]) for k in LIFECYCLE_TIMES},
             },
             where=sa.or_(c.c.state != STICKY_STATE, ended),
         )
         conn.execute(stmt)
+
+    def _lifecycle(self, conn: Connection, e: RecordedEvent) -> bool:
+        # projections.catalogue.fold for SENT/RECEIVED as an upsert; the fused form
+        # is _catalogue_sql. Task meta ignores them (Celery sees PENDING).
+        c = self.t.catalogue
+        stmt = _insert(conn, c).values(
+            task_id=e.stream_key, position=e.position, first_seen=e.recorded_at,
+            started_at=None, finished_at=None, forgotten=False, expired=False,
+            received_at=e.recorded_at if e.type == TaskReceived.type else None,
+            **lifecycle_columns(e.data),
+        )
+        x = stmt.excluded
+        ended = sa.or_(c.c.forgotten, c.c.expired)
+        incoming = STATE_OF[e.type]
+        # becomes the effective event over no state or a lifecycle state ranked no higher
+        takes = sa.or_(ended, c.c.state.in_([s for s, r in RANK.items() if r <= RANK[incoming]]))
+        sent = e.type == TaskSent.type
+
+        def pick(cond: sa.ColumnElement, k: str) -> sa.ColumnElement:
+            return sa.case((cond, x[k]), else_=c.c[k])
+
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[c.c.task_id],
+            set_={
+                **{k: pick(takes, k) for k in ("state", "position", *PAYLOAD_FIELDS)},
+                **{k: pick(ended, k) for k in ("first_seen", "finished_at", "forgotten", "expired")},
+                # a SENT begins an attempt (sets its times, clears the rest); RECEIVED
+                # sets its own; a new life has none but the event's
+                **{k: x[k] if sent else pick(ended, k) for k in ("sent_at", "ready_at", "started_at")},
+                "received_at": x.received_at,
+            },
+            where=sa.or_(c.c.state != STICKY_STATE, ended),
+        )
+        conn.execute(stmt)
+        return False
+
 
     def _task_gone(self, conn: Connection, e: RecordedEvent) -> bool:
         t, c = self.t.task_meta, self.t.catalogue
@@ -381,6 +430,8 @@ class SqlTarget:
 
     _handlers = {
         TaskState.type: _task_state,
+        TaskSent.type: _lifecycle,
+        TaskReceived.type: _lifecycle,
         TaskForgotten.type: _task_gone,
         ResultExpired.type: _task_gone,
         GroupSaved.type: _group_saved,
@@ -441,10 +492,14 @@ class SqlTarget:
             f" ON CONFLICT (chord_id) DO UPDATE SET"
             f" fired_position = COALESCE({c}.fired_position, excluded.fired_position))"
         )
-        # SENT/RECEIVED change no projection here (Celery's view ignores them), but
-        # taking the fused path keeps them one autocommitted round trip on
-        # PostgreSQL -- SENT is on the publisher's .delay() path.
-        untouched = FusedSql("projection AS (SELECT position FROM ev)")
+        # SENT/RECEIVED change the catalogue only (Celery's view ignores them); the
+        # fused path keeps them one autocommitted round trip on PostgreSQL -- SENT
+        # is on the publisher's .delay() path.
+        catalogue = self._catalogue_sql()
+        lifecycle = {
+            t: FusedSql(f"{catalogue[t]}, projection AS (SELECT position FROM ev)", binds=_lifecycle_binds)
+            for t in (TaskSent.type, TaskReceived.type)
+        }
         # A new life starts empty: the same rule as _chord_applied. A data-modifying
         # CTE runs whether or not the statement reads it.
         applied = FusedSql(
@@ -459,8 +514,7 @@ class SqlTarget:
             ChordApplied.type: applied,
             ChordPartReturned.type: part_returned,
             ChordFired.type: fired,
-            TaskSent.type: untouched,
-            TaskReceived.type: untouched,
+            **lifecycle,
         } | {
             event_type: FusedSql(
                 f"{catalogue[event_type]}, projection AS ({sql})" if event_type in catalogue
@@ -468,12 +522,11 @@ class SqlTarget:
                 binds=_catalogue_binds if event_type == TaskState.type else None,
             )
             for event_type, sql in self._fused_updates(tm, g).items()
-            for catalogue in [self._catalogue_sql()]
         }
 
     def _catalogue_sql(self) -> dict[str, str]:
-        """The catalogue's CTEs, by event type: :meth:`_catalogue_state` and the
-        tombstone flags of :meth:`_task_gone`, against ``ev``."""
+        """The catalogue's CTEs, by event type: :meth:`_catalogue_state`,
+        :meth:`_lifecycle` and the tombstone flags of :meth:`_task_gone`, against ``ev``."""
         c = self.t.catalogue.name
         ready = ", ".join(f"'{s}'" for s in sorted(READY_STATES))
         ended = f"({c}.forgotten OR {c}.expired)"
@@ -482,7 +535,7 @@ class SqlTarget:
         binds = ", ".join(f"CAST(:{k} AS {sql_type.get(k, 'varchar')})" for k in PAYLOAD_FIELDS)
         upsert = (
             f"catalogue AS (INSERT INTO {c} (task_id, state, position, first_seen, started_at,"
-            f" finished_at, {', '.join(PAYLOAD_FIELDS)}, forgotten, expired)"
+            f" finished_at, {', '.join(PAYLOAD_FIELDS)}, forgotten, expired)"  # lifecycle times NULL
             f" SELECT CAST(:key AS varchar), {state}, ev.position, ev.recorded_at,"
             f" CASE WHEN {state} = '{STARTED}' THEN ev.recorded_at END,"
             f" CASE WHEN {state} IN ({ready}) THEN ev.recorded_at END, {binds}, false, false"
@@ -492,9 +545,37 @@ class SqlTarget:
             + ", ".join(f"{k} = excluded.{k}" for k in PAYLOAD_FIELDS)
             + f", first_seen = CASE WHEN {ended} THEN excluded.first_seen ELSE {c}.first_seen END,"
             " started_at = CASE WHEN excluded.started_at IS NOT NULL THEN excluded.started_at"
-            f" WHEN {ended} THEN NULL ELSE {c}.started_at END"
-            f" WHERE {c}.state <> '{STICKY_STATE}' OR {ended})"
+            f" WHEN {ended} THEN NULL ELSE {c}.started_at END, "
+            + ", ".join(f"{k} = CASE WHEN {ended} THEN NULL ELSE {c}.{k} END" for k in LIFECYCLE_TIMES)
+            + f" WHERE {c}.state <> '{STICKY_STATE}' OR {ended})"
         )
+
+        def lifecycle(event_type: str) -> str:
+            incoming = STATE_OF[event_type]
+            sent = event_type == TaskSent.type
+            below = ", ".join(f"'{s}'" for s, r in RANK.items() if r <= RANK[incoming])
+            takes = f"({ended} OR {c}.state IN ({below}))"
+
+            def pick(cond: str, k: str) -> str:
+                return f"{k} = CASE WHEN {cond} THEN excluded.{k} ELSE {c}.{k} END"
+
+            return (
+                f"catalogue AS (INSERT INTO {c} (task_id, state, position, first_seen, started_at,"
+                f" finished_at, sent_at, ready_at, received_at, {', '.join(PAYLOAD_FIELDS)},"
+                f" forgotten, expired) SELECT CAST(:key AS varchar), {state}, ev.position,"
+                " ev.recorded_at, NULL, NULL, CAST(:sent_at AS timestamptz),"
+                f" CAST(:ready_at AS timestamptz), {'NULL' if sent else 'ev.recorded_at'}, {binds},"
+                " false, false FROM ev ON CONFLICT (task_id) DO UPDATE SET "
+                + ", ".join(pick(takes, k) for k in ("state", "position", *PAYLOAD_FIELDS)) + ", "
+                + ", ".join(pick(ended, k) for k in ("first_seen", "finished_at", "forgotten", "expired"))
+                + ", "
+                # a SENT begins an attempt (sets its times, clears the rest); RECEIVED
+                # sets its own; a new life has none but the event's
+                + ", ".join(f"{k} = excluded.{k}" if sent else pick(ended, k)
+                            for k in ("sent_at", "ready_at", "started_at"))
+                + ", received_at = excluded.received_at"
+                f" WHERE {c}.state <> '{STICKY_STATE}' OR {ended})"
+            )
 
         def flag(column: str) -> str:
             return (
@@ -504,6 +585,8 @@ class SqlTarget:
 
         return {
             TaskState.type: upsert,
+            TaskSent.type: lifecycle(TaskSent.type),
+            TaskReceived.type: lifecycle(TaskReceived.type),
             TaskForgotten.type: flag("forgotten"),
             ResultExpired.type: flag("expired"),
         }
@@ -719,7 +802,7 @@ class CatalogueFill:
                 conn.execute(sa.text("SET LOCAL enable_nestloop = off"))
         compiled = self.select.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
         raw = conn.connection.driver_connection
-        columns = [*compiled.statement.selected_columns.keys()][:-1] + list(PAYLOAD_FIELDS)
+        columns = [*compiled.statement.selected_columns.keys()][:-3] + list(CATALOGUE_DECODED)
         names = ", ".join(columns)
         filled = 0
         if pg:
@@ -746,11 +829,15 @@ class CatalogueFill:
         try:
             rows.execute(str(compiled), params)
             while chunk := rows.fetchmany(self.BATCH):
-                raw.executemany(insert, _with_payload_values(chunk))
+                raw.executemany(insert, _with_payload_values(chunk, sqlite=True))
                 filled += len(chunk)
         finally:
             rows.close()
         return filled
+
+
+#: The catalogue columns :class:`CatalogueFill` decodes from payloads, in its order.
+CATALOGUE_DECODED = ("sent_at", "ready_at", *PAYLOAD_FIELDS)
 
 
 def _column_types(raw, table: str, columns: list[str]) -> list[str]:
@@ -765,18 +852,35 @@ def _column_types(raw, table: str, columns: list[str]) -> list[str]:
     return [types[c] for c in columns]
 
 
-def _with_payload_values(chunk: list[tuple]) -> list[tuple]:
-    """Each selected row with its payload replaced by its payload's columns."""
+def _with_payload_values(chunk: list[tuple], sqlite: bool = False) -> list[tuple]:
+    """Each selected row with its last three (the effective event's type and payload,
+    the attempt's SENT payload) replaced by the SENT's times and the payload's columns."""
     out = []
-    loads = codec.loads
+    for *values, effective_type, payload, sent_payload in chunk:
+        fields = payload_values(_decoded(payload, values), effective_type)
+        if sent_payload is None:
+            times: tuple = (None, None)
+        else:
+            sent = _decoded(sent_payload, values)
+            times = (sent["sent_at"], ready_at(sent["sent_at"], sent.get("eta")))
+            if sqlite:
+                times = tuple(_sqlite_time(t) for t in times)
+        out.append((*values, *times, *fields))
+    return out
+
+
+def _sqlite_time(value: datetime) -> str:
+    # As UTCDateTime stores it on SQLite: naive UTC text, always with microseconds.
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _decoded(payload: bytes, values: list) -> dict:
     try:
-        for *values, payload in chunk:
-            out.append((*values, *payload_values(loads(payload))))
+        return codec.loads(payload)
     except codec.CodecError as exc:
         raise CorruptEvent(
-            f"corrupt payload at log position {values[2]} (task:{values[0]}): {exc}"
+            f"corrupt payload in the events of task:{values[0]} (its row's event: log position {values[2]}): {exc}"
         ) from exc
-    return out
 
 
 def run_fill(conn: Connection, stmt: sa.Executable | CatalogueFill) -> None:
@@ -788,20 +892,25 @@ def run_fill(conn: Connection, stmt: sa.Executable | CatalogueFill) -> None:
 
 
 def catalogue_select(events: sa.FromClause, streams: Iterable[str] | None = None) -> sa.Select:
-    """Each task's catalogue row but its payload columns, and the effective payload.
+    """Each task's catalogue row but its payload columns and SENT times, then the
+    effective event's type and payload and the attempt's SENT payload (decoded by
+    :class:`CatalogueFill`).
 
     ``streams`` limits it to those ``task:<id>`` streams (prune refreshes the
     rows of the streams it cut).
     """
     e = events
-    task_state = sa.and_(e.c.type == TaskState.type, e.c.stream_id.like("task:%"))
+    catalogue_event = sa.and_(
+        e.c.type.in_([TaskState.type, TaskSent.type, TaskReceived.type]), e.c.stream_id.like("task:%")
+    )
     if streams is not None:
-        task_state = sa.and_(task_state, e.c.stream_id.in_(list(streams)))
-    # The life a row shows ends at the stream's last task.state: a tombstone
-    # before it started that life, tombstones after it set the flags.
+        catalogue_event = sa.and_(catalogue_event, e.c.stream_id.in_(list(streams)))
+    # The life a row shows ends at the stream's last state (Celery's, SENT or
+    # RECEIVED): a tombstone before it started that life, tombstones after it set
+    # the flags.
     last = (
         sa.select(e.c.stream_id, sa.func.max(e.c.position).label("last"))
-        .where(task_state).group_by(e.c.stream_id).subquery("last_state")
+        .where(catalogue_event).group_by(e.c.stream_id).subquery("last_state")
     )
     after_last = e.c.position > last.c.last
 
@@ -822,30 +931,53 @@ def catalogue_select(events: sa.FromClause, streams: Iterable[str] | None = None
     )
     life = (
         sa.select(
-            e.c.stream_id, e.c.position, e.c.task_state,
+            e.c.stream_id, e.c.position, e.c.type, e.c.task_state,
             # SUCCESS is sticky: the events after the life's first SUCCESS change nothing
             sa.func.min(sa.case((e.c.task_state == STICKY_STATE, e.c.position)))
             .over(partition_by=e.c.stream_id).label("first_success"),
         )
         .select_from(e.outerjoin(tomb, tomb.c.stream_id == e.c.stream_id))
-        .where(task_state, e.c.position > sa.func.coalesce(tomb.c.life_start, 0))
+        .where(catalogue_event, e.c.position > sa.func.coalesce(tomb.c.life_start, 0))
         .subquery("life")
     )
-    in_effect = sa.or_(life.c.first_success.is_(None), life.c.position <= life.c.first_success)
+    # The events in effect, each with the life's last SENT in effect: it began the
+    # attempt whose RECEIVED and STARTED the row shows.
+    kept = (
+        sa.select(
+            life.c.stream_id, life.c.position, life.c.type, life.c.task_state, life.c.first_success,
+            sa.func.max(sa.case((life.c.type == TaskSent.type, life.c.position)))
+            .over(partition_by=life.c.stream_id).label("sent"),
+        )
+        .where(sa.or_(life.c.first_success.is_(None), life.c.position <= life.c.first_success))
+        .subquery("kept")
+    )
+    k = kept
+    this_attempt = sa.or_(k.c.sent.is_(None), k.c.position > k.c.sent)
+
+    def latest(*conditions: sa.ColumnElement) -> sa.ColumnElement:
+        return sa.func.max(sa.case((sa.and_(*conditions), k.c.position)))
+
     summary = (
         sa.select(
-            life.c.stream_id,
-            sa.func.coalesce(sa.func.min(life.c.first_success), sa.func.max(life.c.position))
-            .label("effective"),
-            sa.func.min(life.c.position).label("first"),
-            sa.func.max(
-                sa.case((sa.and_(life.c.task_state == STARTED, in_effect), life.c.position))
-            ).label("started"),
+            k.c.stream_id,
+            # Celery's state if the life has one (its first SUCCESS, else its last),
+            # else the latest of the highest lifecycle state
+            sa.func.coalesce(
+                sa.func.min(k.c.first_success),
+                latest(k.c.type == TaskState.type),
+                latest(k.c.type == TaskReceived.type),
+                sa.func.max(k.c.sent),
+            ).label("effective"),
+            sa.func.min(k.c.position).label("first"),
+            latest(k.c.task_state == STARTED, this_attempt).label("started"),
+            sa.func.max(k.c.sent).label("sent"),
+            latest(k.c.type == TaskReceived.type, this_attempt).label("received"),
         )
-        .group_by(life.c.stream_id)
+        .group_by(k.c.stream_id)
         .subquery("summary")
     )
     eff, first, started = e.alias("effective"), e.alias("first"), e.alias("started")
+    sent, received = e.alias("sent"), e.alias("received")
     return (
         sa.select(
             sa.func.substr(summary.c.stream_id, 6).label("task_id"),
@@ -856,14 +988,19 @@ def catalogue_select(events: sa.FromClause, streams: Iterable[str] | None = None
             sa.case(
                 (eff.c.task_state.in_(sorted(READY_STATES)), eff.c.recorded_at)
             ).label("finished_at"),
+            received.c.recorded_at.label("received_at"),
             (sa.func.coalesce(tomb.c.forgotten, 0) == 1).label("forgotten"),
             (sa.func.coalesce(tomb.c.expired, 0) == 1).label("expired"),
+            eff.c.type.label("effective_type"),
             eff.c.payload,
+            sent.c.payload.label("sent_payload"),
         )
         .select_from(
             summary.join(eff, eff.c.position == summary.c.effective)
             .join(first, first.c.position == summary.c.first)
             .outerjoin(started, started.c.position == summary.c.started)
+            .outerjoin(sent, sent.c.position == summary.c.sent)
+            .outerjoin(received, received.c.position == summary.c.received)
             .outerjoin(tomb, tomb.c.stream_id == summary.c.stream_id)
         )
     )
@@ -871,6 +1008,24 @@ def catalogue_select(events: sa.FromClause, streams: Iterable[str] | None = None
 
 def _catalogue_binds(data: EventData) -> dict:
     return fields_of(data.__dict__)
+
+
+def _lifecycle_binds(data: EventData) -> dict:
+    columns = lifecycle_columns(data)
+    del columns["state"]  # :task_state
+    return columns
+
+
+def lifecycle_columns(data: EventData) -> dict:
+    """The catalogue columns a SENT or RECEIVED gives from its payload (the fold's
+    effective-event fields, and a SENT's times)."""
+    sent = isinstance(data, TaskSent)
+    return {
+        "state": STATE_OF[data.type],
+        "sent_at": data.sent_at if sent else None,  # type: ignore[union-attr]
+        "ready_at": ready_at(data.sent_at, data.eta) if sent else None,  # type: ignore[union-attr]
+        **fields_of(data.__dict__, data.type),
+    }
 
 
 def _life(events: sa.Table, prefix: str, tombstones: Iterable[str]):

@@ -7,6 +7,7 @@ The pure rules first (property tests over every commit order), then a real
 from __future__ import annotations
 
 import io
+import json
 import uuid
 from datetime import timedelta
 
@@ -27,7 +28,7 @@ from ledger.log import Encoded
 from ledger.relay import Relay
 from ledger.stream import decode_event, decode_state
 from ledger.timeline import QUEUE_CHAR, fold_run
-from projections import task_meta
+from projections import catalogue, task_meta
 from projections.lifecycle import next_state
 from tests.kafka import create_topic, kafka, read_all, topic  # noqa: F401
 from tests.test_celery_worker import WAIT, db_url, running_worker, task, worker  # noqa: F401  (fixtures)
@@ -98,6 +99,28 @@ def test_a_lifecycle_state_never_overrides_a_celery_state(histories):
         assert run.state == "PENDING"
 
 
+@PROPERTY
+@given(interleaved())
+def test_the_catalogue_lists_celerys_state_else_the_highest_lifecycle_state(histories):
+    """The catalogue's row (``tasks --state``): Celery's state (SUCCESS sticky) once one
+    was stored, else RECEIVED if any, else SENT -- whatever the commit order; the
+    fields of a task only sent or received come from its SENT/RECEIVED."""
+    states, merged = histories
+    entry = None
+    for event in recorded(merged):
+        entry = catalogue.fold(entry, event)
+    lifecycle = {type(d) for d in merged} - {TaskState}
+    if states:
+        statuses = [s.status for s in states]
+        assert entry.state == ("SUCCESS" if "SUCCESS" in statuses else statuses[-1])
+    elif TaskReceived in lifecycle:
+        assert (entry.state, entry.worker) == ("RECEIVED", "celery@w1")
+    elif TaskSent in lifecycle:
+        assert (entry.state, entry.name, entry.worker) == ("SENT", "proj.t", None)
+    else:
+        assert entry is None
+
+
 def test_received_replaces_sent_and_nothing_else():
     assert next_state(None, "SENT") == "SENT"
     assert next_state("SENT", "RECEIVED") == "RECEIVED"
@@ -150,9 +173,13 @@ def test_countdown_task_history_reads_sent_received_started_success(worker, db_u
 
 
 @pytest.mark.worker
-def test_task_sent_to_a_queue_nobody_consumes_is_sent_and_pending(worker):  # noqa: F811
+def test_task_sent_to_a_queue_nobody_consumes_is_sent_and_pending(worker, db_url, capsys):  # noqa: F811
+    """Listed by ``tasks --state SENT --until <a while ago>`` (sent, never received),
+    while Celery sees PENDING; a task that ran beside it is not listed."""
     queue = f"{worker.conf.task_default_queue}-nobody"
     r = task(worker, "add").apply_async((1, 1), queue=queue)
+    ran = task(worker, "add").delay(2, 2)
+    assert ran.get(timeout=WAIT) == 4
     ledger = worker.backend.ledger
     (sent,) = ledger.history(r.id)
     assert sent.type == "task.sent" and sent.data.queue == queue
@@ -160,6 +187,21 @@ def test_task_sent_to_a_queue_nobody_consumes_is_sent_and_pending(worker):  # no
     with pytest.raises(TimeoutError):
         r.get(timeout=0.5)
     assert fold_run(r.id, ledger.history(r.id)).state == "SENT"
+    # "sent before <until> and never received": the lost task, not the one that ran
+    until = now()
+    (lost,) = [row for row in ledger.tasks(state="SENT", until=until) if row.task_id in (r.id, ran.id)]
+    assert lost.task_id == r.id
+    assert (lost.entry.name, lost.entry.queue, lost.entry.sent_at) == ("workerapp.add", queue, sent.data.sent_at)
+    assert lost.entry.received_at is None and lost.entry.queue_wait is None
+    assert ledger.tasks(state="SENT", until=sent.recorded_at) == []  # not sent before that
+    assert main(["tasks", "--state", "SENT", "--until", until.isoformat(), "--format", "json",
+                 "--db", db_url]) == 0
+    listed = {row["task_id"]: row for row in json.loads(capsys.readouterr().out)}
+    assert r.id in listed and ran.id not in listed
+    assert listed[r.id]["state"] == "SENT" and listed[r.id]["queue"] == queue
+    assert main(["tasks", "--state", "SENT", "--until", "-10m", "--db", db_url]) == 0
+    assert r.id not in capsys.readouterr().out  # sent less than ten minutes ago
+    assert worker.backend.get_task_meta(r.id)["status"] == states.PENDING
 
 
 @pytest.mark.worker
