@@ -367,6 +367,10 @@ def test_db_upgrade_to_0004_fills_lifecycle_rows_and_times(any_url):
     ledger = Ledger.open(any_url)
     workload(ledger, "a")
     lifecycle_workload(ledger)
+    stored = "SELECT * FROM ledger_tasks ORDER BY task_id"
+    with ledger.engine.connect() as conn:
+        # as the live path stored them (SQLite: the very text of each time)
+        live_rows = conn.execute(sa.text(stored)).all()
     migrate.downgrade(ledger.engine, "0003_catalogue")
     columns = {c["name"] for c in sa.inspect(ledger.engine).get_columns("ledger_tasks")}
     assert "ready_at" not in columns
@@ -380,7 +384,26 @@ def test_db_upgrade_to_0004_fills_lifecycle_rows_and_times(any_url):
     assert {t: live.catalogue[t].state for t in ("lost", "held", "eta", "retried", "late")} == {
         "lost": "SENT", "held": "RECEIVED", "eta": "SUCCESS", "retried": "RETRY", "late": "STARTED"}
     assert live.catalogue["eta"].queue_wait is not None
+    with ledger.engine.connect() as conn:
+        assert conn.execute(sa.text(stored)).all() == live_rows
     migrate.check(ledger.engine)
+
+
+def test_rebuild_stores_the_catalogue_rows_exactly_as_the_live_path_did(any_url):
+    """The rebuild writes the rows through the driver (binary COPY, executemany): every
+    value as stored, SQLite's time text included, equals what the appends stored."""
+    from ledger.rebuild import rebuild
+    from tests.test_rebuild import workload
+
+    ledger = Ledger.open(any_url)
+    workload(ledger, "a")
+    lifecycle_workload(ledger)
+    stored = sa.text("SELECT * FROM ledger_tasks ORDER BY task_id")
+    with ledger.engine.connect() as conn:
+        live_rows = conn.execute(stored).all()
+    assert rebuild(ledger).rows["ledger_tasks"] == len(live_rows)
+    with ledger.engine.connect() as conn:
+        assert conn.execute(stored).all() == live_rows
 
 
 def test_timeline_finds_a_workflow_through_the_catalogues_root_ids(ledger):

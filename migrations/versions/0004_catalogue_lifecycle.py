@@ -53,7 +53,7 @@ PAYLOAD_FIELDS = (
     "name", "worker", "queue", "retries", "parent_id", "root_id", "group_id",
     "exc_type", "content_type", "args", "kwargs",
 )
-BATCH = 5000
+BATCH = 10_000
 
 
 def upgrade() -> None:
@@ -80,33 +80,21 @@ def downgrade() -> None:
             batch.drop_column(name)
 
 
-class _UTC(sa.TypeDecorator):
-    """Aware UTC datetimes read back on SQLite too (it keeps naive text)."""
-
-    impl = UTC_DATETIME
-    cache_ok = True
-
-    def process_bind_param(self, value, dialect):
-        if value is not None and dialect.name == "sqlite":
-            return value.astimezone(timezone.utc).replace(tzinfo=None)
-        return value
-
-    def process_result_value(self, value, dialect):
-        if value is None:
-            return None
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
-
-
-def _select() -> sa.Select:
+def _select(dialect: str) -> sa.Select:
     e = sa.table(
         "ledger_events",
         sa.column("position", sa.BigInteger()),
         sa.column("stream_id", sa.String()),
         sa.column("type", sa.String()),
         sa.column("task_state", sa.String()),
-        sa.column("recorded_at", _UTC()),
+        sa.column("recorded_at", UTC_DATETIME),
         sa.column("payload", sa.LargeBinary()),
     )
+    if dialect == "postgresql":
+        # Ids compared bytewise: sorting them under a libc locale is 1.6x slower.
+        e = sa.select(
+            *(sa.collate(c, "C").label(c.name) if c.name == "stream_id" else c for c in e.c)
+        ).subquery("ledger_events")
     catalogue_event = sa.and_(
         e.c.type.in_([TASK_STATE, SENT_TYPE, RECEIVED_TYPE]), e.c.stream_id.like("task:%")
     )
@@ -240,25 +228,58 @@ def _row(row: tuple) -> tuple:
     return (*values, bool(forgotten), bool(expired), *times, *(fields[k] for k in PAYLOAD_FIELDS))
 
 
+#: PostgreSQL's name of the filled columns' types that are not varchar (binary COPY).
+PG_TYPES = {
+    "position": "bigint", "retries": "integer", "args": "bytea", "kwargs": "bytea",
+    "forgotten": "boolean", "expired": "boolean",
+    **dict.fromkeys(("first_seen", "started_at", "finished_at", "received_at", "sent_at", "ready_at"),
+                    "timestamptz"),
+}
+
+
 def _fill(conn: sa.Connection) -> None:
-    if conn.dialect.name == "postgresql":
+    # Rows go through the driver's own cursors, not SQLAlchemy's result rows: at
+    # 1,000,000 tasks the per-row cost is the fill's cost (SQLAlchemy's rows and
+    # UTC conversions 4 of 24 s, text COPY 3.7 µs a row against binary's 1.3,
+    # measured), and the selected times are written back as the driver read them.
+    pg = conn.dialect.name == "postgresql"
+    if pg:
         # Read the whole result (a server-side cursor plans for its first 10%), with
         # hash/merge joins: on a log never ANALYZEd the planner's nested loops re-run
         # the tombstone aggregate per task.
         conn.execute(sa.text("SET LOCAL cursor_tuple_fraction = 1.0"))
         conn.execute(sa.text("SET LOCAL enable_nestloop = off"))
-    rows = conn.execute(_select().execution_options(yield_per=BATCH))
-    if conn.dialect.name == "postgresql":
-        conn.execute(sa.text("SET LOCAL enable_nestloop = on"))
-    columns = [*rows.keys()][:-5] + ["forgotten", "expired", "sent_at", "ready_at", *PAYLOAD_FIELDS]
-    target = sa.table(TABLE, *(sa.column(c, _UTC() if c.endswith(("_at", "_seen")) else None)
-                               for c in columns))
-    for chunk in rows.partitions():
-        batch = [_row(tuple(row)) for row in chunk]
-        if conn.dialect.name == "postgresql":
-            raw = conn.connection.driver_connection
-            with raw.cursor() as cur, cur.copy(f"COPY {TABLE} ({', '.join(columns)}) FROM STDIN") as copy:
-                for values in batch:
-                    copy.write_row(values)
-        else:
-            conn.execute(sa.insert(target), [dict(zip(columns, v, strict=True)) for v in batch])
+    select = _select(conn.dialect.name)
+    compiled = select.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    columns = [*select.selected_columns.keys()][:-5] + ["forgotten", "expired", "sent_at", "ready_at",
+                                                         *PAYLOAD_FIELDS]
+    names = ", ".join(columns)
+    raw = conn.connection.driver_connection
+    if pg:
+        types = [PG_TYPES.get(c, "varchar") for c in columns]
+        with raw.cursor(name="ledger_catalogue_0004") as source:
+            source.execute(str(compiled), compiled.params)
+            conn.execute(sa.text("SET LOCAL enable_nestloop = on"))
+            while chunk := source.fetchmany(BATCH):
+                with raw.cursor() as cur, cur.copy(f"COPY {TABLE} ({names}) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(types)
+                    for row in chunk:
+                        copy.write_row(_row(row))
+        return
+    insert = f"INSERT INTO {TABLE} ({names}) VALUES ({', '.join('?' * len(columns))})"
+    sent_at = columns.index("sent_at")
+    source = raw.cursor()
+    try:
+        source.execute(str(compiled), [compiled.params[k] for k in compiled.positiontup or ()])
+        while chunk := source.fetchmany(BATCH):
+            batch = []
+            for row in chunk:
+                values = _row(row)
+                # SQLite keeps UTC times as naive text, always with microseconds
+                # (as the selected ones are already).
+                times = tuple(None if t is None else t.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+                              for t in values[sent_at:sent_at + 2])
+                batch.append((*values[:sent_at], *times, *values[sent_at + 2:]))
+            raw.executemany(insert, batch)
+    finally:
+        source.close()
