@@ -49,6 +49,21 @@ def test_tiny_bench_run_prints_table_and_writes_json(tmp_path):
     assert record["machine"]["cpus"] >= 1
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_delay_bench_prints_tracking_off_and_on_for_both_databases():
+    """``python -m bench.delay``: .delay() with ledger_track_sent off and on (its
+    broker is the bench's Redis database, LEDGER_BENCH_REDIS)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.delay", "--rounds", "1", "--seconds", "0.2", "--processes", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if "delays/s" in line]
+    assert [(r.split("|")[1].strip(), r.split("|")[3].strip()) for r in rows] == [
+        ("postgresql", "off"), ("postgresql", "on"), ("sqlite", "off"), ("sqlite", "on")]
+
+
 def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 50) == 50.0

@@ -32,6 +32,7 @@ from ledger.timeline import QUEUE_CHAR, fold_run
 from projections import catalogue, task_meta
 from projections.lifecycle import next_state
 from tests.kafka import create_topic, kafka, read_all, topic  # noqa: F401
+from tests.test_catalogue import _percentile
 from tests.test_celery_worker import WAIT, db_url, running_worker, task, worker  # noqa: F401  (fixtures)
 from tests.test_projection_equivalence import PROPERTY
 
@@ -206,10 +207,11 @@ def test_task_sent_to_a_queue_nobody_consumes_is_sent_and_pending(worker, db_url
 
 
 @pytest.mark.worker
-def test_queue_wait_is_the_time_between_the_histories_events(worker):  # noqa: F811
+def test_queue_wait_is_the_time_between_the_histories_events(worker, db_url, capsys):  # noqa: F811
     """Three slow tasks on a worker of three processes, then three more: the second
     three wait in the queue; the timeline's wait is what the histories say."""
     sleep = task(worker, "sleep")
+    before = now()
     results = [sleep.delay(0.5) for _ in range(6)]
     assert [r.get(timeout=WAIT) for r in results] == [0.5] * 6
     ledger = worker.backend.ledger
@@ -221,8 +223,20 @@ def test_queue_wait_is_the_time_between_the_histories_events(worker):  # noqa: F
                        and e.data.status == states.STARTED)
         run = fold_run(r.id, events)
         assert run.queue_wait == max(0.0, (started - sent.sent_at).total_seconds())
+        assert ledger.tasks(root=r.id)[0].entry.queue_wait == run.queue_wait  # the catalogue's
         waits.append(run.queue_wait)
     assert max(waits) >= 0.4  # at least one waited for a busy process
+    # stats: the percentiles of exactly these waits, computed by the database
+    (group,) = [g for g in ledger.stats(by="name", since=before) if g.key == "workerapp.sleep"]
+    figures = group.durations["queue_wait"]
+    assert figures["count"] == 6 and figures["max"] == pytest.approx(max(waits), abs=2e-6)
+    for p in (0.5, 0.95, 0.99):
+        assert figures[f"p{round(p * 100)}"] == pytest.approx(_percentile(waits, p), abs=2e-6)
+    assert main(["stats", "--since", before.isoformat(), "--db", db_url]) == 0
+    out = capsys.readouterr().out
+    assert "wait p50" in out.splitlines()[0]
+    (line,) = [line for line in out.splitlines() if line.startswith("workerapp.sleep")]
+    assert f"{max(waits) * 1000:.1f}ms" in line or f"{max(waits):.2f}s" in line  # wait max
 
 
 

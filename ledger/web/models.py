@@ -289,6 +289,11 @@ class TaskRow(_Model):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     runtime_s: float | None = None
+    #: the attempt's SENT (publisher's clock), when it could run, its RECEIVED
+    sent_at: datetime | None = None
+    ready_at: datetime | None = None
+    received_at: datetime | None = None
+    queue_wait_s: float | None = None
     forgotten: bool = False
     expired: bool = False
 
@@ -329,6 +334,7 @@ class StatsRow(_Model):
     queue_wait_p50: float | None = None
     queue_wait_p95: float | None = None
     queue_wait_p99: float | None = None
+    queue_wait_max: float | None = None
 
 
 class StatsOut(_Model):

@@ -39,7 +39,8 @@ def task_row(row: CatalogueRow) -> TaskRow:
         retries=e.retries, root_id=e.root_id, parent_id=e.parent_id, group_id=e.group_id,
         exc_type=e.exc_type, args=stored(e.args), kwargs=stored(e.kwargs),
         seen_at=e.first_seen, started_at=e.started_at, finished_at=e.finished_at,
-        runtime_s=e.runtime, forgotten=e.forgotten, expired=e.expired,
+        runtime_s=e.runtime, sent_at=e.sent_at, ready_at=e.ready_at, received_at=e.received_at,
+        queue_wait_s=e.queue_wait, forgotten=e.forgotten, expired=e.expired,
     )
 
 
@@ -59,4 +60,5 @@ def stats_row(g: GroupStats) -> StatsRow:
         runtime_p50=runtime.get("p50"), runtime_p95=runtime.get("p95"),
         runtime_p99=runtime.get("p99"), runtime_max=runtime.get("max"),
         queue_wait_p50=wait.get("p50"), queue_wait_p95=wait.get("p95"), queue_wait_p99=wait.get("p99"),
+        queue_wait_max=wait.get("max"),
     )
