@@ -57,12 +57,20 @@ class TaskFilter:
     #: the N slowest (by runtime) instead of the newest
     slowest: int | None = None
     limit: int | None = DEFAULT_LIMIT
+    #: keyset paging, a listed task's (first_seen, task_id): the tasks listed after
+    #: it (older), or the ``limit`` listed just before it (newer), still newest first
+    before: tuple[datetime, str] | None = None
+    after: tuple[datetime, str] | None = None
 
     def __post_init__(self) -> None:
         for field in ("slowest", "limit"):
             value = getattr(self, field)
             if value is not None and value < 1:
                 raise BadFilter(f"{field} must be at least 1, not {value}")
+        if self.before and self.after:
+            raise BadFilter("before and after: page one way at a time")
+        if (self.before or self.after) and self.slowest is not None:
+            raise BadFilter("before/after page the newest-first list, not --slowest")
         if self.since and self.until and self.since >= self.until:
             raise BadFilter(f"since ({self.since.isoformat()}) is not before until ({self.until.isoformat()})")
 
@@ -113,16 +121,28 @@ def find_tasks(conn: Connection, f: TaskFilter, tables: ProjectionTables = LIVE)
         q = q.where(runtime.is_not(None)).order_by(runtime.desc(), t.c.task_id).limit(
             min(f.slowest, f.limit) if f.limit else f.slowest
         )
+    elif f.after is not None:
+        # The page just newer than the key: read upwards from it, then turn it over.
+        seen, task_id = f.after
+        q = q.where(t.c.first_seen >= seen, sa.or_(
+            t.c.first_seen > seen, sa.and_(t.c.first_seen == seen, t.c.task_id > task_id)))
+        q = q.order_by(t.c.first_seen, t.c.task_id)
     else:
+        if f.before is not None:
+            # Keyset, not OFFSET: a deep page reads its own rows only. The plain
+            # range on first_seen is what the (x, first_seen) indexes can scan.
+            seen, task_id = f.before
+            q = q.where(t.c.first_seen <= seen, sa.or_(
+                t.c.first_seen < seen, sa.and_(t.c.first_seen == seen, t.c.task_id < task_id)))
         q = q.order_by(t.c.first_seen.desc(), t.c.task_id.desc())
-        if f.limit is not None:
-            q = q.limit(f.limit)
+    if f.slowest is None and f.limit is not None:
+        q = q.limit(f.limit)
     rows = []
     for row in conn.execute(q):
         values = dict(row._mapping)
         chord_of = values.pop("chord_of")
         rows.append(CatalogueRow(TaskEntry(**values), chord_of))
-    return rows
+    return rows[::-1] if f.after is not None else rows
 
 
 def _conditions(conn: Connection, t: sa.Table, f: TaskFilter) -> list:
