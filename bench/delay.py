@@ -1,7 +1,7 @@
 """What recording SENT costs a publisher: ``.delay()`` with ``ledger_track_sent`` on and off.
 
     .venv/bin/python -m bench.delay [--rounds 5] [--seconds 2] [--processes 1,4]
-        [--broker redis://127.0.0.1:6379/13]
+        [--broker redis://127.0.0.1:6379/13]   (default: $LEDGER_BENCH_REDIS)
 
 With tracking on, every ``.delay()`` appends a ``task.sent`` event (one
 autocommitted statement on PostgreSQL, one ``BEGIN IMMEDIATE`` transaction on
@@ -27,7 +27,7 @@ import redis
 import sqlalchemy as sa
 from celery import Celery
 
-from bench.contenders import PG_SERVER, REDIS, REDIS_BROKER_DB
+from bench.contenders import PG_SERVER, REDIS
 from bench.processes import Job, Slice, merge, run_forked, timed_ops
 from bench.stats import Run
 from ledger.api import Ledger
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement")
     p.add_argument("--processes", default="1,4", help="publishing processes per case (default 1,4)")
-    p.add_argument("--broker", default=f"{REDIS}/{REDIS_BROKER_DB}", help="Redis broker URL")
+    p.add_argument("--broker", default=REDIS, help="Redis broker URL (default: LEDGER_BENCH_REDIS)")
     a = p.parse_args(argv)
     pg_db = f"ledger_bench_delay_{os.getpid()}"
     tmpdir = tempfile.mkdtemp(prefix="ledger_bench_delay_")

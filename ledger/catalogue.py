@@ -7,9 +7,10 @@ first, or lists the slowest; :func:`task_stats` groups it by name, worker or
 queue and computes counts by state, failure and retry rates and duration
 percentiles in one SQL statement per question, never a Python loop over tasks.
 
-Durations are named in :data:`DURATIONS` (start column, end column). Each gets
-its p50/p95/p99/max in :func:`task_stats`; a new one (queue wait once SENT and
-RECEIVED are recorded) is one more entry there.
+Durations are named in :data:`DURATIONS`: ``runtime`` (last STARTED to the
+ready state) and ``queue_wait`` (from when the task could run -- sent, or its ETA
+if later -- to when its attempt began: STARTED, else RECEIVED; never negative).
+Each gets its p50/p95/p99/max in :func:`task_stats`, computed by the database.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ FAILURE = "FAILURE"
 RETRY = "RETRY"
 PERCENTILES = (0.5, 0.95, 0.99)
 GROUP_BY = ("name", "worker", "queue")
-#: Duration name -> (start column, end column) of the catalogue, in seconds.
-DURATIONS: dict[str, tuple[str, str]] = {"runtime": ("started_at", "finished_at")}
+#: The durations :func:`task_stats` gives percentiles of (:func:`_duration` defines them).
+DURATIONS = ("runtime", "queue_wait")
 DEFAULT_LIMIT = 100
 
 
@@ -56,12 +57,20 @@ class TaskFilter:
     #: the N slowest (by runtime) instead of the newest
     slowest: int | None = None
     limit: int | None = DEFAULT_LIMIT
+    #: keyset paging, a listed task's (first_seen, task_id): the tasks listed after
+    #: it (older), or the ``limit`` listed just before it (newer), still newest first
+    before: tuple[datetime, str] | None = None
+    after: tuple[datetime, str] | None = None
 
     def __post_init__(self) -> None:
         for field in ("slowest", "limit"):
             value = getattr(self, field)
             if value is not None and value < 1:
                 raise BadFilter(f"{field} must be at least 1, not {value}")
+        if self.before and self.after:
+            raise BadFilter("before and after: page one way at a time")
+        if (self.before or self.after) and self.slowest is not None:
+            raise BadFilter("before/after page the newest-first list, not --slowest")
         if self.since and self.until and self.since >= self.until:
             raise BadFilter(f"since ({self.since.isoformat()}) is not before until ({self.until.isoformat()})")
 
@@ -89,9 +98,10 @@ class CatalogueRow:
         e = self.entry
         out = {"task_id": e.task_id, "name": e.name, "state": e.state}
         out |= {k: v for k, v in asdict(e).items() if k not in ("args", "kwargs", "content_type")}
-        for key in ("first_seen", "started_at", "finished_at"):
+        for key in ("first_seen", "started_at", "finished_at", "sent_at", "ready_at", "received_at"):
             out[key] = out[key].isoformat() if out[key] else None
         out["runtime"] = e.runtime
+        out["queue_wait"] = e.queue_wait
         out["chord_id"] = self.chord_id
         for key in ("args", "kwargs"):
             raw = getattr(e, key)
@@ -107,20 +117,32 @@ def find_tasks(conn: Connection, f: TaskFilter, tables: ProjectionTables = LIVE)
     )
     q = q.where(*_conditions(conn, t, f))
     if f.slowest is not None:
-        runtime = _seconds(conn, t.c.started_at, t.c.finished_at)
+        runtime = _duration(conn, t, "runtime")
         q = q.where(runtime.is_not(None)).order_by(runtime.desc(), t.c.task_id).limit(
             min(f.slowest, f.limit) if f.limit else f.slowest
         )
+    elif f.after is not None:
+        # The page just newer than the key: read upwards from it, then turn it over.
+        seen, task_id = f.after
+        q = q.where(t.c.first_seen >= seen, sa.or_(
+            t.c.first_seen > seen, sa.and_(t.c.first_seen == seen, t.c.task_id > task_id)))
+        q = q.order_by(t.c.first_seen, t.c.task_id)
     else:
+        if f.before is not None:
+            # Keyset, not OFFSET: a deep page reads its own rows only. The plain
+            # range on first_seen is what the (x, first_seen) indexes can scan.
+            seen, task_id = f.before
+            q = q.where(t.c.first_seen <= seen, sa.or_(
+                t.c.first_seen < seen, sa.and_(t.c.first_seen == seen, t.c.task_id < task_id)))
         q = q.order_by(t.c.first_seen.desc(), t.c.task_id.desc())
-        if f.limit is not None:
-            q = q.limit(f.limit)
+    if f.slowest is None and f.limit is not None:
+        q = q.limit(f.limit)
     rows = []
     for row in conn.execute(q):
         values = dict(row._mapping)
         chord_of = values.pop("chord_of")
         rows.append(CatalogueRow(TaskEntry(**values), chord_of))
-    return rows
+    return rows[::-1] if f.after is not None else rows
 
 
 def _conditions(conn: Connection, t: sa.Table, f: TaskFilter) -> list:
@@ -163,6 +185,17 @@ def _contains(conn: Connection, column: sa.ColumnElement, text: str) -> sa.Colum
 def _seconds(conn: Connection, start: sa.ColumnElement, end: sa.ColumnElement) -> sa.ColumnElement:
     """``end - start`` in seconds as a float (NULL if either is)."""
     return store_type(conn).seconds_between(start, end)
+
+
+def _duration(conn: Connection, t: sa.Table, name: str) -> sa.ColumnElement:
+    """Seconds of one of :data:`DURATIONS` per catalogue row (NULL where not measured):
+    the rules of :attr:`TaskEntry.runtime` and :attr:`TaskEntry.queue_wait`."""
+    if name == "runtime":
+        return _seconds(conn, t.c.started_at, t.c.finished_at)
+    wait = _seconds(conn, t.c.ready_at, sa.func.coalesce(t.c.started_at, t.c.received_at))
+    # Never negative (the publisher's clock and the database's may differ a little);
+    # not greatest(), which would turn NULL (never began) into 0 on PostgreSQL.
+    return sa.case((wait < 0, 0.0), else_=wait)
 
 
 # -- statistics -----------------------------------------------------------------------
@@ -213,7 +246,7 @@ def task_stats(
         g = groups.setdefault(k, {"states": {}, "retried": 0})
         g["states"][state] = n
         g["retried"] += retried_n or 0
-    durations = {name: _percentiles(conn, t, key, where, *cols) for name, cols in DURATIONS.items()}
+    durations = {name: _percentiles(conn, key, where, _duration(conn, t, name)) for name in DURATIONS}
     out = []
     for k, g in groups.items():
         total = sum(g["states"].values())
@@ -237,12 +270,11 @@ def _label(p: float) -> str:
 
 
 def _percentiles(
-    conn: Connection, t: sa.Table, key: sa.ColumnElement, where: list, start: str, end: str
+    conn: Connection, key: sa.ColumnElement, where: list, seconds: sa.ColumnElement
 ) -> dict[str | None, dict[str, float | None]]:
     """Per group: the duration's percentiles (continuous, as PostgreSQL's
     ``percentile_cont``: linear between the two nearest ranks), max and count."""
-    seconds = _seconds(conn, t.c[start], t.c[end])
-    where = [*where, t.c[start].is_not(None), t.c[end].is_not(None)]
+    where = [*where, seconds.is_not(None)]
     q = store_type(conn).percentiles(key, seconds, where, {_label(p): p for p in PERCENTILES})
     return {
         row.key: {**{_label(p): _micro(row._mapping[_label(p)]) for p in PERCENTILES},

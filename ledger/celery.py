@@ -103,7 +103,7 @@ class PayloadTooLarge(LedgerError, BackendStoreError):
     """An event (result, traceback, args, kwargs) is larger than ``ledger_max_payload_bytes``."""
 
 
-class LedgerBackend(BaseBackend):
+class LedgerBackend(BaseBackend, lifecycle.Recorder):
     """Celery result backend storing every state transition as an event."""
 
     supports_native_join = True

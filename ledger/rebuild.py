@@ -191,10 +191,11 @@ class _Plan:
             if progress is not None:
                 progress.advance(report.events // len(statements))
 
-    def corrupt_payloads(self, conn: Connection) -> None:
-        problems = _corrupt_payloads(conn, self.new, self.slots)
-        if problems:
-            raise RebuildError(_corruption_message(problems))
+    def payload_problems(self, conn: Connection, slots: Sequence[str]) -> list[str]:
+        return _corrupt_payloads(conn, self.new, slots)
+
+    def corruption(self, problems: list[str]) -> RebuildError:
+        return RebuildError(_corruption_message(problems))
 
     def mixed(self) -> ProjectionTables:
         return _mixed(self.new, self.slots)

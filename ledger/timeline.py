@@ -175,7 +175,7 @@ def fold_run(task_id: str, events: list[RecordedEvent]) -> TaskRun:
             run.exc_type = data.exc_type
             sticky = data.status == STICKY_STATE
     if sent is not None:
-        run.ready_at = ready_at(sent)
+        run.ready_at = ready_at(sent.sent_at, sent.eta)
         if sent.parent_id != task_id:  # a retry's parent_id is the task itself
             run.parent_id = run.parent_id or sent.parent_id
         run.group_id = run.group_id or sent.group_id

@@ -36,9 +36,9 @@ def next_state(current: str | None, incoming: str) -> str | None:
     return current
 
 
-def ready_at(sent: TaskSent) -> datetime:
-    """When the task could first run: sent, or its ETA if that is later."""
-    return sent.sent_at if sent.eta is None else max(sent.sent_at, sent.eta)
+def ready_at(sent_at: datetime, eta: datetime | None) -> datetime:
+    """When a task sent at ``sent_at`` could first run: then, or its ETA if that is later."""
+    return sent_at if eta is None else max(sent_at, eta)
 
 
 def run_start(received: RecordedEvent) -> datetime:
@@ -51,4 +51,4 @@ def run_start(received: RecordedEvent) -> datetime:
 def queue_wait(sent: TaskSent, started: datetime) -> float:
     """Seconds the task waited to start after it could have (never negative: the
     publisher's clock and the database's may differ by a little)."""
-    return max(0.0, (started - ready_at(sent)).total_seconds())
+    return max(0.0, (started - ready_at(sent.sent_at, sent.eta)).total_seconds())

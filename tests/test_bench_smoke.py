@@ -49,6 +49,21 @@ def test_tiny_bench_run_prints_table_and_writes_json(tmp_path):
     assert record["machine"]["cpus"] >= 1
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_delay_bench_prints_tracking_off_and_on_for_both_databases():
+    """``python -m bench.delay``: .delay() with ledger_track_sent off and on (its
+    broker is the bench's Redis database, LEDGER_BENCH_REDIS)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.delay", "--rounds", "1", "--seconds", "0.2", "--processes", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if "delays/s" in line]
+    assert [(r.split("|")[1].strip(), r.split("|")[3].strip()) for r in rows] == [
+        ("postgresql", "off"), ("postgresql", "on"), ("sqlite", "off"), ("sqlite", "on")]
+
+
 def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 50) == 50.0
@@ -69,9 +84,13 @@ def test_summary_takes_medians_over_rounds_and_keeps_failures_visible():
 def test_catalogue_bench_answers_each_question_on_a_small_log(tmp_path, capsys):
     from bench.catalogue import main
 
-    assert main([f"sqlite:///{tmp_path / 'cat.db'}", "200", "--runs", "1"]) == 0
+    assert main([f"sqlite:///{tmp_path / 'cat.db'}", "1000", "--runs", "1", "--no-keep"]) == 0
     out = capsys.readouterr().out
-    assert "catalogue 200 tasks" in out
-    for question in ("--state FAILURE", "--name bench.task3", "--root ID", "stats --since -24h"):
-        assert question in out
-    assert "| 50 |" in out  # the limited questions found their 50 rows
+    assert "back-fill (migration 0004): {'events': 5000" in out
+    assert "'ledger_tasks': 1000" in out  # the rebuild's rows
+    rows = {line.split("|")[1].strip(): int(line.split("|")[4]) for line in out.splitlines()
+            if line.startswith("| `")}
+    assert rows["`tasks --name bench.task3 --limit 50`"] == 50
+    assert rows["`tasks --root ID (a 20-task workflow)`"] == 20
+    assert rows["`tasks --state FAILURE --since -1h --limit 50`"] > 0
+    assert rows["`stats --since -24h`"] == 8  # 7 generated names and the workflow's

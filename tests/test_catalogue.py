@@ -22,7 +22,7 @@ from celery import chain
 from ledger.api import Ledger
 from ledger.cli import main
 from ledger.errors import BadFilter
-from ledger.events import Encoded, ResultExpired, TaskForgotten, TaskState
+from ledger.events import Encoded, ResultExpired, TaskForgotten, TaskReceived, TaskSent, TaskState
 from ledger.store.schema import events as events_table
 from projections.memory import MemoryTarget
 from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
@@ -62,6 +62,9 @@ def mix(worker):  # noqa: F811
     }
 
 
+LIFECYCLE = {"task.sent": "SENT", "task.received": "RECEIVED"}
+
+
 def by_hand(ledger: Ledger) -> dict[str, dict]:
     """Each task as the log tells it, counted here without the catalogue's code."""
     with ledger.engine.connect() as conn:
@@ -70,20 +73,40 @@ def by_hand(ledger: Ledger) -> dict[str, dict]:
         ).scalars().all())
     streams: dict[str, list] = {}
     for e in events:
-        if e.type == "task.state":
+        if e.type == "task.state" or e.type in LIFECYCLE:
             streams.setdefault(e.stream_key, []).append(e)
     out = {}
-    for task_id, states in streams.items():
-        effective = next((e for e in states if e.data.status == "SUCCESS"), states[-1])
-        until_effective = states[: states.index(effective) + 1]
-        starts = [e for e in until_effective if e.data.status == "STARTED"]
+    for task_id, stream in streams.items():
+        states = [e for e in stream if e.type == "task.state"]
+        success = next((e for e in states if e.data.status == "SUCCESS"), None)
+        # nothing after SUCCESS counts; Celery's state wins over SENT/RECEIVED
+        in_effect = stream[: stream.index(success) + 1] if success else stream
+        received = [e for e in in_effect if e.type == "task.received"]
+        effective = success or (states[-1] if states else (received or in_effect)[-1])
+        # the attempt: from the last SENT on (a retry sends the task again)
+        sends = [e for e in in_effect if e.type == "task.sent"]
+        attempt = in_effect[in_effect.index(sends[-1]):] if sends else in_effect
+        starts = [e for e in attempt if e.type == "task.state" and e.data.status == "STARTED"]
+        received = [e for e in attempt if e.type == "task.received"]
+        ready = sent_at = None
+        if sends:
+            sent_at = sends[-1].data.sent_at
+            ready = max(sent_at, sends[-1].data.eta or sent_at)
+        began = (starts or received or [None])[-1]
         d = effective.data
+        status = d.status if effective.type == "task.state" else LIFECYCLE[effective.type]
         out[task_id] = {
-            "name": d.name, "state": d.status, "worker": d.worker, "queue": d.queue,
-            "retries": d.retries, "root_id": d.root_id, "exc_type": d.exc_type,
-            "first_seen": states[0].recorded_at,
+            "name": d.name, "state": status,
+            "worker": d.hostname if effective.type == "task.received" else getattr(d, "worker", None),
+            "queue": getattr(d, "queue", None), "retries": d.retries,
+            "root_id": getattr(d, "root_id", None), "exc_type": getattr(d, "exc_type", None),
+            "first_seen": stream[0].recorded_at,
+            "sent_at": sent_at, "ready_at": ready,
+            "received_at": received[-1].recorded_at if received else None,
             "runtime": (effective.recorded_at - starts[-1].recorded_at).total_seconds()
-            if starts and d.status in READY else None,
+            if starts and status in READY else None,
+            "queue_wait": max(0.0, (began.recorded_at - ready).total_seconds())
+            if ready and began else None,
         }
     return out
 
@@ -105,8 +128,9 @@ def test_tasks_lists_every_task_as_the_log_says_newest_first(mix):
     found = {
         r.task_id: {
             **{k: getattr(r.entry, k) for k in ("name", "state", "worker", "queue", "retries",
-                                                 "root_id", "exc_type", "first_seen")},
-            "runtime": r.entry.runtime,
+                                                 "root_id", "exc_type", "first_seen", "sent_at",
+                                                 "ready_at", "received_at")},
+            "runtime": r.entry.runtime, "queue_wait": r.entry.queue_wait,
         }
         for r in rows
     }
@@ -173,6 +197,13 @@ def test_stats_are_the_counts_and_percentiles_of_the_log(mix, by):
         for p in (0.5, 0.95, 0.99):
             assert figures[f"p{round(p * 100)}"] == pytest.approx(_percentile(runtimes, p), abs=2e-6)
         assert figures["max"] == pytest.approx(max(runtimes), abs=2e-6)
+        # every task of the mix was sent and started: each has its queue wait
+        waits = [r["queue_wait"] for r in rows if r["queue_wait"] is not None]
+        figures = g.durations["queue_wait"]
+        assert figures["count"] == len(waits) == len(rows)
+        for p in (0.5, 0.95, 0.99):
+            assert figures[f"p{round(p * 100)}"] == pytest.approx(_percentile(waits, p), abs=2e-6)
+        assert figures["max"] == pytest.approx(max(waits), abs=2e-6)
     if by == "name":
         assert groups["workerapp.flaky"].retry_rate == 1.0
         assert groups["workerapp.fail"].failure_rate == 1.0
@@ -283,6 +314,14 @@ def test_db_upgrade_back_fills_the_catalogue_of_an_existing_ledger(any_url, caps
     ledger = Ledger.open(any_url)
     for tag in ("a", "b", "c"):
         workload(ledger, tag)
+    # Every payload column, and a redelivery after SUCCESS (its late STARTED moves
+    # neither state nor runtime): the migration's own copy of the rule must hold.
+    full = dict(name="shop.charge", worker="celery@w7", queue="payments", retries=1, parent_id="p",
+                root_id="r", group_id="g", args=Encoded(content_type="application/json", data=b'["order-17"]'),
+                kwargs=Encoded(content_type="application/json", data=b'{"n": 1}'))
+    for status in ("STARTED", "SUCCESS", "STARTED", "FAILURE"):
+        ledger.append([TaskState(task_id="redelivered", status=status, **full)])
+    ledger.append([TaskState(task_id="failed", status="FAILURE", exc_type="KeyError", **full)])
     migrate.downgrade(ledger.engine, "0002_integrity")
     assert "ledger_tasks" not in sa.inspect(ledger.engine).get_table_names()
     assert main(["db", "upgrade", "--db", ledger.engine.url.render_as_string(hide_password=False)]) == 0
@@ -290,9 +329,81 @@ def test_db_upgrade_back_fills_the_catalogue_of_an_existing_ledger(any_url, caps
     memory = MemoryTarget()
     memory.apply(iter_events(ledger))
     live = ledger.snapshot()
-    assert len(live.catalogue) == 60 and any(e.forgotten for e in live.catalogue.values())
+    assert len(live.catalogue) == 62 and any(e.forgotten for e in live.catalogue.values())
+    assert (live.catalogue["redelivered"].state, live.catalogue["failed"].exc_type) == ("SUCCESS", "KeyError")
     assert memory.state.differences(live) == []
     migrate.check(ledger.engine)
+
+
+def lifecycle_workload(ledger: Ledger) -> None:
+    """Tasks only sent, only received, run after a countdown, retried, and a SENT that
+    committed after the worker's STARTED: every lifecycle row and time."""
+    t0 = datetime.now(timezone.utc)
+    ledger.append([TaskSent(task_id="lost", name="shop.charge", sent_at=t0, queue="nobody",
+                            args=Encoded(content_type="application/json", data=b"[7]"))])
+    ledger.append([TaskReceived(task_id="held", name="shop.sync", hostname="celery@w2")])
+    ledger.append([TaskSent(task_id="eta", name="shop.sync", sent_at=t0, eta=t0 + timedelta(seconds=3)),
+                   TaskReceived(task_id="eta", hostname="celery@w1", due_at=t0 + timedelta(seconds=3))])
+    ledger.append([TaskState(task_id="eta", status="STARTED", worker="celery@w1"),
+                   TaskState(task_id="eta", status="SUCCESS", worker="celery@w1")])
+    ledger.append([TaskSent(task_id="retried", name="shop.charge", sent_at=t0),
+                   TaskReceived(task_id="retried", hostname="celery@w1"),
+                   TaskState(task_id="retried", status="STARTED"),
+                   TaskSent(task_id="retried", name="shop.charge", sent_at=t0, retries=1,
+                            eta=t0 + timedelta(seconds=1)),
+                   TaskState(task_id="retried", status="RETRY")])
+    ledger.append([TaskState(task_id="late", status="STARTED", worker="celery@w1"),
+                   TaskSent(task_id="late", name="shop.charge", sent_at=t0)])
+
+
+def test_db_upgrade_to_0004_fills_lifecycle_rows_and_times(any_url):
+    """A ledger at 0003 holding SENT/RECEIVED events: ``db upgrade`` adds the columns
+    and fills the catalogue again, equal to the fold of the log (tasks only sent or
+    received included); a downgrade leaves 0003's catalogue."""
+    from ledger import migrate
+    from ledger.audit import iter_events
+    from tests.test_rebuild import workload
+
+    ledger = Ledger.open(any_url)
+    workload(ledger, "a")
+    lifecycle_workload(ledger)
+    stored = "SELECT * FROM ledger_tasks ORDER BY task_id"
+    with ledger.engine.connect() as conn:
+        # as the live path stored them (SQLite: the very text of each time)
+        live_rows = conn.execute(sa.text(stored)).all()
+    migrate.downgrade(ledger.engine, "0003_catalogue")
+    columns = {c["name"] for c in sa.inspect(ledger.engine).get_columns("ledger_tasks")}
+    assert "ready_at" not in columns
+    with ledger.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM ledger_tasks WHERE state = 'SENT'")).scalar() == 0
+    migrate.upgrade(ledger.engine)
+    memory = MemoryTarget()
+    memory.apply(iter_events(ledger))
+    live = ledger.snapshot()
+    assert memory.state.differences(live) == []
+    assert {t: live.catalogue[t].state for t in ("lost", "held", "eta", "retried", "late")} == {
+        "lost": "SENT", "held": "RECEIVED", "eta": "SUCCESS", "retried": "RETRY", "late": "STARTED"}
+    assert live.catalogue["eta"].queue_wait is not None
+    with ledger.engine.connect() as conn:
+        assert conn.execute(sa.text(stored)).all() == live_rows
+    migrate.check(ledger.engine)
+
+
+def test_rebuild_stores_the_catalogue_rows_exactly_as_the_live_path_did(any_url):
+    """The rebuild writes the rows through the driver (binary COPY, executemany): every
+    value as stored, SQLite's time text included, equals what the appends stored."""
+    from ledger.rebuild import rebuild
+    from tests.test_rebuild import workload
+
+    ledger = Ledger.open(any_url)
+    workload(ledger, "a")
+    lifecycle_workload(ledger)
+    stored = sa.text("SELECT * FROM ledger_tasks ORDER BY task_id")
+    with ledger.engine.connect() as conn:
+        live_rows = conn.execute(stored).all()
+    assert rebuild(ledger).rows["ledger_tasks"] == len(live_rows)
+    with ledger.engine.connect() as conn:
+        assert conn.execute(stored).all() == live_rows
 
 
 def test_timeline_finds_a_workflow_through_the_catalogues_root_ids(ledger):

@@ -7,6 +7,7 @@ The pure rules first (property tests over every commit order), then a real
 from __future__ import annotations
 
 import io
+import json
 import uuid
 from datetime import timedelta
 
@@ -28,9 +29,10 @@ from ledger.store import postgres
 from ledger.store.base import Encoded
 from ledger.stream import decode_event, decode_state
 from ledger.timeline import QUEUE_CHAR, fold_run
-from projections import task_meta
+from projections import catalogue, task_meta
 from projections.lifecycle import next_state
 from tests.kafka import create_topic, kafka, read_all, topic  # noqa: F401
+from tests.test_catalogue import _percentile
 from tests.test_celery_worker import WAIT, db_url, running_worker, task, worker  # noqa: F401  (fixtures)
 from tests.test_projection_equivalence import PROPERTY
 
@@ -99,6 +101,28 @@ def test_a_lifecycle_state_never_overrides_a_celery_state(histories):
         assert run.state == "PENDING"
 
 
+@PROPERTY
+@given(interleaved())
+def test_the_catalogue_lists_celerys_state_else_the_highest_lifecycle_state(histories):
+    """The catalogue's row (``tasks --state``): Celery's state (SUCCESS sticky) once one
+    was stored, else RECEIVED if any, else SENT -- whatever the commit order; the
+    fields of a task only sent or received come from its SENT/RECEIVED."""
+    states, merged = histories
+    entry = None
+    for event in recorded(merged):
+        entry = catalogue.fold(entry, event)
+    lifecycle = {type(d) for d in merged} - {TaskState}
+    if states:
+        statuses = [s.status for s in states]
+        assert entry.state == ("SUCCESS" if "SUCCESS" in statuses else statuses[-1])
+    elif TaskReceived in lifecycle:
+        assert (entry.state, entry.worker) == ("RECEIVED", "celery@w1")
+    elif TaskSent in lifecycle:
+        assert (entry.state, entry.name, entry.worker) == ("SENT", "proj.t", None)
+    else:
+        assert entry is None
+
+
 def test_received_replaces_sent_and_nothing_else():
     assert next_state(None, "SENT") == "SENT"
     assert next_state("SENT", "RECEIVED") == "RECEIVED"
@@ -151,9 +175,13 @@ def test_countdown_task_history_reads_sent_received_started_success(worker, db_u
 
 
 @pytest.mark.worker
-def test_task_sent_to_a_queue_nobody_consumes_is_sent_and_pending(worker):  # noqa: F811
+def test_task_sent_to_a_queue_nobody_consumes_is_sent_and_pending(worker, db_url, capsys):  # noqa: F811
+    """Listed by ``tasks --state SENT --until <a while ago>`` (sent, never received),
+    while Celery sees PENDING; a task that ran beside it is not listed."""
     queue = f"{worker.conf.task_default_queue}-nobody"
     r = task(worker, "add").apply_async((1, 1), queue=queue)
+    ran = task(worker, "add").delay(2, 2)
+    assert ran.get(timeout=WAIT) == 4
     ledger = worker.backend.ledger
     (sent,) = ledger.history(r.id)
     assert sent.type == "task.sent" and sent.data.queue == queue
@@ -161,13 +189,29 @@ def test_task_sent_to_a_queue_nobody_consumes_is_sent_and_pending(worker):  # no
     with pytest.raises(TimeoutError):
         r.get(timeout=0.5)
     assert fold_run(r.id, ledger.history(r.id)).state == "SENT"
+    # "sent before <until> and never received": the lost task, not the one that ran
+    until = now()
+    (lost,) = [row for row in ledger.tasks(state="SENT", until=until) if row.task_id in (r.id, ran.id)]
+    assert lost.task_id == r.id
+    assert (lost.entry.name, lost.entry.queue, lost.entry.sent_at) == ("workerapp.add", queue, sent.data.sent_at)
+    assert lost.entry.received_at is None and lost.entry.queue_wait is None
+    assert ledger.tasks(state="SENT", until=sent.recorded_at) == []  # not sent before that
+    assert main(["tasks", "--state", "SENT", "--until", until.isoformat(), "--format", "json",
+                 "--db", db_url]) == 0
+    listed = {row["task_id"]: row for row in json.loads(capsys.readouterr().out)}
+    assert r.id in listed and ran.id not in listed
+    assert listed[r.id]["state"] == "SENT" and listed[r.id]["queue"] == queue
+    assert main(["tasks", "--state", "SENT", "--until", "-10m", "--db", db_url]) == 0
+    assert r.id not in capsys.readouterr().out  # sent less than ten minutes ago
+    assert worker.backend.get_task_meta(r.id)["status"] == states.PENDING
 
 
 @pytest.mark.worker
-def test_queue_wait_is_the_time_between_the_histories_events(worker):  # noqa: F811
+def test_queue_wait_is_the_time_between_the_histories_events(worker, db_url, capsys):  # noqa: F811
     """Three slow tasks on a worker of three processes, then three more: the second
     three wait in the queue; the timeline's wait is what the histories say."""
     sleep = task(worker, "sleep")
+    before = now()
     results = [sleep.delay(0.5) for _ in range(6)]
     assert [r.get(timeout=WAIT) for r in results] == [0.5] * 6
     ledger = worker.backend.ledger
@@ -179,8 +223,20 @@ def test_queue_wait_is_the_time_between_the_histories_events(worker):  # noqa: F
                        and e.data.status == states.STARTED)
         run = fold_run(r.id, events)
         assert run.queue_wait == max(0.0, (started - sent.sent_at).total_seconds())
+        assert ledger.tasks(root=r.id)[0].entry.queue_wait == run.queue_wait  # the catalogue's
         waits.append(run.queue_wait)
     assert max(waits) >= 0.4  # at least one waited for a busy process
+    # stats: the percentiles of exactly these waits, computed by the database
+    (group,) = [g for g in ledger.stats(by="name", since=before) if g.key == "workerapp.sleep"]
+    figures = group.durations["queue_wait"]
+    assert figures["count"] == 6 and figures["max"] == pytest.approx(max(waits), abs=2e-6)
+    for p in (0.5, 0.95, 0.99):
+        assert figures[f"p{round(p * 100)}"] == pytest.approx(_percentile(waits, p), abs=2e-6)
+    assert main(["stats", "--since", before.isoformat(), "--db", db_url]) == 0
+    out = capsys.readouterr().out
+    assert "wait p50" in out.splitlines()[0]
+    (line,) = [line for line in out.splitlines() if line.startswith("workerapp.sleep")]
+    assert f"{max(waits) * 1000:.1f}ms" in line or f"{max(waits):.2f}s" in line  # wait max
 
 
 

@@ -7,6 +7,8 @@ rebuilt set-based from the log are equal — on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
@@ -35,6 +37,7 @@ from ledger.store.schema import ProjectionTables, metadata
 from ledger.store.schema import events as events_table
 from projections.memory import MemoryTarget
 
+T0 = now()
 TASKS = st.sampled_from(["a", "b", "c"])
 STATES = st.sampled_from(["PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED", "PROGRESS"])
 GROUPS = st.sampled_from(["g1", "g2"])
@@ -56,10 +59,15 @@ event_data = st.one_of(
         root_id=st.sampled_from([None, "a"]), exc_type=st.sampled_from([None, "KeyError"]),
         args=ARGS, kwargs=ARGS,
     ),
-    # SENT / RECEIVED: appended by other processes, so anywhere among the states
-    st.builds(TaskSent, task_id=TASKS, name=st.just("proj.t"), sent_at=st.just(now()),
+    # SENT / RECEIVED: appended by other processes, so anywhere among the states;
+    # a SENT with or without an ETA (ready_at), fields that differ from the states'
+    st.builds(TaskSent, task_id=TASKS, name=st.sampled_from(["proj.t", "shop.charge"]),
+              sent_at=st.sampled_from([T0, T0 + timedelta(seconds=1)]),
+              eta=st.sampled_from([None, T0 - timedelta(seconds=1), T0 + timedelta(seconds=5)]),
+              queue=st.sampled_from([None, "q1"]), root_id=st.sampled_from([None, "b"]),
+              retries=st.integers(0, 2), args=ARGS),
+    st.builds(TaskReceived, task_id=TASKS, hostname=MAYBE_WORKER, name=MAYBE_NAME,
               retries=st.integers(0, 2)),
-    st.builds(TaskReceived, task_id=TASKS, hostname=st.just("celery@w1"), retries=st.integers(0, 2)),
     st.builds(TaskForgotten, task_id=TASKS),
     st.builds(ResultExpired, task_id=TASKS, expired_before=st.just(now())),
     st.builds(GroupSaved, group_id=GROUPS, result=st.lists(st.text(max_size=3), max_size=3)),

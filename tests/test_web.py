@@ -25,7 +25,7 @@ from starlette.testclient import TestClient
 
 from ledger.api import Ledger
 from ledger.cli import main
-from ledger.events import Encoded, TaskForgotten, TaskState, utcnow
+from ledger.events import Encoded, TaskForgotten, TaskSent, TaskState, utcnow
 from ledger.web.app import create_app
 from ledger.web.feed import EventFeed, Overflow
 from ledger.web.security import Credentials, check_bind
@@ -149,14 +149,34 @@ def test_tasks_api_filters_newest_first_and_pages(ledger, client):
     assert listed("?args=55") == ["c-5"]
     assert listed("?root=c-2") == ["c-2"]
     assert listed("?name=shop.charge&state=FAILURE") == []
-    page = client.get("/api/tasks?limit=2&page=2").json()
-    assert [t["task_id"] for t in page["tasks"]] == ["c-4", "c-3"] and page["has_more"]
-    assert not client.get("/api/tasks?limit=2&page=4").json()["has_more"]
     r = client.get("/api/tasks?limit=0")
     assert r.status_code == 400 and r.json()["error"].startswith("limit: ")
     assert client.get("/api/tasks?colour=red").json() == {"error": "unknown parameter 'colour'"}
+    r = client.get("/api/tasks?before=yesterday")
+    assert r.status_code == 400 and r.json()["error"].startswith("before: not a page key")
     html = client.get("/?name=shop.*&limit=2").text
-    assert html.count("<tr data-task-id=") == 2 and 'href="/?name=shop.%2A&amp;page=2&amp;limit=2"' in html
+    assert html.count("<tr data-task-id=") == 2 and 'href="/?name=shop.%2A&amp;before=' in html
+
+
+def test_tasks_pages_by_key_through_the_whole_list_both_ways(ledger, client):
+    """Keyset paging: older pages from the last row's (first seen, id), newer ones from
+    the first row's; ties in first-seen time (one transaction) are ordered by id."""
+    ids = store_catalogue(ledger)
+    ledger.append([TaskState(task_id=f"tie-{i}", status="SUCCESS", name="tie") for i in range(3)])
+    expected = [f"tie-{i}" for i in (2, 1, 0)] + ids[::-1]
+    pages, page = [], client.get("/api/tasks?limit=3").json()
+    assert page["newer"] is None
+    while True:
+        pages.append([t["task_id"] for t in page["tasks"]])
+        if page["older"] is None:
+            break
+        page = client.get("/api/tasks", params={"limit": 3, "before": page["older"]}).json()
+    assert pages == [expected[i:i + 3] for i in range(0, len(expected), 3)]
+    back = []
+    while page["newer"] is not None:
+        page = client.get("/api/tasks", params={"limit": 3, "after": page["newer"]}).json()
+        back.append([t["task_id"] for t in page["tasks"]])
+    assert back == pages[-2::-1]
 
 
 def test_stats_api_counts_rates_and_runtimes_by_name(ledger, client):
@@ -175,6 +195,31 @@ def test_stats_api_counts_rates_and_runtimes_by_name(ledger, client):
     workers = {r["name"]: r["total"] for r in client.get("/api/stats?by=worker").json()["rows"]}
     assert workers == {"w1@host": 4, "w2@host": 3}
     assert "mail.send" in client.get("/stats").text
+
+
+def test_stats_api_gives_queue_wait_and_tasks_api_lists_lost_tasks(ledger, client):
+    """Queue wait: from SENT (or its ETA, if later) to STARTED; a task only sent is
+    listed by ``state=SENT`` with its times, and Celery has no state for it."""
+    t0 = utcnow() - timedelta(minutes=20)
+    waits = []
+    for i, eta in enumerate([None, None, t0 + timedelta(minutes=5)]):
+        ledger.append([TaskSent(task_id=f"q-{i}", name="shop.queue", sent_at=t0 + timedelta(minutes=i),
+                                queue="q", eta=eta)])
+        ledger.append([TaskState(task_id=f"q-{i}", status="STARTED", name="shop.queue", worker="w1@host")])
+        started = ledger.history(f"q-{i}")[-1].recorded_at
+        waits.append((started - max(t0 + timedelta(minutes=i), eta or t0)).total_seconds())
+    ledger.append([TaskSent(task_id="lost", name="shop.queue", sent_at=t0, queue="nobody")])
+    (row,) = [r for r in client.get("/api/stats").json()["rows"] if r["name"] == "shop.queue"]
+    assert row["total"] == 4 and row["states"] == {"STARTED": 3, "SENT": 1}
+    low, mid, high = sorted(waits)
+    assert row["queue_wait_p50"] == pytest.approx(mid, abs=2e-6)
+    assert row["queue_wait_p99"] == pytest.approx(mid + 0.98 * (high - mid), abs=2e-6)
+    assert row["queue_wait_max"] == pytest.approx(high, abs=2e-6)
+    (lost,) = client.get("/api/tasks?state=SENT").json()["tasks"]
+    assert (lost["task_id"], lost["queue"], lost["received_at"], lost["queue_wait_s"]) == (
+        "lost", "nobody", None, None)
+    assert "shop.queue" in client.get("/stats").text
+    assert ledger.task_meta("lost") is None  # PENDING for Celery
 
 
 class Boom:

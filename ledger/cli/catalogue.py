@@ -49,8 +49,8 @@ def tasks(env: Env, states: tuple[str, ...], fmt: str, **filters: Any) -> None:
 
 
 _TASK_COLUMNS = (
-    "task_id", "name", "state", "first_seen", "started_at", "finished_at", "runtime", "worker",
-    "queue", "retries", "exc_type", "parent_id", "root_id", "group_id", "chord_id",
+    "task_id", "name", "state", "first_seen", "sent_at", "ready_at", "received_at", "started_at",
+    "finished_at", "queue_wait", "runtime", "worker", "queue", "retries", "exc_type", "parent_id", "root_id", "group_id", "chord_id",
     "forgotten", "expired", "args", "kwargs", "position",
 )
 
@@ -59,12 +59,12 @@ def _print_tasks(records: list[dict]) -> None:
     if not records:
         echo("no tasks match")
         return
-    header = ("first seen", "task id", "name", "state", "runtime", "worker", "retries", "exception")
+    header = ("first seen", "task id", "name", "state", "wait", "runtime", "worker", "retries", "exception")
     lines = [header] + [
         (
             r["first_seen"][:23].replace("T", " "), r["task_id"], r["name"] or "-",
             r["state"] + (" (forgotten)" if r["forgotten"] else " (expired)" if r["expired"] else ""),
-            _seconds(r["runtime"]), r["worker"] or "-", str(r["retries"] if r["retries"] is not None else "-"),
+            _seconds(r["queue_wait"]), _seconds(r["runtime"]), r["worker"] or "-", str(r["retries"] if r["retries"] is not None else "-"),
             r["exc_type"] or "",
         )
         for r in records
@@ -80,7 +80,8 @@ def _print_tasks(records: list[dict]) -> None:
 @db_option
 @pass_env
 def stats(env: Env, since: datetime | None, until: datetime | None, by: str, fmt: str) -> None:
-    """Per task name, worker or queue: counts by state, failure and retry rates, runtime percentiles."""
+    """Per task name, worker or queue: counts by state, failure and retry rates, runtime
+    and queue wait percentiles."""
     try:
         groups = env.ledger().stats(by=by, since=since, until=until)
     except BadFilter as exc:
@@ -96,13 +97,16 @@ def stats(env: Env, since: datetime | None, until: datetime | None, by: str, fmt
     if not flat:
         echo("no tasks in this period")
         return
-    header = (by, "tasks", "states", "failed", "retried", "p50", "p95", "p99", "max")
+    figures = ("p50", "p95", "p99", "max")
+    header = (by, "tasks", "states", "failed", "retried",
+              *(f"run {p}" for p in figures), *(f"wait {p}" for p in figures))
     _print_table([header] + [
         (
             r["key"] or "-", str(r["total"]),
             " ".join(f"{s}:{n}" for s, n in g["states"].items()),
             f"{r['failure_rate']:.1%}", f"{r['retry_rate']:.1%}",
-            *(_seconds(r[f"runtime_{p}"]) for p in ("p50", "p95", "p99", "max")),
+            *(_seconds(r[f"runtime_{p}"]) for p in figures),
+            *(_seconds(r[f"queue_wait_{p}"]) for p in figures),
         )
         for r, g in zip(flat, records, strict=True)
     ])

@@ -50,7 +50,7 @@ from ledger.errors import VersionConflict
 from ledger.events import NewEvent, RecordedEvent, encode
 from ledger.store.schema import LIVE, ProjectionTables, checkpoints
 from ledger.store.schema import events as events_table
-from ledger.store.target import SqlTarget
+from ledger.store.target import CatalogueFill, SqlTarget
 
 
 class Checkpoint(NamedTuple):
@@ -417,8 +417,11 @@ class RebuildPlan(Protocol):
     def write(self, work: Any) -> Any:
         """``work(conn)`` in a write transaction, retried as the ledger's writes are."""
 
-    def corrupt_payloads(self, conn: Connection) -> None:
-        """Raise :class:`ledger.errors.RebuildError` if the new tables serve a corrupt event."""
+    def payload_problems(self, conn: Connection, slots: Sequence[str]) -> list[str]:
+        """The corrupt events the new tables of ``slots`` would serve (none: [])."""
+
+    def corruption(self, problems: list[str]) -> Exception:
+        """The error that stops a rebuild which found ``problems``."""
 
     def mixed(self) -> ProjectionTables:
         """The new tables for the rebuilt slots, the live ones elsewhere."""
@@ -453,17 +456,10 @@ class MaintainableStore(FollowableStore):
         """Let this transaction delete from the append-only log."""
 
     @staticmethod
-    def prepare_bulk_read(conn: Connection, whole_log: bool) -> None:
-        """Set the transaction up for a read of many log rows (a catalogue fill)."""
-
-    @staticmethod
-    def after_bulk_read(conn: Connection, whole_log: bool) -> None:
-        """Undo :meth:`prepare_bulk_read` for what else runs in the transaction."""
-
-    @staticmethod
-    def write_rows(conn: Connection, table: sa.Table, columns: list[str], rows: list[tuple]) -> None:
-        """Insert many rows into ``table``."""
-        conn.execute(sa.insert(table), [dict(zip(columns, v, strict=True)) for v in rows])
+    @abstractmethod
+    def fill_catalogue(conn: Connection, fill: CatalogueFill) -> int:
+        """Run ``fill`` (its select, then its rows into its table) the fastest way this
+        database has; how many rows went in."""
 
     @abstractmethod
     def migrating(self) -> contextlib.AbstractContextManager[Connection]:

@@ -120,7 +120,8 @@ def _catalogue_table(md: sa.MetaData, name: str) -> sa.Table:
     and expiry (task meta's row must go, Celery then reports PENDING), and the
     indexes below would otherwise weigh on ``get_task_meta``'s table. Indexes
     serve the catalogue's filters, newest first: ``(x, first_seen)`` for the
-    filters asked with a time range or a limit, ``root_id`` for a workflow.
+    filters asked with a time range or a limit, ``root_id`` for a workflow,
+    ``group_id`` for a group's members (the timeline, a chord's header).
     Queue, exception type and args are filtered on rows these narrow down.
     """
     return sa.Table(
@@ -132,13 +133,16 @@ def _catalogue_table(md: sa.MetaData, name: str) -> sa.Table:
         sa.Column("first_seen", UTCDateTime(), nullable=False, index=True),
         sa.Column("started_at", UTCDateTime(), nullable=True),
         sa.Column("finished_at", UTCDateTime(), nullable=True),
+        sa.Column("sent_at", UTCDateTime(), nullable=True),
+        sa.Column("ready_at", UTCDateTime(), nullable=True),
+        sa.Column("received_at", UTCDateTime(), nullable=True),
         sa.Column("name", sa.String(), nullable=True),
         sa.Column("worker", sa.String(), nullable=True),
         sa.Column("queue", sa.String(), nullable=True),
         sa.Column("retries", sa.Integer(), nullable=True),
         sa.Column("parent_id", sa.String(255), nullable=True),
         sa.Column("root_id", sa.String(255), nullable=True, index=True),
-        sa.Column("group_id", sa.String(255), nullable=True),
+        sa.Column("group_id", sa.String(255), nullable=True, index=True),
         sa.Column("exc_type", sa.String(), nullable=True),
         sa.Column("content_type", sa.String(100), nullable=True),
         sa.Column("args", sa.LargeBinary(), nullable=True),

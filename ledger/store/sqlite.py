@@ -38,6 +38,7 @@ from ledger.store.base import (
     row_to_event,
 )
 from ledger.store.schema import LIVE
+from ledger.store.target import CatalogueFill
 
 
 def create_engine(u: URL) -> Engine:
@@ -179,7 +180,9 @@ class SQLiteStore(MaintainableStore):
                 conn.exec_driver_sql(table_sql.replace(live.name, fresh.name, 1))
             plan.fill(conn)
             report.fill_seconds = time.perf_counter() - fill_started
-            plan.corrupt_payloads(conn)  # raising rolls it all back: the live tables stay
+            problems = plan.payload_problems(conn, plan.slots)
+            if problems:  # raising rolls it all back: the live tables stay
+                raise plan.corruption(problems)
             swap_started = time.perf_counter()
             for slot in plan.slots:
                 live, fresh = getattr(LIVE, slot), getattr(plan.new, slot)
@@ -203,6 +206,23 @@ class SQLiteStore(MaintainableStore):
     def drop_scratch_table(self, conn: Connection, scratch: sa.Table) -> None:
         # SQLite's temporary tables outlive a rolled-back transaction.
         conn.exec_driver_sql(f'DROP TABLE temp."{scratch.name}"')
+
+    @staticmethod
+    def fill_catalogue(conn: Connection, fill: CatalogueFill) -> int:
+        compiled, columns = fill.compiled(conn.dialect)
+        raw = conn.connection.driver_connection
+        params = [compiled.params[k] for k in compiled.positiontup or ()]
+        insert = f"INSERT INTO {fill.table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        filled = 0
+        rows = raw.cursor()
+        try:
+            rows.execute(str(compiled), params)
+            while chunk := rows.fetchmany(fill.BATCH):
+                raw.executemany(insert, fill.with_payload_values(chunk, _time))
+                filled += len(chunk)
+        finally:
+            rows.close()
+        return filled
 
     @contextlib.contextmanager
     def migrating(self) -> Iterator[Connection]:
@@ -267,6 +287,11 @@ class SQLiteStore(MaintainableStore):
         return sa.select(
             r.c.key, *cols, sa.func.max(r.c.s).label("max"), sa.func.count().label("count")
         ).group_by(r.c.key)
+
+
+def _time(value: datetime) -> str:
+    # As UTCDateTime stores it on SQLite: naive UTC text, always with microseconds.
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def _ddl(conn: Connection, table: str) -> tuple[str, list[str]]:

@@ -4,19 +4,17 @@ Revision ID: 0003_catalogue
 Revises: 0002_integrity
 Create Date: 2026-12-02
 
-The table's columns are spelled out (frozen). The back-fill is the catalogue's
-rebuild (:func:`ledger.store.target.catalogue_select`): set-based SQL picks each
-task's events, one payload per task is decoded, rows go in batched.
+The table's columns are spelled out (frozen). Its rows are filled by the next
+revision (0004_catalogue_lifecycle), which added the lifecycle's columns and
+fills the catalogue from the log once, with its rules frozen there: a ledger
+upgraded to head fills it once, not twice. (Until 0004 this revision filled
+the table itself, with the live rebuild code -- which then changed under it.)
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-
-from ledger.store import store_type
-from ledger.store.schema import UTCDateTime
-from ledger.store.target import CatalogueFill, catalogue_select
 
 revision = "0003_catalogue"
 down_revision = "0002_integrity"
@@ -63,26 +61,6 @@ def upgrade() -> None:
         *(sa.Column(name, type_, nullable=nullable) for name, type_, nullable in COLUMNS),
         sa.PrimaryKeyConstraint("task_id", name=op.f("pk_ledger_tasks")),
     )
-    # Rows first, indexes after: building an index once is cheaper than
-    # maintaining it row by row through the back-fill.
-    events = sa.table(
-        "ledger_events",
-        sa.column("position", POSITION),
-        sa.column("stream_id", sa.String()),
-        sa.column("type", sa.String()),
-        sa.column("task_state", sa.String()),
-        sa.column("recorded_at", UTCDateTime()),
-        sa.column("payload", sa.LargeBinary()),
-    )
-    date_columns = {"first_seen", "started_at", "finished_at"}
-    target = sa.table(
-        TABLE,
-        *(
-            sa.column(name, UTCDateTime() if name in date_columns else type_)
-            for name, type_, _ in COLUMNS
-        ),
-    )
-    CatalogueFill(target, catalogue_select(events)).run(op.get_bind(), store_type(op.get_bind()))
     for name, columns in INDEXES.items():
         op.create_index(op.f(name), TABLE, columns)
 
