@@ -70,11 +70,13 @@ def _variant(data, v: int):
     })
 
 
-def generate_log(url: str, n_events: int, variants: int = 1) -> int:
+def generate_log(url: str, n_events: int, variants: int = 1, span: float | None = None) -> int:
     """Append about ``n_events`` synthetic events (a multiple of 10); returns how many.
 
     ``variants`` > 1: unit ``i`` uses the payloads of variant ``i % variants``
     (:func:`_variant`), for the catalogue's filters and statistics to have work.
+    ``span``: the units' times spread evenly over that many seconds up to now
+    (default 1 ms apart), so that time filters select a part of the log.
     """
     from ledger.api import Ledger
 
@@ -88,7 +90,7 @@ def generate_log(url: str, n_events: int, variants: int = 1) -> int:
     payload_case = f"CASE t.ord * {variants} + s.i % {variants} " + " ".join(
         f"WHEN {k} THEN :p{k}" for k in range(UNIT * variants)
     ) + " END"
-    pg = ledger.dialect == "postgresql"
+    pg = ledger.engine.dialect.name == "postgresql"
     series = (
         "generate_series(1, :units) AS s(i)"
         if pg
@@ -105,7 +107,7 @@ def generate_log(url: str, n_events: int, variants: int = 1) -> int:
             schema_version, recorded_at, task_state, ref_id, chord_size, payload)
         SELECT :base + (s.i - 1) * {UNIT} + t.ord + 1, pg_current_xact_id()::text::bigint,
             gen_random_uuid(), {stream}, t.version, t.type, 1,
-            now() - (:units - s.i) * interval '1 millisecond', t.state, {ref}, t.size,
+            now() - (:units - s.i) * :step * interval '1 millisecond', t.state, {ref}, t.size,
             {payload_case}
         FROM {series} CROSS JOIN (VALUES {_template_rows()})
             AS t(ord, kind, suffix, version, type, state, ref, size)
@@ -116,7 +118,7 @@ def generate_log(url: str, n_events: int, variants: int = 1) -> int:
             schema_version, recorded_at, task_state, ref_id, chord_size, payload)
         SELECT :base + (s.i - 1) * {UNIT} + t.ord + 1, 0, lower(hex(randomblob(16))),
             {stream}, t.version, t.type, 1,
-            strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ((:units - s.i) / 1000.0) || ' seconds'),
+            strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ((:units - s.i) * :step / 1000.0) || ' seconds'),
             t.state, {ref}, t.size, {payload_case}
         FROM {series} CROSS JOIN (SELECT column1 AS ord, column2 AS kind, column3 AS suffix,
             column4 AS version, column5 AS type, column6 AS state, column7 AS ref,
@@ -124,7 +126,8 @@ def generate_log(url: str, n_events: int, variants: int = 1) -> int:
         """
     with ledger.engine.connect() as conn, conn.begin():
         base = conn.execute(sa.text("SELECT COALESCE(MAX(position), 0) FROM ledger_events")).scalar_one()
-        conn.execute(sa.text(sql), {"units": units, "base": base, **payloads})
+        step = 1.0 if span is None else span * 1000 / units  # milliseconds between units
+        conn.execute(sa.text(sql), {"units": units, "base": base, "step": step, **payloads})
         if pg:
             conn.execute(sa.text(
                 "SELECT setval(pg_get_serial_sequence('ledger_events', 'position'), "
@@ -168,4 +171,4 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     result = measure_rebuild(url, n)
     print(result, f"(total with generation {time.perf_counter() - t0:.1f}s)")
-    print("kept in", keep(f"rebuild_log-{Ledger.open(url).dialect}-{n}", result))
+    print("kept in", keep(f"rebuild_log-{Ledger.open(url).engine.dialect.name}-{n}", result))

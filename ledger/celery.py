@@ -53,7 +53,7 @@ from celery.utils.log import get_logger
 from kombu.serialization import loads
 from kombu.utils.encoding import ensure_bytes
 
-from ledger import database, lifecycle
+from ledger import lifecycle
 from ledger.api import Ledger, RetryPolicy
 from ledger.errors import (
     CodecError,
@@ -78,9 +78,10 @@ from ledger.events import (
     TaskState,
     fit_extras,
 )
-from ledger.listen import Listener
 from ledger.redaction import redact, signature_of
 from ledger.settings import BackendSettings
+from ledger.store.base import Listener
+from ledger.store.engine import engine_for, is_disconnect, normalize_url, safe_url
 from projections.task_meta import TaskMeta
 
 logger = get_logger(__name__)
@@ -102,7 +103,7 @@ class PayloadTooLarge(LedgerError, BackendStoreError):
     """An event (result, traceback, args, kwargs) is larger than ``ledger_max_payload_bytes``."""
 
 
-class LedgerBackend(BaseBackend):
+class LedgerBackend(BaseBackend, lifecycle.Recorder):
     """Celery result backend storing every state transition as an event."""
 
     supports_native_join = True
@@ -118,7 +119,7 @@ class LedgerBackend(BaseBackend):
                 "'ledger+postgresql+psycopg://user@host/db' or 'ledger+sqlite:///path.db'"
             )
         # Validates the URL now (a clear error at configuration time), connects later.
-        self._db_url = database.normalize_url(url)
+        self._db_url = normalize_url(url)
         try:
             settings = BackendSettings.from_conf(conf)
         except SettingError as exc:
@@ -148,7 +149,7 @@ class LedgerBackend(BaseBackend):
         )
         # The size limit bounds the whole event (result, traceback, args, kwargs):
         # Ledger.append refuses a larger one before anything is written.
-        ledger = Ledger(database.engine_for(self._db_url), retry=retry, notify=self.notify,
+        ledger = Ledger(engine_for(self._db_url), retry=retry, notify=self.notify,
                         max_payload_bytes=self.max_payload_bytes)
         if self.auto_upgrade:
             key = ledger.url
@@ -161,7 +162,7 @@ class LedgerBackend(BaseBackend):
     def as_uri(self, include_password: bool = False) -> str:
         if include_password:
             return f"ledger+{self.url}"
-        return f"ledger+{database.safe_url(self._db_url)}"
+        return f"ledger+{safe_url(self._db_url)}"
 
     def __reduce__(self, args=(), kwargs=None):
         # The base class does not pass the URL on; prefork children need it.
@@ -170,7 +171,7 @@ class LedgerBackend(BaseBackend):
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         cause = exc.__cause__ if isinstance(exc, BackendStoreError | BackendGetMetaError) else exc
-        return cause is not None and database.is_disconnect(cause)
+        return cause is not None and is_disconnect(cause)
 
     # -- storing ------------------------------------------------------------------------
 
@@ -469,7 +470,7 @@ class LedgerBackend(BaseBackend):
         except SchemaMissing as exc:
             raise BackendGetMetaError(str(exc), task_id=next(iter(ids))) from None
         except sa.exc.SQLAlchemyError as exc:
-            if not database.is_disconnect(exc):
+            if not is_disconnect(exc):
                 raise BackendGetMetaError(
                     f"failed to get meta: {type(exc).__name__}", task_id=next(iter(ids))
                 ) from exc
@@ -485,12 +486,12 @@ class LedgerBackend(BaseBackend):
                 yield task_id, meta
 
     def _wake_ups(self, *, enabled: bool) -> Listener:
-        # Entering a PgListener LISTENs (one connection), before the first read: a
-        # commit between that read and the wait still wakes us.
-        return Listener.for_engine(self.ledger.engine) if enabled else Listener()
+        # Entering a listener that wakes LISTENs (one connection), before the first
+        # read: a commit between that read and the wait still wakes us.
+        return self.ledger.store.listener() if enabled else Listener()
 
     def _nap(self, listener: Listener, ids: set[str], deadline: float | None, interval: float):
-        if self.ledger.dialect != "postgresql":
+        if not listener.wakes:
             left = interval if deadline is None else min(interval, deadline - time.monotonic())
             if left > 0:
                 listener.wait(left)

@@ -78,7 +78,7 @@ class EventData(BaseModel):
         return f"{self.stream_prefix}:{self.stream_key}"
 
     # Columns lifted out of the payload so projections can be rebuilt set-based
-    # in SQL without decoding msgpack (see ledger/schema.py).
+    # in SQL without decoding msgpack (see ledger/store/schema.py).
     def index_columns(self) -> dict[str, Any]:
         return {}
 
@@ -374,7 +374,7 @@ class NewEvent:
 
     ``expected_version`` is optimistic concurrency: the stream's version before
     this event must equal it, or the append fails with
-    :class:`ledger.log.VersionConflict`. ``None`` appends at the end.
+    :class:`ledger.errors.VersionConflict`. ``None`` appends at the end.
     """
 
     data: EventData

@@ -84,9 +84,13 @@ def test_summary_takes_medians_over_rounds_and_keeps_failures_visible():
 def test_catalogue_bench_answers_each_question_on_a_small_log(tmp_path, capsys):
     from bench.catalogue import main
 
-    assert main([f"sqlite:///{tmp_path / 'cat.db'}", "200", "--runs", "1"]) == 0
+    assert main([f"sqlite:///{tmp_path / 'cat.db'}", "1000", "--runs", "1", "--no-keep"]) == 0
     out = capsys.readouterr().out
-    assert "catalogue 200 tasks" in out
-    for question in ("--state FAILURE", "--name bench.task3", "--root ID", "stats --since -24h"):
-        assert question in out
-    assert "| 50 |" in out  # the limited questions found their 50 rows
+    assert "back-fill (migration 0004): {'events': 5000" in out
+    assert "'ledger_tasks': 1000" in out  # the rebuild's rows
+    rows = {line.split("|")[1].strip(): int(line.split("|")[4]) for line in out.splitlines()
+            if line.startswith("| `")}
+    assert rows["`tasks --name bench.task3 --limit 50`"] == 50
+    assert rows["`tasks --root ID (a 20-task workflow)`"] == 20
+    assert rows["`tasks --state FAILURE --since -1h --limit 50`"] > 0
+    assert rows["`stats --since -24h`"] == 8  # 7 generated names and the workflow's

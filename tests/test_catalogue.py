@@ -23,7 +23,7 @@ from ledger.api import Ledger
 from ledger.cli import main
 from ledger.errors import BadFilter
 from ledger.events import Encoded, ResultExpired, TaskForgotten, TaskReceived, TaskSent, TaskState
-from ledger.schema import events as events_table
+from ledger.store.schema import events as events_table
 from projections.memory import MemoryTarget
 from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
 
@@ -314,6 +314,14 @@ def test_db_upgrade_back_fills_the_catalogue_of_an_existing_ledger(any_url, caps
     ledger = Ledger.open(any_url)
     for tag in ("a", "b", "c"):
         workload(ledger, tag)
+    # Every payload column, and a redelivery after SUCCESS (its late STARTED moves
+    # neither state nor runtime): the migration's own copy of the rule must hold.
+    full = dict(name="shop.charge", worker="celery@w7", queue="payments", retries=1, parent_id="p",
+                root_id="r", group_id="g", args=Encoded(content_type="application/json", data=b'["order-17"]'),
+                kwargs=Encoded(content_type="application/json", data=b'{"n": 1}'))
+    for status in ("STARTED", "SUCCESS", "STARTED", "FAILURE"):
+        ledger.append([TaskState(task_id="redelivered", status=status, **full)])
+    ledger.append([TaskState(task_id="failed", status="FAILURE", exc_type="KeyError", **full)])
     migrate.downgrade(ledger.engine, "0002_integrity")
     assert "ledger_tasks" not in sa.inspect(ledger.engine).get_table_names()
     assert main(["db", "upgrade", "--db", ledger.engine.url.render_as_string(hide_password=False)]) == 0
@@ -321,7 +329,8 @@ def test_db_upgrade_back_fills_the_catalogue_of_an_existing_ledger(any_url, caps
     memory = MemoryTarget()
     memory.apply(iter_events(ledger))
     live = ledger.snapshot()
-    assert len(live.catalogue) == 60 and any(e.forgotten for e in live.catalogue.values())
+    assert len(live.catalogue) == 62 and any(e.forgotten for e in live.catalogue.values())
+    assert (live.catalogue["redelivered"].state, live.catalogue["failed"].exc_type) == ("SUCCESS", "KeyError")
     assert memory.state.differences(live) == []
     migrate.check(ledger.engine)
 
@@ -358,6 +367,10 @@ def test_db_upgrade_to_0004_fills_lifecycle_rows_and_times(any_url):
     ledger = Ledger.open(any_url)
     workload(ledger, "a")
     lifecycle_workload(ledger)
+    stored = "SELECT * FROM ledger_tasks ORDER BY task_id"
+    with ledger.engine.connect() as conn:
+        # as the live path stored them (SQLite: the very text of each time)
+        live_rows = conn.execute(sa.text(stored)).all()
     migrate.downgrade(ledger.engine, "0003_catalogue")
     columns = {c["name"] for c in sa.inspect(ledger.engine).get_columns("ledger_tasks")}
     assert "ready_at" not in columns
@@ -371,7 +384,26 @@ def test_db_upgrade_to_0004_fills_lifecycle_rows_and_times(any_url):
     assert {t: live.catalogue[t].state for t in ("lost", "held", "eta", "retried", "late")} == {
         "lost": "SENT", "held": "RECEIVED", "eta": "SUCCESS", "retried": "RETRY", "late": "STARTED"}
     assert live.catalogue["eta"].queue_wait is not None
+    with ledger.engine.connect() as conn:
+        assert conn.execute(sa.text(stored)).all() == live_rows
     migrate.check(ledger.engine)
+
+
+def test_rebuild_stores_the_catalogue_rows_exactly_as_the_live_path_did(any_url):
+    """The rebuild writes the rows through the driver (binary COPY, executemany): every
+    value as stored, SQLite's time text included, equals what the appends stored."""
+    from ledger.rebuild import rebuild
+    from tests.test_rebuild import workload
+
+    ledger = Ledger.open(any_url)
+    workload(ledger, "a")
+    lifecycle_workload(ledger)
+    stored = sa.text("SELECT * FROM ledger_tasks ORDER BY task_id")
+    with ledger.engine.connect() as conn:
+        live_rows = conn.execute(stored).all()
+    assert rebuild(ledger).rows["ledger_tasks"] == len(live_rows)
+    with ledger.engine.connect() as conn:
+        assert conn.execute(stored).all() == live_rows
 
 
 def test_timeline_finds_a_workflow_through_the_catalogues_root_ids(ledger):

@@ -149,14 +149,34 @@ def test_tasks_api_filters_newest_first_and_pages(ledger, client):
     assert listed("?args=55") == ["c-5"]
     assert listed("?root=c-2") == ["c-2"]
     assert listed("?name=shop.charge&state=FAILURE") == []
-    page = client.get("/api/tasks?limit=2&page=2").json()
-    assert [t["task_id"] for t in page["tasks"]] == ["c-4", "c-3"] and page["has_more"]
-    assert not client.get("/api/tasks?limit=2&page=4").json()["has_more"]
     r = client.get("/api/tasks?limit=0")
     assert r.status_code == 400 and r.json()["error"].startswith("limit: ")
     assert client.get("/api/tasks?colour=red").json() == {"error": "unknown parameter 'colour'"}
+    r = client.get("/api/tasks?before=yesterday")
+    assert r.status_code == 400 and r.json()["error"].startswith("before: not a page key")
     html = client.get("/?name=shop.*&limit=2").text
-    assert html.count("<tr data-task-id=") == 2 and 'href="/?name=shop.%2A&amp;page=2&amp;limit=2"' in html
+    assert html.count("<tr data-task-id=") == 2 and 'href="/?name=shop.%2A&amp;before=' in html
+
+
+def test_tasks_pages_by_key_through_the_whole_list_both_ways(ledger, client):
+    """Keyset paging: older pages from the last row's (first seen, id), newer ones from
+    the first row's; ties in first-seen time (one transaction) are ordered by id."""
+    ids = store_catalogue(ledger)
+    ledger.append([TaskState(task_id=f"tie-{i}", status="SUCCESS", name="tie") for i in range(3)])
+    expected = [f"tie-{i}" for i in (2, 1, 0)] + ids[::-1]
+    pages, page = [], client.get("/api/tasks?limit=3").json()
+    assert page["newer"] is None
+    while True:
+        pages.append([t["task_id"] for t in page["tasks"]])
+        if page["older"] is None:
+            break
+        page = client.get("/api/tasks", params={"limit": 3, "before": page["older"]}).json()
+    assert pages == [expected[i:i + 3] for i in range(0, len(expected), 3)]
+    back = []
+    while page["newer"] is not None:
+        page = client.get("/api/tasks", params={"limit": 3, "after": page["newer"]}).json()
+        back.append([t["task_id"] for t in page["tasks"]])
+    assert back == pages[-2::-1]
 
 
 def test_stats_api_counts_rates_and_runtimes_by_name(ledger, client):

@@ -246,11 +246,23 @@ class TaskQuery(_Model):
     until: datetime | None = None
     root: str | None = None
     args: str | None = None  # a substring of the stored args/kwargs
-    page: int = Field(1, ge=1, le=1000)
+    #: keyset paging: a listed task's :func:`page_key`; the page older than it, or
+    #: the page newer than it (none: the newest page, the one that follows the log)
+    before: str | None = Field(None, max_length=600)
+    after: str | None = Field(None, max_length=600)
     limit: int = Field(50, ge=1, le=500)
 
     #: the fields that are not filters of ``Ledger.tasks``
-    PAGING: ClassVar[frozenset[str]] = frozenset({"page", "limit"})
+    PAGING: ClassVar[frozenset[str]] = frozenset({"before", "after", "limit"})
+
+    @property
+    def newest(self) -> bool:
+        """The first page: no key to page from."""
+        return self.before is None and self.after is None
+
+    def keys(self) -> dict[str, tuple[datetime, str]]:
+        """``before``/``after`` as ``Ledger.tasks`` takes them; ValueError names a bad one."""
+        return {k: _read_key(k, v) for k in ("before", "after") if (v := getattr(self, k)) is not None}
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> TaskQuery:
@@ -264,10 +276,27 @@ class TaskQuery(_Model):
 
     def link(self, **change: Any) -> str:
         """The query string of this query with ``change`` applied (for pager links)."""
-        values = {**self.filters(), "page": self.page, "limit": self.limit, **change}
+        values = {**self.filters(), "before": self.before, "after": self.after, "limit": self.limit,
+                  **change}
         shown = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in values.items()
-                 if v is not None and not (k == "page" and v == 1) and not (k == "limit" and v == 50)}
+                 if v is not None and not (k == "limit" and v == 50)}
         return "?" + urlencode(shown) if shown else "?"
+
+
+def page_key(first_seen: datetime, task_id: str) -> str:
+    """A listed task's place in the newest-first order, as a ``before``/``after`` value."""
+    return f"{first_seen.isoformat()}|{task_id}"
+
+
+def _read_key(field: str, key: str) -> tuple[datetime, str]:
+    seen, sep, task_id = key.partition("|")
+    try:
+        at = datetime.fromisoformat(seen)
+    except ValueError:
+        at = None
+    if not sep or at is None or at.tzinfo is None:
+        raise ValueError(f"{field}: not a page key (first-seen time with its zone, '|', task id): {key!r}")
+    return at, task_id
 
 
 class TaskRow(_Model):
@@ -301,7 +330,9 @@ class TaskRow(_Model):
 class TaskPage(_Model):
     query: TaskQuery
     tasks: list[TaskRow]
-    has_more: bool
+    #: ``before`` for the next older page / ``after`` for the next newer one (None: no such page)
+    older: str | None
+    newer: str | None
 
 
 class StatsQuery(_Model):

@@ -1,10 +1,9 @@
 """The Tasks and Stats pages' data: the task catalogue (:mod:`ledger.catalogue`) as web models.
 
-Paging is newest first by first-seen time. The catalogue answers "the newest N
-matching", so page ``p`` asks for ``p * limit + 1`` rows and shows the last
-``limit`` of them (the one beyond says whether an older page exists); pages are
-capped at :data:`MAX_ROWS` rows deep, past which a filter narrows better than
-paging does.
+Paging is newest first by first-seen time, by key, not by offset: a page asks
+for the ``limit + 1`` tasks just older (``before``) or just newer (``after``)
+than a listed task's (first-seen, id), so any page reads about ``limit`` rows
+of an index however deep it is, and no count of the matching tasks is made.
 """
 
 from __future__ import annotations
@@ -13,19 +12,36 @@ from datetime import datetime, timezone
 
 from ledger.catalogue import CatalogueRow, GroupStats
 from ledger.events import Encoded
-from ledger.web.models import StatsOut, StatsQuery, StatsRow, TaskPage, TaskQuery, TaskRow, shown
-
-MAX_ROWS = 10_000
+from ledger.web.models import (
+    StatsOut,
+    StatsQuery,
+    StatsRow,
+    TaskPage,
+    TaskQuery,
+    TaskRow,
+    page_key,
+    shown,
+)
 
 
 def find_tasks(ledger, query: TaskQuery) -> TaskPage:
     """One page of the tasks matching ``query``, newest first; ValueError names a bad filter."""
-    skip = (query.page - 1) * query.limit
-    if skip + query.limit > MAX_ROWS:
-        raise ValueError(f"page: at most {MAX_ROWS:,} rows deep (page * limit); narrow the filters")
-    rows = ledger.tasks(**query.filters(), limit=skip + query.limit + 1)
-    return TaskPage(query=query, tasks=[task_row(r) for r in rows[skip: skip + query.limit]],
-                    has_more=len(rows) > skip + query.limit)
+    keys = query.keys()
+    rows = ledger.tasks(**query.filters(), **keys, limit=query.limit + 1)
+    more = len(rows) > query.limit  # one row beyond the page: another page that way
+    if "after" in keys:
+        rows = rows[-query.limit:] if more else rows  # the newest-first list's last ones
+        older = rows[-1] if rows else None
+        newer = rows[0] if more else None
+    else:
+        rows = rows[:query.limit]
+        older = rows[-1] if more else None
+        newer = rows[0] if "before" in keys and rows else None
+    return TaskPage(
+        query=query, tasks=[task_row(r) for r in rows],
+        older=None if older is None else page_key(older.entry.first_seen, older.task_id),
+        newer=None if newer is None else page_key(newer.entry.first_seen, newer.task_id),
+    )
 
 
 def task_row(row: CatalogueRow) -> TaskRow:

@@ -27,11 +27,11 @@ import sqlalchemy as sa
 from celery import Celery, states
 from celery.exceptions import BackendStoreError
 
-from ledger import database
 from ledger.api import Ledger
 from ledger.events import ChordStarted
 from ledger.rebuild import verify
-from ledger.schema import events
+from ledger.store import engine as database
+from ledger.store.schema import events
 from tests.faults.conftest import forget_engine
 
 RESULTS = 2000
@@ -242,7 +242,7 @@ def _poison(url: str, task_id: str) -> None:
     """A trigger that makes the database reject any event of ``task_id``."""
     ledger = Ledger.open(url)
     with ledger.engine.begin() as conn:
-        if ledger.dialect == "postgresql":
+        if ledger.engine.dialect.name == "postgresql":
             conn.exec_driver_sql(
                 "CREATE FUNCTION faults_reject() RETURNS trigger LANGUAGE plpgsql AS $$ "
                 "BEGIN RAISE EXCEPTION 'rejected by the fault test'; END $$")
