@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     with ledger.engine.connect() as conn:
         have = conn.execute(sa.text("SELECT COUNT(*) FROM ledger_events")).scalar_one()
     want = a.tasks // TASKS_PER_UNIT * EVENTS_PER_UNIT
-    measured: dict = {"tasks": a.tasks, "dialect": ledger.dialect}
+    measured: dict = {"tasks": a.tasks, "dialect": ledger.engine.dialect.name}
     if have < want:
         t = time.perf_counter()
         generate_log(a.url, want - have, variants=50, span=SPAN_S)
@@ -185,18 +185,18 @@ def main(argv: list[str] | None = None) -> int:
                                "events_per_s": round(report.rate), "rows": report.rows}
         print(f"rebuild: {measured['rebuild']}", flush=True)
     _workflow(ledger)
-    if ledger.dialect == "postgresql":
+    if ledger.engine.dialect.name == "postgresql":
         _analyze(ledger)
     measured["questions"] = questions(ledger, a.runs)
-    print(f"\n| question ({ledger.dialect}, {a.tasks:,} tasks) | p50 ms | max ms | rows |")
+    print(f"\n| question ({ledger.engine.dialect.name}, {a.tasks:,} tasks) | p50 ms | max ms | rows |")
     print("|---|---|---|---|")
     for label, q in measured["questions"].items():
         print(f"| `{label}` | {q['p50_ms']:.1f} | {q['max_ms']:.1f} | {q['rows']} |")
-    if a.store_seconds > 0 and ledger.dialect == "postgresql":
+    if a.store_seconds > 0 and ledger.engine.dialect.name == "postgresql":
         measured["store cost"] = store_cost(ledger, a.store_seconds, a.rounds)
         print(f"\nstore STARTED+SUCCESS, tasks/s: {measured['store cost']}")
     if not a.no_keep:
-        print("kept in", keep(f"catalogue-{ledger.dialect}-{a.tasks}", measured))
+        print("kept in", keep(f"catalogue-{ledger.engine.dialect.name}-{a.tasks}", measured))
     return 0
 
 

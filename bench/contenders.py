@@ -82,8 +82,8 @@ class Environment:
     def prepare(self, contender: Contender) -> None:
         """Create the contender's schema before anything is timed."""
         if contender.family == "ledger":
-            from ledger import database
             from ledger.api import Ledger
+            from ledger.store import engine as database
 
             ledger = Ledger.open(contender.url, upgrade=True)
             # Children build their own engine after fork; the parent keeps none open.

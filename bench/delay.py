@@ -30,10 +30,10 @@ from celery import Celery
 from bench.contenders import PG_SERVER, REDIS
 from bench.processes import Job, Slice, merge, run_forked, timed_ops
 from bench.stats import Run
-from ledger import database
 from ledger.api import Ledger
 from ledger.events import TaskSent
-from ledger.schema import events
+from ledger.store import engine as database
+from ledger.store.schema import events
 
 
 def make_app(backend: str, broker: str, queue: str, track: bool) -> Celery:
@@ -71,7 +71,7 @@ def delay_job(backend: str, broker: str, queue: str, track: bool) -> Job:
 def sent_events(url: str) -> int:
     ledger = Ledger.open(url)
     q = sa.select(sa.func.count()).where(events.c.type == TaskSent.type)
-    return ledger._read(lambda c: c.execute(q).scalar_one())
+    return ledger.read(lambda c: c.execute(q).scalar_one())
 
 
 def measure(urls: dict[str, str], broker: str, rounds: int, seconds: float,

@@ -14,7 +14,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ledger.database import safe_url
+from ledger.store.engine import safe_url
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -90,7 +90,7 @@ def generate_log(url: str, n_events: int, variants: int = 1, span: float | None 
     payload_case = f"CASE t.ord * {variants} + s.i % {variants} " + " ".join(
         f"WHEN {k} THEN :p{k}" for k in range(UNIT * variants)
     ) + " END"
-    pg = ledger.dialect == "postgresql"
+    pg = ledger.engine.dialect.name == "postgresql"
     series = (
         "generate_series(1, :units) AS s(i)"
         if pg
@@ -171,4 +171,4 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     result = measure_rebuild(url, n)
     print(result, f"(total with generation {time.perf_counter() - t0:.1f}s)")
-    print("kept in", keep(f"rebuild_log-{Ledger.open(url).dialect}-{n}", result))
+    print("kept in", keep(f"rebuild_log-{Ledger.open(url).engine.dialect.name}-{n}", result))

@@ -39,8 +39,8 @@ def measure_relay(url: str, bootstrap: str, n: int = 10_000, topic: str | None =
     ledger = Ledger.open(url)
     topic = topic or f"bench-relay-{uuid.uuid4().hex[:8]}"
     # New transactions follow the head in follow order: only this run's events count.
-    head = ledger._read(ledger.log.head)
-    ledger._write(lambda c: ledger.save_checkpoint(c, f"relay:{topic}", head))
+    head = ledger.read(ledger.log.head)
+    ledger.write(lambda c: ledger.save_checkpoint(c, f"relay:{topic}", head))
     _fill(ledger, n, f"rate-{uuid.uuid4().hex[:6]}")
     relay = Relay(ledger, bootstrap, topic)
     t0 = time.perf_counter()
@@ -68,8 +68,8 @@ def measure_latency(url: str, bootstrap: str, n: int = 500, rate: float = 100.0)
     stop = threading.Event()
     # Start from the current end of the log: only this run's events are on the topic
     # and timed (relaying the existing log first would leave the consumer a backlog).
-    head = ledger._read(ledger.log.head)
-    ledger._write(lambda c: ledger.save_checkpoint(c, f"relay:{topic}", head))
+    head = ledger.read(ledger.log.head)
+    ledger.write(lambda c: ledger.save_checkpoint(c, f"relay:{topic}", head))
     relay = Relay(ledger, bootstrap, topic, batch_size=500)  # default poll interval, as users run it
     relay_thread = threading.Thread(target=relay.run, kwargs={"stop": stop}, daemon=True)
     relay_thread.start()
@@ -133,7 +133,7 @@ def main() -> None:
         measured = {"relay": {"runs": runs, "median_events_per_s": statistics.median(rates)}
                     if runs else None, "latency": latency}
         print(json.dumps(measured, indent=2))
-        print("kept in", keep(f"relay-{Ledger.open(args.db).dialect}", measured))
+        print("kept in", keep(f"relay-{Ledger.open(args.db).engine.dialect.name}", measured))
     finally:
         if broker is not None:
             broker.kill()

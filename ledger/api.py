@@ -15,16 +15,22 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from ledger import database
-from ledger.errors import BadFilter, EventTooLarge, SchemaMissing
+from ledger.errors import (
+    BadFilter,
+    EventTooLarge,
+    RetryableConflict,
+    SchemaMissing,
+    VersionConflict,
+)
 from ledger.events import (
     ChordApplied,
     ChordFired,
@@ -36,17 +42,21 @@ from ledger.events import (
     ResultExpired,
     validate,
 )
-from ledger.log import START, Checkpoint, Encoded, RetryableConflict, VersionConflict, log_for
-from ledger.schema import checkpoints
-from ledger.schema import events as events_table
+from ledger.store import store_for
+from ledger.store.base import START, Checkpoint, Encoded
+from ledger.store.engine import engine_for, is_disconnect, safe_url
+from ledger.store.schema import checkpoints
+from ledger.store.schema import events as events_table
 from projections.chord import ChordState
 from projections.group import GroupState
 from projections.memory import MemoryTarget, Snapshot
-from projections.sql import FusedSql, SqlTarget
 from projections.task_meta import TaskMeta
 
 if TYPE_CHECKING:
     from ledger.catalogue import CatalogueRow, GroupStats
+
+#: A chord's saved header group and its returned parts' task rows (:meth:`Ledger.chord_header`).
+ChordInputs = tuple[GroupState | None, dict[str, TaskMeta | None]]
 
 log = logging.getLogger("ledger")
 T = TypeVar("T")
@@ -88,12 +98,11 @@ class Ledger:
         self.engine = engine
         #: Largest encoded event payload :meth:`append` accepts (None: no limit).
         self.max_payload_bytes = max_payload_bytes
-        self.dialect = engine.dialect.name
-        self.log = log_for(self.dialect, notify=notify)
-        self.target = SqlTarget()
+        #: The database's statements (:mod:`ledger.store`); the facade names no database.
+        self.store = store_for(engine, notify=notify)
+        self.log = self.store.log
+        self.target = self.store.target
         self.retry = retry or RetryPolicy()
-        self._task_sql = database.driver_sql(self.target.task_point_sql())
-        self._chord_header_sql = database.driver_sql(str(self.target.chord_header_sql))
 
     @classmethod
     def open(
@@ -109,9 +118,9 @@ class Ledger:
         ``upgrade=True`` runs the Alembic migrations first; otherwise the schema
         must exist (``celery-ledger db upgrade``). ``notify`` says which appends
         send a PostgreSQL NOTIFY: ``"ready"`` (every event but a task state that
-        is not ready) or ``"all"`` (see :mod:`ledger.log`).
+        is not ready) or ``"all"`` (see :mod:`ledger.store.postgres`).
         """
-        ledger = cls(database.engine_for(url), retry=retry, notify=notify)
+        ledger = cls(engine_for(url), retry=retry, notify=notify)
         if upgrade:
             ledger.upgrade()
         return ledger
@@ -119,7 +128,7 @@ class Ledger:
     @property
     def url(self) -> str:
         """The database URL with the password hidden."""
-        return database.safe_url(self.engine.url)
+        return safe_url(self.engine.url)
 
     def upgrade(self, revision: str = "head") -> None:
         from ledger.migrate import upgrade
@@ -153,7 +162,7 @@ class Ledger:
     def _schema_error(self, exc: sa.exc.DBAPIError) -> Exception:
         # A missing table is an unmigrated database: say what to run, once, in
         # one line (a worker otherwise logged 4,531 SQL tracebacks a minute).
-        if database.is_missing_table(exc):
+        if self.store.is_missing_table(exc):
             return self.schema_missing() or exc
         return exc
 
@@ -168,7 +177,7 @@ class Ledger:
         Idempotent on ``event_id``: an event already in the log is skipped and
         listed in ``duplicates``. Raises :class:`ledger.events.InvalidEvent` for
         an invalid payload (:class:`ledger.errors.EventTooLarge` for one over
-        ``max_payload_bytes``) and :class:`ledger.log.VersionConflict` when an
+        ``max_payload_bytes``) and :class:`ledger.errors.VersionConflict` when an
         ``expected_version`` does not hold; nothing is written in either case.
         """
         items = [Encoded.of(self._new(e)) for e in events]
@@ -177,42 +186,17 @@ class Ledger:
         if self.max_payload_bytes is not None:
             for item in items:
                 self._check_size(item)
-        if self.dialect == "postgresql" and len(items) == 1:
-            fused = self.target.fused_sql(items[0].new.data.type)
-            # A lone event with a fused update is one autocommitted statement; not
-            # a chord event, whose stream lock is scoped to a transaction.
-            if fused is not None and not items[0].new.stream_id.startswith("chord:"):
-                recorded, missing, _ = self._retrying_write(
-                    lambda: self.log.append_fused_autocommit(self.engine, items, [fused])  # type: ignore[attr-defined]
-                )
-                if missing:  # raises VersionConflict unless a duplicate
-                    self._read(lambda conn: self.log._explain_no_row(conn, missing[0]))
-                return AppendResult(recorded, [item.new.event_id for item in missing], [])
-        return self._write(lambda conn: self._append_in(conn, items))
-
-    def _append_fused(
-        self, conn: Connection, items: list[Encoded], fused: list[FusedSql]
-    ) -> AppendResult:
-        recorded, missing, completed = self.log.append_fused(conn, items, fused)  # type: ignore[attr-defined]
-        for item in missing:
-            self.log._explain_no_row(conn, item)  # raises VersionConflict unless a duplicate
-        return AppendResult(recorded, [item.new.event_id for item in missing], completed)
+        alone = self.store.autocommit_append(items)
+        if alone is not None:
+            recorded, missing = self._retrying_write(alone)
+            if missing:  # raises VersionConflict unless a duplicate
+                self.read(lambda conn: self.log.explain_no_row(conn, missing[0]))
+            return AppendResult(recorded, [item.new.event_id for item in missing], [])
+        return self.write(lambda conn: self._append_in(conn, items))
 
     def _append_in(self, conn: Connection, items: list[Encoded]) -> AppendResult:
-        """Append ``items`` and update the projections in the caller's transaction.
-
-        On PostgreSQL, event types with a fused projection update go out as one
-        pipeline (see :meth:`ledger.log.PostgresLog.append_fused`).
-        """
-        if self.dialect == "postgresql":
-            fused = [self.target.fused_sql(item.new.data.type) for item in items]
-            # A failed insert in a pipeline cannot be told apart per item, so a batch
-            # with expected versions takes the general path, which checks each.
-            expects = len(items) > 1 and any(i.new.expected_version is not None for i in items)
-            if all(fused) and not expects:
-                return self._append_fused(conn, items, fused)  # type: ignore[arg-type]
-        recorded, duplicates = self.log.append(conn, items)
-        return AppendResult(recorded, duplicates, self.target.apply(conn, recorded))
+        """Append ``items`` and update the projections in the caller's transaction."""
+        return AppendResult(*self.store.append(conn, items))
 
     def _check_size(self, item: Encoded) -> None:
         # The whole payload counts: result, traceback, args, kwargs, children.
@@ -244,7 +228,7 @@ class Ledger:
         send the body. The part's event id is derived from (chord, task), so a
         redelivered part is the same event and counts once. The caller whose
         part completed the chord claims the body with a ``chord.fired`` event
-        whose id is derived from the completing position, in the same
+        whose id is derived from the completing part's, in the same
         transaction. If the process died between completing and claiming, a
         redelivery of the completing part finds the chord complete at its own
         return and claims then; any other duplicate returns False. ``body_task_id``
@@ -254,10 +238,45 @@ class Ledger:
         header task ids) finds the first life's id taken by a part it has not
         counted: the part is then recorded under an id of the current life.
         """
+        return self.return_chord_part_read(chord_id, task_id, status, group_index, body_task_id)[0]
+
+    def return_chord_part_read(
+        self,
+        chord_id: str,
+        task_id: str,
+        status: str,
+        group_index: int | None = None,
+        body_task_id: str | None = None,
+        *,
+        result: EventData | NewEvent | None = None,
+    ) -> tuple[bool, ChordInputs | None]:
+        """:meth:`return_chord_part`, and when it claims the body, the chord's inputs as
+        :meth:`chord_header` reads them, where the store reads them with the claim
+        (PostgreSQL: in the same round trip); None when not read.
+
+        ``result`` (the part's own task state) is appended first: in the same
+        transaction where the store can (PostgreSQL), else by :meth:`append`. It is
+        checked as :meth:`append` checks it before anything is written.
+        """
         part = ChordPartReturned(
             chord_id=chord_id, task_id=task_id, status=status, group_index=group_index
         )
         first = Encoded.of(NewEvent(part, ChordPartReturned.deterministic_event_id(chord_id, task_id)))
+        claim = self._claim_of(chord_id, first.new.event_id, body_task_id)
+        before = None
+        if result is not None:
+            before = Encoded.of(self._new(result))
+            self._check_size(before)
+        together = self.store.chord_part_write(first, claim, before)
+        if together is None and before is not None:
+            self.append([before.new])
+        if together is not None:
+            # The common case in one unit: a part returning for the first time. A part
+            # already in the log (a redelivery, or the same task id in a later life of
+            # the chord) that claimed nothing takes the general path below.
+            recorded, claimed, inputs = self._retrying_write(together)
+            if claimed or recorded:
+                return claimed, inputs
 
         def work(conn: Connection) -> bool:
             appended = self._append_in(conn, [first])
@@ -270,7 +289,8 @@ class Ledger:
                     # a redelivery: claim only what a dead process completed and never claimed
                     if state.completed_position != counted[2] or state.fired_position is not None:
                         return False
-                    return self._claim_chord(conn, chord_id, counted[2], body_task_id)
+                    (completing,) = self.log.read_positions(conn, [counted[2]])
+                    return self._claim_chord(conn, chord_id, completing.event_id, body_task_id)
                 life = self._chord_life(conn, chord_id)
                 if life is None:
                     return False
@@ -280,18 +300,23 @@ class Ledger:
                     return False
             if not appended.completed_chords:
                 return False
-            return self._claim_chord(conn, chord_id, appended.recorded[0].position, body_task_id)
+            return self._claim_chord(conn, chord_id, appended.recorded[0].event_id, body_task_id)
 
-        return self._write(work)
+        return self.write(work), None
+
+    @staticmethod
+    def _claim_of(chord_id: str, completed_by: uuid.UUID, body_task_id: str | None) -> Encoded:
+        """The ``chord.fired`` claiming the body of a life completed by event ``completed_by``."""
+        return Encoded.of(NewEvent(
+            ChordFired(chord_id=chord_id, body_task_id=body_task_id),
+            ChordFired.deterministic_event_id(chord_id, completed_by),
+        ))
 
     def _claim_chord(
-        self, conn: Connection, chord_id: str, completed_position: int, body_task_id: str | None
+        self, conn: Connection, chord_id: str, completed_by: uuid.UUID, body_task_id: str | None
     ) -> bool:
-        claim = NewEvent(
-            ChordFired(chord_id=chord_id, body_task_id=body_task_id),
-            ChordFired.deterministic_event_id(chord_id, completed_position),
-        )
-        return bool(self._append_in(conn, [Encoded.of(claim)]).recorded)
+        claim = self._claim_of(chord_id, completed_by, body_task_id)
+        return bool(self._append_in(conn, [claim]).recorded)
 
     def _chord_life(self, conn: Connection, chord_id: str) -> int | None:
         """Position of the ``chord.applied`` that began the chord's current life (None: none)."""
@@ -301,7 +326,7 @@ class Ledger:
         ]
         return applied[-1] if applied else None
 
-    def _write(self, work: Callable[[Connection], T]) -> T:
+    def write(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in a write transaction, retrying conflicts and lost connections."""
 
         def run() -> T:
@@ -324,9 +349,9 @@ class Ledger:
                     raise
                 log.debug("append conflict, retrying: %s", exc)
             except sa.exc.DBAPIError as exc:
-                if database.is_missing_table(exc):
+                if self.store.is_missing_table(exc):
                     raise self._schema_error(exc) from None
-                if not database.is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
+                if not is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
                     raise
                 log.warning(
                     "ledger write failed (%s); retry %d/%d",
@@ -337,17 +362,14 @@ class Ledger:
             time.sleep(self.retry.sleep(attempt))
             attempt += 1
 
-    def _read(self, work: Callable[[Connection], T], *, single_statement: bool = False) -> T:
+    def read(self, work: Callable[[Connection], T], *, single_statement: bool = False) -> T:
         """Run ``work`` in a read transaction (one snapshot), retrying lost connections.
 
-        ``single_statement=True`` skips BEGIN/ROLLBACK on PostgreSQL: one SELECT
-        is consistent on its own, and a point read is then one round trip.
+        ``single_statement=True`` skips BEGIN/ROLLBACK where the database allows
+        (:attr:`ledger.store.base.Store.single_statement_options`): one SELECT is
+        consistent on its own, and a point read is then one round trip.
         """
-        options = (
-            {"isolation_level": "AUTOCOMMIT"}
-            if single_statement and self.dialect == "postgresql"
-            else {}
-        )
+        options = self.store.single_statement_options if single_statement else {}
 
         def run() -> T:
             with self.engine.connect() as conn:
@@ -362,9 +384,9 @@ class Ledger:
             try:
                 return read()
             except sa.exc.DBAPIError as exc:
-                if database.is_missing_table(exc):
+                if self.store.is_missing_table(exc):
                     raise self._schema_error(exc) from None
-                if not database.is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
+                if not is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
                     raise
                 time.sleep(self.retry.sleep(attempt))
                 attempt += 1
@@ -374,25 +396,13 @@ class Ledger:
     def task_meta(self, task_id: str, *, as_of: datetime | int | None = None) -> TaskMeta | None:
         """The task's current projection row, or as it was at a time or log position."""
         if as_of is None:
-            if self.dialect == "postgresql":
-                return self._task_point_read(task_id)
-            return self._read(lambda c: self.target.task(c, task_id))
+            return self._retrying(lambda: self.store.task_meta(task_id))
         return self._replay(f"task:{task_id}", as_of).state.tasks.get(task_id)
-
-    def _task_point_read(self, task_id: str) -> TaskMeta | None:
-        # get_task_meta's hot path: one prepared SELECT on a pooled driver connection.
-        row = self._retrying(
-            lambda: database.pooled_fetchone(self.engine, self._task_sql, {"key": task_id})
-        )
-        if row is None:
-            return None
-        task, status, position, done_at, payload = row
-        return TaskMeta(task, status, position, done_at and done_at.astimezone(timezone.utc), payload)
 
     def task_metas(self, task_ids: Iterable[str]) -> dict[str, TaskMeta]:
         """Current projection rows of many tasks by id (ids without a row are absent)."""
         ids = list(task_ids)
-        rows = self._read(lambda c: self.target.tasks(c, ids), single_statement=len(ids) <= 500)
+        rows = self.read(lambda c: self.target.tasks(c, ids), single_statement=len(ids) <= 500)
         return {m.task_id: m for m in rows}
 
     def expire_finished(self, cutoff: datetime, limit: int = 1000) -> tuple[int, int]:
@@ -405,7 +415,7 @@ class Ledger:
         have ended the new life. Returns ``(found, expired)``; what was left out
         is found again by the next call if it is still old.
         """
-        tasks, groups = self._read(lambda c: self.target.finished_before(c, cutoff, limit, events_table))
+        tasks, groups = self.read(lambda c: self.target.finished_before(c, cutoff, limit, events_table))
         pending = [
             NewEvent(ResultExpired(task_id=t, expired_before=cutoff), expected_version=v)
             for t, v in tasks
@@ -438,7 +448,7 @@ class Ledger:
         except TypeError:
             unknown = sorted(set(filters) - set(TaskFilter.__dataclass_fields__))
             raise BadFilter(f"unknown filter {', '.join(unknown)}") from None
-        return self._read(lambda c: find_tasks(c, f, self.target.t))
+        return self.read(lambda c: find_tasks(c, f, self.target.t))
 
     def stats(
         self, *, by: str = "name", since: datetime | None = None, until: datetime | None = None
@@ -447,40 +457,27 @@ class Ledger:
         runtime percentiles (see :func:`ledger.catalogue.task_stats`)."""
         from ledger.catalogue import task_stats
 
-        return self._read(lambda c: task_stats(c, by=by, since=since, until=until, tables=self.target.t))
+        return self.read(lambda c: task_stats(c, by=by, since=since, until=until, tables=self.target.t))
 
     def group(self, group_id: str) -> GroupState | None:
-        return self._read(lambda c: self.target.group(c, group_id), single_statement=True)
+        return self.read(lambda c: self.target.group(c, group_id), single_statement=True)
 
     def chord(self, chord_id: str) -> ChordState | None:
-        return self._read(lambda c: self.target.chord(c, chord_id))
+        return self.read(lambda c: self.target.chord(c, chord_id))
 
     def chord_header(self, chord_id: str) -> tuple[GroupState | None, dict[str, TaskMeta | None]]:
         """The chord's saved header group and its returned parts' task rows, in one read."""
-        if self.dialect == "postgresql":
-            return self._read(lambda c: self._chord_header_read(c, chord_id), single_statement=True)
-        return self._read(lambda c: self.target.chord_header(c, chord_id), single_statement=True)
-
-    def _chord_header_read(
-        self, conn: Connection, chord_id: str
-    ) -> tuple[GroupState | None, dict[str, TaskMeta | None]]:
-        # On the completing part's path, before the body is sent: plain tuples from
-        # the driver cost ~1 ms less than Core rows at 100 parts (measured).
-        rows = database.driver_fetchall(conn, self._chord_header_sql, {"key": chord_id})
-        utc = timezone.utc
-        return self.target.chord_header_of(
-            chord_id, ((t, s, p, at and at.astimezone(utc), b) for t, s, p, at, b in rows)
-        )
+        return self.read(lambda c: self.store.chord_header(c, chord_id), single_statement=True)
 
     def snapshot(self) -> Snapshot:
         """Every live projection row (tests and verify)."""
-        return self._read(self.target.snapshot)
+        return self.read(self.target.snapshot)
 
     def _replay(self, stream_id: str, as_of: datetime | int) -> MemoryTarget:
         if isinstance(as_of, int):
-            events = self._read(lambda c: self.log.read_stream(c, stream_id, until_position=as_of))
+            events = self.read(lambda c: self.log.read_stream(c, stream_id, until_position=as_of))
         else:
-            events = self._read(lambda c: self.log.read_stream(c, stream_id, until_time=as_of))
+            events = self.read(lambda c: self.log.read_stream(c, stream_id, until_time=as_of))
         target = MemoryTarget()
         target.apply(events)
         return target
@@ -488,7 +485,7 @@ class Ledger:
     # -- reading the log ---------------------------------------------------------------
 
     def read_stream(self, stream_id: str) -> list[RecordedEvent]:
-        return self._read(lambda c: self.log.read_stream(c, stream_id))
+        return self.read(lambda c: self.log.read_stream(c, stream_id))
 
     def history(self, task_id: str) -> list[RecordedEvent]:
         """Every event of the task, forgotten or not, in order."""
@@ -497,7 +494,7 @@ class Ledger:
     def checkpoint_of(self, position: int | Checkpoint) -> Checkpoint:
         if isinstance(position, Checkpoint):
             return position
-        return self._read(lambda c: self.log.checkpoint_of(c, position))
+        return self.read(lambda c: self.log.checkpoint_of(c, position))
 
     def read_from(self, after: int | Checkpoint = START, limit: int = 1000) -> list[RecordedEvent]:
         """Up to ``limit`` committed events after ``after`` in follow order.
@@ -507,7 +504,7 @@ class Ledger:
         PostgreSQL; in both no committed event is ever skipped.
         """
         cp = self.checkpoint_of(after)
-        return self._read(lambda c: self.log.read_from(c, cp, limit))
+        return self.read(lambda c: self.log.read_from(c, cp, limit))
 
     def follow(
         self,
@@ -522,17 +519,15 @@ class Ledger:
 
         Wakes on LISTEN/NOTIFY on PostgreSQL and polls every ``poll_interval``
         (the only wake-up on SQLite; on PostgreSQL it finds the events that do
-        not notify, see :mod:`ledger.log`). Ends when ``stop`` is set or after
+        not notify, see :mod:`ledger.store.postgres`). Ends when ``stop`` is set or after
         ``idle_timeout`` seconds without an event.
         """
-        from ledger.listen import Listener
-
         cp = self.checkpoint_of(from_position)
         idle_since = time.monotonic()
         wait = poll_interval
-        with Listener.for_engine(self.engine) as listener:
+        with self.store.listener() as listener:
             while stop is None or not stop.is_set():
-                events = self._read(lambda c, cp=cp: self.log.read_from(c, cp, batch))
+                events = self.read(lambda c, cp=cp: self.log.read_from(c, cp, batch))
                 for event in events:
                     yield event
                     cp = Checkpoint(event.tx_id, event.position)
@@ -543,7 +538,7 @@ class Ledger:
                 if idle_timeout is not None and time.monotonic() - idle_since >= idle_timeout:
                     return
                 # A notification comes at commit, but the event may still sit behind
-                # an older open transaction (follow order, ledger/log.py): look again
+                # an older open transaction (follow order, ledger.store): look again
                 # soon, backing off to the poll interval, rather than a full poll later.
                 wait = 0.02 if listener.wait(wait) else min(poll_interval, wait * 2)
 
@@ -558,42 +553,12 @@ class Ledger:
             ).first()
             return Checkpoint(*row) if row else START
 
-        return q(conn) if conn is not None else self._read(q)
+        return q(conn) if conn is not None else self.read(q)
 
     def save_checkpoint(self, conn: Connection, name: str, cp: Checkpoint) -> None:
         """Store a follower's checkpoint in the caller's transaction."""
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        stmt = insert(checkpoints).values(
-            name=name, tx_id=cp.tx_id, position=cp.position, updated_at=datetime.now(timezone.utc)
-        )
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[checkpoints.c.name],
-                set_={
-                    "tx_id": stmt.excluded.tx_id,
-                    "position": stmt.excluded.position,
-                    "updated_at": stmt.excluded.updated_at,
-                },
-            )
-        )
+        self.store.save_checkpoint(conn, name, cp)
 
     def follower_lag(self) -> dict:
         """How far followers are held back: events not yet visible in follow order."""
-
-        def q(c: Connection) -> dict:
-            head = self.log.head(c)
-            info = {"head_position": head.position, "head_tx_id": head.tx_id, "held_back": 0}
-            if self.dialect == "postgresql":
-                horizon = self.log.visible_horizon(c)  # type: ignore[attr-defined]
-                t = self.log.table
-                info["visible_below_tx_id"] = horizon
-                info["held_back"] = c.execute(
-                    sa.select(sa.func.count()).where(t.c.tx_id >= horizon)
-                ).scalar_one()
-            return info
-
-        return self._read(q)
-
+        return self.read(self.store.follower_lag)

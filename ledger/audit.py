@@ -33,6 +33,7 @@ from ledger.events import (
     TaskState,
 )
 from ledger.output import csv_cell, terminal_safe
+from ledger.store.base import SELECT_EVENTS, row_to_event
 
 SUMMARY_WIDTH = 80
 
@@ -328,10 +329,8 @@ def iter_events(
     a large log neither holds a long transaction (which would hold followers
     back on PostgreSQL) nor loads the log into memory.
     """
-    from ledger.log import _SELECT, _row_to_event
-
     t = ledger.log.table
-    q = _SELECT
+    q = SELECT_EVENTS
     if since is not None:
         q = q.where(t.c.recorded_at >= since)
     if until is not None:
@@ -341,9 +340,9 @@ def iter_events(
     after = 0
     while True:
         page = q.where(t.c.position > after).order_by(t.c.position).limit(batch)
-        rows = ledger._read(lambda c, page=page: c.execute(page).all())
+        rows = ledger.read(lambda c, page=page: c.execute(page).all())
         for row in rows:
-            yield _row_to_event(row)
+            yield row_to_event(row)
         if len(rows) < batch:
             return
         after = rows[-1].position
@@ -358,7 +357,7 @@ def count_events(ledger, *, since=None, until=None, task_id=None) -> int:
         q = q.where(t.c.recorded_at < until)
     if task_id is not None:
         q = q.where(t.c.stream_id == f"task:{task_id}")
-    return ledger._read(lambda c: c.execute(q).scalar_one())
+    return ledger.read(lambda c: c.execute(q).scalar_one())
 
 
 #: The summary fields ``history`` shows, in every JSON shape and CSV row of an event.

@@ -26,8 +26,9 @@ from sqlalchemy.engine import Connection
 from ledger.audit import decode_value
 from ledger.errors import BadFilter
 from ledger.events import Encoded
+from ledger.store import store_type
+from ledger.store.schema import LIVE, ProjectionTables
 from projections.catalogue import TaskEntry
-from projections.sql import LIVE, ProjectionTables
 
 #: Celery's state of a task that failed for good (its failure rate counts these).
 FAILURE = "FAILURE"
@@ -178,25 +179,12 @@ def _name_match(column: sa.ColumnElement, pattern: str) -> sa.ColumnElement:
 def _contains(conn: Connection, column: sa.ColumnElement, text: str) -> sa.ColumnElement:
     """The stored bytes contain ``text``'s UTF-8 bytes (JSON and msgpack keep strings as
     UTF-8, so this finds a string argument or a number as written)."""
-    needle = sa.literal(text.encode(), sa.LargeBinary)
-    if conn.dialect.name == "postgresql":
-        return sa.func.position(needle.op("IN")(column)) > 0
-    return sa.func.instr(column, needle) > 0
+    return store_type(conn).contains(column, text.encode())
 
 
 def _seconds(conn: Connection, start: sa.ColumnElement, end: sa.ColumnElement) -> sa.ColumnElement:
     """``end - start`` in seconds as a float (NULL if either is)."""
-    if conn.dialect.name == "postgresql":
-        return sa.cast(sa.extract("epoch", end - start), sa.Float)
-    # SQLite keeps the times as text, 'YYYY-MM-DD HH:MM:SS.ffffff'; its date functions
-    # resolve milliseconds only, so: whole seconds by julianday(), microseconds as text.
-    def whole(x: sa.ColumnElement) -> sa.ColumnElement:
-        return sa.func.julianday(sa.func.substr(x, 1, 19))
-
-    def fraction(x: sa.ColumnElement) -> sa.ColumnElement:
-        return sa.func.coalesce(sa.cast(sa.func.substr(x, 20), sa.Float), 0.0)
-
-    return sa.func.round((whole(end) - whole(start)) * 86400.0) + fraction(end) - fraction(start)
+    return store_type(conn).seconds_between(start, end)
 
 
 def _duration(conn: Connection, t: sa.Table, name: str) -> sa.ColumnElement:
@@ -287,15 +275,7 @@ def _percentiles(
     """Per group: the duration's percentiles (continuous, as PostgreSQL's
     ``percentile_cont``: linear between the two nearest ranks), max and count."""
     where = [*where, seconds.is_not(None)]
-    if conn.dialect.name == "postgresql":
-        q = sa.select(
-            key,
-            *(sa.func.percentile_cont(p).within_group(seconds).label(_label(p)) for p in PERCENTILES),
-            sa.func.max(seconds).label("max"),
-            sa.func.count().label("count"),
-        ).where(*where).group_by(key)
-    else:
-        q = _sqlite_percentiles(key, seconds, where)
+    q = store_type(conn).percentiles(key, seconds, where, {_label(p): p for p in PERCENTILES})
     return {
         row.key: {**{_label(p): _micro(row._mapping[_label(p)]) for p in PERCENTILES},
                   "max": _micro(row.max), "count": row.count}
@@ -306,26 +286,3 @@ def _percentiles(
 def _micro(seconds: float | None) -> float | None:
     # The times are microseconds; the float arithmetic's last digits mean nothing.
     return None if seconds is None else round(seconds, 6)
-
-
-def _sqlite_percentiles(key: sa.ColumnElement, seconds: sa.ColumnElement, where: list) -> sa.Select:
-    # SQLite has no percentile_cont: rank the values per group with a window, then
-    # per percentile pick the two ranks around p * (n - 1) and interpolate.
-    ranked = sa.select(
-        key,
-        seconds.label("s"),
-        (sa.func.row_number().over(partition_by=key, order_by=seconds) - 1).label("i"),
-        sa.func.count().over(partition_by=key).label("n"),
-    ).where(*where).subquery("ranked")
-    r = ranked
-    cols = []
-    for p in PERCENTILES:
-        at = p * (r.c.n - 1)
-        below = sa.cast(at, sa.Integer)  # floor: at is never negative
-        lo = sa.func.max(sa.case((r.c.i == below, r.c.s)))
-        hi = sa.func.max(sa.case((r.c.i == below + 1, r.c.s)))
-        frac = sa.func.max(at - below)
-        cols.append((lo + sa.func.coalesce(hi - lo, 0) * frac).label(_label(p)))
-    return sa.select(
-        r.c.key, *cols, sa.func.max(r.c.s).label("max"), sa.func.count().label("count")
-    ).group_by(r.c.key)

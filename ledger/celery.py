@@ -53,8 +53,8 @@ from celery.utils.log import get_logger
 from kombu.serialization import loads
 from kombu.utils.encoding import ensure_bytes
 
-from ledger import database, lifecycle
-from ledger.api import Ledger, RetryPolicy
+from ledger import lifecycle
+from ledger.api import ChordInputs, Ledger, RetryPolicy
 from ledger.errors import (
     CodecError,
     CorruptEvent,
@@ -78,9 +78,10 @@ from ledger.events import (
     TaskState,
     fit_extras,
 )
-from ledger.listen import Listener
 from ledger.redaction import redact, signature_of
 from ledger.settings import BackendSettings
+from ledger.store.base import Listener
+from ledger.store.engine import engine_for, is_disconnect, normalize_url, safe_url
 from projections.task_meta import TaskMeta
 
 logger = get_logger(__name__)
@@ -102,7 +103,7 @@ class PayloadTooLarge(LedgerError, BackendStoreError):
     """An event (result, traceback, args, kwargs) is larger than ``ledger_max_payload_bytes``."""
 
 
-class LedgerBackend(BaseBackend):
+class LedgerBackend(BaseBackend, lifecycle.Recorder):
     """Celery result backend storing every state transition as an event."""
 
     supports_native_join = True
@@ -118,7 +119,7 @@ class LedgerBackend(BaseBackend):
                 "'ledger+postgresql+psycopg://user@host/db' or 'ledger+sqlite:///path.db'"
             )
         # Validates the URL now (a clear error at configuration time), connects later.
-        self._db_url = database.normalize_url(url)
+        self._db_url = normalize_url(url)
         try:
             settings = BackendSettings.from_conf(conf)
         except SettingError as exc:
@@ -148,7 +149,7 @@ class LedgerBackend(BaseBackend):
         )
         # The size limit bounds the whole event (result, traceback, args, kwargs):
         # Ledger.append refuses a larger one before anything is written.
-        ledger = Ledger(database.engine_for(self._db_url), retry=retry, notify=self.notify,
+        ledger = Ledger(engine_for(self._db_url), retry=retry, notify=self.notify,
                         max_payload_bytes=self.max_payload_bytes)
         if self.auto_upgrade:
             key = ledger.url
@@ -161,7 +162,7 @@ class LedgerBackend(BaseBackend):
     def as_uri(self, include_password: bool = False) -> str:
         if include_password:
             return f"ledger+{self.url}"
-        return f"ledger+{database.safe_url(self._db_url)}"
+        return f"ledger+{safe_url(self._db_url)}"
 
     def __reduce__(self, args=(), kwargs=None):
         # The base class does not pass the URL on; prefork children need it.
@@ -170,7 +171,7 @@ class LedgerBackend(BaseBackend):
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         cause = exc.__cause__ if isinstance(exc, BackendStoreError | BackendGetMetaError) else exc
-        return cause is not None and database.is_disconnect(cause)
+        return cause is not None and is_disconnect(cause)
 
     # -- storing ------------------------------------------------------------------------
 
@@ -214,10 +215,36 @@ class LedgerBackend(BaseBackend):
         # One event id per store_result call (kept across Celery's retries of it):
         # a retry after a lost COMMIT reply is then a duplicate, not a second store.
         event_id = getattr(self._store_ids, "event_id", None) or uuid.uuid4()
-        self._append(NewEvent(event, event_id), BackendStoreError, state=state, task_id=task_id)
+        new = NewEvent(event, event_id)
+        part = getattr(self._chord_part, "pending", None)
+        if part is not None and part.id == task_id:
+            with self._storing(BackendStoreError, TaskState.type, state=state, task_id=task_id):
+                returned = self.ledger.return_chord_part_read(
+                    part.group, task_id, state, part.group_index,
+                    body_task_id=_body_id(part), result=new,
+                )
+            self._chord_part.returned = (part, returned)
+            return result
+        self._append(new, BackendStoreError, state=state, task_id=task_id)
         # SUCCESS is sticky in the projection: a late FAILURE of a redelivered
         # message is recorded in the log but does not replace the result.
         return result
+
+    def mark_as_done(self, task_id, result, request=None, store_result=True, state=states.SUCCESS):
+        # A chord part's result and its return to the chord are one transaction where
+        # the store can (PostgreSQL: one round trip and one WAL flush, not two):
+        # _store_result returns the part, on_chord_part_return takes its outcome.
+        if (store_result and request is not None and request.chord and request.group
+                and request.id == task_id and not request.ignore_result):
+            self._chord_part.pending = request
+        try:
+            return super().mark_as_done(task_id, result, request, store_result, state)
+        finally:
+            self._chord_part.pending = self._chord_part.returned = None
+
+    @cached_property
+    def _chord_part(self) -> threading.local:
+        return threading.local()
 
     def encoded(self, value: Any) -> Encoded:
         return Encoded(
@@ -279,8 +306,16 @@ class LedgerBackend(BaseBackend):
     ) -> None:
         """Append one event (or several, in one transaction); ``error`` if that fails."""
         events = event if isinstance(event, list) else [event]
-        try:
+        data = events[-1].data if isinstance(events[-1], NewEvent) else events[-1]
+        with self._storing(error, data.type, **info):
             self.ledger.append(events)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _storing(error: type[Exception], event_type: str, **info: Any) -> Iterator[None]:
+        """What an append of an ``event_type`` event raises, as Celery's ``error``."""
+        try:
+            yield
         except EventTooLarge as exc:
             raise PayloadTooLarge(str(exc), **info) from None
         except (InvalidEvent, CodecError) as exc:  # as _refused_as, after its EventTooLarge case
@@ -288,8 +323,7 @@ class LedgerBackend(BaseBackend):
         except SchemaMissing as exc:  # one line naming the fix, without the SQL traceback
             raise error(str(exc), **info) from None
         except sa.exc.SQLAlchemyError as exc:
-            data = events[-1].data if isinstance(events[-1], NewEvent) else events[-1]
-            raise error(f"ledger {data.type} failed: {type(exc).__name__}", **info) from exc
+            raise error(f"ledger {event_type} failed: {type(exc).__name__}", **info) from exc
 
     def cleanup(self) -> None:
         """Tombstone results older than ``result_expires`` (the log keeps their history)."""
@@ -469,7 +503,7 @@ class LedgerBackend(BaseBackend):
         except SchemaMissing as exc:
             raise BackendGetMetaError(str(exc), task_id=next(iter(ids))) from None
         except sa.exc.SQLAlchemyError as exc:
-            if not database.is_disconnect(exc):
+            if not is_disconnect(exc):
                 raise BackendGetMetaError(
                     f"failed to get meta: {type(exc).__name__}", task_id=next(iter(ids))
                 ) from exc
@@ -485,12 +519,12 @@ class LedgerBackend(BaseBackend):
                 yield task_id, meta
 
     def _wake_ups(self, *, enabled: bool) -> Listener:
-        # Entering a PgListener LISTENs (one connection), before the first read: a
-        # commit between that read and the wait still wakes us.
-        return Listener.for_engine(self.ledger.engine) if enabled else Listener()
+        # Entering a listener that wakes LISTENs (one connection), before the first
+        # read: a commit between that read and the wait still wakes us.
+        return self.ledger.store.listener() if enabled else Listener()
 
     def _nap(self, listener: Listener, ids: set[str], deadline: float | None, interval: float):
-        if self.ledger.dialect != "postgresql":
+        if not listener.wakes:
             left = interval if deadline is None else min(interval, deadline - time.monotonic())
             if left > 0:
                 listener.wait(left)
@@ -540,15 +574,20 @@ class LedgerBackend(BaseBackend):
         gid, tid = request.group, request.id
         if not gid or not tid:
             return None
-        body_id = (request.chord.get("options") or {}).get("task_id")  # named in the claim
-        if not self.ledger.return_chord_part(
-            gid, tid, state, request.group_index, body_task_id=body_id
-        ):
+        done = getattr(self._chord_part, "returned", None)
+        if done is not None and done[0] is request:  # returned with its result (mark_as_done)
+            self._chord_part.returned = None
+            claimed, inputs = done[1]
+        else:
+            claimed, inputs = self.ledger.return_chord_part_read(
+                gid, tid, state, request.group_index, body_task_id=_body_id(request)
+            )
+        if not claimed:
             return None
         app = self.app
         callback = app.signature(request.chord)
         try:
-            ret = self._chord_results(gid)
+            ret = self._chord_results(gid, inputs)
         except ChordError as exc:
             logger.error("Chord %r raised: %s", gid, exc)
             return self.chord_error_from_stack(callback, exc)
@@ -561,19 +600,20 @@ class LedgerBackend(BaseBackend):
             return self.chord_error_from_stack(callback, error)
         return None
 
-    def _chord_results(self, gid: str) -> list:
+    def _chord_results(self, gid: str, inputs: ChordInputs | None = None) -> list:
         """The header's results in header order; ChordError (as Redis words it) if one failed.
 
         Every part stores its own result before it returns to the chord
         (``mark_as_done``/``mark_as_failure``), so when the chord completes the
         results are normally all there: one read fetches the saved header and
-        the returned parts' rows, without LISTEN or a wait. Anything else -- a
+        the returned parts' rows (``inputs``, when the claim brought them back),
+        without LISTEN or a wait. Anything else -- a
         part whose result is not stored (yet), parts added by ``add_to_chord``,
         a group nested in the header -- takes Celery's join with
         ``result_chord_join_timeout``.
         """
         try:
-            group, parts = self.ledger.chord_header(gid)
+            group, parts = inputs if inputs is not None else self.ledger.chord_header(gid)
             ids = self._returned_ids(gid) if group is None else _plain_ids(group.result)
         except Exception as exc:
             logger.exception("Chord %r raised: %r", gid, exc)
@@ -644,6 +684,11 @@ class LedgerBackend(BaseBackend):
                 known.add(event.data.task_id)
                 deps.results.append(self.app.AsyncResult(event.data.task_id, backend=self))
         return deps
+
+
+def _body_id(request: Any) -> str | None:
+    """The chord body's task id (named in the claim)."""
+    return (request.chord.get("options") or {}).get("task_id")
 
 
 def _plain_ids(header: Any) -> list[str] | None:

@@ -18,7 +18,7 @@ from typing import TextIO
 from celery import Celery, chord, group
 from celery.contrib.testing.worker import start_worker
 
-from ledger.database import safe_url
+from ledger.store.engine import safe_url
 
 TIMEOUT = 30
 #: How often get() re-reads on SQLite (PostgreSQL wakes on NOTIFY instead).

@@ -37,9 +37,26 @@ from ledger.events import Encoded, TaskReceived, TaskSent
 if TYPE_CHECKING:
     from celery import Celery
 
-    from ledger.celery import LedgerBackend
+    from ledger.api import Ledger
 
 logger = get_logger(__name__)
+
+
+class Recorder:
+    """A backend that records its app's SENT and RECEIVED: :class:`ledger.celery.LedgerBackend`
+    subclasses it, so this module knows it without importing the backend's module."""
+
+    ledger: Ledger
+    serializer: str
+    max_payload_bytes: int
+    track_sent: bool
+    track_received: bool
+
+    def encoded(self, value: Any) -> Encoded:
+        raise NotImplementedError
+
+    def redacted(self, name: str | None, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
 
 _connected = False
 _connect_lock = threading.Lock()
@@ -80,14 +97,12 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
         app.backend  # noqa: B018  (built: a LedgerBackend tracks its app)
 
 
-def _ledger_backend(app: Celery | None) -> LedgerBackend | None:
+def _ledger_backend(app: Celery | None) -> Recorder | None:
     """The app's backend if the app is tracked (never builds another app's backend)."""
-    from ledger.celery import LedgerBackend
-
     if app is None or app not in _apps:
         return None
     backend = app.backend  # thread-local: this thread's instance
-    return backend if isinstance(backend, LedgerBackend) else None
+    return backend if isinstance(backend, Recorder) else None
 
 
 def _publisher(task_name: str | None, declare: Any) -> Celery | None:
@@ -173,7 +188,7 @@ def _arguments(body: Any) -> tuple[Any, Any]:
     return None, None
 
 
-def _encoded(backend: LedgerBackend, value: Any, kind: type) -> Encoded | None:
+def _encoded(backend: Recorder, value: Any, kind: type) -> Encoded | None:
     """``value`` encoded as the extended result stores arguments; None if it cannot be
     (not serializable with the result serializer, or over ``ledger_max_payload_bytes``)."""
     if value is None:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-from collections.abc import Iterator
 from importlib import resources
 
 import sqlalchemy as sa
@@ -17,9 +13,10 @@ from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from sqlalchemy.engine import Engine
 
-from ledger.database import safe_url
 from ledger.errors import DowngradeRefused, SchemaError
-from ledger.schema import events
+from ledger.store import store_for
+from ledger.store.engine import safe_url
+from ledger.store.schema import events
 
 
 def config() -> Config:
@@ -77,10 +74,6 @@ def _events_dropped(engine: Engine, revision: str) -> int:
         return conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one()
 
 
-#: Transaction advisory lock key: one migration at a time per PostgreSQL database.
-_MIGRATE_LOCK = 0x6C65646765720002
-
-
 def _run(engine: Engine, fn, revision: str) -> None:
     """Run an Alembic command under a lock, so processes starting together migrate once.
 
@@ -88,15 +81,11 @@ def _run(engine: Engine, fn, revision: str) -> None:
     each ran CREATE TABLE, and the losers failed (PostgreSQL: IntegrityError on
     pg_type_typname_nsp_index; SQLite: OperationalError). Under the lock the
     first migrates and the others then find the schema at head and do nothing.
-    PostgreSQL: a transaction-level advisory lock taken in the migration's own
-    transaction (DDL is transactional there, so it is held until the commit).
-    SQLite: ``flock`` on ``<database file>.migrate.lock``.
+    The lock is the database's own (:meth:`ledger.store.base.MaintainableStore.migrating`).
     """
     cfg = config()
     try:
-        with _file_lock(engine), engine.begin() as conn:
-            if engine.dialect.name == "postgresql":
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
+        with store_for(engine).migrating() as conn:
             cfg.attributes["connection"] = conn
             fn(cfg, revision)
     except CommandError as exc:
@@ -109,20 +98,6 @@ def _explain(engine: Engine, exc: CommandError | RevisionError) -> str:
         return (f"the database's schema is at revision {unknown!r}, which this celery-ledger "
                 "does not know (written by a newer version?)")
     return str(exc).strip().splitlines()[0]
-
-
-@contextlib.contextmanager
-def _file_lock(engine: Engine) -> Iterator[None]:
-    db = engine.url.database
-    if engine.dialect.name != "sqlite" or not db or db == ":memory:":
-        yield
-        return
-    fd = os.open(f"{db}.migrate.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the migrating process is done
-        yield
-    finally:
-        os.close(fd)  # closing drops the flock
 
 
 def current(engine: Engine) -> str | None:

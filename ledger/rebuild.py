@@ -2,11 +2,12 @@
 
 rebuild
     Fills fresh tables (``ledger_task_meta__rebuild`` ...) from the log with the
-    set-based statements of :func:`projections.sql.rebuild_statements`, then swaps
+    set-based statements of :func:`ledger.store.target.rebuild_statements`, then swaps
     them in for the live tables in one short transaction. Reads and writes keep
     being served from the live tables throughout; both pause only for the swap.
 
-    PostgreSQL, concurrent writers (the reasoning, step by step):
+    PostgreSQL, concurrent writers (the reasoning, step by step; the statements
+    are :meth:`ledger.store.postgres.PostgresStore.rebuild`'s):
 
     1. The fill runs in a REPEATABLE READ transaction whose first statement
        returns its snapshot ``S`` (``pg_current_snapshot()``). Every statement of
@@ -18,13 +19,13 @@ rebuild
        merely "position > max position seen", which would lose an event whose
        transaction took a lower position but committed after ``S``.
     3. Catch-up passes apply those events to the new tables with the *live*
-       statements (:class:`projections.sql.SqlTarget`), each pass in its own
+       statements (:class:`ledger.store.target.SqlTarget`), each pass in its own
        REPEATABLE READ transaction whose snapshot becomes the next ``S``, until
        a pass is small. Per stream, ``(tx_id, position)`` order is version order
-       (ledger/log.py guarantees it), and every projection is per stream, so
+       (ledger.store.postgres guarantees it), and every projection is per stream, so
        applying in that order reproduces what the live path computed.
     4. The swap transaction locks the live projection tables (see
-       :func:`_swap_postgres` for why ``ACCESS EXCLUSIVE`` and how it avoids
+       ``PostgresStore._swap`` for why ``ACCESS EXCLUSIVE`` and how it avoids
        deadlocks); readers pause for this short transaction; writers block at their
        projection update — which every append does in the transaction of its
        events — so once we hold the lock, no transaction that touches a
@@ -44,12 +45,13 @@ rebuild
 
     SQLite has one writer at a time: the whole rebuild runs in one
     ``BEGIN IMMEDIATE`` transaction (writers wait for it; readers continue in WAL
-    mode), and the new tables are created from the live tables' own DDL.
+    mode), and the new tables are created from the live tables' own DDL
+    (:meth:`ledger.store.sqlite.SQLiteStore.rebuild`).
 
 verify
     Rebuilds into temporary tables and compares them with the live tables, all
-    in one snapshot (REPEATABLE READ on PostgreSQL, one read transaction on
-    SQLite), so a busy ledger verifies clean. Differences are computed with SQL
+    in one snapshot (:attr:`ledger.store.base.MaintainableStore.snapshot_options`),
+    so a busy ledger verifies clean. Differences are computed with SQL
     ``EXCEPT`` and only the differing rows are read into Python.
 
 prune
@@ -61,8 +63,7 @@ prune
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -75,24 +76,14 @@ from ledger.events import (
     GroupSaved,
     LogPruned,
     NewEvent,
-    RecordedEvent,
     TaskState,
     event_problem,
 )
-from ledger.log import Encoded
-from ledger.schema import PRUNE_SETTING, checkpoints
-from ledger.schema import events as events_table
+from ledger.store.base import Encoded, MaintainableStore
+from ledger.store.schema import LIVE, NAMING, ProjectionTables, checkpoints
+from ledger.store.schema import events as events_table
+from ledger.store.target import CatalogueFill, catalogue_select, rebuild_statements, run_fill
 from projections.memory import Snapshot
-from projections.sql import (
-    LIVE,
-    NAMING,
-    CatalogueFill,
-    ProjectionTables,
-    SqlTarget,
-    catalogue_select,
-    rebuild_statements,
-    run_fill,
-)
 
 #: Projection name -> the tables it owns and the stream prefix that feeds it.
 PROJECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -103,9 +94,6 @@ PROJECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 REBUILD_SUFFIX = "__rebuild"
 VERIFY_SUFFIX = "__verify"
-#: Stop catching up without the lock once a pass applies fewer events than this.
-SMALL_CATCH_UP = 500
-MAX_CATCH_UP_PASSES = 20
 
 
 @dataclass
@@ -160,40 +148,65 @@ def rebuild(ledger, projections: Sequence[str] | None = None, progress=None) -> 
     ledger.require_schema()
     report = RebuildReport(projections=names)
     started = time.perf_counter()
-    if ledger.dialect == "postgresql":
-        _rebuild_postgres(ledger, names, report, progress)
-    else:
-        _rebuild_sqlite(ledger, names, report, progress)
+    ledger.store.rebuild(_Plan(ledger.store, names, report, progress, ledger.write))
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _new_tables() -> ProjectionTables:
-    return ProjectionTables.define(sa.MetaData(naming_convention=NAMING), REBUILD_SUFFIX)
+@dataclass
+class _Plan:
+    """A rebuild of ``names`` as the store runs it (:class:`ledger.store.base.RebuildPlan`)."""
 
+    store: MaintainableStore
+    names: Sequence[str]
+    report: RebuildReport
+    progress: object
+    write: Callable
 
-def _source(dialect: str) -> sa.FromClause:
-    """The log as the rebuild reads it: ids compared bytewise (``COLLATE "C"``).
+    def __post_init__(self) -> None:
+        self.slots = _slots(self.names)
+        self.prefixes = _prefixes(self.names)
+        self.new = ProjectionTables.define(sa.MetaData(naming_convention=NAMING), REBUILD_SUFFIX)
 
-    Window partitions only need equality, for which every deterministic
-    collation agrees with bytes; but sorting under a libc locale (the default
-    ``C.UTF-8``/``en_US``) goes through strcoll without abbreviated keys, which
-    measured 1.6x slower for the whole rebuild of a 1,000,000-event log.
-    SQLite compares bytewise already (``BINARY``).
-    """
-    e = events_table
-    if dialect != "postgresql":
-        return e
-    cols = [sa.collate(c, "C").label(c.name) if c.name in ("stream_id", "ref_id") else c for c in e.c]
-    return sa.select(*cols).subquery("ledger_events")
+    def count_events(self, conn: Connection) -> int:
+        return _count_events(conn, self.names)
+
+    def statements(self, conn: Connection, tables: ProjectionTables, slots: Sequence[str]) -> list:
+        return _statements(self.store, tables, slots)
+
+    def run_fill(self, conn: Connection, stmt: sa.Executable | CatalogueFill) -> None:
+        try:
+            run_fill(conn, stmt, type(self.store))
+        except CorruptEvent as exc:
+            raise RebuildError(_corruption_message([str(exc)])) from exc
+
+    def fill(self, conn: Connection) -> None:
+        report, progress = self.report, self.progress
+        report.events = self.count_events(conn)
+        if progress is not None:
+            progress.total = report.events
+        statements = self.statements(conn, self.new, self.slots)
+        for _, stmt in statements:
+            self.run_fill(conn, stmt)
+            if progress is not None:
+                progress.advance(report.events // len(statements))
+
+    def payload_problems(self, conn: Connection, slots: Sequence[str]) -> list[str]:
+        return _corrupt_payloads(conn, self.new, slots)
+
+    def corruption(self, problems: list[str]) -> RebuildError:
+        return RebuildError(_corruption_message(problems))
+
+    def mixed(self) -> ProjectionTables:
+        return _mixed(self.new, self.slots)
 
 
 def _statements(
-    conn: Connection, tables: ProjectionTables, slots: Sequence[str]
+    store: MaintainableStore, tables: ProjectionTables, slots: Sequence[str]
 ) -> list[tuple[str, sa.Executable | CatalogueFill]]:
     by_table = {getattr(tables, s).name: s for s in slots}
     out = []
-    for stmt in rebuild_statements(_source(conn.dialect.name), tables):
+    for stmt in rebuild_statements(store.rebuild_source(), tables):
         slot = by_table.get(stmt.table.name)  # type: ignore[attr-defined]
         if slot is not None:
             out.append((slot, stmt))
@@ -207,253 +220,6 @@ def _count_events(conn: Connection, names: Sequence[str]) -> int:
     if set(names) != set(PROJECTIONS):
         q = q.where(sa.or_(*(e.c.stream_id.like(f"{p}:%") for p in _prefixes(names))))
     return conn.execute(q).scalar_one()
-
-
-def _fill(conn: Connection, new: ProjectionTables, names, report: RebuildReport, progress) -> None:
-    report.events = _count_events(conn, names)
-    if progress is not None:
-        progress.total = report.events
-    statements = _statements(conn, new, _slots(names))
-    for _, stmt in statements:
-        _run_fill(stmt, conn)
-        if progress is not None:
-            progress.advance(report.events // len(statements))
-
-
-#: Fill statements per worker connection, balanced by their measured cost on a
-#: 1,000,000-event log (task_meta ~ chords > groups ~ chord_parts; the catalogue,
-#: which decodes a payload per task in Python, costs most).
-_PG_WORKERS = (("task_meta", "chord_parts"), ("chords", "groups"), ("catalogue",))
-
-
-#: Session advisory lock key: one rebuild at a time (they share the __rebuild tables).
-_REBUILD_LOCK = 0x6C65646765720001
-
-
-def _rebuild_postgres(ledger, names, report: RebuildReport, progress) -> None:
-    with ledger.engine.connect() as guard:
-        guard = guard.execution_options(isolation_level="AUTOCOMMIT")
-        if not guard.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _REBUILD_LOCK}).scalar():
-            raise RebuildError("another rebuild is running on this database")
-        try:
-            _rebuild_postgres_locked(ledger, names, report, progress)
-        finally:
-            guard.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _REBUILD_LOCK})
-
-
-def _rebuild_postgres_locked(ledger, names, report: RebuildReport, progress) -> None:
-    new = _new_tables()
-    slots = _slots(names)
-    with ledger.engine.connect() as conn, conn.begin():
-        for slot in slots:
-            fresh, live = getattr(new, slot), getattr(LIVE, slot)
-            conn.execute(sa.text(f'DROP TABLE IF EXISTS "{fresh.name}"'))
-            # Columns only: the primary key and indexes are built after the fill,
-            # which is faster than maintaining them row by row.
-            conn.execute(sa.text(f'CREATE TABLE "{fresh.name}" (LIKE "{live.name}" INCLUDING DEFAULTS)'))
-
-    fill_started = time.perf_counter()
-    with ledger.engine.connect() as conn:
-        conn = conn.execution_options(isolation_level="REPEATABLE READ")
-        with conn.begin():
-            # First statement: it fixes the snapshot S that every fill worker imports.
-            snapshot, exported = conn.execute(
-                sa.text("SELECT pg_current_snapshot()::text, pg_export_snapshot()")
-            ).one()
-            report.events = _count_events(conn, names)
-            if progress is not None:
-                progress.total = report.events
-            share = report.events // len(slots)  # progress per filled table (approximate)
-            groups = [[s for s in group if s in slots] for group in _PG_WORKERS]
-            with ThreadPoolExecutor(max_workers=len(groups)) as pool:
-                futures = [
-                    pool.submit(_fill_worker, ledger, exported, new, group, share, progress)
-                    for group in groups if group
-                ]
-                problems = [p for future in futures for p in future.result()]
-    report.fill_seconds = time.perf_counter() - fill_started
-    if problems:
-        with ledger.engine.begin() as conn:
-            for slot in slots:
-                conn.execute(sa.text(f'DROP TABLE IF EXISTS "{getattr(new, slot).name}"'))
-        raise RebuildError(_corruption_message(problems))
-
-    target = SqlTarget(_mixed(new, slots))
-    prefixes = _prefixes(names)
-    for _ in range(MAX_CATCH_UP_PASSES):
-        with ledger.engine.connect() as conn:
-            conn = conn.execution_options(isolation_level="REPEATABLE READ")
-            with conn.begin():
-                next_snapshot = conn.execute(sa.text("SELECT pg_current_snapshot()::text")).scalar_one()
-                applied = _catch_up(conn, target, snapshot, prefixes)
-        snapshot = next_snapshot
-        report.caught_up += applied
-        if applied < SMALL_CATCH_UP:
-            break
-
-    swap_started = time.perf_counter()
-    _swap_postgres(ledger, new, slots, target, snapshot, prefixes, report)
-    report.swap_seconds = time.perf_counter() - swap_started
-    with ledger.engine.connect() as conn:
-        for slot in slots:
-            table = getattr(LIVE, slot)
-            report.rows[table.name] = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
-
-
-def _fill_worker(ledger, exported: str, new: ProjectionTables, slots, share: int, progress) -> list[str]:
-    """Fill ``slots`` in the exported snapshot, check the payloads they serve
-    (:func:`_corrupt_payloads`), then build their keys and indexes; returns the
-    problems found.
-
-    The check runs here, beside the other workers' fills, not after them all:
-    it validates one payload per task in Python (~10 µs each), which on a
-    1,000,000-task log took 13.8 of a 48.7 s rebuild when it ran last (measured).
-    The rows a catch-up adds later come from events the live path decoded.
-    """
-    problems: list[str] = []
-    with ledger.engine.connect() as conn:
-        conn = conn.execution_options(isolation_level="REPEATABLE READ")
-        with conn.begin():
-            conn.execute(sa.text(f"SET TRANSACTION SNAPSHOT '{exported}'"))
-            # Window sorts of a large log spill to disk with the default 4MB.
-            conn.execute(sa.text("SET LOCAL work_mem = '256MB'"))
-            conn.execute(sa.text("SET LOCAL maintenance_work_mem = '256MB'"))
-            for slot, stmt in _statements(conn, new, slots):
-                _run_fill(stmt, conn)
-                problems += _corrupt_payloads(conn, new, [slot])
-                _add_keys(conn, getattr(new, slot))
-                if progress is not None:
-                    progress.advance(share)
-    return problems
-
-
-def _run_fill(stmt: sa.Executable | CatalogueFill, conn: Connection) -> None:
-    try:
-        run_fill(conn, stmt)
-    except CorruptEvent as exc:
-        raise RebuildError(_corruption_message([str(exc)])) from exc
-
-
-def _add_keys(conn: Connection, table: sa.Table) -> None:
-    """The primary key and indexes of the model, under this table's convention names."""
-    pk = table.primary_key
-    conn.execute(sa.text(
-        f'ALTER TABLE "{table.name}" ADD CONSTRAINT "{pk.name}" PRIMARY KEY '
-        f"({', '.join(c.name for c in pk.columns)})"
-    ))
-    for ix in table.indexes:
-        conn.execute(sa.text(
-            f'CREATE INDEX "{ix.name}" ON "{table.name}" ({", ".join(c.name for c in ix.columns)})'
-        ))
-
-
-_NOT_IN_SNAPSHOT = sa.text(
-    # Events the snapshot did not see: their transaction was in flight (xip) or
-    # began after it (>= xmax). Everything below xmin was visible, which lets the
-    # (tx_id, position) index narrow the scan.
-    """
-    SELECT position, tx_id, event_id, stream_id, stream_version, type, schema_version,
-           recorded_at, payload
-    FROM ledger_events
-    WHERE tx_id >= pg_snapshot_xmin(CAST(:snap AS pg_snapshot))::text::bigint
-      AND NOT pg_visible_in_snapshot(tx_id::text::xid8, CAST(:snap AS pg_snapshot))
-    ORDER BY tx_id, position
-    """
-).columns(recorded_at=events_table.c.recorded_at.type, event_id=sa.Uuid())
-
-
-def _catch_up(conn: Connection, target: SqlTarget, snapshot: str, prefixes) -> int:
-    from ledger.log import _row_to_event
-
-    events: list[RecordedEvent] = [
-        _row_to_event(r)
-        for r in conn.execute(_NOT_IN_SNAPSHOT, {"snap": snapshot})
-        if r.stream_id.split(":", 1)[0] in prefixes
-    ]
-    target.apply(conn, events)
-    return len(events)
-
-
-#: How long the swap waits for its first lock before it rolls back and tries again.
-SWAP_LOCK_TIMEOUT = "5s"
-SWAP_ATTEMPTS = 300
-_RETRY_SQLSTATES = {"40P01", "55P03"}  # deadlock detected, lock not available
-
-
-def _swap_postgres(ledger, new, slots, target, snapshot, prefixes, report) -> None:
-    live_names = [getattr(LIVE, s).name for s in slots]
-    for attempt in range(SWAP_ATTEMPTS):
-        try:
-            with ledger.engine.connect() as conn, conn.begin():
-                # Deadlock-free locking: we wait only while holding nothing (the
-                # first table), and take the others NOWAIT, rolling back and trying
-                # again if a writer is in the middle of a transaction on one of
-                # them. Writers touch the tables in data-dependent orders (a chord
-                # part writes chord_parts then chords), so no fixed order of ours
-                # could avoid a cycle. ACCESS EXCLUSIVE from the start, because the
-                # DROP needs it anyway and upgrading later would wait while holding.
-                # Readers therefore pause for the last catch-up and the renames.
-                conn.execute(sa.text(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}'"))
-                conn.execute(sa.text(f"LOCK TABLE {live_names[0]} IN ACCESS EXCLUSIVE MODE"))
-                if len(live_names) > 1:
-                    conn.execute(sa.text(
-                        f"LOCK TABLE {', '.join(live_names[1:])} IN ACCESS EXCLUSIVE MODE NOWAIT"
-                    ))
-                caught_up = _catch_up(conn, target, snapshot, prefixes)
-                for slot in slots:
-                    _rename_postgres(conn, getattr(new, slot), getattr(LIVE, slot))
-            report.caught_up += caught_up
-            report.swap_attempts = attempt + 1
-            return
-        except sa.exc.OperationalError as exc:
-            state = getattr(exc.orig, "sqlstate", None)
-            if state not in _RETRY_SQLSTATES or attempt == SWAP_ATTEMPTS - 1:
-                raise RebuildError(f"swap failed, live tables unchanged: {exc.orig}") from exc
-            time.sleep(min(0.005 * (attempt + 1), 0.1))
-
-
-def _rename_postgres(conn: Connection, new: sa.Table, live: sa.Table) -> None:
-    conn.execute(sa.text(f'DROP TABLE "{live.name}"'))
-    conn.execute(sa.text(f'ALTER TABLE "{new.name}" RENAME TO "{live.name}"'))
-    # The primary key's and indexes' names follow the naming convention of the
-    # table name; give them the live names so `celery-ledger db check` stays clean.
-    old_names = [new.primary_key.name] + [ix.name for ix in new.indexes]
-    for name in old_names:
-        conn.execute(sa.text(
-            f'ALTER INDEX "{name}" RENAME TO "{name.replace(new.name, live.name, 1)}"'
-        ))
-
-
-def _rebuild_sqlite(ledger, names, report: RebuildReport, progress) -> None:
-    new = _new_tables()
-    slots = _slots(names)
-
-    def work(conn: Connection) -> None:
-        fill_started = time.perf_counter()
-        ddl: dict[str, tuple[str, list[str]]] = {}
-        for slot in slots:
-            live, fresh = getattr(LIVE, slot), getattr(new, slot)
-            table_sql, index_sqls = _sqlite_ddl(conn, live.name)
-            ddl[slot] = (table_sql, index_sqls)
-            conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{fresh.name}"')
-            # Same DDL as the live table (same constraint names), another name.
-            conn.exec_driver_sql(table_sql.replace(live.name, fresh.name, 1))
-        _fill(conn, new, names, report, progress)
-        report.fill_seconds = time.perf_counter() - fill_started
-        problems = _corrupt_payloads(conn, new, slots)
-        if problems:  # raising rolls the whole rebuild back: the live tables stay
-            raise RebuildError(_corruption_message(problems))
-        swap_started = time.perf_counter()
-        for slot in slots:
-            live, fresh = getattr(LIVE, slot), getattr(new, slot)
-            conn.exec_driver_sql(f'DROP TABLE "{live.name}"')
-            conn.exec_driver_sql(f'ALTER TABLE "{fresh.name}" RENAME TO "{live.name}"')
-            for index_sql in ddl[slot][1]:
-                conn.exec_driver_sql(index_sql)
-            report.rows[live.name] = conn.execute(sa.select(sa.func.count()).select_from(live)).scalar_one()
-        report.swap_seconds = time.perf_counter() - swap_started
-
-    ledger._write(work)
 
 
 #: Rebuilt tables whose rows carry an event's payload: slot -> (key column, event model).
@@ -547,15 +313,6 @@ def _version_gaps(ledger, conn: Connection) -> list[str]:
     return out
 
 
-def _sqlite_ddl(conn: Connection, table: str) -> tuple[str, list[str]]:
-    rows = conn.exec_driver_sql(
-        "SELECT type, sql FROM sqlite_master WHERE tbl_name = ? AND sql IS NOT NULL",
-        (table,),
-    ).all()
-    table_sql = next(sql for kind, sql in rows if kind == "table")
-    return table_sql, [sql for kind, sql in rows if kind == "index"]
-
-
 # -- verify ---------------------------------------------------------------------------
 
 _KEYS = {
@@ -626,31 +383,20 @@ def verify_report(
     slots = _slots(names)
     ledger.require_schema()
     scratch = ProjectionTables.define(sa.MetaData(), VERIFY_SUFFIX)
+    store = ledger.store
     with ledger.engine.connect() as conn:
-        if ledger.dialect == "postgresql":
-            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        conn = conn.execution_options(**store.snapshot_options)
         with conn.begin() as tx:
             for slot in slots:
-                live, tmp = getattr(LIVE, slot), getattr(scratch, slot)
-                if ledger.dialect == "postgresql":
-                    conn.execute(sa.text(
-                        f'CREATE TEMPORARY TABLE "{tmp.name}" (LIKE "{live.name}") ON COMMIT DROP'
-                    ))
-                else:
-                    table_sql, _ = _sqlite_ddl(conn, live.name)
-                    conn.exec_driver_sql(
-                        table_sql.replace("CREATE TABLE", "CREATE TEMPORARY TABLE", 1)
-                        .replace(live.name, tmp.name, 1)
-                    )
+                store.create_scratch_table(conn, getattr(LIVE, slot), getattr(scratch, slot))
             corrupt, gaps = _corrupt_events(conn), _version_gaps(ledger, conn)
             # A corrupt payload stops the catalogue's fill; the lines above say where.
             usable = [s for s in slots if not (corrupt and s == "catalogue")]
-            for _, stmt in _statements(conn, scratch, usable):
-                run_fill(conn, stmt)
-            counts, rows = _differences(conn, scratch, usable, limit)
-            if ledger.dialect == "sqlite":
-                for slot in slots:
-                    conn.exec_driver_sql(f'DROP TABLE temp."{getattr(scratch, slot).name}"')
+            for _, stmt in _statements(store, scratch, usable):
+                run_fill(conn, stmt, type(store))
+            counts, rows = _differences(store, conn, scratch, usable, limit)
+            for slot in slots:
+                store.drop_scratch_table(conn, getattr(scratch, slot))
             tx.rollback()
     counts = {"corrupt_events": len(corrupt), "version_gaps": len(gaps), **counts}
     described = corrupt[:limit] + gaps[:limit] + rows
@@ -677,11 +423,12 @@ def _differing_keys(
 
 
 def _differences(
-    conn: Connection, scratch: ProjectionTables, slots: Sequence[str], limit: int | None
+    store: MaintainableStore, conn: Connection, scratch: ProjectionTables, slots: Sequence[str],
+    limit: int | None,
 ) -> tuple[dict[str, int], list[str]]:
     """Differing rows counted per projection, and the first ``limit`` described."""
     expected, found = Snapshot(), Snapshot()
-    exp_target, live_target = SqlTarget(_mixed(scratch, slots)), SqlTarget(LIVE)
+    exp_target, live_target = store.target_for(_mixed(scratch, slots)), store.target
     counts = dict.fromkeys(VERIFY_KINDS[2:], 0)
     keys: dict[str, list[tuple]] = {}
     for slot in slots:
@@ -778,10 +525,11 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
     T, e = LIVE, events_table
     ledger.require_schema()
 
+    store = ledger.store
+
     def work(conn: Connection) -> PruneReport:
-        if ledger.dialect == "postgresql" and not dry_run:
-            names = ", ".join(t.name for t in T.all())
-            conn.execute(sa.text(f"LOCK TABLE {names} IN SHARE MODE"))
+        if not dry_run:
+            store.lock_for_prune(conn, T.all())
         cutoff = conn.execute(
             sa.select(sa.func.min(e.c.position)).where(e.c.recorded_at >= before)
         ).scalar()
@@ -829,10 +577,7 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
             deleted = conn.execute(sa.select(sa.func.count()).where(doomed)).scalar_one()
             return PruneReport(before, deleted, affected, kept, True, held_by, for_followers)
         gone_chords = [s[len("chord:"):] for s in affected if s.startswith("chord:")]
-        if ledger.dialect == "postgresql":
-            # The log's trigger refuses deletes (migration 0002) unless the
-            # transaction says it is a prune; the setting ends with it.
-            conn.execute(sa.text(f"SET LOCAL {PRUNE_SETTING} = 'on'"))
+        store.allow_prune(conn)
         deleted = conn.execute(sa.delete(e).where(doomed)).rowcount
         for i in range(0, len(gone_chords), 500):
             chunk = gone_chords[i : i + 500]
@@ -845,7 +590,7 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
             chunk = cut_tasks[i : i + 500]
             keys = [s[len("task:"):] for s in chunk]
             conn.execute(sa.delete(T.catalogue).where(T.catalogue.c.task_id.in_(keys)))
-            CatalogueFill(T.catalogue, catalogue_select(e, streams=chunk), whole_log=False).run(conn)
+            CatalogueFill(T.catalogue, catalogue_select(e, streams=chunk), whole_log=False).run(conn, type(store))
         record = LogPruned(
             before=before, events_deleted=deleted, streams=affected[:PRUNED_STREAMS_LISTED]
         )
@@ -853,7 +598,7 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
         ledger.target.apply(conn, recorded)
         return PruneReport(before, deleted, affected, kept, False, held_by, for_followers)
 
-    return ledger._read(work) if dry_run else ledger._write(work)
+    return ledger.read(work) if dry_run else ledger.write(work)
 
 
 def _oldest_follower(conn: Connection) -> tuple[str | None, int | None]:

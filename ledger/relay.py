@@ -21,19 +21,17 @@
   capped exponential backoff (full jitter) before re-reading from its checkpoint.
   Writers never wait: they do not know the relay exists. ``run(once=True)`` gives
   up after ``once_attempts`` failures in a row (:class:`KafkaUnavailable`).
-* One active relay per topic (:class:`RelayLock`); others wait on standby and take
+* One active relay per topic (:class:`ledger.store.base.RelayLock`); others wait on standby and take
   over when the holder dies.
 * Follow mode wakes on LISTEN/NOTIFY on PostgreSQL and polls on SQLite.
 """
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import logging
 import os
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,8 +41,7 @@ from typing import Any
 from ledger.api import Ledger
 from ledger.errors import CorruptEvent, DeliveryFailed, KafkaUnavailable
 from ledger.events import TOMBSTONE_TYPES, RecordedEvent, TaskState
-from ledger.listen import Listener
-from ledger.log import Checkpoint
+from ledger.store.base import Checkpoint, RelayLock
 from ledger.stream import event_record, state_value
 from projections import task_meta
 
@@ -56,101 +53,6 @@ TASK_TYPES = TOMBSTONE_TYPES | {TaskState.type}
 # (length, attributes, timestamp and offset deltas, key/value/header lengths).
 _BATCH_OVERHEAD = 61
 _RECORD_OVERHEAD = 40
-
-
-class RelayLock:
-    """At most one holder per name at a time; released when the holder's process dies."""
-
-    @staticmethod
-    def for_ledger(ledger: Ledger, name: str) -> RelayLock:
-        if ledger.dialect == "postgresql":
-            return PgRelayLock(ledger, name)
-        return FileRelayLock(ledger, name)
-
-    def try_acquire(self) -> bool:
-        raise NotImplementedError
-
-    def held(self) -> bool:
-        """Still ours (checked before each batch)."""
-        raise NotImplementedError
-
-    def release(self) -> None:
-        raise NotImplementedError
-
-
-class PgRelayLock(RelayLock):
-    """A session-level advisory lock on a dedicated connection.
-
-    Session-level, not transaction-level: it must outlive the relay's many short
-    transactions. The server releases it when the connection closes, which is
-    what makes a standby relay take over from a killed one.
-    """
-
-    def __init__(self, ledger: Ledger, name: str) -> None:
-        url = ledger.engine.url.set(drivername="postgresql")
-        self._conninfo = url.render_as_string(hide_password=False)
-        self.name = name
-        self._conn: Any = None
-
-    def try_acquire(self) -> bool:
-        import psycopg
-
-        try:
-            if self._conn is None:
-                self._conn = psycopg.connect(self._conninfo, autocommit=True)
-            got = self._conn.execute(
-                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.name,)
-            ).fetchone()[0]
-        except psycopg.Error as exc:
-            log.warning("relay lock: database unreachable (%s)", type(exc).__name__)
-            self.release()
-            return False
-        return bool(got)
-
-    def held(self) -> bool:
-        import psycopg
-
-        try:
-            self._conn.execute("SELECT 1")
-            return True
-        except (psycopg.Error, AttributeError):
-            # The connection is gone, and with it the lock: another relay may be active.
-            self.release()
-            return False
-
-    def release(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
-
-
-class FileRelayLock(RelayLock):
-    """``flock`` on ``<database file>.<name>.lock`` (SQLite: relays share the host)."""
-
-    def __init__(self, ledger: Ledger, name: str) -> None:
-        db = ledger.engine.url.database or "memory"
-        self.path = f"{db}.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock"
-        self._fd: int | None = None
-
-    def try_acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
-
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
 
 
 class Relay:
@@ -202,7 +104,7 @@ class Relay:
         Returns the number of events relayed by this call.
         """
         stop = stop or threading.Event()
-        lock = RelayLock.for_ledger(self.ledger, self.name)
+        lock = self.ledger.store.relay_lock(self.name)
         start = self.relayed
         if importlib.util.find_spec("crc32c") is None:
             log.warning(
@@ -246,10 +148,10 @@ class Relay:
         # --once drains what was committed when it started. On PostgreSQL that may
         # not be visible in follow order yet (an older transaction anywhere on the
         # server is still open), so it waits for it rather than stopping short.
-        drain_to = self.ledger._read(self.ledger.log.head) if once else None
+        drain_to = self.ledger.read(self.ledger.log.head) if once else None
         unsent: list[RecordedEvent] = []
         wait = self.poll_interval
-        with Listener.for_engine(self.ledger.engine) as listener:
+        with self.ledger.store.listener() as listener:
             while not stop.is_set():
                 if not lock.held():
                     return False
@@ -306,7 +208,7 @@ class Relay:
                     log.info("relay %s: Kafka is back after %d failed attempts", self.topic, failures)
                     failures = 0
                 cp = Checkpoint(batch_end.tx_id, batch_end.position)
-                self.ledger._write(lambda c, cp=cp: self.ledger.save_checkpoint(c, self.name, cp))
+                self.ledger.write(lambda c, cp=cp: self.ledger.save_checkpoint(c, self.name, cp))
                 self.checkpoint = cp
                 self.relayed += sent
                 self.batches += 1
@@ -412,7 +314,7 @@ class Relay:
                 states[task_id] = state
             return states
 
-        return self.ledger._read(read) if last else {}
+        return self.ledger.read(read) if last else {}
 
     def _producer_or_new(self) -> Any:
         from kafka import KafkaProducer

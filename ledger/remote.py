@@ -24,12 +24,13 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ledger import database
 from ledger.events import RecordedEvent
+from ledger.store import store_for, store_type
+from ledger.store.engine import engine_for
+from ledger.store.schema import LIVE
+from ledger.store.schema import metadata as ledger_metadata
 from ledger.stream import BadRecord, decode_event
 from projections.memory import MemoryTarget, Snapshot
-from projections.sql import LIVE, SqlTarget
-from projections.sql import metadata as ledger_metadata
 
 
 class Mark(NamedTuple):
@@ -92,8 +93,8 @@ class SqlStore(Store):
     """
 
     def __init__(self, url: str) -> None:
-        self.engine = database.engine_for(url)
-        self.target = SqlTarget(LIVE)
+        self.engine = engine_for(url)
+        self.target = store_for(self.engine).target
         ledger_metadata.create_all(self.engine, tables=list(LIVE.all()))
         offsets_metadata.create_all(self.engine)
 
@@ -116,11 +117,7 @@ class SqlStore(Store):
 
     def _save_mark(self, conn: Connection, topic: str, partition: int, mark: Mark) -> None:
         o = stream_offsets
-        if conn.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        stmt = insert(o).values(
+        stmt = store_type(conn).insert(o).values(
             topic=topic, partition=partition, next_offset=mark.offset, tx_id=mark.tx_id,
             position=mark.position,
         )

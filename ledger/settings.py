@@ -20,7 +20,7 @@ as Celery users expect, read beside Celery's own ``result_*`` settings:
   ``"ready"``: all but STARTED, RETRY and custom progress states, which no
   ``get()`` waits for; followers find those by polling (0.1 s). ``"all"``: every
   store, for followers that need non-ready states at once, at the cost of
-  notifying commits queueing behind each other (see :mod:`ledger.log`).
+  notifying commits queueing behind each other (see :mod:`ledger.store.postgres`).
 
 Environment: commands without a Celery app read the database URL from
 ``$LEDGER_DATABASE_URL``; ``$LEDGER_POOL_SIZE`` (default 8) sizes each process's

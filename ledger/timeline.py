@@ -352,7 +352,7 @@ def _chord_fired_for(ledger, body_task_id: str) -> str | None:
     """The chord whose claim (``chord.fired``) names ``body_task_id`` as its body."""
     e = ledger.log.table
     q = sa.select(e.c.stream_id).where(e.c.ref_id == body_task_id, e.c.type == ChordFired.type)
-    stream = ledger._read(lambda c: c.execute(q.limit(1)).scalar())
+    stream = ledger.read(lambda c: c.execute(q.limit(1)).scalar())
     return stream.split(":", 1)[1] if stream else None
 
 
@@ -366,7 +366,7 @@ def _group_stamped(ledger, group_id: str) -> list[str]:
         .order_by(sa.func.min(e.c.position))
         .limit(MAX_TASKS)
     )
-    return [s.split(":", 1)[1] for s in ledger._read(lambda c: c.execute(q).scalars().all())]
+    return [s.split(":", 1)[1] for s in ledger.read(lambda c: c.execute(q).scalars().all())]
 
 
 # -- the tree ------------------------------------------------------------------------------

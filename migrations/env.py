@@ -13,8 +13,8 @@ import os
 
 from alembic import context
 
-from ledger.database import normalize_url
-from ledger.schema import metadata
+from ledger.store.engine import normalize_url
+from ledger.store.schema import metadata
 
 config = context.config
 

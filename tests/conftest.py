@@ -71,7 +71,7 @@ def pg_template() -> Iterator[str]:
     url = f"{PG_SERVER}/{name}"
     ledger = Ledger.open(url, upgrade=True)
     ledger.engine.dispose()
-    from ledger import database
+    from ledger.store import engine as database
 
     database._engines.pop(database.normalize_url(url).render_as_string(hide_password=False), None)
     yield name
@@ -90,7 +90,7 @@ def pg_url(pg_template) -> Iterator[str]:
     name = _new_pg_db(pg_template)
     url = f"{PG_SERVER}/{name}"
     yield url
-    from ledger import database
+    from ledger.store import engine as database
 
     engine = database._engines.pop(database.normalize_url(url).render_as_string(hide_password=False), None)
     if engine is not None:

@@ -69,14 +69,14 @@ LIFECYCLE = "tests/test_lifecycle.py"
 MUTATIONS = [
     Mutation(
         "NOTIFY: a ready task state does not notify",
-        "ledger/log.py",
+        "ledger/store/postgres.py",
         '            return item.columns.get("task_state") in READY_STATES\n',
         "            return False\n",
         (f"{BACKEND}::test_get_is_woken_by_notify_not_by_polling",),
     ),
     Mutation(
         "xmin visibility: followers read rows of transactions still running",
-        "ledger/log.py",
+        "ledger/store/postgres.py",
         "          AND tx_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint\n",
         "          AND TRUE\n",
         (f"{LOG_PG}::test_an_open_transaction_holds_followers_back_until_it_commits",
@@ -84,7 +84,7 @@ MUTATIONS = [
     ),
     Mutation(
         "follow order: a follower resumes after its position alone, not (tx_id, position)",
-        "ledger/log.py",
+        "ledger/store/postgres.py",
         "        WHERE (tx_id, position) > (:tx_id, :position)\n",
         "        WHERE position > :position\n",
         ("tests/faults/test_followers.py",),
@@ -105,6 +105,20 @@ MUTATIONS = [
          f"{LOG_PG}::test_redelivered_chord_part_fires_body_once"),
     ),
     Mutation(
+        "chord claim on PostgreSQL: a returned part claims the body without completing the chord",
+        "ledger/store/postgres.py",
+        '            " AND c.fired_position IS NULL AND c.completed_position ="\n',
+        '            " AND c.fired_position IS NULL AND c.completed_position IS NULL OR c.completed_position ="\n',
+        (f"{LOG_PG}::test_redelivered_chord_part_fires_body_once",),
+    ),
+    Mutation(
+        "chord part: a part returned with its result (mark_as_done) is returned again",
+        "ledger/celery.py",
+        "            self._chord_part.returned = (part, returned)\n",
+        "            pass\n",
+        ("tests/test_celery_chords.py::test_parts_stored_by_mark_as_done_fire_the_body_once_each_with_its_result",),
+    ),
+    Mutation(
         "get_task_meta: a stored map of the wrong shape is read as if it were valid",
         "projections/task_meta.py",
         '            and type(value.get("status")) is str\n',
@@ -114,7 +128,7 @@ MUTATIONS = [
     ),
     Mutation(
         "idempotent event id: SQLite appends a known event id again",
-        "ledger/log.py",
+        "ledger/store/sqlite.py",
         "        ON CONFLICT (event_id) DO NOTHING\n"
         "        RETURNING position, tx_id, stream_version, recorded_at\n",
         "        RETURNING position, tx_id, stream_version, recorded_at\n",
@@ -122,7 +136,7 @@ MUTATIONS = [
     ),
     Mutation(
         "idempotent event id: PostgreSQL appends a known event id again",
-        "ledger/log.py",
+        "ledger/store/postgres.py",
         '        ON CONFLICT (event_id) DO NOTHING\n    """\n',
         '    """\n',
         (f"{LOG_PG}::test_appending_the_same_event_id_twice_writes_one_row",),
@@ -159,7 +173,7 @@ MUTATIONS = [
     ),
     Mutation(
         "password masking: safe_url shows the password",
-        "ledger/database.py",
+        "ledger/store/engine.py",
         "    text = url.update_query_dict(hidden).render_as_string(hide_password=True)\n",
         "    text = url.update_query_dict(hidden).render_as_string(hide_password=False)\n",
         (f"{BACKEND}::test_construction_is_cheap_and_uri_hides_the_password",),
@@ -189,7 +203,7 @@ MUTATIONS = [
     ),
     Mutation(
         "recorded_at: PostgreSQL stores a time other than the server's",
-        "ledger/log.py",
+        "ledger/store/postgres.py",
         "            CAST(:schema_version AS smallint), now(), CAST(:task_state AS varchar),\n",
         "            CAST(:schema_version AS smallint), now() - interval '1 day',"
         " CAST(:task_state AS varchar),\n",
@@ -197,7 +211,7 @@ MUTATIONS = [
     ),
     Mutation(
         "recorded_at: SQLite stores a time other than the writer's clock",
-        "ledger/log.py",
+        "ledger/store/sqlite.py",
         '        params["recorded_at"] = datetime.now(timezone.utc)\n',
         '        params["recorded_at"] = datetime.now(timezone.utc).replace(year=2000)\n',
         (f"{LOG_SQLITE}::test_recorded_at_is_database_time_in_utc",),
@@ -219,7 +233,7 @@ MUTATIONS = [
     ),
     Mutation(
         "catalogue rebuild: a STARTED after the sticky SUCCESS moves started_at",
-        "projections/sql.py",
+        "ledger/store/target.py",
         "sa.case((sa.and_(life.c.task_state == STARTED, in_effect), life.c.position))",
         "sa.case((life.c.task_state == STARTED, life.c.position))",
         (f"{CATALOGUE}::test_a_redelivery_after_success_changes_nothing_live_or_rebuilt",
@@ -227,7 +241,7 @@ MUTATIONS = [
     ),
     Mutation(
         "catalogue live (fused): a new life after forget keeps the forgotten flag",
-        "projections/sql.py",
+        "ledger/store/postgres.py",
         '" forgotten = false, expired = false, "',
         '" "',
         (f"{CATALOGUE}::test_a_forgotten_task_stays_listed_and_a_new_life_starts_over",),
@@ -241,7 +255,7 @@ MUTATIONS = [
     ),
     Mutation(
         "catalogue stats (SQLite): percentiles take the lower rank, no interpolation",
-        "ledger/catalogue.py",
+        "ledger/store/sqlite.py",
         "hi = sa.func.max(sa.case((r.c.i == below + 1, r.c.s)))",
         "hi = sa.func.max(sa.case((r.c.i == below, r.c.s)))",
         (f"{CATALOGUE}::test_stats_are_the_counts_and_percentiles_of_the_log",),
@@ -264,7 +278,7 @@ MUTATIONS = [
     Mutation(
         "prune: the catalogue rows of cut tasks are not refolded",
         "ledger/rebuild.py",
-        "            CatalogueFill(T.catalogue, catalogue_select(e, streams=chunk), whole_log=False).run(conn)\n",
+        "            CatalogueFill(T.catalogue, catalogue_select(e, streams=chunk), whole_log=False).run(conn, type(store))\n",
         "            pass\n",
         ("tests/test_rebuild.py::test_prune_then_rebuild_then_verify_is_clean",),
     ),
@@ -313,7 +327,7 @@ MUTATIONS = [
     ),
     Mutation(
         "web: the server's database sessions can write",
-        "ledger/web/server.py",
+        "ledger/store/sqlite.py",
         '            cur.execute("PRAGMA query_only = ON")\n',
         "            pass\n",
         ("tests/test_web.py::test_the_servers_connections_cannot_write",),
@@ -362,7 +376,7 @@ MUTATIONS = [
     ),
     Mutation(
         "lifecycle: SENT gets a task-meta row on PostgreSQL's fused path",
-        "projections/sql.py",
+        "ledger/store/postgres.py",
         "            **lifecycle,\n",
         "            **lifecycle, TaskSent.type: FusedSql(f'projection AS ({self._fused_updates(tm, g)[TaskState.type]})'),\n",
         ("tests/test_projection_equivalence.py::test_memory_fold_live_sql_and_rebuild_agree",),
@@ -376,21 +390,21 @@ MUTATIONS = [
     ),
     Mutation(
         "catalogue: a SENT or RECEIVED replaces a Celery state (live SQL)",
-        "projections/sql.py",
+        "ledger/store/target.py",
         "        takes = sa.or_(ended, c.c.state.in_([s for s, r in RANK.items() if r <= RANK[incoming]]))\n",
         "        takes = sa.true()\n",
         ("tests/test_projection_equivalence.py::test_memory_fold_live_sql_and_rebuild_agree",),
     ),
     Mutation(
         "catalogue: a SENT or RECEIVED replaces a Celery state (PostgreSQL's fused path)",
-        "projections/sql.py",
+        "ledger/store/postgres.py",
         '            takes = f"({ended} OR {c}.state IN ({below}))"\n',
         '            takes = "true"\n',
         ("tests/test_projection_equivalence.py::test_memory_fold_live_sql_and_rebuild_agree",),
     ),
     Mutation(
         "catalogue: the rebuild takes a lifecycle event over a Celery state",
-        "projections/sql.py",
+        "ledger/store/target.py",
         "                latest(k.c.type == TaskState.type),\n",
         "",
         ("tests/test_projection_equivalence.py::test_memory_fold_live_sql_and_rebuild_agree",),
@@ -432,7 +446,7 @@ MUTATIONS = [
     ),
     Mutation(
         "lifecycle: a relaxed commit leaves synchronous_commit off on the connection",
-        "ledger/log.py",
+        "ledger/store/postgres.py",
         "set_config('synchronous_commit', 'off', true)",
         "set_config('synchronous_commit', 'off', false)",
         (f"{LIFECYCLE}::test_only_the_lone_lifecycle_event_skips_the_wal_flush_wait",),

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ledger.api import Ledger
-from ledger.log import Checkpoint
+from ledger.store.base import Checkpoint
 
 CLI = str(Path(sys.executable).parent / "celery-ledger")
 #: bound for committed events to become visible to followers: on PostgreSQL that
@@ -78,7 +78,7 @@ def relay_checkpoint(ledger: Ledger, topic: str) -> Checkpoint:
 
 def wait_relayed_all(ledger: Ledger, topic: str, timeout: float = 120) -> Checkpoint:
     """Until the relay's checkpoint is at the last committed event in follow order."""
-    target: Checkpoint = ledger._read(ledger.log.head)
+    target: Checkpoint = ledger.read(ledger.log.head)
     return eventually(
         lambda: relay_checkpoint(ledger, topic) >= target and relay_checkpoint(ledger, topic),
         timeout,

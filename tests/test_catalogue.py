@@ -23,7 +23,7 @@ from ledger.api import Ledger
 from ledger.cli import main
 from ledger.errors import BadFilter
 from ledger.events import Encoded, ResultExpired, TaskForgotten, TaskReceived, TaskSent, TaskState
-from ledger.schema import events as events_table
+from ledger.store.schema import events as events_table
 from projections.memory import MemoryTarget
 from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
 

@@ -23,7 +23,7 @@ from celery.exceptions import ChordError, TaskRevokedError, TimeoutError
 
 from ledger.api import Ledger
 from ledger.events import LIFECYCLE_TYPES
-from ledger.schema import events
+from ledger.store.schema import events
 from tests.conftest import PG_SERVER, REDIS, RUN_ID, _new_pg_db, admin
 from tests.workerapp.tasks import make_app
 

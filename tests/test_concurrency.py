@@ -12,8 +12,8 @@ import sqlalchemy as sa
 
 from ledger.api import Ledger
 from ledger.events import NewEvent, TaskState
-from ledger.log import Checkpoint
-from ledger.schema import events as events_table
+from ledger.store.base import Checkpoint
+from ledger.store.schema import events as events_table
 
 pytestmark = pytest.mark.postgres
 

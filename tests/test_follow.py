@@ -21,7 +21,8 @@ from ledger.events import (
     TaskForgotten,
     TaskState,
 )
-from ledger.log import NOTIFY_CHANNEL, START
+from ledger.store.base import START
+from ledger.store.postgres import NOTIFY_CHANNEL
 from tests.conftest import _libpq
 from tests.relay_process import CLI, HORIZON_WAIT, eventually
 from tests.stream_workload import task_lives
@@ -139,7 +140,7 @@ def test_a_follower_still_gets_events_that_do_not_notify(pg_url):
 
     def follower() -> None:
         try:
-            for event in ledger.follow(ledger._read(ledger.log.head), stop=stop):
+            for event in ledger.follow(ledger.read(ledger.log.head), stop=stop):
                 got.put(event.stream_id)
         except BaseException as exc:  # reported by the test, not lost with the thread
             got.put(exc)
@@ -211,6 +212,6 @@ def _chunks(items: list, n: int) -> list[list]:
 
 
 def _visible_all(ledger: Ledger):
-    head = ledger._read(ledger.log.head)
+    head = ledger.read(ledger.log.head)
     events = ledger.read_from(START, 100_000)
     return events if events and (events[-1].tx_id, events[-1].position) >= head else None

@@ -23,13 +23,12 @@ from celery.exceptions import BackendGetMetaError
 from ledger import migrate
 from ledger.api import Ledger
 from ledger.audit import show_record, task_history
-from ledger.database import engine_for
 from ledger.errors import DowngradeRefused, RebuildError
 from ledger.events import TaskState
 from ledger.rebuild import prune, rebuild, verify
-from ledger.schema import PRUNE_SETTING, events
+from ledger.store.engine import engine_for
+from ledger.store.schema import LIVE, PRUNE_SETTING, events
 from ledger.timeline import find_workflow
-from projections.sql import LIVE
 from tests.conftest import PG_SERVER, RUN_ID, admin, ensure_postgres
 
 FAR_FUTURE = datetime(2099, 1, 1, tzinfo=timezone.utc)

@@ -14,7 +14,7 @@ from ledger.api import Ledger
 from ledger.events import TaskState
 from ledger.rebuild import prune
 from ledger.relay import Relay
-from ledger.schema import events
+from ledger.store.schema import events
 from ledger.stream import decode_event
 from tests.kafka import create_topic, kafka, read_all, topic  # noqa: F401
 from tests.test_integrity import CLI, NOT_AN_EVENT, cli, tamper

@@ -20,8 +20,8 @@ from celery.exceptions import BackendGetMetaError
 from celery.result import GroupResult
 
 from ledger import migrate
-from ledger.database import engine_for
 from ledger.events import LIFECYCLE_TYPES
+from ledger.store.engine import engine_for
 from ledger.timeline import find_workflow, fold_run, render_text, to_json
 from tests.faults.workers import Workers
 from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)

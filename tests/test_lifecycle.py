@@ -18,14 +18,15 @@ from celery.exceptions import TimeoutError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ledger import database, demo
+from ledger import demo
 from ledger.api import Ledger
 from ledger.audit import task_history
 from ledger.cli import main
 from ledger.events import NewEvent, RecordedEvent, TaskReceived, TaskSent, TaskState
 from ledger.events import utcnow as now
-from ledger.log import Encoded
 from ledger.relay import Relay
+from ledger.store import postgres
+from ledger.store.base import Encoded
 from ledger.stream import decode_event, decode_state
 from ledger.timeline import QUEUE_CHAR, fold_run
 from projections import catalogue, task_meta
@@ -336,5 +337,5 @@ def test_only_the_lone_lifecycle_event_skips_the_wal_flush_wait(pg_url):
     connection waits for its flush as every result does."""
     ledger = Ledger.open(pg_url)
     ledger.append([TaskSent(task_id="a", name="proj.t", sent_at=T0)])
-    (setting,) = database.pooled_fetch(ledger.engine, [("SHOW synchronous_commit", {})])
+    (setting,) = postgres.pooled_fetch(ledger.engine, [("SHOW synchronous_commit", {})])
     assert setting == ("on",)

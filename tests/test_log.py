@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from ledger.api import Ledger
+from ledger.errors import VersionConflict
 from ledger.events import (
     ChordPartReturned,
     ChordStarted,
@@ -20,8 +21,8 @@ from ledger.events import (
     TaskForgotten,
     TaskState,
 )
-from ledger.log import Checkpoint, VersionConflict
-from ledger.schema import events as events_table
+from ledger.store.base import Checkpoint
+from ledger.store.schema import events as events_table
 from tests.relay_process import HORIZON_WAIT
 
 
@@ -98,7 +99,7 @@ class LogContract:
         b = ledger.append([TaskState(task_id="b", status=s) for s in ("STARTED", "SUCCESS")])
         ledger.append([TaskState(task_id="c", status="STARTED")])
         until = {"task:a": a.recorded[1].position, "task:b": b.recorded[1].position, "task:none": 10**9}
-        got = ledger._read(lambda c: ledger.log.read_streams_until(c, until, chunk=2))
+        got = ledger.read(lambda c: ledger.log.read_streams_until(c, until, chunk=2))
         assert {k: [e.data.status for e in v] for k, v in got.items()} == {
             "task:a": ["STARTED", "RETRY"], "task:b": ["STARTED", "SUCCESS"], "task:none": []
         }

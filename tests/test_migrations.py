@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from ledger import migrate
-from ledger.database import engine_for
+from ledger.store.engine import engine_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -33,10 +33,9 @@ from ledger.events import (
     TaskState,
 )
 from ledger.events import utcnow as now
-from ledger.schema import PRUNE_SETTING, metadata
-from ledger.schema import events as events_table
+from ledger.store.schema import ProjectionTables, metadata
+from ledger.store.schema import events as events_table
 from projections.memory import MemoryTarget
-from projections.sql import ProjectionTables, SqlTarget
 
 T0 = now()
 TASKS = st.sampled_from(["a", "b", "c"])
@@ -125,8 +124,7 @@ def _all_events(ledger: Ledger):
 
 def _clear(ledger: Ledger) -> None:
     with ledger.engine.begin() as conn:
-        if ledger.dialect == "postgresql":  # past the log's append-only trigger, as prune does
-            conn.execute(sa.text(f"SET LOCAL {PRUNE_SETTING} = 'on'"))
+        ledger.store.allow_prune(conn)  # past the log's append-only trigger, as prune does
         for table in (*ledger.target.t.all(), *REBUILT.all(), events_table):
             conn.execute(sa.delete(table))
 
@@ -169,7 +167,7 @@ def _check_agreement(prepared: Ledger, batches) -> None:
     memory.apply(_all_events(ledger))
     live = ledger.snapshot()
 
-    rebuilt_target = SqlTarget(REBUILT)
+    rebuilt_target = ledger.store.target_for(REBUILT)
     with ledger.engine.begin() as conn:
         rebuilt_target.rebuild(conn, events_table)
         rebuilt = rebuilt_target.snapshot(conn)

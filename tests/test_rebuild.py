@@ -24,9 +24,10 @@ from ledger.events import (
     TaskForgotten,
     TaskState,
 )
-from ledger.rebuild import _REBUILD_LOCK, RebuildError, rebuild, verify
+from ledger.rebuild import RebuildError, rebuild, verify
+from ledger.store.postgres import REBUILD_LOCK
+from ledger.store.schema import LIVE
 from projections.memory import MemoryTarget
-from projections.sql import LIVE
 
 
 def workload(ledger: Ledger, tag: str = "w") -> None:
@@ -191,12 +192,12 @@ def test_a_second_concurrent_rebuild_is_refused_with_a_clear_error(pg_url, capsy
     ledger = Ledger.open(pg_url)
     workload(ledger)
     with ledger.engine.connect() as other:
-        other.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _REBUILD_LOCK})
+        other.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": REBUILD_LOCK})
         with pytest.raises(RebuildError, match="another rebuild is running"):
             rebuild(ledger)
         assert main(["rebuild", "--db", pg_url]) == 1
         assert "rebuild failed: another rebuild is running" in capsys.readouterr().err
-        other.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _REBUILD_LOCK})
+        other.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": REBUILD_LOCK})
         other.commit()
     assert rebuild(ledger).rows["ledger_task_meta"] == 19
     assert verify(ledger) == []

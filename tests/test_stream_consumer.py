@@ -9,8 +9,8 @@ from kafka import KafkaConsumer
 
 from ledger.api import Ledger
 from ledger.events import TaskState
-from ledger.log import START
 from ledger.relay import Relay
+from ledger.store.base import START
 from ledger.stream import iter_events
 from tests.kafka import kafka, topic  # noqa: F401
 
@@ -39,7 +39,7 @@ def test_consumer_helper_yields_typed_events_once_though_relayed_twice(any_url, 
     ledger = Ledger.open(any_url)
     ledger.append([TaskState(task_id=f"d{i}", status="SUCCESS") for i in range(30)])
     Relay(ledger, kafka, topic).run(once=True)
-    ledger._write(lambda c: ledger.save_checkpoint(c, f"relay:{topic}", START))
+    ledger.write(lambda c: ledger.save_checkpoint(c, f"relay:{topic}", START))
     Relay(ledger, kafka, topic).run(once=True)  # every event is on the topic twice
 
     c = group_consumer(kafka, topic, f"g-{uuid.uuid4().hex[:6]}")

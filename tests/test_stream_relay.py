@@ -9,8 +9,8 @@ import pytest
 
 from ledger.api import Ledger
 from ledger.events import TaskState
-from ledger.log import START
 from ledger.relay import Relay
+from ledger.store.base import START
 from ledger.stream import RecentIds, decode_event
 from tests.kafka import (  # noqa: F401
     create_topic,
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.kafka
 
 def log_in_follow_order(ledger: Ledger):
     """The whole log, once every committed event is visible to followers."""
-    head = ledger._read(ledger.log.head)
+    head = ledger.read(ledger.log.head)
 
     def read():
         events = ledger.read_from(START, 1_000_000)

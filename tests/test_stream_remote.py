@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ledger.api import Ledger
-from ledger.log import START
 from ledger.relay import Relay
 from ledger.remote import MemoryStore, RemoteProjection, SqlStore
+from ledger.store.base import START
 from tests.conftest import PG_SERVER, _new_pg_db, admin
 from tests.kafka import kafka, topic  # noqa: F401
 from tests.stream_workload import append_in_batches, groups_and_chords, task_lives
@@ -33,7 +33,7 @@ def store(request, tmp_path, pg_template):
 def relay_twice(ledger: Ledger, kafka: str, topic: str) -> None:  # noqa: F811
     """Relay everything, then again from the start: every event is on the topic twice."""
     Relay(ledger, kafka, topic).run(once=True)
-    ledger._write(lambda c: ledger.save_checkpoint(c, f"relay:{topic}", START))
+    ledger.write(lambda c: ledger.save_checkpoint(c, f"relay:{topic}", START))
     Relay(ledger, kafka, topic).run(once=True)
 
 

@@ -54,8 +54,8 @@ class Env:
         A schema revision this version does not know is warned about (the ``db``
         commands, which report it themselves, turn that off).
         """
-        from ledger import database
         from ledger.api import Ledger
+        from ledger.store import engine as database
 
         path = database.sqlite_file(self.url)
         if not create and path is not None and not os.path.exists(path):

@@ -26,8 +26,8 @@ class LedgerGroup(DYMGroup):
     def invoke(self, ctx: click.Context):
         from sqlalchemy.exc import SQLAlchemyError
 
-        from ledger.database import safe_url
         from ledger.errors import BadDatabaseURL, LedgerError, SettingError
+        from ledger.store.engine import safe_url
 
         try:
             return super().invoke(ctx)

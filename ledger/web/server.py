@@ -8,8 +8,6 @@ read-only sessions (PostgreSQL ``default_transaction_read_only``, SQLite
 
 from __future__ import annotations
 
-import sqlalchemy as sa
-
 from ledger.api import Ledger
 from ledger.settings import WEB_HOST, WEB_PORT
 from ledger.web.security import Credentials, check_bind
@@ -17,19 +15,7 @@ from ledger.web.security import Credentials, check_bind
 
 def read_only(ledger: Ledger) -> None:
     """Make every connection the ledger's engine opens from now on a read-only session."""
-
-    @sa.event.listens_for(ledger.engine, "connect")
-    def _connect(dbapi_conn, _record) -> None:
-        cur = dbapi_conn.cursor()
-        if ledger.dialect == "postgresql":
-            cur.execute("SET default_transaction_read_only = on")
-            dbapi_conn.commit()
-        else:
-            cur.execute("PRAGMA query_only = ON")
-        cur.close()
-
-    # Connections opened before (none in the server process) would not be covered.
-    ledger.engine.dispose()
+    ledger.store.read_only_sessions()
 
 
 def serve(ledger: Ledger, host: str = WEB_HOST, port: int = WEB_PORT, auth: str | None = None) -> None:

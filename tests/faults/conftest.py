@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ledger import database
 from ledger.api import Ledger
+from ledger.store import engine as database
 from tests.faults.pgcluster import PrivateCluster
 from tests.faults.proxy import FaultProxy
 from tests.faults.workers import Workers

@@ -24,7 +24,7 @@ from ledger import codec
 from ledger.api import Ledger
 from ledger.celery import PayloadTooLarge
 from ledger.events import Encoded, InvalidEvent, TaskState
-from ledger.schema import PRUNE_SETTING, events, projections
+from ledger.store.schema import LIVE, events
 from tests.conftest import RUN_ID, _new_pg_db, admin
 from tests.faults.workers import Workers
 
@@ -259,8 +259,7 @@ def _corrupt_one_of_five(url: str) -> tuple[Celery, list[str], int]:
     ledger = Ledger.open(url)
     position = ledger.history(ids[2])[-1].position
     with ledger.engine.begin() as conn:
-        if ledger.dialect == "postgresql":  # past the log's append-only trigger
-            conn.execute(sa.text(f"SET LOCAL {PRUNE_SETTING} = 'on'"))
+        ledger.store.allow_prune(conn)  # past the log's append-only trigger
         conn.execute(sa.update(events).where(events.c.position == position)
                      .values(payload=b"\xc1\xff not msgpack"))
     return backend, ids, position
@@ -323,7 +322,7 @@ def test_corrupt_task_meta_row_raises_a_clear_error_and_other_reads_are_fine(any
     for i, tid in enumerate(ids):
         backend.mark_as_done(tid, i)
     with Ledger.open(any_url).engine.begin() as conn:
-        t = projections.task_meta
+        t = LIVE.task_meta
         conn.execute(sa.update(t).where(t.c.task_id == ids[1]).values(payload=payload))
     with pytest.raises(BackendGetMetaError, match="corrupt event at log position .* cannot decode task.state"):
         backend.get_task_meta(ids[1])

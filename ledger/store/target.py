@@ -1,18 +1,22 @@
-"""SQL projection target: tables beside the log, in the append's transaction.
+"""The SQL projection target: the folds of :mod:`projections` as statements on the
+tables beside the log, run in the append's transaction, and rebuilt set-based.
 
-Every statement here is the SQL form of a fold in this package, and the
-property test (tests/test_projection_equivalence.py) proves the three forms
-equal: the memory fold, these live statements, and the set-based rebuild.
+Every statement here is the SQL form of a fold, and the property test
+(tests/test_projection_equivalence.py) proves the forms equal: the memory fold,
+these live statements, PostgreSQL's fused form of them
+(:class:`ledger.store.postgres.FusedUpdates`) and the set-based rebuild.
 
-Named queries live in this module only; the log's own SQL lives in ledger/log.py.
+Dialect-neutral SQLAlchemy Core only: the upsert construct and the bulk write
+come from the database's store class (``SqlTarget.store``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import cached_property
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -37,6 +41,7 @@ from ledger.events import (
     TaskSent,
     TaskState,
 )
+from ledger.store.schema import Position, ProjectionTables, UTCDateTime
 from projections.catalogue import (
     LIFECYCLE_TIMES,
     PAYLOAD_FIELDS,
@@ -51,166 +56,28 @@ from projections.lifecycle import RANK, STATE_OF, ready_at
 from projections.memory import Snapshot
 from projections.task_meta import READY_STATES, STICKY_STATE, TaskMeta
 
-NAMING = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
 
-#: One MetaData for the log and the projections; Alembic compares against it.
-metadata = sa.MetaData(naming_convention=NAMING)
+class SqlForms(Protocol):
+    """A database's forms of what the statements here need (its store class has them)."""
 
+    @staticmethod
+    def insert(table: sa.Table) -> Any: ...
 
-class UTCDateTime(sa.TypeDecorator):
-    """Timezone-aware UTC datetimes on every dialect (SQLite stores naive text)."""
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value, dialect):
-        if value is not None and value.tzinfo is None:
-            raise ValueError("naive datetime: the ledger stores UTC only")
-        if value is not None and dialect.name == "sqlite":
-            return value.astimezone(timezone.utc).replace(tzinfo=None)
-        return value
-
-    def process_result_value(self, value, dialect):
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
-
-Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
-
-@dataclass(frozen=True)
-class ProjectionTables:
-    """The projection tables; ``rebuild`` fills a second set and swaps it in."""
-
-    task_meta: sa.Table
-    groups: sa.Table
-    chords: sa.Table
-    chord_parts: sa.Table
-    catalogue: sa.Table
-
-    def all(self) -> tuple[sa.Table, ...]:
-        return (self.task_meta, self.groups, self.chords, self.chord_parts, self.catalogue)
-
-    @classmethod
-    def define(cls, md: sa.MetaData, suffix: str = "") -> ProjectionTables:
-        return cls(
-            task_meta=sa.Table(
-                f"ledger_task_meta{suffix}",
-                md,
-                sa.Column("task_id", sa.String(255), primary_key=True),
-                sa.Column("status", sa.String(50), nullable=False),
-                sa.Column("position", Position, nullable=False),
-                sa.Column("done_at", UTCDateTime(), nullable=True, index=True),
-                sa.Column("payload", sa.LargeBinary(), nullable=False),
-            ),
-            groups=sa.Table(
-                f"ledger_groups{suffix}",
-                md,
-                sa.Column("group_id", sa.String(255), primary_key=True),
-                sa.Column("position", Position, nullable=False),
-                sa.Column("saved_at", UTCDateTime(), nullable=False, index=True),
-                sa.Column("payload", sa.LargeBinary(), nullable=False),
-            ),
-            chords=sa.Table(
-                f"ledger_chords{suffix}",
-                md,
-                sa.Column("chord_id", sa.String(255), primary_key=True),
-                sa.Column("size", sa.Integer(), nullable=True),
-                sa.Column("returned", sa.Integer(), nullable=False),
-                sa.Column("completed_position", Position, nullable=True),
-                sa.Column("fired_position", Position, nullable=True),
-            ),
-            chord_parts=sa.Table(
-                f"ledger_chord_parts{suffix}",
-                md,
-                sa.Column("chord_id", sa.String(255), primary_key=True),
-                sa.Column("task_id", sa.String(255), primary_key=True),
-                sa.Column("status", sa.String(50), nullable=False),
-                sa.Column("position", Position, nullable=False),
-            ),
-            catalogue=_catalogue_table(md, f"ledger_tasks{suffix}"),
-        )
-
-
-def _catalogue_table(md: sa.MetaData, name: str) -> sa.Table:
-    """The task catalogue (:mod:`projections.catalogue`), beside ``ledger_task_meta``.
-
-    A table of its own, not columns of task meta: its row outlives ``forget()``
-    and expiry (task meta's row must go, Celery then reports PENDING), and the
-    indexes below would otherwise weigh on ``get_task_meta``'s table. Indexes
-    serve the catalogue's filters, newest first: ``(x, first_seen)`` for the
-    filters asked with a time range or a limit, ``root_id`` for a workflow,
-    ``group_id`` for a group's members (the timeline, a chord's header).
-    Queue, exception type and args are filtered on rows these narrow down.
-    """
-    return sa.Table(
-        name,
-        md,
-        sa.Column("task_id", sa.String(255), primary_key=True),
-        sa.Column("state", sa.String(50), nullable=False),
-        sa.Column("position", Position, nullable=False),
-        sa.Column("first_seen", UTCDateTime(), nullable=False, index=True),
-        sa.Column("started_at", UTCDateTime(), nullable=True),
-        sa.Column("finished_at", UTCDateTime(), nullable=True),
-        sa.Column("sent_at", UTCDateTime(), nullable=True),
-        sa.Column("ready_at", UTCDateTime(), nullable=True),
-        sa.Column("received_at", UTCDateTime(), nullable=True),
-        sa.Column("name", sa.String(), nullable=True),
-        sa.Column("worker", sa.String(), nullable=True),
-        sa.Column("queue", sa.String(), nullable=True),
-        sa.Column("retries", sa.Integer(), nullable=True),
-        sa.Column("parent_id", sa.String(255), nullable=True),
-        sa.Column("root_id", sa.String(255), nullable=True, index=True),
-        sa.Column("group_id", sa.String(255), nullable=True, index=True),
-        sa.Column("exc_type", sa.String(), nullable=True),
-        sa.Column("content_type", sa.String(100), nullable=True),
-        sa.Column("args", sa.LargeBinary(), nullable=True),
-        sa.Column("kwargs", sa.LargeBinary(), nullable=True),
-        sa.Column("forgotten", sa.Boolean(), nullable=False),
-        sa.Column("expired", sa.Boolean(), nullable=False),
-        *(
-            sa.Index(f"ix_{name}_{col}_first_seen", col, "first_seen")
-            for col in ("name", "state", "worker")
-        ),
-    )
-
-
-LIVE = ProjectionTables.define(metadata)
-
-
-def _insert(conn: Connection, table: sa.Table):
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table)
-
-
-@dataclass(frozen=True)
-class FusedSql:
-    """A projection update written as CTEs after ``ev`` (see :meth:`SqlTarget.fused_sql`)."""
-
-    ctes: str
-    #: the ``projection`` CTE returns ``completed_position`` (a chord may complete)
-    completes: bool = False
-    #: more bind values the CTEs read, from the event's payload model
-    binds: Callable[[EventData], dict] | None = None
+    @staticmethod
+    def fill_catalogue(conn: Connection, fill: CatalogueFill) -> int: ...
 
 
 class SqlTarget:
-    """Applies recorded events to projection tables inside the caller's transaction."""
+    """Applies recorded events to projection tables inside the caller's transaction.
 
-    def __init__(self, tables: ProjectionTables = LIVE) -> None:
+    ``store`` is the store class of the database (:mod:`ledger.store.postgres`,
+    :mod:`ledger.store.sqlite`): the upsert and bulk-write forms are its own
+    (:class:`SqlForms`).
+    """
+
+    def __init__(self, tables: ProjectionTables, store: SqlForms) -> None:
         self.t = tables
-        self._fused_sql = self._build_fused_sql()
+        self.store = store
 
     # -- live updates -------------------------------------------------------------
 
@@ -233,7 +100,7 @@ class SqlTarget:
             "done_at": e.recorded_at if status in READY_STATES else None,
             "payload": e.payload,
         }
-        stmt = _insert(conn, t).values(row)
+        stmt = self.store.insert(t).values(row)
         # SUCCESS is sticky: the row is only replaced while it is not SUCCESS.
         stmt = stmt.on_conflict_do_update(
             index_elements=[t.c.task_id],
@@ -248,7 +115,7 @@ class SqlTarget:
         # projections.catalogue.fold as an upsert; the fused form is _catalogue_sql.
         c = self.t.catalogue
         status = e.data.status  # type: ignore[attr-defined]
-        stmt = _insert(conn, c).values(
+        stmt = self.store.insert(c).values(
             task_id=e.stream_key,
             state=status,
             position=e.position,
@@ -282,7 +149,7 @@ class SqlTarget:
         # projections.catalogue.fold for SENT/RECEIVED as an upsert; the fused form
         # is _catalogue_sql. Task meta ignores them (Celery sees PENDING).
         c = self.t.catalogue
-        stmt = _insert(conn, c).values(
+        stmt = self.store.insert(c).values(
             task_id=e.stream_key, position=e.position, first_seen=e.recorded_at,
             started_at=None, finished_at=None, forgotten=False, expired=False,
             received_at=e.recorded_at if e.type == TaskReceived.type else None,
@@ -323,7 +190,7 @@ class SqlTarget:
 
     def _group_saved(self, conn: Connection, e: RecordedEvent) -> bool:
         t = self.t.groups
-        stmt = _insert(conn, t).values(
+        stmt = self.store.insert(t).values(
             group_id=e.stream_key, position=e.position, saved_at=e.recorded_at, payload=e.payload
         )
         stmt = stmt.on_conflict_do_update(
@@ -347,7 +214,7 @@ class SqlTarget:
         """
         c = self.t.chords
         new_size = sa.literal(size, sa.Integer) if size is not None else None
-        stmt = _insert(conn, c).values(
+        stmt = self.store.insert(c).values(
             chord_id=e.stream_key,
             size=size,
             returned=returned_inc,
@@ -389,7 +256,7 @@ class SqlTarget:
         c, p = self.t.chords, self.t.chord_parts
         conn.execute(sa.delete(p).where(p.c.chord_id == e.stream_key))
         empty = {"size": None, "returned": 0, "completed_position": None, "fired_position": None}
-        stmt = _insert(conn, c).values(chord_id=e.stream_key, **empty)
+        stmt = self.store.insert(c).values(chord_id=e.stream_key, **empty)
         conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.chord_id], set_=empty))
         return False
 
@@ -403,7 +270,7 @@ class SqlTarget:
         p = self.t.chord_parts
         data = e.data
         inserted = conn.execute(
-            _insert(conn, p)
+            self.store.insert(p)
             .values(chord_id=e.stream_key, task_id=data.task_id, status=data.status, position=e.position)  # type: ignore[attr-defined]
             .on_conflict_do_nothing()
             .returning(p.c.task_id)
@@ -416,7 +283,7 @@ class SqlTarget:
     def _chord_fired(self, conn: Connection, e: RecordedEvent) -> bool:
         # Firing changes neither size nor count, so it can never complete a chord.
         c = self.t.chords
-        stmt = _insert(conn, c).values(
+        stmt = self.store.insert(c).values(
             chord_id=e.stream_key, size=None, returned=0, completed_position=None,
             fired_position=e.position,
         )
@@ -443,184 +310,6 @@ class SqlTarget:
         ChordPartReturned.type: _chord_part_returned,
         ChordFired.type: _chord_fired,
     }
-
-    # -- fused with the append (PostgreSQL hot path) -----------------------------------
-
-    def fused_sql(self, event_type: str) -> FusedSql | None:
-        """This projection's update for one event, as SQL reading the appended row.
-
-        Used by :meth:`ledger.log.PostgresLog.append_fused` inside ``WITH ev AS
-        (INSERT ... RETURNING position, recorded_at, ...)``; binds ``:key`` (the
-        stream key), ``:task_state``, ``:ref_id`` and ``:payload``. The same rules as the
-        handlers above, written against ``ev``: a duplicate event (no ``ev`` row)
-        changes nothing.
-
-        The returned :class:`FusedSql` holds one or more CTEs, the last named
-        ``projection``. For the events that can complete a chord that CTE
-        returns ``completed_position``, and the event completed the chord when
-        it equals the event's own position. Chord started/part-added events
-        return None: they take the general path (they are rare; applied chords,
-        returned parts and the claim are the hot ones).
-        """
-        return self._fused_sql.get(event_type)
-
-    def _build_fused_sql(self) -> dict[str, FusedSql]:
-        tm, g = self.t.task_meta.name, self.t.groups.name
-        c, p = self.t.chords.name, self.t.chord_parts.name
-        # A returned part counts once per distinct task id (the part row is new),
-        # and completes the chord when the count reaches a known size: the same
-        # rule as _chord_part_returned / _chord_upsert(size=None, returned_inc=1).
-        # ON CONFLICT DO UPDATE reads the latest row version, so concurrent
-        # returns serialize on the row as they do there.
-        part_returned = FusedSql(
-            f"part AS (INSERT INTO {p} (chord_id, task_id, status, position)"
-            " SELECT CAST(:key AS varchar), CAST(:ref_id AS varchar),"
-            " CAST(:task_state AS varchar), ev.position FROM ev"
-            " ON CONFLICT DO NOTHING RETURNING position),"
-            f" projection AS (INSERT INTO {c} (chord_id, size, returned, completed_position,"
-            " fired_position) SELECT CAST(:key AS varchar), NULL, 1, NULL, NULL FROM part"
-            f" ON CONFLICT (chord_id) DO UPDATE SET returned = {c}.returned + 1,"
-            f" completed_position = CASE WHEN {c}.completed_position IS NULL"
-            f" AND {c}.size IS NOT NULL AND {c}.returned + 1 >= {c}.size"
-            f" THEN (SELECT position FROM part) ELSE {c}.completed_position END"
-            " RETURNING completed_position)",
-            completes=True,
-        )
-        fired = FusedSql(
-            f"projection AS (INSERT INTO {c} (chord_id, size, returned, completed_position,"
-            " fired_position) SELECT CAST(:key AS varchar), NULL, 0, NULL, ev.position FROM ev"
-            f" ON CONFLICT (chord_id) DO UPDATE SET"
-            f" fired_position = COALESCE({c}.fired_position, excluded.fired_position))"
-        )
-        # SENT/RECEIVED change the catalogue only (Celery's view ignores them); the
-        # fused path keeps them one autocommitted round trip on PostgreSQL -- SENT
-        # is on the publisher's .delay() path.
-        catalogue = self._catalogue_sql()
-        lifecycle = {
-            t: FusedSql(f"{catalogue[t]}, projection AS (SELECT position FROM ev)", binds=_lifecycle_binds)
-            for t in (TaskSent.type, TaskReceived.type)
-        }
-        # A new life starts empty: the same rule as _chord_applied. A data-modifying
-        # CTE runs whether or not the statement reads it.
-        applied = FusedSql(
-            f"reset AS (DELETE FROM {p} WHERE chord_id = CAST(:key AS varchar)"
-            " AND EXISTS (SELECT 1 FROM ev)),"
-            f" projection AS (INSERT INTO {c} (chord_id, size, returned, completed_position,"
-            " fired_position) SELECT CAST(:key AS varchar), NULL, 0, NULL, NULL FROM ev"
-            " ON CONFLICT (chord_id) DO UPDATE SET size = NULL, returned = 0,"
-            " completed_position = NULL, fired_position = NULL)"
-        )
-        return {
-            ChordApplied.type: applied,
-            ChordPartReturned.type: part_returned,
-            ChordFired.type: fired,
-            **lifecycle,
-        } | {
-            event_type: FusedSql(
-                f"{catalogue[event_type]}, projection AS ({sql})" if event_type in catalogue
-                else f"projection AS ({sql})",
-                binds=_catalogue_binds if event_type == TaskState.type else None,
-            )
-            for event_type, sql in self._fused_updates(tm, g).items()
-        }
-
-    def _catalogue_sql(self) -> dict[str, str]:
-        """The catalogue's CTEs, by event type: :meth:`_catalogue_state`,
-        :meth:`_lifecycle` and the tombstone flags of :meth:`_task_gone`, against ``ev``."""
-        c = self.t.catalogue.name
-        ready = ", ".join(f"'{s}'" for s in sorted(READY_STATES))
-        ended = f"({c}.forgotten OR {c}.expired)"
-        state = "CAST(:task_state AS varchar)"
-        sql_type = {"retries": "integer", "args": "bytea", "kwargs": "bytea"}
-        binds = ", ".join(f"CAST(:{k} AS {sql_type.get(k, 'varchar')})" for k in PAYLOAD_FIELDS)
-        upsert = (
-            f"catalogue AS (INSERT INTO {c} (task_id, state, position, first_seen, started_at,"
-            f" finished_at, {', '.join(PAYLOAD_FIELDS)}, forgotten, expired)"  # lifecycle times NULL
-            f" SELECT CAST(:key AS varchar), {state}, ev.position, ev.recorded_at,"
-            f" CASE WHEN {state} = '{STARTED}' THEN ev.recorded_at END,"
-            f" CASE WHEN {state} IN ({ready}) THEN ev.recorded_at END, {binds}, false, false"
-            " FROM ev ON CONFLICT (task_id) DO UPDATE SET state = excluded.state,"
-            " position = excluded.position, finished_at = excluded.finished_at,"
-            " forgotten = false, expired = false, "
-            + ", ".join(f"{k} = excluded.{k}" for k in PAYLOAD_FIELDS)
-            + f", first_seen = CASE WHEN {ended} THEN excluded.first_seen ELSE {c}.first_seen END,"
-            " started_at = CASE WHEN excluded.started_at IS NOT NULL THEN excluded.started_at"
-            f" WHEN {ended} THEN NULL ELSE {c}.started_at END, "
-            + ", ".join(f"{k} = CASE WHEN {ended} THEN NULL ELSE {c}.{k} END" for k in LIFECYCLE_TIMES)
-            + f" WHERE {c}.state <> '{STICKY_STATE}' OR {ended})"
-        )
-
-        def lifecycle(event_type: str) -> str:
-            incoming = STATE_OF[event_type]
-            sent = event_type == TaskSent.type
-            below = ", ".join(f"'{s}'" for s, r in RANK.items() if r <= RANK[incoming])
-            takes = f"({ended} OR {c}.state IN ({below}))"
-
-            def pick(cond: str, k: str) -> str:
-                return f"{k} = CASE WHEN {cond} THEN excluded.{k} ELSE {c}.{k} END"
-
-            return (
-                f"catalogue AS (INSERT INTO {c} (task_id, state, position, first_seen, started_at,"
-                f" finished_at, sent_at, ready_at, received_at, {', '.join(PAYLOAD_FIELDS)},"
-                f" forgotten, expired) SELECT CAST(:key AS varchar), {state}, ev.position,"
-                " ev.recorded_at, NULL, NULL, CAST(:sent_at AS timestamptz),"
-                f" CAST(:ready_at AS timestamptz), {'NULL' if sent else 'ev.recorded_at'}, {binds},"
-                " false, false FROM ev ON CONFLICT (task_id) DO UPDATE SET "
-                + ", ".join(pick(takes, k) for k in ("state", "position", *PAYLOAD_FIELDS)) + ", "
-                + ", ".join(pick(ended, k) for k in ("first_seen", "finished_at", "forgotten", "expired"))
-                + ", "
-                # a SENT begins an attempt (sets its times, clears the rest); RECEIVED
-                # sets its own; a new life has none but the event's
-                + ", ".join(f"{k} = excluded.{k}" if sent else pick(ended, k)
-                            for k in ("sent_at", "ready_at", "started_at"))
-                + ", received_at = excluded.received_at"
-                f" WHERE {c}.state <> '{STICKY_STATE}' OR {ended})"
-            )
-
-        def flag(column: str) -> str:
-            return (
-                f"catalogue AS (UPDATE {c} SET {column} = true"
-                " WHERE task_id = CAST(:key AS varchar) AND EXISTS (SELECT 1 FROM ev))"
-            )
-
-        return {
-            TaskState.type: upsert,
-            TaskSent.type: lifecycle(TaskSent.type),
-            TaskReceived.type: lifecycle(TaskReceived.type),
-            TaskForgotten.type: flag("forgotten"),
-            ResultExpired.type: flag("expired"),
-        }
-
-    @staticmethod
-    def _fused_updates(tm: str, g: str) -> dict[str, str]:
-        ready = ", ".join(f"'{s}'" for s in sorted(READY_STATES))
-        task_gone = (
-            f"DELETE FROM {tm} WHERE task_id = CAST(:key AS varchar) AND EXISTS (SELECT 1 FROM ev)"
-        )
-        group_gone = (
-            f"DELETE FROM {g} WHERE group_id = CAST(:key AS varchar) AND EXISTS (SELECT 1 FROM ev)"
-        )
-        return {
-            TaskState.type: (
-                f"INSERT INTO {tm} (task_id, status, position, done_at, payload)"
-                " SELECT CAST(:key AS varchar), CAST(:task_state AS varchar), ev.position,"
-                f" CASE WHEN CAST(:task_state AS varchar) IN ({ready}) THEN ev.recorded_at END,"
-                " :payload FROM ev"
-                " ON CONFLICT (task_id) DO UPDATE SET status = excluded.status,"
-                " position = excluded.position, done_at = excluded.done_at,"
-                f" payload = excluded.payload WHERE {tm}.status <> '{STICKY_STATE}'"
-            ),
-            TaskForgotten.type: task_gone,
-            ResultExpired.type: task_gone,
-            GroupSaved.type: (
-                f"INSERT INTO {g} (group_id, position, saved_at, payload)"
-                " SELECT CAST(:key AS varchar), ev.position, ev.recorded_at, :payload FROM ev"
-                " ON CONFLICT (group_id) DO UPDATE SET position = excluded.position,"
-                " saved_at = excluded.saved_at, payload = excluded.payload"
-            ),
-            GroupForgotten.type: group_gone,
-            GroupExpired.type: group_gone,
-        }
 
     # -- reads ----------------------------------------------------------------------
 
@@ -763,7 +452,7 @@ class SqlTarget:
         first event at which distinct returned parts reach the running size.
         """
         for stmt in rebuild_statements(events, self.t):
-            run_fill(conn, stmt)
+            run_fill(conn, stmt, self.store)
 
 
 @dataclass(frozen=True)
@@ -788,90 +477,37 @@ class CatalogueFill:
 
     BATCH = 10_000
 
-    def run(self, conn: Connection) -> int:
-        pg = conn.dialect.name == "postgresql"
-        if pg:
-            # A server-side cursor is planned for the first 10% of rows (nested
-            # loops over the log) unless told that we read them all.
-            conn.execute(sa.text("SET LOCAL cursor_tuple_fraction = 1.0"))
-            if self.whole_log:
-                # On a log never ANALYZEd (autovacuum off, or just back-filled) the
-                # planner expects one row per subquery and re-runs the tombstone
-                # aggregate for every task: verify of 4,000 events ran > 5 min.
-                # Hash and merge joins read each input once, whatever the estimates.
-                conn.execute(sa.text("SET LOCAL enable_nestloop = off"))
-        compiled = self.select.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
-        raw = conn.connection.driver_connection
-        columns = [*compiled.statement.selected_columns.keys()][:-3] + list(CATALOGUE_DECODED)
-        names = ", ".join(columns)
-        filled = 0
-        if pg:
-            with raw.cursor(name="ledger_catalogue_fill") as rows:
-                rows.execute(str(compiled), compiled.params)
-                if self.whole_log:
-                    # The plan is made; what else runs in this transaction plans as usual.
-                    conn.execute(sa.text("SET LOCAL enable_nestloop = on"))
-                types = _column_types(raw, self.table.name, columns)
-                copy_in = f"COPY {self.table.name} ({names}) FROM STDIN (FORMAT BINARY)"
-                while chunk := rows.fetchmany(self.BATCH):
-                    # COPY: ~4x the rate of multi-row INSERTs here (measured, 40,000
-                    # rows); its binary format is 2.9x the text one's (1.3 against
-                    # 3.7 µs a row of the catalogue, measured).
-                    with raw.cursor() as cur, cur.copy(copy_in) as copy:
-                        copy.set_types(types)
-                        for row in _with_payload_values(chunk):
-                            copy.write_row(row)
-                    filled += len(chunk)
-            return filled
-        params = [compiled.params[k] for k in compiled.positiontup or ()]
-        insert = f"INSERT INTO {self.table.name} ({names}) VALUES ({', '.join('?' * len(columns))})"
-        rows = raw.cursor()
-        try:
-            rows.execute(str(compiled), params)
-            while chunk := rows.fetchmany(self.BATCH):
-                raw.executemany(insert, _with_payload_values(chunk, sqlite=True))
-                filled += len(chunk)
-        finally:
-            rows.close()
-        return filled
+    def run(self, conn: Connection, store: SqlForms) -> int:
+        """Fill the table through the database's bulk path; how many rows went in."""
+        return store.fill_catalogue(conn, self)
+
+    def compiled(self, dialect: sa.Dialect) -> tuple[Any, list[str]]:
+        """The select compiled for ``dialect`` (the store's), and the table's columns it
+        fills (those of :meth:`with_payload_values`' rows, in order)."""
+        compiled = self.select.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+        return compiled, [*compiled.statement.selected_columns.keys()][:-3] + list(CATALOGUE_DECODED)
+
+    @staticmethod
+    def with_payload_values(chunk: list[tuple], time: Callable[[datetime], Any] | None = None) -> list[tuple]:
+        """Each selected row with its last three (the effective event's type and payload,
+        the attempt's SENT payload) replaced by the SENT's times (through ``time``, the
+        database's form of a time, if given) and the payload's columns."""
+        out = []
+        for *values, effective_type, payload, sent_payload in chunk:
+            fields = payload_values(_decoded(payload, values), effective_type)
+            if sent_payload is None:
+                times: tuple = (None, None)
+            else:
+                sent = _decoded(sent_payload, values)
+                times = (sent["sent_at"], ready_at(sent["sent_at"], sent.get("eta")))
+                if time is not None:
+                    times = tuple(time(t) for t in times)
+            out.append((*values, *times, *fields))
+        return out
 
 
 #: The catalogue columns :class:`CatalogueFill` decodes from payloads, in its order.
 CATALOGUE_DECODED = ("sent_at", "ready_at", *PAYLOAD_FIELDS)
-
-
-def _column_types(raw, table: str, columns: list[str]) -> list[str]:
-    """The PostgreSQL type of each of ``table``'s ``columns`` (a binary COPY needs them)."""
-    with raw.cursor() as cur:
-        cur.execute(
-            "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute"
-            " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
-            (table,),
-        )
-        types = dict(cur.fetchall())
-    return [types[c] for c in columns]
-
-
-def _with_payload_values(chunk: list[tuple], sqlite: bool = False) -> list[tuple]:
-    """Each selected row with its last three (the effective event's type and payload,
-    the attempt's SENT payload) replaced by the SENT's times and the payload's columns."""
-    out = []
-    for *values, effective_type, payload, sent_payload in chunk:
-        fields = payload_values(_decoded(payload, values), effective_type)
-        if sent_payload is None:
-            times: tuple = (None, None)
-        else:
-            sent = _decoded(sent_payload, values)
-            times = (sent["sent_at"], ready_at(sent["sent_at"], sent.get("eta")))
-            if sqlite:
-                times = tuple(_sqlite_time(t) for t in times)
-        out.append((*values, *times, *fields))
-    return out
-
-
-def _sqlite_time(value: datetime) -> str:
-    # As UTCDateTime stores it on SQLite: naive UTC text, always with microseconds.
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def _decoded(payload: bytes, values: list) -> dict:
@@ -883,10 +519,10 @@ def _decoded(payload: bytes, values: list) -> dict:
         ) from exc
 
 
-def run_fill(conn: Connection, stmt: sa.Executable | CatalogueFill) -> None:
-    """Run one of :func:`rebuild_statements`."""
+def run_fill(conn: Connection, stmt: sa.Executable | CatalogueFill, store: SqlForms) -> None:
+    """Run one of :func:`rebuild_statements` (``store``: the database's store class)."""
     if isinstance(stmt, CatalogueFill):
-        stmt.run(conn)
+        stmt.run(conn, store)
     else:
         conn.execute(stmt)
 
@@ -1016,16 +652,6 @@ def catalogue_select(events: sa.FromClause, streams: Iterable[str] | None = None
             .outerjoin(tomb, tomb.c.stream_id == summary.c.stream_id)
         )
     )
-
-
-def _catalogue_binds(data: EventData) -> dict:
-    return fields_of(data.__dict__)
-
-
-def _lifecycle_binds(data: EventData) -> dict:
-    columns = lifecycle_columns(data)
-    del columns["state"]  # :task_state
-    return columns
 
 
 def lifecycle_columns(data: EventData) -> dict:

@@ -1,0 +1,147 @@
+"""Engines: one per URL per process, made by the module of the URL's database.
+
+* Celery creates a backend per thread and per worker child; they all share the
+  process's engine (and its pool) from :func:`engine_for`. After ``fork`` the
+  child builds its own: pooled connections must not cross processes.
+* How an engine is set up for the ledger's transaction rules is its database's
+  business (:func:`ledger.store.postgres.create_engine`,
+  :func:`ledger.store.sqlite.create_engine`).
+* URLs shown to people go through :func:`safe_url`: passwords never appear in
+  logs, errors or CLI output.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine, make_url
+
+from ledger.errors import BadDatabaseURL
+
+_lock = threading.Lock()
+_engines: dict[str, Engine] = {}
+
+
+def _forget_engines_in_child() -> None:
+    # The parent's pooled sockets are not ours: drop references without closing
+    # them (closing would send a Terminate on the parent's connection).
+    for engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_in_child)
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Accept ``sqlite:///f.db``, ``postgresql://`` (or ``postgres://``), ``postgresql+psycopg://``,
+    ``ledger+...``; refuse in-memory SQLite, which each pooled connection would see empty."""
+    text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
+    if text.startswith("ledger+"):
+        text = text[len("ledger+") :]
+    try:
+        u = make_url(text)
+    except Exception as exc:  # ArgumentError and friends
+        raise BadDatabaseURL(f"not a database URL: {safe_url(text)!r} ({exc.__class__.__name__})") from None
+    if u.drivername == "postgres" or u.drivername.startswith("postgres+"):
+        # Heroku's spelling; SQLAlchemy 2 knows only "postgresql".
+        u = u.set(drivername="postgresql" + u.drivername[len("postgres"):])
+    backend = u.get_backend_name()
+    if backend == "sqlite" and u.database in (None, "", ":memory:"):
+        raise BadDatabaseURL(
+            f"{safe_url(text)!r} is an in-memory SQLite database, empty for every connection "
+            "and gone at exit: use a file, sqlite:///path/ledger.db"
+        )
+    if backend == "postgresql":
+        if u.get_driver_name() not in ("psycopg", "psycopg2") or "+" not in u.drivername:
+            u = u.set(drivername="postgresql+psycopg")
+        elif u.get_driver_name() != "psycopg":
+            raise BadDatabaseURL("the ledger needs psycopg 3: use postgresql+psycopg://")
+    elif backend != "sqlite":
+        raise BadDatabaseURL(
+            f"unsupported database {backend!r} in {safe_url(u)!r}: use postgresql+psycopg:// or sqlite:///"
+        )
+    return u
+
+
+#: Query keys whose values are secrets: libpq's ``password`` and ``sslpassword``, and any
+#: other key naming a password, secret or token (a driver option or a typo of one).
+_SECRET_KEY = re.compile(r"pass|secret|token", re.IGNORECASE)
+_SECRET_IN_QUERY = re.compile(r"([?&][^=&#]*(?:pass|secret|token)[^=&#]*=)[^&#]*", re.IGNORECASE)
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL as people may see it: its password and secret query values replaced by ``***``.
+
+    The one place URLs are masked: CLI errors, ``Ledger.url`` and the backend's
+    ``as_uri()`` (printed by a worker at start-up) all go through it.
+    """
+    prefix = ""
+    if isinstance(url, str):
+        if url.startswith("ledger+"):
+            prefix, url = "ledger+", url[len("ledger+") :]
+        try:
+            url = make_url(url)
+        except Exception:
+            # Not parseable: hide what sits between '://' and '@', and secret query values.
+            head, sep, tail = url.partition("://")
+            if sep and "@" in tail:
+                tail = "***@" + tail.split("@", 1)[1]
+            return prefix + _SECRET_IN_QUERY.sub(r"\1***", head + sep + tail)
+    hidden = {k: "***" for k in url.query if _SECRET_KEY.search(k)}
+    text = url.update_query_dict(hidden).render_as_string(hide_password=True)
+    return prefix + text.replace("=%2A%2A%2A", "=***")  # the mask, not its URL quoting
+
+
+def engine_for(url: str | URL) -> Engine:
+    """The process-wide engine for ``url`` (created on first use)."""
+    u = normalize_url(url)
+    key = u.render_as_string(hide_password=False)
+    engine = _engines.get(key)
+    if engine is None:
+        with _lock:
+            engine = _engines.get(key)
+            if engine is None:
+                engine = _create(u)
+                _engines[key] = engine
+    return engine
+
+
+def sqlite_file(url: str | URL) -> str | None:
+    """The file of a SQLite URL (None for PostgreSQL)."""
+    u = normalize_url(url)
+    return u.database if u.get_backend_name() == "sqlite" else None
+
+
+def _create(u: URL) -> Engine:
+    from ledger.store import module_for
+
+    return module_for(u.get_backend_name()).create_engine(u)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """True for errors after which a fresh connection may succeed."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa.exc.OperationalError):
+        text = str(exc.orig).lower() if exc.orig is not None else str(exc).lower()
+        return any(
+            marker in text
+            for marker in (
+                "connection",
+                "server closed",
+                "terminating",
+                "shutting down",
+                "the database system is starting up",
+                "database is locked",
+                "could not receive",
+                "ssl syscall",
+                "eof detected",
+            )
+        )
+    return isinstance(exc, sa.exc.InterfaceError | sa.exc.TimeoutError)
+
+
