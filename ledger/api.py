@@ -15,6 +15,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -56,6 +57,9 @@ from projections.task_meta import TaskMeta
 
 if TYPE_CHECKING:
     from ledger.catalogue import CatalogueRow, GroupStats
+
+#: A chord's saved header group and its returned parts' task rows (:meth:`Ledger.chord_header`).
+ChordInputs = tuple[GroupState | None, dict[str, TaskMeta | None]]
 
 log = logging.getLogger("ledger")
 T = TypeVar("T")
@@ -227,7 +231,7 @@ class Ledger:
         send the body. The part's event id is derived from (chord, task), so a
         redelivered part is the same event and counts once. The caller whose
         part completed the chord claims the body with a ``chord.fired`` event
-        whose id is derived from the completing position, in the same
+        whose id is derived from the completing part's, in the same
         transaction. If the process died between completing and claiming, a
         redelivery of the completing part finds the chord complete at its own
         return and claims then; any other duplicate returns False. ``body_task_id``
@@ -237,10 +241,45 @@ class Ledger:
         header task ids) finds the first life's id taken by a part it has not
         counted: the part is then recorded under an id of the current life.
         """
+        return self.return_chord_part_read(chord_id, task_id, status, group_index, body_task_id)[0]
+
+    def return_chord_part_read(
+        self,
+        chord_id: str,
+        task_id: str,
+        status: str,
+        group_index: int | None = None,
+        body_task_id: str | None = None,
+        *,
+        result: EventData | NewEvent | None = None,
+    ) -> tuple[bool, ChordInputs | None]:
+        """:meth:`return_chord_part`, and when it claims the body, the chord's inputs as
+        :meth:`chord_header` reads them, where the store reads them with the claim
+        (PostgreSQL: in the same round trip); None when not read.
+
+        ``result`` (the part's own task state) is appended first: in the same
+        transaction where the store can (PostgreSQL), else by :meth:`append`. It is
+        checked as :meth:`append` checks it before anything is written.
+        """
         part = ChordPartReturned(
             chord_id=chord_id, task_id=task_id, status=status, group_index=group_index
         )
         first = Encoded.of(NewEvent(part, ChordPartReturned.deterministic_event_id(chord_id, task_id)))
+        claim = self._claim_of(chord_id, first.new.event_id, body_task_id)
+        before = None
+        if result is not None:
+            before = Encoded.of(self._new(result))
+            self._check_size(before)
+        together = self.store.chord_part_write(first, claim, before)
+        if together is None and before is not None:
+            self.append([before.new])
+        if together is not None:
+            # The common case in one unit: a part returning for the first time. A part
+            # already in the log (a redelivery, or the same task id in a later life of
+            # the chord) that claimed nothing takes the general path below.
+            recorded, claimed, inputs = self._retrying_write(together)
+            if claimed or recorded:
+                return claimed, inputs
 
         def work(conn: Connection) -> bool:
             appended = self._append_in(conn, [first])
@@ -253,7 +292,8 @@ class Ledger:
                     # a redelivery: claim only what a dead process completed and never claimed
                     if state.completed_position != counted[2] or state.fired_position is not None:
                         return False
-                    return self._claim_chord(conn, chord_id, counted[2], body_task_id)
+                    (completing,) = self.log.read_positions(conn, [counted[2]])
+                    return self._claim_chord(conn, chord_id, completing.event_id, body_task_id)
                 life = self._chord_life(conn, chord_id)
                 if life is None:
                     return False
@@ -263,18 +303,23 @@ class Ledger:
                     return False
             if not appended.completed_chords:
                 return False
-            return self._claim_chord(conn, chord_id, appended.recorded[0].position, body_task_id)
+            return self._claim_chord(conn, chord_id, appended.recorded[0].event_id, body_task_id)
 
-        return self.write(work)
+        return self.write(work), None
+
+    @staticmethod
+    def _claim_of(chord_id: str, completed_by: uuid.UUID, body_task_id: str | None) -> Encoded:
+        """The ``chord.fired`` claiming the body of a life completed by event ``completed_by``."""
+        return Encoded.of(NewEvent(
+            ChordFired(chord_id=chord_id, body_task_id=body_task_id),
+            ChordFired.deterministic_event_id(chord_id, completed_by),
+        ))
 
     def _claim_chord(
-        self, conn: Connection, chord_id: str, completed_position: int, body_task_id: str | None
+        self, conn: Connection, chord_id: str, completed_by: uuid.UUID, body_task_id: str | None
     ) -> bool:
-        claim = NewEvent(
-            ChordFired(chord_id=chord_id, body_task_id=body_task_id),
-            ChordFired.deterministic_event_id(chord_id, completed_position),
-        )
-        return bool(self._append_in(conn, [Encoded.of(claim)]).recorded)
+        claim = self._claim_of(chord_id, completed_by, body_task_id)
+        return bool(self._append_in(conn, [claim]).recorded)
 
     def _chord_life(self, conn: Connection, chord_id: str) -> int | None:
         """Position of the ``chord.applied`` that began the chord's current life (None: none)."""

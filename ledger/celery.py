@@ -54,7 +54,7 @@ from kombu.serialization import loads
 from kombu.utils.encoding import ensure_bytes
 
 from ledger import lifecycle
-from ledger.api import Ledger, RetryPolicy
+from ledger.api import ChordInputs, Ledger, RetryPolicy
 from ledger.errors import (
     CodecError,
     CorruptEvent,
@@ -218,10 +218,36 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
         # One event id per store_result call (kept across Celery's retries of it):
         # a retry after a lost COMMIT reply is then a duplicate, not a second store.
         event_id = getattr(self._store_ids, "event_id", None) or uuid.uuid4()
-        self._append(NewEvent(event, event_id), BackendStoreError, state=state, task_id=task_id)
+        new = NewEvent(event, event_id)
+        part = getattr(self._chord_part, "pending", None)
+        if part is not None and part.id == task_id:
+            with self._storing(BackendStoreError, TaskState.type, state=state, task_id=task_id):
+                returned = self.ledger.return_chord_part_read(
+                    part.group, task_id, state, part.group_index,
+                    body_task_id=_body_id(part), result=new,
+                )
+            self._chord_part.returned = (part, returned)
+            return result
+        self._append(new, BackendStoreError, state=state, task_id=task_id)
         # SUCCESS is sticky in the projection: a late FAILURE of a redelivered
         # message is recorded in the log but does not replace the result.
         return result
+
+    def mark_as_done(self, task_id, result, request=None, store_result=True, state=states.SUCCESS):
+        # A chord part's result and its return to the chord are one transaction where
+        # the store can (PostgreSQL: one round trip and one WAL flush, not two):
+        # _store_result returns the part, on_chord_part_return takes its outcome.
+        if (store_result and request is not None and request.chord and request.group
+                and request.id == task_id and not request.ignore_result):
+            self._chord_part.pending = request
+        try:
+            return super().mark_as_done(task_id, result, request, store_result, state)
+        finally:
+            self._chord_part.pending = self._chord_part.returned = None
+
+    @cached_property
+    def _chord_part(self) -> threading.local:
+        return threading.local()
 
     def encoded(self, value: Any) -> Encoded:
         return Encoded(
@@ -283,8 +309,16 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
     ) -> None:
         """Append one event (or several, in one transaction); ``error`` if that fails."""
         events = event if isinstance(event, list) else [event]
-        try:
+        data = events[-1].data if isinstance(events[-1], NewEvent) else events[-1]
+        with self._storing(error, data.type, **info):
             self.ledger.append(events)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _storing(error: type[Exception], event_type: str, **info: Any) -> Iterator[None]:
+        """What an append of an ``event_type`` event raises, as Celery's ``error``."""
+        try:
+            yield
         except EventTooLarge as exc:
             raise PayloadTooLarge(str(exc), **info) from None
         except (InvalidEvent, CodecError) as exc:  # as _refused_as, after its EventTooLarge case
@@ -292,8 +326,7 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
         except SchemaMissing as exc:  # one line naming the fix, without the SQL traceback
             raise error(str(exc), **info) from None
         except sa.exc.SQLAlchemyError as exc:
-            data = events[-1].data if isinstance(events[-1], NewEvent) else events[-1]
-            raise error(f"ledger {data.type} failed: {type(exc).__name__}", **info) from exc
+            raise error(f"ledger {event_type} failed: {type(exc).__name__}", **info) from exc
 
     def cleanup(self) -> None:
         """Tombstone results older than ``result_expires`` (the log keeps their history)."""
@@ -544,15 +577,20 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
         gid, tid = request.group, request.id
         if not gid or not tid:
             return None
-        body_id = (request.chord.get("options") or {}).get("task_id")  # named in the claim
-        if not self.ledger.return_chord_part(
-            gid, tid, state, request.group_index, body_task_id=body_id
-        ):
+        done = getattr(self._chord_part, "returned", None)
+        if done is not None and done[0] is request:  # returned with its result (mark_as_done)
+            self._chord_part.returned = None
+            claimed, inputs = done[1]
+        else:
+            claimed, inputs = self.ledger.return_chord_part_read(
+                gid, tid, state, request.group_index, body_task_id=_body_id(request)
+            )
+        if not claimed:
             return None
         app = self.app
         callback = app.signature(request.chord)
         try:
-            ret = self._chord_results(gid)
+            ret = self._chord_results(gid, inputs)
         except ChordError as exc:
             logger.error("Chord %r raised: %s", gid, exc)
             return self.chord_error_from_stack(callback, exc)
@@ -565,19 +603,20 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
             return self.chord_error_from_stack(callback, error)
         return None
 
-    def _chord_results(self, gid: str) -> list:
+    def _chord_results(self, gid: str, inputs: ChordInputs | None = None) -> list:
         """The header's results in header order; ChordError (as Redis words it) if one failed.
 
         Every part stores its own result before it returns to the chord
         (``mark_as_done``/``mark_as_failure``), so when the chord completes the
         results are normally all there: one read fetches the saved header and
-        the returned parts' rows, without LISTEN or a wait. Anything else -- a
+        the returned parts' rows (``inputs``, when the claim brought them back),
+        without LISTEN or a wait. Anything else -- a
         part whose result is not stored (yet), parts added by ``add_to_chord``,
         a group nested in the header -- takes Celery's join with
         ``result_chord_join_timeout``.
         """
         try:
-            group, parts = self.ledger.chord_header(gid)
+            group, parts = inputs if inputs is not None else self.ledger.chord_header(gid)
             ids = self._returned_ids(gid) if group is None else _plain_ids(group.result)
         except Exception as exc:
             logger.exception("Chord %r raised: %r", gid, exc)
@@ -648,6 +687,11 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
                 known.add(event.data.task_id)
                 deps.results.append(self.app.AsyncResult(event.data.task_id, backend=self))
         return deps
+
+
+def _body_id(request: Any) -> str | None:
+    """The chord body's task id (named in the claim)."""
+    return (request.chord.get("options") or {}).get("task_id")
 
 
 def _plain_ids(header: Any) -> list[str] | None:

@@ -335,10 +335,12 @@ class ChordFired(_ChordEvent):
         return {"ref_id": self.body_task_id}
 
     @staticmethod
-    def deterministic_event_id(chord_id: str, completed_position: int) -> uuid.UUID:
-        """One claim per completion: the position of the part that completed the chord
-        names the chord's life, so each life's body is claimed once."""
-        return uuid.uuid5(_PART_NAMESPACE, f"{chord_id}\x00fired\x00{completed_position}")
+    def deterministic_event_id(chord_id: str, completed_by: uuid.UUID) -> uuid.UUID:
+        """One claim per completion: the event id of the part that completed the chord
+        names the chord's life, so each life's body is claimed once. (The id, not the
+        part's position: it is known before the part is appended, so the part and
+        its claim go to the database together.)"""
+        return uuid.uuid5(_PART_NAMESPACE, f"{chord_id}\x00fired\x00{completed_by}")
 
 
 class LogPruned(EventData):

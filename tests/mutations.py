@@ -105,6 +105,20 @@ MUTATIONS = [
          f"{LOG_PG}::test_redelivered_chord_part_fires_body_once"),
     ),
     Mutation(
+        "chord claim on PostgreSQL: a returned part claims the body without completing the chord",
+        "ledger/store/postgres.py",
+        '            " AND c.fired_position IS NULL AND c.completed_position ="\n',
+        '            " AND c.fired_position IS NULL AND c.completed_position IS NULL OR c.completed_position ="\n',
+        (f"{LOG_PG}::test_redelivered_chord_part_fires_body_once",),
+    ),
+    Mutation(
+        "chord part: a part returned with its result (mark_as_done) is returned again",
+        "ledger/celery.py",
+        "            self._chord_part.returned = (part, returned)\n",
+        "            pass\n",
+        ("tests/test_celery_chords.py::test_parts_stored_by_mark_as_done_fire_the_body_once_each_with_its_result",),
+    ),
+    Mutation(
         "get_task_meta: a stored map of the wrong shape is read as if it were valid",
         "projections/task_meta.py",
         '            and type(value.get("status")) is str\n',

@@ -264,3 +264,27 @@ def test_a_part_result_stored_after_the_chord_completed_still_reaches_the_body(a
     last.join(60)
     sent = bodies_sent(prefix)
     assert [json.loads(base64.b64decode(m["body"]))[0] for m in sent] == [[[0, 1, 2]]]
+
+
+def test_parts_stored_by_mark_as_done_fire_the_body_once_each_with_its_result(any_url):
+    """A worker stores a part's result and returns it to the chord in one call
+    (``mark_as_done``), twice for a redelivered part: the body is sent once, with
+    every result, and on PostgreSQL each part's result and return are one transaction."""
+    prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
+    app = make_app(any_url, prefix)
+    backend = app.backend
+    gid, part_ids, body = _frozen_chord(app, 3)
+    _apply(app, gid, part_ids, body)
+    for index, tid in [(0, part_ids[0]), (1, part_ids[1]), (1, part_ids[1]), (2, part_ids[2])]:
+        request = Context(id=tid, group=gid, group_index=index, chord=dict(body))
+        backend.mark_as_done(tid, index * 10, request=request)
+    sent = bodies_sent(prefix)
+    assert [json.loads(base64.b64decode(m["body"]))[0] for m in sent] == [[[0, 10, 20]]]
+    ledger = backend.ledger
+    returns = {e.data.task_id: e for e in ledger.read_stream(f"chord:{gid}")
+               if e.type == "chord.part_returned"}
+    assert sorted(returns) == sorted(part_ids)
+    if ledger.engine.dialect.name == "postgresql":
+        for tid in part_ids:
+            first_success = next(e for e in ledger.history(tid) if e.type == "task.state")
+            assert first_success.tx_id == returns[tid].tx_id

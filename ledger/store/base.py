@@ -344,6 +344,14 @@ class Store(ABC):
         (:meth:`append` in a transaction) is the only one."""
         return None
 
+    def chord_part_write(self, part: Encoded, claim: Encoded, before: Encoded | None = None) -> Any:
+        """A callable appending ``before`` (the part's own task state, if given), a
+        returned chord ``part`` and, if that part completed the chord and nobody
+        claimed its body, the ``claim`` (``chord.fired``), as one transaction, returning ``(part recorded, claimed, the chord's inputs as
+        chord_header reads them or None)``; None where the general path (in
+        :meth:`ledger.api.Ledger.return_chord_part`) is the only one."""
+        return None
+
     def task_meta(self, task_id: str) -> Any:
         """The task's projection row (:class:`projections.task_meta.TaskMeta`) or None."""
         with self.engine.connect() as conn:

@@ -34,6 +34,9 @@ from ledger.store import engine as database
 from ledger.store.schema import events
 from tests.faults.conftest import forget_engine
 
+#: PostgreSQL's Sync message (extended query protocol): a pipeline's implicit commit.
+SYNC = b"S\x00\x00\x00\x04"
+
 RESULTS = 2000
 #: the worker's log lines of a retried store: the ledger's own attempts (ledger/api.py)
 #: and Celery's retry loop (result_backend_always_retry) once those are used up
@@ -309,13 +312,15 @@ def test_connection_lost_mid_transaction_is_backend_store_error_and_nothing_part
 
 
 def test_transaction_cut_before_commit_writes_nothing_of_it(pg_url, proxy_to):
-    """A multi-statement unit (a chord part: lock, event, counters, claim) cut at COMMIT."""
+    """A multi-statement unit (a chord part: lock, event, counters, claim) cut before it
+    commits. It goes out as one pipeline, an implicit transaction that commits at the
+    protocol's Sync message: the bytes carrying that Sync never reach the server."""
     proxy = proxy_to(pg_url)
     url = proxy.url(pg_url.rsplit("/", 1)[1])
     ledger = Ledger.open(url)
     ledger.append([ChordStarted(chord_id="c", size=1)])
     snapshot = Ledger.open(pg_url).snapshot()
-    proxy.drop_when(b"COMMIT", upstream=True, times=1000)
+    proxy.drop_when(SYNC, upstream=True, times=1000)
     with pytest.raises(sa.exc.DBAPIError) as raised:
         ledger.return_chord_part("c", "p1", states.SUCCESS)
     attempts = proxy.dropped
