@@ -32,6 +32,8 @@ from ledger.errors import (
     VersionConflict,
 )
 from ledger.events import (
+    CHORD,
+    TASK,
     ChordApplied,
     ChordFired,
     ChordPartReturned,
@@ -40,6 +42,7 @@ from ledger.events import (
     NewEvent,
     RecordedEvent,
     ResultExpired,
+    stream_id,
     validate,
 )
 from ledger.store import store_for
@@ -321,7 +324,7 @@ class Ledger:
     def _chord_life(self, conn: Connection, chord_id: str) -> int | None:
         """Position of the ``chord.applied`` that began the chord's current life (None: none)."""
         applied = [
-            e.position for e in self.log.read_stream(conn, f"chord:{chord_id}")
+            e.position for e in self.log.read_stream(conn, stream_id(CHORD, chord_id))
             if e.type == ChordApplied.type
         ]
         return applied[-1] if applied else None
@@ -397,7 +400,7 @@ class Ledger:
         """The task's current projection row, or as it was at a time or log position."""
         if as_of is None:
             return self._retrying(lambda: self.store.task_meta(task_id))
-        return self._replay(f"task:{task_id}", as_of).state.tasks.get(task_id)
+        return self._replay(stream_id(TASK, task_id), as_of).state.task_meta.get(task_id)
 
     def task_metas(self, task_ids: Iterable[str]) -> dict[str, TaskMeta]:
         """Current projection rows of many tasks by id (ids without a row are absent)."""
@@ -489,7 +492,7 @@ class Ledger:
 
     def history(self, task_id: str) -> list[RecordedEvent]:
         """Every event of the task, forgotten or not, in order."""
-        return self.read_stream(f"task:{task_id}")
+        return self.read_stream(stream_id(TASK, task_id))
 
     def checkpoint_of(self, position: int | Checkpoint) -> Checkpoint:
         if isinstance(position, Checkpoint):

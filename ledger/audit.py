@@ -22,6 +22,7 @@ from ledger.errors import UnknownTask
 from ledger.events import (
     RECEIVED,
     SENT,
+    TASK,
     CorruptEvent,
     Encoded,
     LogPruned,
@@ -31,6 +32,7 @@ from ledger.events import (
     TaskReceived,
     TaskSent,
     TaskState,
+    stream_id,
 )
 from ledger.output import csv_cell, terminal_safe
 from ledger.store.base import SELECT_EVENTS, row_to_event
@@ -176,7 +178,7 @@ def task_history(ledger, task_id: str) -> list[dict[str, Any]]:
 
 def _gap(ledger, task_id: str, first: int, last: int) -> dict[str, Any]:
     """A row for stream versions missing from the log: pruned, or deleted behind its back."""
-    pruned = bool(prunes_of(ledger, f"task:{task_id}"))
+    pruned = bool(prunes_of(ledger, stream_id(TASK, task_id)))
     row = dict.fromkeys(("position", "time", "event", "name", "worker", "retries", "exc_type", "exc_message"))
     row.update(
         version=str(first) if first == last else f"{first}..{last}",
@@ -239,7 +241,7 @@ def _why_no_state(ledger, task_id: str, as_of: datetime | int | None) -> dict[st
         last = events[-1]
         state = "FORGOTTEN" if last.type == TaskForgotten.type else "EXPIRED"
         return {"state": state, "position": last.position, "date_done": last.recorded_at}
-    pruned = prunes_of(ledger, f"task:{task_id}")
+    pruned = prunes_of(ledger, stream_id(TASK, task_id))
     if pruned and not events and as_of is not None:
         return {
             "state": "PRUNED",
@@ -336,7 +338,7 @@ def iter_events(
     if until is not None:
         q = q.where(t.c.recorded_at < until)
     if task_id is not None:
-        q = q.where(t.c.stream_id == f"task:{task_id}")
+        q = q.where(t.c.stream_id == stream_id(TASK, task_id))
     after = 0
     while True:
         page = q.where(t.c.position > after).order_by(t.c.position).limit(batch)
@@ -356,7 +358,7 @@ def count_events(ledger, *, since=None, until=None, task_id=None) -> int:
     if until is not None:
         q = q.where(t.c.recorded_at < until)
     if task_id is not None:
-        q = q.where(t.c.stream_id == f"task:{task_id}")
+        q = q.where(t.c.stream_id == stream_id(TASK, task_id))
     return ledger.read(lambda c: c.execute(q).scalar_one())
 
 

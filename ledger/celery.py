@@ -64,6 +64,8 @@ from ledger.errors import (
     SettingError,
 )
 from ledger.events import (
+    CHORD,
+    TASK,
     ChordApplied,
     ChordPartAdded,
     ChordPartReturned,
@@ -77,6 +79,7 @@ from ledger.events import (
     TaskForgotten,
     TaskState,
     fit_extras,
+    stream_id,
 )
 from ledger.redaction import redact, signature_of
 from ledger.settings import BackendSettings
@@ -529,7 +532,7 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
             if left > 0:
                 listener.wait(left)
             return
-        wanted = {f"task:{task_id}" for task_id in ids}
+        wanted = {stream_id(TASK, task_id) for task_id in ids}
         while True:
             left = SAFETY_NET_SECONDS if deadline is None else min(
                 SAFETY_NET_SECONDS, deadline - time.monotonic()
@@ -661,7 +664,7 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
         """A header that was not saved (a generator): the current life's returned parts,
         in header order (``group_index``, then order of return)."""
         parts: dict[str, tuple[float, int]] = {}
-        for event in self.ledger.read_stream(f"chord:{gid}"):
+        for event in self.ledger.read_stream(stream_id(CHORD, gid)):
             if event.type == ChordApplied.type:
                 parts.clear()
             elif event.type == ChordPartReturned.type and event.data.task_id not in parts:
@@ -679,7 +682,7 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
                 return None
             deps = self.app.GroupResult(gid, [self.app.AsyncResult(t, backend=self) for t in ids])
         known = {r.id for r in deps.results}
-        for event in self.ledger.read_stream(f"chord:{gid}"):
+        for event in self.ledger.read_stream(stream_id(CHORD, gid)):
             if event.type == ChordPartAdded.type and event.data.task_id not in known:
                 known.add(event.data.task_id)
                 deps.results.append(self.app.AsyncResult(event.data.task_id, backend=self))

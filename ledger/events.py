@@ -31,6 +31,24 @@ RECEIVED = "RECEIVED"
 
 Id = str
 
+#: Stream kinds: what a stream id's prefix says its events are about.
+TASK, GROUP, CHORD, MAINTENANCE = "task", "group", "chord", "ledger"
+
+
+def stream_id(kind: str, key: str) -> str:
+    """The stream of ``key`` (a task, group or chord id): ``task:<id>``, ``group:<id>``..."""
+    return f"{kind}:{key}"
+
+
+def stream_key(stream: str) -> str:
+    """The id a stream is about (``task:t1`` -> ``t1``)."""
+    return stream.split(":", 1)[1]
+
+
+def stream_kind(stream: str) -> str:
+    """The kind of a stream (``task:t1`` -> ``task``)."""
+    return stream.split(":", 1)[0]
+
 
 class Encoded(BaseModel):
     """A value serialized with the Celery app's result serializer.
@@ -75,7 +93,7 @@ class EventData(BaseModel):
 
     @property
     def stream_id(self) -> str:
-        return f"{self.stream_prefix}:{self.stream_key}"
+        return stream_id(self.stream_prefix, self.stream_key)
 
     # Columns lifted out of the payload so projections can be rebuilt set-based
     # in SQL without decoding msgpack (see ledger/store/schema.py).
@@ -92,7 +110,7 @@ def _check_id(value: str) -> str:
 
 
 class _TaskEvent(EventData):
-    stream_prefix: ClassVar[str] = "task"
+    stream_prefix: ClassVar[str] = TASK
     task_id: Id
 
     _task_id = field_validator("task_id")(_check_id)
@@ -205,7 +223,7 @@ class ResultExpired(_TaskEvent):
 
 
 class _GroupEvent(EventData):
-    stream_prefix: ClassVar[str] = "group"
+    stream_prefix: ClassVar[str] = GROUP
     group_id: Id
 
     _group_id = field_validator("group_id")(_check_id)
@@ -232,7 +250,7 @@ class GroupExpired(_GroupEvent):
 
 
 class _ChordEvent(EventData):
-    stream_prefix: ClassVar[str] = "chord"
+    stream_prefix: ClassVar[str] = CHORD
     chord_id: Id
 
     _chord_id = field_validator("chord_id")(_check_id)
@@ -328,7 +346,7 @@ class ChordFired(_ChordEvent):
 class LogPruned(EventData):
     """``celery-ledger prune``: events recorded before ``before`` were physically deleted."""
 
-    stream_prefix: ClassVar[str] = "ledger"
+    stream_prefix: ClassVar[str] = MAINTENANCE
     type: ClassVar[str] = "ledger.pruned"
     before: datetime
     events_deleted: int = Field(ge=0)
@@ -417,7 +435,7 @@ class RecordedEvent:
 
     @property
     def stream_key(self) -> str:
-        return self.stream_id.split(":", 1)[1]
+        return stream_key(self.stream_id)
 
 
 def validate(data: EventData) -> EventData:

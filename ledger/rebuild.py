@@ -72,26 +72,24 @@ from sqlalchemy.engine import Connection
 
 from ledger.errors import RebuildError
 from ledger.events import (
+    CHORD,
+    TASK,
     CorruptEvent,
     GroupSaved,
     LogPruned,
     NewEvent,
     TaskState,
     event_problem,
+    stream_key,
+    stream_kind,
 )
 from ledger.store.base import Encoded, MaintainableStore
 from ledger.store.schema import LIVE, NAMING, ProjectionTables, checkpoints
 from ledger.store.schema import events as events_table
 from ledger.store.target import CatalogueFill, catalogue_select, rebuild_statements, run_fill
+from projections import REGISTRY
 from projections.memory import Snapshot
 
-#: Projection name -> the tables it owns and the stream prefix that feeds it.
-PROJECTIONS: dict[str, tuple[tuple[str, ...], str]] = {
-    "task_meta": (("task_meta",), "task"),
-    "groups": (("groups",), "group"),
-    "chords": (("chords", "chord_parts"), "chord"),
-    "catalogue": (("catalogue",), "task"),
-}
 REBUILD_SUFFIX = "__rebuild"
 VERIFY_SUFFIX = "__verify"
 
@@ -114,21 +112,21 @@ class RebuildReport:
 
 
 def _names(projections: Sequence[str] | None) -> list[str]:
-    names = list(projections) if projections else list(PROJECTIONS)
-    unknown = [n for n in names if n not in PROJECTIONS]
+    names = list(projections) if projections else list(REGISTRY)
+    unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise ValueError(
-            f"unknown projection {', '.join(map(repr, unknown))}; choose from {', '.join(PROJECTIONS)}"
+            f"unknown projection {', '.join(map(repr, unknown))}; choose from {', '.join(REGISTRY)}"
         )
     return names
 
 
 def _slots(names: Sequence[str]) -> list[str]:
-    return [slot for n in names for slot in PROJECTIONS[n][0]]
+    return [table for n in names for table in REGISTRY[n].tables]
 
 
 def _prefixes(names: Sequence[str]) -> list[str]:
-    return [PROJECTIONS[n][1] for n in names]
+    return [REGISTRY[n].stream_prefix for n in names]
 
 
 def _mixed(new: ProjectionTables, slots: Sequence[str]) -> ProjectionTables:
@@ -217,7 +215,7 @@ def _count_events(conn: Connection, names: Sequence[str]) -> int:
     """Events the rebuild of ``names`` reads (the whole log for a full rebuild)."""
     e = events_table
     q = sa.select(sa.func.count()).select_from(e)
-    if set(names) != set(PROJECTIONS):
+    if set(names) != set(REGISTRY):
         q = q.where(sa.or_(*(e.c.stream_id.like(f"{p}:%") for p in _prefixes(names))))
     return conn.execute(q).scalar_one()
 
@@ -436,8 +434,8 @@ def _differences(
             conn, getattr(scratch, slot), getattr(LIVE, slot), slot, limit
         )
     for (task_id,) in keys.get("task_meta", ()):
-        _put(expected.tasks, task_id, exp_target.task(conn, task_id))
-        _put(found.tasks, task_id, live_target.task(conn, task_id))
+        _put(expected.task_meta, task_id, exp_target.task(conn, task_id))
+        _put(found.task_meta, task_id, live_target.task(conn, task_id))
     for (group_id,) in keys.get("groups", ()):
         _put(expected.groups, group_id, exp_target.group(conn, group_id))
         _put(found.groups, group_id, live_target.group(conn, group_id))
@@ -576,7 +574,7 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
         if dry_run:
             deleted = conn.execute(sa.select(sa.func.count()).where(doomed)).scalar_one()
             return PruneReport(before, deleted, affected, kept, True, held_by, for_followers)
-        gone_chords = [s[len("chord:"):] for s in affected if s.startswith("chord:")]
+        gone_chords = [stream_key(s) for s in affected if stream_kind(s) == CHORD]
         store.allow_prune(conn)
         deleted = conn.execute(sa.delete(e).where(doomed)).rowcount
         for i in range(0, len(gone_chords), 500):
@@ -585,10 +583,10 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
             conn.execute(sa.delete(T.chords).where(T.chords.c.chord_id.in_(chunk)))
         # The catalogue describes what the log keeps: a cut task's row is folded
         # again from its remaining events (first seen, flags), or goes with them.
-        cut_tasks = [s for s in affected if s.startswith("task:")]
+        cut_tasks = [s for s in affected if stream_kind(s) == TASK]
         for i in range(0, len(cut_tasks), 500):
             chunk = cut_tasks[i : i + 500]
-            keys = [s[len("task:"):] for s in chunk]
+            keys = [stream_key(s) for s in chunk]
             conn.execute(sa.delete(T.catalogue).where(T.catalogue.c.task_id.in_(keys)))
             CatalogueFill(T.catalogue, catalogue_select(e, streams=chunk), whole_log=False).run(conn, type(store))
         record = LogPruned(

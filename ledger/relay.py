@@ -40,7 +40,7 @@ from typing import Any
 
 from ledger.api import Ledger
 from ledger.errors import CorruptEvent, DeliveryFailed, KafkaUnavailable
-from ledger.events import TOMBSTONE_TYPES, RecordedEvent, TaskState
+from ledger.events import TASK, TOMBSTONE_TYPES, RecordedEvent, TaskState, stream_id
 from ledger.store.base import Checkpoint, RelayLock
 from ledger.stream import event_record, state_value
 from projections import task_meta
@@ -301,12 +301,12 @@ class Relay:
 
         def read(conn) -> dict[str, task_meta.TaskMeta | None]:
             streams = self.ledger.log.read_streams_until(
-                conn, {f"task:{task_id}": position for task_id, position in last.items()}
+                conn, {stream_id(TASK, task_id): position for task_id, position in last.items()}
             )
             states: dict[str, task_meta.TaskMeta | None] = {}
             for task_id in last:
                 state = None
-                for e in streams[f"task:{task_id}"]:
+                for e in streams[stream_id(TASK, task_id)]:
                     try:
                         state = task_meta.fold(state, e)
                     except CorruptEvent as exc:  # skipped, as on the event topic

@@ -33,6 +33,8 @@ import sqlalchemy as sa
 
 from ledger.errors import UnknownId
 from ledger.events import (
+    CHORD,
+    GROUP,
     ChordFired,
     ChordPartReturned,
     ChordStarted,
@@ -44,6 +46,8 @@ from ledger.events import (
     TaskReceived,
     TaskSent,
     TaskState,
+    stream_id,
+    stream_key,
 )
 from projections.lifecycle import STATE_OF, next_state, ready_at, run_start
 from projections.task_meta import READY_STATES, STICKY_STATE
@@ -253,7 +257,7 @@ def find_workflow(ledger, some_id: str) -> Workflow:
         return runs[task_id]
 
     group_members = _group_members(ledger, some_id)
-    chord_stream = ledger.read_stream(f"chord:{some_id}")
+    chord_stream = ledger.read_stream(stream_id(CHORD, some_id))
     if load(some_id) is not None:
         kind, seed = "task", runs[some_id]
     elif group_members or chord_stream:
@@ -310,7 +314,7 @@ def find_workflow(ledger, some_id: str) -> Workflow:
 
     chords: dict[str, dict[str, Any]] = {}
     for group_id, members in groups.items():
-        stream = chord_stream if group_id == some_id else ledger.read_stream(f"chord:{group_id}")
+        stream = chord_stream if group_id == some_id else ledger.read_stream(stream_id(CHORD, group_id))
         if not stream:
             continue
         header = set(members) | {e.data.task_id for e in stream if e.type == ChordPartReturned.type}
@@ -339,7 +343,7 @@ def _group_members(ledger, group_id: str) -> list[str]:
     ``group().apply_async()`` saves nothing, but each member's states carry its
     group id, indexed in ``ref_id`` (migration 0002).
     """
-    saved = [e for e in ledger.read_stream(f"group:{group_id}") if e.type == GroupSaved.type]
+    saved = [e for e in ledger.read_stream(stream_id(GROUP, group_id)) if e.type == GroupSaved.type]
     if not saved:
         return _group_stamped(ledger, group_id)
     try:
@@ -353,7 +357,7 @@ def _chord_fired_for(ledger, body_task_id: str) -> str | None:
     e = ledger.log.table
     q = sa.select(e.c.stream_id).where(e.c.ref_id == body_task_id, e.c.type == ChordFired.type)
     stream = ledger.read(lambda c: c.execute(q.limit(1)).scalar())
-    return stream.split(":", 1)[1] if stream else None
+    return stream_key(stream) if stream else None
 
 
 def _group_stamped(ledger, group_id: str) -> list[str]:
@@ -366,7 +370,7 @@ def _group_stamped(ledger, group_id: str) -> list[str]:
         .order_by(sa.func.min(e.c.position))
         .limit(MAX_TASKS)
     )
-    return [s.split(":", 1)[1] for s in ledger.read(lambda c: c.execute(q).scalars().all())]
+    return [stream_key(s) for s in ledger.read(lambda c: c.execute(q).scalars().all())]
 
 
 # -- the tree ------------------------------------------------------------------------------

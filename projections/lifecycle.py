@@ -47,8 +47,3 @@ def run_start(received: RecordedEvent) -> datetime:
     due = received.data.due_at  # type: ignore[attr-defined]
     return received.recorded_at if due is None else max(received.recorded_at, due)
 
-
-def queue_wait(sent: TaskSent, started: datetime) -> float:
-    """Seconds the task waited to start after it could have (never negative: the
-    publisher's clock and the database's may differ by a little)."""
-    return max(0.0, (started - ready_at(sent.sent_at, sent.eta)).total_seconds())

@@ -9,15 +9,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ledger.events import RecordedEvent
-from projections import catalogue, chord, group, task_meta
+from ledger.events import RecordedEvent, stream_key, stream_kind
+from projections import NAMES, REGISTRY, catalogue, chord, group
+from projections.task_meta import TaskMeta
 
 
 @dataclass
 class Snapshot:
-    """Every projection's state, comparable with ``==`` across targets."""
+    """Every projection's state, comparable with ``==`` across targets; one field
+    per :data:`projections.REGISTRY` name."""
 
-    tasks: dict[str, task_meta.TaskMeta] = field(default_factory=dict)
+    task_meta: dict[str, TaskMeta] = field(default_factory=dict)
     groups: dict[str, group.GroupState] = field(default_factory=dict)
     chords: dict[str, chord.ChordState] = field(default_factory=dict)
     catalogue: dict[str, catalogue.TaskEntry] = field(default_factory=dict)
@@ -25,7 +27,7 @@ class Snapshot:
     def differences(self, other: Snapshot) -> list[str]:
         """Human-readable differences, ``self`` being the expected side."""
         out: list[str] = []
-        for name in ("tasks", "groups", "chords", "catalogue"):
+        for name in NAMES:
             mine, theirs = getattr(self, name), getattr(other, name)
             for key in sorted(mine.keys() | theirs.keys()):
                 a, b = mine.get(key), theirs.get(key)
@@ -43,9 +45,8 @@ def _short(value: object) -> str:
 
 #: Stream prefix -> the projections its events feed: (snapshot attribute, fold).
 _FOLDS = {
-    "task": (("tasks", task_meta.fold), ("catalogue", catalogue.fold)),
-    "group": (("groups", group.fold),),
-    "chord": (("chords", chord.fold),),
+    prefix: [(p.name, p.fold) for p in REGISTRY.values() if p.stream_prefix == prefix]
+    for prefix in dict.fromkeys(p.stream_prefix for p in REGISTRY.values())
 }
 
 
@@ -61,7 +62,7 @@ class MemoryTarget:
         """Fold events in; return the chord ids that these events completed."""
         completed: list[str] = []
         for event in events:
-            prefix, key = event.stream_id.split(":", 1)
+            prefix, key = stream_kind(event.stream_id), stream_key(event.stream_id)
             if prefix not in _FOLDS:  # maintenance streams feed no projection
                 self.checkpoint = (event.tx_id, event.position)
                 continue
@@ -74,7 +75,7 @@ class MemoryTarget:
                 else:
                     table[key] = after
                 if (
-                    prefix == "chord"
+                    name == "chords"
                     and after is not None
                     and after.completed_position == event.position
                     and (before is None or before.completed_position is None)

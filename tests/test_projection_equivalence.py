@@ -203,4 +203,4 @@ def test_equivalence_check_detects_a_difference(prepared):
         conn.execute(sa.update(ledger.target.t.task_meta).values(status="SUCCESS"))
         conn.execute(sa.update(ledger.target.t.chords).values(size=3))
     diffs = memory.state.differences(ledger.snapshot())
-    assert len(diffs) == 2 and "tasks['a']" in diffs[0] and "chords['c1']" in diffs[1]
+    assert len(diffs) == 2 and "task_meta['a']" in diffs[0] and "chords['c1']" in diffs[1]

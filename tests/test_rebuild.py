@@ -74,7 +74,7 @@ def test_rebuild_swaps_in_projections_equal_to_the_live_ones(any_url, capsys):
     assert "rebuilt task_meta, groups, chords, catalogue from" in out
     after = ledger.snapshot()
     assert before.differences(after) == []
-    assert len(after.tasks) == 20 - 1 and len(after.groups) == 1 and len(after.chords) == 2
+    assert len(after.task_meta) == 20 - 1 and len(after.groups) == 1 and len(after.chords) == 2
     migrate.check(ledger.engine)  # names of keys and indexes match the Alembic model
     assert verify(ledger) == []
     # The swapped-in tables keep working for the live path.
@@ -116,10 +116,10 @@ def test_verify_reports_each_projection_row_changed_by_hand(any_url, capsys):
     assert code == 1
     lines = out.splitlines()
     assert len(lines) == 6, out
-    assert lines[0].startswith("tasks['ghost']: expected no row, found TaskMeta(")
-    assert lines[1].startswith("tasks['w-t3']: expected TaskMeta(task_id='w-t3', status='SUCCESS'")
+    assert lines[0].startswith("task_meta['ghost']: expected no row, found TaskMeta(")
+    assert lines[1].startswith("task_meta['w-t3']: expected TaskMeta(task_id='w-t3', status='SUCCESS'")
     assert "found TaskMeta(task_id='w-t3', status='REVOKED'" in lines[1]
-    assert lines[2].startswith("tasks['w-t5']: expected TaskMeta(") and lines[2].endswith("found no row")
+    assert lines[2].startswith("task_meta['w-t5']: expected TaskMeta(") and lines[2].endswith("found no row")
     assert lines[3].startswith("groups['w-g1']: expected GroupState(") and lines[3].endswith("found no row")
     assert lines[4].startswith("chords['w-c1']:") and "fired_position=None" in lines[4]
     assert lines[5].startswith("chords['w-c2']:") and "parts=frozenset()" in lines[5]
@@ -261,7 +261,7 @@ def _kept_streams() -> set[str]:
 def _pinned(snapshot, event) -> bool:
     kind, key = event.stream_id.split(":", 1)
     if kind == "task":
-        return key in snapshot.tasks and snapshot.tasks[key].position == event.position
+        return key in snapshot.task_meta and snapshot.task_meta[key].position == event.position
     if kind == "group":
         return key in snapshot.groups and snapshot.groups[key].position == event.position
     return kind == "ledger"

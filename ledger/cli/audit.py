@@ -13,6 +13,7 @@ from ledger.audit import EXPORT_FORMATS
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
 from ledger.cli.files import replaced_on_success
 from ledger.cli.params import TIME, TIME_HELP, TIME_OR_POSITION
+from ledger.events import TASK, stream_id
 
 
 @click.command()
@@ -25,7 +26,7 @@ def history(env: Env, task_id: str, fmt: str) -> None:
     from ledger.audit import UnknownTask, event_json, format_history, prunes_of, task_history
 
     ledger = env.ledger()
-    pruned = prunes_of(ledger, f"task:{task_id}")
+    pruned = prunes_of(ledger, stream_id(TASK, task_id))
     try:
         rows = task_history(ledger, task_id)
     except UnknownTask:

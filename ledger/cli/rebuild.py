@@ -9,13 +9,13 @@ import click
 
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
 from ledger.cli.params import TIME, TIME_HELP
-from ledger.rebuild import PROJECTIONS
+from projections import NAMES
 
 
 def projection_option(f):
     return click.option(
-        "--projection", "projections", type=click.Choice(list(PROJECTIONS)), multiple=True,
-        help=f"only this projection ({', '.join(PROJECTIONS)}); repeatable; default all",
+        "--projection", "projections", type=click.Choice(NAMES), multiple=True,
+        help=f"only this projection ({', '.join(NAMES)}); repeatable; default all",
     )(f)
 
 

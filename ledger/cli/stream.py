@@ -12,6 +12,7 @@ import uuid
 import click
 
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env
+from ledger.events import TASK, stream_id
 
 
 def _stop_on_sigterm() -> threading.Event:
@@ -81,11 +82,11 @@ def tail(env: Env, follow: bool, task: str | None, lines: int, fmt: str) -> None
         return json.dumps(event_json(event), default=str) if fmt == "json" else event_line(event)
 
     ledger = env.ledger()
-    stream_id = f"task:{task}" if task else None
+    wanted = stream_id(TASK, task) if task else None
     printed: set[uuid.UUID] = set()
-    if stream_id is not None:
+    if wanted is not None:
         # The task's whole story first, then whatever follows it.
-        history = ledger.read_stream(stream_id)
+        history = ledger.read_stream(wanted)
         start = history[0].position - 1 if history else ledger.follower_lag()["head_position"]
         for event in history:
             printed.add(event.event_id)
@@ -94,6 +95,6 @@ def tail(env: Env, follow: bool, task: str | None, lines: int, fmt: str) -> None
         start = max(0, ledger.follower_lag()["head_position"] - lines)
     stop = _stop_on_sigterm()
     for event in ledger.follow(start, stop=stop, idle_timeout=None if follow else 0):
-        if stream_id is not None and (event.stream_id != stream_id or event.event_id in printed):
+        if wanted is not None and (event.stream_id != wanted or event.event_id in printed):
             continue
         echo(line(event))

@@ -81,6 +81,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 
 from ledger.errors import RebuildError, RetryableConflict, VersionConflict
 from ledger.events import (
+    CHORD,
     LIFECYCLE_TYPES,
     ChordApplied,
     ChordFired,
@@ -96,6 +97,7 @@ from ledger.events import (
     TaskReceived,
     TaskSent,
     TaskState,
+    stream_kind,
 )
 from ledger.settings import NOTIFY_MODES, pool_size_from_env
 from ledger.store.base import (
@@ -667,7 +669,7 @@ class PostgresLog(FollowableLog):
         params = item.params()
         params["expected"] = item.new.expected_version
         params["notify"] = self._notifies(item)
-        if params["stream_id"].startswith("chord:"):
+        if stream_kind(params["stream_id"]) == CHORD:
             conn.execute(self._lock_stream_sql, {"stream_id": params["stream_id"]})
         row = self._run_insert(conn, self._insert_sql, params, item)
         if row is None:
@@ -782,7 +784,7 @@ class PostgresLog(FollowableLog):
         statements, slots = [], []
         for item, projection in zip(items, projections, strict=True):
             params = self._fused_params(item, projection, relaxed=relaxed, notify=notify)
-            if params["stream_id"].startswith("chord:"):
+            if stream_kind(params["stream_id"]) == CHORD:
                 statements.append((self._lock_stream_driver_sql, {"stream_id": params["stream_id"]}))
             slots.append(len(statements))
             statements.append((self._fused_statement(projection, checked=checked), params))
@@ -1130,7 +1132,7 @@ class PostgresStore(MaintainableStore):
         fused = self.fused.get(items[0].new.data.type)
         # A lone event with a fused update is one autocommitted statement; not
         # a chord event, whose stream lock is scoped to a transaction.
-        if fused is None or items[0].new.stream_id.startswith("chord:"):
+        if fused is None or stream_kind(items[0].new.stream_id) == CHORD:
             return None
 
         def write() -> tuple[list[RecordedEvent], list[Encoded]]:
@@ -1477,7 +1479,7 @@ def _catch_up(conn: Connection, target: Any, snapshot: str, prefixes: Sequence[s
     events: list[RecordedEvent] = [
         row_to_event(r)
         for r in conn.execute(_NOT_IN_SNAPSHOT, {"snap": snapshot})
-        if r.stream_id.split(":", 1)[0] in prefixes
+        if stream_kind(r.stream_id) in prefixes
     ]
     target.apply(conn, events)
     return len(events)

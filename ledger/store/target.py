@@ -423,7 +423,7 @@ class SqlTarget:
         """Read every projection row (for verify and tests; loads everything)."""
         snap = Snapshot()
         for row in conn.execute(sa.select(self.t.task_meta)):
-            snap.tasks[row.task_id] = TaskMeta(**row._mapping)
+            snap.task_meta[row.task_id] = TaskMeta(**row._mapping)
         for row in conn.execute(sa.select(self.t.groups)):
             snap.groups[row.group_id] = GroupState(**row._mapping)
         for row in conn.execute(sa.select(self.t.catalogue)):

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ledger.audit import decode_value, describe, prunes_of, show_record, task_history
 from ledger.errors import UnknownTask
-from ledger.events import CorruptEvent, Encoded, RecordedEvent, TaskState
+from ledger.events import TASK, CorruptEvent, Encoded, RecordedEvent, TaskState, stream_id
 from ledger.timeline import Workflow, to_json
 from ledger.times import parse_time
 
@@ -120,7 +120,7 @@ class TaskDetail(_Model):
     @classmethod
     def of(cls, ledger, task_id: str, as_of: int | datetime | None = None) -> TaskDetail | None:
         """None when the log holds no event of ``task_id`` and none was pruned."""
-        pruned = [PruneNote(**p) for p in prunes_of(ledger, f"task:{task_id}")]
+        pruned = [PruneNote(**p) for p in prunes_of(ledger, stream_id(TASK, task_id))]
         try:
             # history's rows, with the versions it finds missing (PRUNED/MISSING) in place
             described = task_history(ledger, task_id)
