@@ -5,13 +5,18 @@ Why followers never skip an event
 No writer waits for another. Each row stores the appending
 transaction's id (``pg_current_xact_id()``). A reader takes only rows whose
 transaction is older than the oldest transaction still running
-(``pg_snapshot_xmin(pg_current_snapshot())``): all of those have committed or
+(``pg_current_snapshot()``'s oldest running one): all of those have committed or
 aborted, so nothing can appear below them later. It orders by
 ``(tx_id, position)`` and checkpoints on that pair. Measured on the project's
 2-core reference machine (PostgreSQL 15, 2 transitions per task): this keeps
 ~1,900 tasks/s with 4 writers where a table lock kept ~690. The cost: a
-long-open transaction anywhere in the database holds followers back
-(``Ledger.follower_lag`` reports it).
+long-open transaction in the ledger's database holds followers back
+(``Ledger.follower_lag`` reports it). Transaction ids are the server's, not the
+database's, so the horizon skips the running transactions that
+``pg_stat_activity`` shows in *other* databases (they cannot write this log):
+another application's long transaction on a shared server held every event
+back by 0.4 s at p99 before (measured, ``bench.web``). One it cannot place (no
+privilege to see it, a prepared transaction) still holds followers back.
 
 Per-stream order must agree with follow order. A transaction gets its xid at
 its first write, which is the INSERT below, after the statement's snapshot
@@ -616,6 +621,20 @@ def _lifecycle_binds(data: EventData) -> dict:
 # -- the log -------------------------------------------------------------------------------
 
 
+
+#: The oldest transaction id still running that may write this database's log
+#: (module docstring), or the next one if none: every row below it is settled.
+#: xip holds the server's running top-level xids; pg_stat_activity shows 32-bit
+#: xids, so those compare modulo 2^32 (a live xid cannot be 2^31 from another).
+VISIBLE_HORIZON = """(
+    SELECT coalesce(
+        (SELECT min(x::text::bigint) FROM pg_snapshot_xip(s.snap) AS x
+         WHERE mod(x::text::bigint, 4294967296) NOT IN (
+             SELECT backend_xid::text::bigint FROM pg_stat_activity
+             WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database())),
+        pg_snapshot_xmax(s.snap)::text::bigint)
+    FROM (SELECT pg_current_snapshot() AS snap) AS s
+)"""
 class PostgresLog(FollowableLog):
     """No writer waits for another; visibility by transaction id (module docstring)."""
 
@@ -907,7 +926,7 @@ class PostgresLog(FollowableLog):
         f"""
         SELECT {EVENT_COLUMNS} FROM ledger_events
         WHERE (tx_id, position) > (:tx_id, :position)
-          AND tx_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+          AND tx_id < {VISIBLE_HORIZON}
         ORDER BY tx_id, position
         LIMIT :limit
         """
@@ -932,9 +951,7 @@ class PostgresLog(FollowableLog):
 
     def visible_horizon(self, conn: Connection) -> int:
         """Transaction ids below this are settled; rows at or above wait (follower lag)."""
-        return conn.execute(
-            sa.text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-        ).scalar_one()
+        return conn.execute(sa.text(f"SELECT {VISIBLE_HORIZON}")).scalar_one()
 
 
 # -- wake-ups and locks on their own connections -------------------------------------------
