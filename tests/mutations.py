@@ -424,6 +424,13 @@ MUTATIONS = [
         (f"{CATALOGUE}::test_stats_are_the_counts_and_percentiles_of_the_log",),
     ),
     Mutation(
+        "catalogue live: a SENT committed after the RECEIVED leaves the queue and arguments out",
+        "ledger/store/target.py",
+        "        carried = sa.or_(ended, c.c.state.in_(list(RANK))) if sent else ended\n",
+        "        carried = ended\n",
+        ("tests/test_projection_equivalence.py::test_memory_fold_live_sql_and_rebuild_agree",),
+    ),
+    Mutation(
         "lifecycle: SENT records no ETA (a countdown is lost)",
         "ledger/lifecycle.py",
         '            eta=_time(headers.get("eta")),\n',

@@ -105,7 +105,14 @@ from ledger.store.base import (
 from ledger.store.schema import LIVE, PRUNE_SETTING, ProjectionTables
 from ledger.store.schema import events as events_table
 from ledger.store.target import CatalogueFill, lifecycle_columns
-from projections.catalogue import LIFECYCLE_TIMES, PAYLOAD_FIELDS, STARTED, fields_of
+from projections.catalogue import (
+    LIFECYCLE_TIMES,
+    PAYLOAD_FIELDS,
+    RECEIVED_FIELDS,
+    SENT_FIELDS,
+    STARTED,
+    fields_of,
+)
 from projections.lifecycle import RANK, STATE_OF
 from projections.task_meta import READY_STATES, STICKY_STATE, TaskMeta
 
@@ -503,6 +510,9 @@ class FusedUpdates:
             sent = event_type == TaskSent.type
             below = ", ".join(f"'{s}'" for s, r in RANK.items() if r <= RANK[incoming])
             takes = f"({ended} OR {c}.state IN ({below}))"
+            # the attempt's SENT gives the columns a RECEIVED does not carry, under either state
+            lifecycle_states = ", ".join(f"'{s}'" for s in RANK)
+            carried = f"({ended} OR {c}.state IN ({lifecycle_states}))" if sent else ended
 
             def pick(cond: str, k: str) -> str:
                 return f"{k} = CASE WHEN {cond} THEN excluded.{k} ELSE {c}.{k} END"
@@ -514,7 +524,8 @@ class FusedUpdates:
                 " ev.recorded_at, NULL, NULL, CAST(:sent_at AS timestamptz),"
                 f" CAST(:ready_at AS timestamptz), {'NULL' if sent else 'ev.recorded_at'}, {binds},"
                 " false, false FROM ev ON CONFLICT (task_id) DO UPDATE SET "
-                + ", ".join(pick(takes, k) for k in ("state", "position", *PAYLOAD_FIELDS)) + ", "
+                + ", ".join(pick(takes, k) for k in ("state", "position", *RECEIVED_FIELDS)) + ", "
+                + ", ".join(pick(carried, k) for k in SENT_FIELDS) + ", "
                 + ", ".join(pick(ended, k) for k in ("first_seen", "finished_at", "forgotten", "expired"))
                 + ", "
                 # a SENT begins an attempt (sets its times, clears the rest); RECEIVED
