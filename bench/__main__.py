@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report.targets_text(ts))
     print("\nMarkdown:\n")
     print(report.markdown(rs))
+    kept = report.kept_rows(RESULTS)
+    if kept:
+        # Not measured by this run: each row names its own command, date and load.
+        print("\nKept from the last 1,000,000-task runs (NOT this run):\n")
+        print(report.kept_markdown(kept))
     for path in (out / f"{meta['date']}.json", out / "latest.json"):
         report.write_json(path, rs, ts, meta)
     progress(f"\nwrote {out / 'latest.json'} in {meta['seconds']} s")

@@ -240,5 +240,76 @@ def write_json(path: Path, rs: list[Row], ts: list[Target], meta: dict) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+#: Single-measurement runs too long for ``make bench`` (a 5,000,000-event log), shown
+#: beside its table from the files they kept: (file, label).
+KEPT_RUNS = (
+    ("catalogue-postgresql-1000000", "python -m bench.catalogue URL 1000000"),
+    ("web-postgresql-1000000", "python -m bench.web --db URL --tasks 1000000"),
+)
+
+
+def kept_rows(results_dir: Path) -> list[list[str]]:
+    """[figure, value, target, command, date, load average] from each kept run present."""
+    out = []
+    for name, command in KEPT_RUNS:
+        path = results_dir / f"{name}.json"
+        if not path.exists():
+            continue
+        record = json.loads(path.read_text())
+        m, when = record["measured"], record["date"]
+        load = "/".join(str(x) for x in record["load_average"])
+        for figure, value, target in _kept_figures(name, m):
+            out.append([figure, value, target, command, when, load])
+    return out
+
+
+def _kept_figures(name: str, m: dict) -> list[tuple[str, str, str]]:
+    def verdict(ok: bool, target: str) -> str:
+        return f"{'MET' if ok else 'MISSED'} ({target})"
+
+    figures = []
+    if name.startswith("catalogue"):
+        for key in ("back-fill", "rebuild"):
+            if key in m:
+                rate = m[key]["events_per_s"]
+                figures.append((f"catalogue {key} (5,000,000 events)", f"{rate:,} events/s",
+                                verdict(rate >= 100_000, ">= 100,000")))
+        for question, q in m.get("questions", {}).items():
+            limit = 2000 if question.startswith("stats") else 50
+            target = verdict(q["p50_ms"] < limit, f"< {limit:,} ms") if "slowest" not in question \
+                and "worker" not in question else "-"
+            figures.append((question, f"p50 {q['p50_ms']} ms, max {q['max_ms']} ms, {q['rows']} rows", target))
+        cost = m.get("store cost")
+        if cost:
+            w, wo = cost["with indexes"], cost["without indexes"]
+            figures.append(("store STARTED+SUCCESS, with / without the catalogue's indexes",
+                            f"{w['median']} / {wo['median']} tasks/s (runs {w['min']}-{w['max']} / "
+                            f"{wo['min']}-{wo['max']})", "within noise" if w["min"] <= wo["max"]
+                            and wo["min"] <= w["max"] else "outside noise"))
+    else:
+        for path, p in m.get("pages", {}).items():
+            target = verdict(p["p50_ms"] < 100, "< 100 ms") if path.startswith(("/?", "/api/tasks?")) \
+                or path in ("/", "/api/tasks") else "-"
+            figures.append((f"web GET {path[:60]}", f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms", target))
+        for sse in m.get("sse", []):
+            what = "append -> Ledger.follow()" if "clients" not in sse else f"append -> {sse['clients']} SSE clients"
+            target = verdict(sse["p99_ms"] < 100, "p99 < 100 ms") if sse.get("clients") == 1 else "-"
+            figures.append((what, f"p50 {sse['p50_ms']} ms, p99 {sse['p99_ms']} ms "
+                                  f"({sse['received']} of {sse.get('expected', sse['events'])})", target))
+        stores = m.get("stores_per_s", {})
+        if len(stores) == 2:
+            (a, x), (b, y) = stores.items()
+            figures.append((f"stores/s, {a} / {b}", f"{x['median']:.0f} / {y['median']:.0f} "
+                                                    f"(runs {x['runs']} / {y['runs']})", "-"))
+    return figures
+
+
+def kept_markdown(rows: list[list[str]]) -> str:
+    head = ["figure", "value", "target", "command", "date", "load average"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")

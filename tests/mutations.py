@@ -119,6 +119,13 @@ MUTATIONS = [
         ("tests/test_celery_chords.py::test_parts_stored_by_mark_as_done_fire_the_body_once_each_with_its_result",),
     ),
     Mutation(
+        "NOTIFY: an autocommitted store wakes nobody after its commit",
+        "ledger/store/postgres.py",
+        "        return (self._notify_sql, {\"streams\": streams}) if streams else None\n",
+        "        return None\n",
+        ("tests/test_follow.py::test_follow_on_postgresql_wakes_on_notify_not_on_its_poll",),
+    ),
+    Mutation(
         "get_task_meta: a stored map of the wrong shape is read as if it were valid",
         "projections/task_meta.py",
         '            and type(value.get("status")) is str\n',
@@ -232,10 +239,10 @@ MUTATIONS = [
          "::test_2000_results_stored_exactly_once_while_every_connection_is_cut",),
     ),
     Mutation(
-        "catalogue rebuild: a STARTED after the sticky SUCCESS moves started_at",
+        "catalogue rebuild: events after the sticky SUCCESS count (a STARTED moves started_at)",
         "ledger/store/target.py",
-        "sa.case((sa.and_(life.c.task_state == STARTED, in_effect), life.c.position))",
-        "sa.case((life.c.task_state == STARTED, life.c.position))",
+        "        .where(sa.or_(life.c.first_success.is_(None), life.c.position <= life.c.first_success))\n",
+        "        .where(sa.true())\n",
         (f"{CATALOGUE}::test_a_redelivery_after_success_changes_nothing_live_or_rebuilt",
          "tests/test_projection_equivalence.py::test_memory_fold_live_sql_and_rebuild_agree"),
     ),
@@ -422,6 +429,20 @@ MUTATIONS = [
         "    wait = _seconds(conn, t.c.ready_at, sa.func.coalesce(t.c.started_at, t.c.received_at))\n",
         "    wait = _seconds(conn, t.c.ready_at, sa.func.coalesce(t.c.received_at, t.c.started_at))\n",
         (f"{CATALOGUE}::test_stats_are_the_counts_and_percentiles_of_the_log",),
+    ),
+    Mutation(
+        "lifecycle: SENT records no ETA (a countdown is lost)",
+        "ledger/lifecycle.py",
+        '            eta=_time(headers.get("eta")),\n',
+        "            eta=None,\n",
+        (f"{LIFECYCLE}::test_countdown_task_history_reads_sent_received_started_success",),
+    ),
+    Mutation(
+        "catalogue live: a SENT gives no catalogue row (the general path: SQLite, batches)",
+        "ledger/store/target.py",
+        "        TaskSent.type: _lifecycle,\n",
+        "",
+        (f"{LIFECYCLE}::test_task_sent_to_a_queue_nobody_consumes_is_sent_and_pending",),
     ),
     Mutation(
         "lifecycle: SENT arguments are stored unredacted",

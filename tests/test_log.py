@@ -234,6 +234,20 @@ class TestLogOnPostgres(LogContract):
         keys = [(e.tx_id, e.position) for e in events]
         assert keys == sorted(keys) and all(tx > 0 for tx, _ in keys)
 
+    def test_an_open_transaction_in_another_database_does_not_hold_followers_back(self, ledger):
+        """xids are the server's: a transaction of another database (another
+        application's, on a shared server) is in every snapshot, but cannot write
+        this log, so the follow horizon passes it by."""
+        import psycopg
+
+        from tests.conftest import PG_SERVER, _libpq
+
+        with psycopg.connect(_libpq(PG_SERVER) + "/postgres") as other:
+            other.execute("SELECT pg_current_xact_id()")  # an xid, held open until the with ends
+            ledger.append([TaskState(task_id="during", status="STARTED")])
+            assert [e.stream_id for e in ledger.read_from(0)] == ["task:during"]
+            assert ledger.follower_lag()["held_back"] == 0
+
     def test_an_open_transaction_holds_followers_back_until_it_commits(self, ledger):
         ledger.append([TaskState(task_id="before", status="STARTED")])
         wait_visible(ledger, 1)

@@ -5,13 +5,18 @@ Why followers never skip an event
 No writer waits for another. Each row stores the appending
 transaction's id (``pg_current_xact_id()``). A reader takes only rows whose
 transaction is older than the oldest transaction still running
-(``pg_snapshot_xmin(pg_current_snapshot())``): all of those have committed or
+(``pg_current_snapshot()``'s oldest running one): all of those have committed or
 aborted, so nothing can appear below them later. It orders by
 ``(tx_id, position)`` and checkpoints on that pair. Measured on the project's
 2-core reference machine (PostgreSQL 15, 2 transitions per task): this keeps
 ~1,900 tasks/s with 4 writers where a table lock kept ~690. The cost: a
-long-open transaction anywhere in the database holds followers back
-(``Ledger.follower_lag`` reports it).
+long-open transaction in the ledger's database holds followers back
+(``Ledger.follower_lag`` reports it). Transaction ids are the server's, not the
+database's, so the horizon skips the running transactions that
+``pg_stat_activity`` shows in *other* databases (they cannot write this log):
+another application's long transaction on a shared server held every event
+back by 0.4 s at p99 before (measured, ``bench.web``). One it cannot place (no
+privilege to see it, a prepared transaction) still holds followers back.
 
 Per-stream order must agree with follow order. A transaction gets its xid at
 its first write, which is the INSERT below, after the statement's snapshot
@@ -24,14 +29,23 @@ predecessor, so ``tx_id`` never decreases along a stream.
 
 Which appends NOTIFY
 --------------------
-On PostgreSQL an append can ``pg_notify(NOTIFY_CHANNEL, stream_id)`` in its own
-statement, which wakes ``result.get()`` waiters and followers. A notifying
-transaction holds PostgreSQL's notification-queue lock from before its commit
-until the commit is flushed, so notifying commits queue behind each other's
-WAL flush. Measured with 4 processes storing STARTED+SUCCESS through Celery's
+An append wakes ``result.get()`` waiters and followers with
+``pg_notify(NOTIFY_CHANNEL, stream_id)``. A notifying transaction takes
+PostgreSQL's notification lock (one for the whole cluster, "database 0" in
+async.c) before its commit and holds it until the commit is flushed, so
+notifying commits queue behind each other's WAL flush -- other databases'
+too. Measured with 4 processes storing STARTED+SUCCESS through Celery's
 backend API on 2 cores, 7 alternating 8 s runs: 1,525-1,844 tasks/s when only
 ready states notify against 1,370-1,718 when every store does (the former ahead
 in 6 of 7 pairs, by ~12% at the median); no difference with 1 process.
+
+So an autocommitted append (a store, a chord part with its result) notifies in
+a transaction of its own, sent in the same round trip right after the events'
+commit (:meth:`PostgresLog.append_fused_autocommit`): a transaction that only
+notifies writes nothing but its commit record, which PostgreSQL does not wait
+to flush, so the lock is held for microseconds. Waiters are woken once the
+event is durable and visible, as before. Appends inside a caller's transaction
+(apply_chord, batches, the general path) still notify in their own statement.
 
 By default (``notify="ready"``) every event notifies except a task state that
 is not ready -- STARTED, RETRY, custom progress states -- a task's SENT and
@@ -58,11 +72,12 @@ import os
 import re
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import datetime, timezone
 from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy as sa
@@ -80,6 +95,7 @@ from ledger.events import (
     GroupExpired,
     GroupForgotten,
     GroupSaved,
+    NewEvent,
     RecordedEvent,
     ResultExpired,
     TaskForgotten,
@@ -193,21 +209,25 @@ def pooled_fetch(engine: Engine, statements: list[tuple[str, dict]]) -> list[tup
 
 
 def pooled_fetch_then_read(
-    engine: Engine, statements: list[tuple[str, dict]], read: tuple[str, dict]
+    engine: Engine, statements: list[tuple[str, dict]], *reads: tuple[str, dict]
 ) -> tuple[list[tuple | None], list[tuple]]:
-    """:func:`pooled_fetch`'s transaction, then ``read``'s rows, in the same round trip.
+    """:func:`pooled_fetch`'s transaction, then ``reads``, in the same round trip;
+    returns the transaction's first rows and the last read's rows.
 
-    ``read`` runs after the transaction committed (a pipeline sync between them),
-    so it holds none of the transaction's locks, and it sees what it wrote.
+    ``reads`` run after the transaction committed (a pipeline sync between them),
+    each on its own, so they hold none of the transaction's locks, and they see
+    what it wrote.
     """
 
     def run(raw: Any, info: dict) -> tuple[list[tuple | None], list[tuple]]:
         with raw.pipeline() as pipeline:
             cursors = [raw.execute(sql, params, prepare=True) for sql, params in statements]
-            pipeline.sync()
-            after = raw.execute(*read, prepare=True)
-        info.setdefault(_PREPARED, set()).update(sql for sql, _ in [*statements, read])
-        return [cur.fetchone() for cur in cursors], after.fetchall()
+            after = []
+            for read in reads:
+                pipeline.sync()
+                after.append(raw.execute(*read, prepare=True))
+        info.setdefault(_PREPARED, set()).update(sql for sql, _ in [*statements, *reads])
+        return [cur.fetchone() for cur in cursors], after[-1].fetchall()
 
     return _pooled(engine, *statements[0], run)
 
@@ -283,6 +303,9 @@ def _kept(engine: Engine) -> Any:
         raw = fairy.driver_connection
         raw.autocommit = True
         raw.execute(_GENERIC_PLANS)
+        warm_up = _WARM_UPS.get(engine)
+        if warm_up is not None and (warm := warm_up()) is not None:
+            warm(raw, fairy.info.setdefault(_PREPARED, set()))
     except psycopg.Error as orig:
         error = _driver_error(engine, fairy, _GENERIC_PLANS, {}, orig)
         fairy.close()
@@ -302,6 +325,8 @@ def _kept(engine: Engine) -> Any:
 #: plan does not depend on the values: plan each once, not at each of its first five
 #: runs as PostgreSQL does by default. This connection only, not the pool's.
 _GENERIC_PLANS = "SET plan_cache_mode = force_generic_plan"
+#: Per engine: what prepares its hot statements on a new kept connection (the store's).
+_WARM_UPS: weakref.WeakKeyDictionary[Engine, weakref.WeakMethod] = weakref.WeakKeyDictionary()
 
 
 def _drop_kept(engine: Engine) -> None:
@@ -596,6 +621,20 @@ def _lifecycle_binds(data: EventData) -> dict:
 # -- the log -------------------------------------------------------------------------------
 
 
+
+#: The oldest transaction id still running that may write this database's log
+#: (module docstring), or the next one if none: every row below it is settled.
+#: xip holds the server's running top-level xids; pg_stat_activity shows 32-bit
+#: xids, so those compare modulo 2^32 (a live xid cannot be 2^31 from another).
+VISIBLE_HORIZON = """(
+    SELECT coalesce(
+        (SELECT min(x::text::bigint) FROM pg_snapshot_xip(s.snap) AS x
+         WHERE mod(x::text::bigint, 4294967296) NOT IN (
+             SELECT backend_xid::text::bigint FROM pg_stat_activity
+             WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database())),
+        pg_snapshot_xmax(s.snap)::text::bigint)
+    FROM (SELECT pg_current_snapshot() AS snap) AS s
+)"""
 class PostgresLog(FollowableLog):
     """No writer waits for another; visibility by transaction id (module docstring)."""
 
@@ -712,18 +751,40 @@ class PostgresLog(FollowableLog):
         window loses it -- never a publisher's or a worker's crash. Measured on
         a loaded 2-core VM (python -m bench.delay, README): with it, tracking
         costs ``.delay()`` one round trip instead of one WAL flush.
+
+        The events that wake waiters notify after the commit, in the same round
+        trip (module docstring, "Which appends NOTIFY").
         """
         alone = len(items) == 1
         relaxed = alone and items[0].new.data.type in LIFECYCLE_TYPES
+        wake = self._wake_after_commit(items)
+
+        def fetch(statements: list[tuple[str, dict]]) -> list[tuple | None]:
+            if wake is None:
+                return pooled_fetch(engine, statements)
+            return pooled_fetch_then_read(engine, statements, wake)[0]
+
         return self._append_fused(
-            lambda st: pooled_fetch(engine, st), items, projections, relaxed=relaxed, checked=not alone
+            fetch, items, projections, relaxed=relaxed, checked=not alone, notify=False
         )
 
-    def _fused_params(self, item: EncodedEvent, projection: FusedSql, *, relaxed: bool = False) -> dict:
+    #: NOTIFY as a transaction of its own, after the events' commit (module docstring).
+    _notify_sql = driver_sql(
+        f"SELECT pg_notify('{NOTIFY_CHANNEL}', s) FROM unnest(CAST(:streams AS text[])) s"
+    )
+
+    def _wake_after_commit(self, items: Sequence[EncodedEvent]) -> tuple[str, dict] | None:
+        """The NOTIFY statement for ``items`` that wake waiters, or None if none does."""
+        streams = sorted({item.new.data.stream_id for item in items if self._notifies(item)})
+        return (self._notify_sql, {"streams": streams}) if streams else None
+
+    def _fused_params(
+        self, item: EncodedEvent, projection: FusedSql, *, relaxed: bool = False, notify: bool = True
+    ) -> dict:
         params = item.params()
         params["expected"] = item.new.expected_version
         params["key"] = item.new.data.stream_key
-        params["notify"] = self._notifies(item)
+        params["notify"] = notify and self._notifies(item)
         if projection.binds is not None:
             params.update(projection.binds(item.new.data))
         params["relaxed"] = relaxed
@@ -737,10 +798,11 @@ class PostgresLog(FollowableLog):
         *,
         relaxed: bool = False,
         checked: bool = True,
+        notify: bool = True,
     ) -> tuple[list[RecordedEvent], list[EncodedEvent], list[str]]:
         statements, slots = [], []
         for item, projection in zip(items, projections, strict=True):
-            params = self._fused_params(item, projection, relaxed=relaxed)
+            params = self._fused_params(item, projection, relaxed=relaxed, notify=notify)
             if stream_kind(params["stream_id"]) == CHORD:
                 statements.append((self._lock_stream_driver_sql, {"stream_id": params["stream_id"]}))
             slots.append(len(statements))
@@ -802,11 +864,13 @@ class PostgresLog(FollowableLog):
         if before is not None:
             units.insert(0, (*before, ""))
         for new, fused, condition in units:
-            params = self._fused_params(new, fused)
+            params = self._fused_params(new, fused, notify=False)
             params["part_event_id"] = item.new.event_id
             statements.append((self._fused_statement(fused, condition, checked=False), params))
+        wake = self._wake_after_commit([unit[0] for unit in units])
+        reads = (read,) if wake is None else (wake, read)
         rows, read_rows = self._guarded(
-            lambda: pooled_fetch_then_read(engine, statements, read), statements[1][1], units[0][0]
+            lambda: pooled_fetch_then_read(engine, statements, *reads), statements[1][1], units[0][0]
         )
         # ``before`` inserting no row is a duplicate (it has no expected version): a
         # retry after a lost reply, whose event id was kept; the rest is idempotent too.
@@ -862,7 +926,7 @@ class PostgresLog(FollowableLog):
         f"""
         SELECT {EVENT_COLUMNS} FROM ledger_events
         WHERE (tx_id, position) > (:tx_id, :position)
-          AND tx_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+          AND tx_id < {VISIBLE_HORIZON}
         ORDER BY tx_id, position
         LIMIT :limit
         """
@@ -887,9 +951,7 @@ class PostgresLog(FollowableLog):
 
     def visible_horizon(self, conn: Connection) -> int:
         """Transaction ids below this are settled; rows at or above wait (follower lag)."""
-        return conn.execute(
-            sa.text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-        ).scalar_one()
+        return conn.execute(sa.text(f"SELECT {VISIBLE_HORIZON}")).scalar_one()
 
 
 # -- wake-ups and locks on their own connections -------------------------------------------
@@ -1047,6 +1109,9 @@ class PostgresStore(MaintainableStore):
         self.fused = FusedUpdates(LIVE)
         self._task_sql = driver_sql(self.target.task_point_sql())
         self._chord_header_sql = driver_sql(str(self.target.chord_header_sql))
+        registered = _WARM_UPS.get(engine)
+        if registered is None or registered() is None:  # a short-lived store (migrate's) may be gone
+            _WARM_UPS[engine] = weakref.WeakMethod(self._warm_up)
         # The chord's inputs, read after a returned part only if the claim is in the
         # log: a part that claimed nothing pays one index probe for it.
         self._claimed_header_sql = driver_sql(
@@ -1092,6 +1157,54 @@ class PostgresStore(MaintainableStore):
             return recorded, missing
 
         return write
+
+    def _warm_up(self, raw: Any, prepared: set[str]) -> None:
+        """Prepare and plan the hot paths' statements on a new kept connection.
+
+        A statement's first run on a connection parses and plans it (and loads the
+        tables' catalog entries into the server process): ~2.5 ms for a store and
+        ~1.7 ms for a chord part, measured in a fresh prefork child at load 3,
+        against ~0.5 ms for the next runs. A chord part pays that while holding
+        the chord's lock, so every other part of the chord waited for it. Here
+        they run once when the connection is opened, in one round trip, with
+        sample events that expect a stream version no stream has: each statement
+        inserts and changes nothing. (The expectation goes as text, as a None
+        does, so that psycopg keys the prepared statement as the real runs'; a
+        rollback would not do: psycopg forgets its prepared statements at one.)
+        Best effort: on a database that cannot take them (no schema yet) the
+        first real run prepares each instead.
+        """
+        import psycopg
+
+        warm = f"ledger-warm-up-{uuid.uuid4()}"
+        part = EncodedEvent.of(NewEvent(ChordPartReturned(chord_id=warm, task_id=warm, status="SUCCESS")))
+        claim = EncodedEvent.of(NewEvent(ChordFired(chord_id=warm, body_task_id=warm)))
+        writes = [
+            (EncodedEvent.of(NewEvent(TaskState(task_id=warm, status="SUCCESS"))), "", False),
+            (part, "", False),
+            (claim, self.fused.claim_guard(), False),
+            (EncodedEvent.of(NewEvent(TaskSent(task_id=warm, name=warm, sent_at=datetime.now(timezone.utc)))),
+             "", True),
+        ]
+        statements = [(self.log._lock_stream_driver_sql, {"stream_id": part.new.data.stream_id})]
+        for item, guard, relaxed in writes:
+            fused = self.fused.get(item.new.data.type)
+            params = self.log._fused_params(item, fused, relaxed=relaxed, notify=False)  # type: ignore[arg-type]
+            params["part_event_id"] = part.new.event_id
+            params["expected"] = "-1"  # no stream is at version -1: nothing is inserted
+            statements.append((self.log._fused_statement(fused, guard, checked=False), params))  # type: ignore[arg-type]
+        statements += [
+            (self._task_sql, {"key": warm}),
+            (self._claimed_header_sql, {"key": warm, "claim_id": claim.new.event_id}),
+        ]
+        try:
+            with raw.pipeline():
+                for sql, params in statements:
+                    raw.execute(sql, params, prepare=True)
+        except psycopg.Error as exc:
+            log.debug("hot statements not prepared ahead: %s", exc)
+            return
+        prepared.update(sql for sql, _ in statements)
 
     def chord_part_write(self, part: EncodedEvent, claim: EncodedEvent, before: EncodedEvent | None = None) -> Any:
         """One round trip: ``before``, the part, the claim if the part completed the
