@@ -233,8 +233,8 @@ MUTATIONS = [
     Mutation(
         "retries: the ledger's retried writes are not logged",
         "ledger/api.py",
-        '                log.warning(\n                    "ledger write failed',
-        '                log.debug(\n                    "ledger write failed',
+        '                    log.warning(\n                        "ledger write failed',
+        '                    log.debug(\n                        "ledger write failed',
         ("tests/faults/test_database_faults.py"
          "::test_2000_results_stored_exactly_once_while_every_connection_is_cut",),
     ),
@@ -429,6 +429,13 @@ MUTATIONS = [
         "    wait = _seconds(conn, t.c.ready_at, sa.func.coalesce(t.c.started_at, t.c.received_at))\n",
         "    wait = _seconds(conn, t.c.ready_at, sa.func.coalesce(t.c.received_at, t.c.started_at))\n",
         (f"{CATALOGUE}::test_stats_are_the_counts_and_percentiles_of_the_log",),
+    ),
+    Mutation(
+        "catalogue live: a SENT committed after the RECEIVED leaves the queue and arguments out",
+        "ledger/store/target.py",
+        "        carried = sa.or_(ended, c.c.state.in_(list(RANK))) if sent else ended\n",
+        "        carried = ended\n",
+        ("tests/test_projection_equivalence.py::test_memory_fold_live_sql_and_rebuild_agree",),
     ),
     Mutation(
         "lifecycle: SENT records no ETA (a countdown is lost)",

@@ -114,7 +114,7 @@ from ledger.store.base import (
     EVENT_COLUMNS,
     Appended,
     Checkpoint,
-    Encoded,
+    EncodedEvent,
     FollowableLog,
     Listener,
     MaintainableStore,
@@ -125,7 +125,14 @@ from ledger.store.base import (
 from ledger.store.schema import LIVE, PRUNE_SETTING, ProjectionTables
 from ledger.store.schema import events as events_table
 from ledger.store.target import CatalogueFill, lifecycle_columns
-from projections.catalogue import LIFECYCLE_TIMES, PAYLOAD_FIELDS, STARTED, fields_of
+from projections.catalogue import (
+    LIFECYCLE_TIMES,
+    PAYLOAD_FIELDS,
+    RECEIVED_FIELDS,
+    SENT_FIELDS,
+    STARTED,
+    fields_of,
+)
 from projections.lifecycle import RANK, STATE_OF
 from projections.task_meta import READY_STATES, STICKY_STATE, TaskMeta
 
@@ -532,6 +539,9 @@ class FusedUpdates:
             sent = event_type == TaskSent.type
             below = ", ".join(f"'{s}'" for s, r in RANK.items() if r <= RANK[incoming])
             takes = f"({ended} OR {c}.state IN ({below}))"
+            # the attempt's SENT gives the columns a RECEIVED does not carry, under either state
+            lifecycle_states = ", ".join(f"'{s}'" for s in RANK)
+            carried = f"({ended} OR {c}.state IN ({lifecycle_states}))" if sent else ended
 
             def pick(cond: str, k: str) -> str:
                 return f"{k} = CASE WHEN {cond} THEN excluded.{k} ELSE {c}.{k} END"
@@ -543,7 +553,8 @@ class FusedUpdates:
                 " ev.recorded_at, NULL, NULL, CAST(:sent_at AS timestamptz),"
                 f" CAST(:ready_at AS timestamptz), {'NULL' if sent else 'ev.recorded_at'}, {binds},"
                 " false, false FROM ev ON CONFLICT (task_id) DO UPDATE SET "
-                + ", ".join(pick(takes, k) for k in ("state", "position", *PAYLOAD_FIELDS)) + ", "
+                + ", ".join(pick(takes, k) for k in ("state", "position", *RECEIVED_FIELDS)) + ", "
+                + ", ".join(pick(carried, k) for k in SENT_FIELDS) + ", "
                 + ", ".join(pick(ended, k) for k in ("first_seen", "finished_at", "forgotten", "expired"))
                 + ", "
                 # a SENT begins an attempt (sets its times, clears the rest); RECEIVED
@@ -678,7 +689,7 @@ class PostgresLog(FollowableLog):
         self.notify_all = notify == "all"
         self._fused: dict[tuple[FusedSql, str, bool], str] = {}
 
-    def _notifies(self, item: Encoded) -> bool:
+    def _notifies(self, item: EncodedEvent) -> bool:
         """Whether this append wakes waiters and followers (module docstring)."""
         if self.notify_all:
             return True
@@ -688,7 +699,7 @@ class PostgresLog(FollowableLog):
             return item.columns.get("task_state") in READY_STATES
         return item.new.data.type not in _CHORD_RETURNS
 
-    def _insert(self, conn: Connection, item: Encoded) -> RecordedEvent | None:
+    def _insert(self, conn: Connection, item: EncodedEvent) -> RecordedEvent | None:
         params = item.params()
         params["expected"] = item.new.expected_version
         params["notify"] = self._notifies(item)
@@ -704,8 +715,8 @@ class PostgresLog(FollowableLog):
         return item.recorded(row.position, row.stream_version, row.recorded_at, row.tx_id)
 
     def append_fused(
-        self, conn: Connection, items: Sequence[Encoded], projections: Sequence[FusedSql]
-    ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
+        self, conn: Connection, items: Sequence[EncodedEvent], projections: Sequence[FusedSql]
+    ) -> tuple[list[RecordedEvent], list[EncodedEvent], list[str]]:
         """Append events, each with its projection update in the same statement.
 
         ``projections[i]`` (from :meth:`FusedUpdates.get`)
@@ -730,9 +741,9 @@ class PostgresLog(FollowableLog):
     def append_fused_autocommit(
         self,
         engine: Engine,
-        items: Sequence[Encoded],
+        items: Sequence[EncodedEvent],
         projections: Sequence[FusedSql],
-    ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
+    ) -> tuple[list[RecordedEvent], list[EncodedEvent], list[str]]:
         """Events as one transaction in one round trip, on a pooled driver connection.
 
         See :func:`pooled_fetch`. A lone event is one
@@ -769,13 +780,13 @@ class PostgresLog(FollowableLog):
         f"SELECT pg_notify('{NOTIFY_CHANNEL}', s) FROM unnest(CAST(:streams AS text[])) s"
     )
 
-    def _wake_after_commit(self, items: Sequence[Encoded]) -> tuple[str, dict] | None:
+    def _wake_after_commit(self, items: Sequence[EncodedEvent]) -> tuple[str, dict] | None:
         """The NOTIFY statement for ``items`` that wake waiters, or None if none does."""
         streams = sorted({item.new.data.stream_id for item in items if self._notifies(item)})
         return (self._notify_sql, {"streams": streams}) if streams else None
 
     def _fused_params(
-        self, item: Encoded, projection: FusedSql, *, relaxed: bool = False, notify: bool = True
+        self, item: EncodedEvent, projection: FusedSql, *, relaxed: bool = False, notify: bool = True
     ) -> dict:
         params = item.params()
         params["expected"] = item.new.expected_version
@@ -789,13 +800,13 @@ class PostgresLog(FollowableLog):
     def _append_fused(
         self,
         fetch: Callable[[list[tuple[str, dict]]], list[tuple | None]],
-        items: Sequence[Encoded],
+        items: Sequence[EncodedEvent],
         projections: Sequence[FusedSql],
         *,
         relaxed: bool = False,
         checked: bool = True,
         notify: bool = True,
-    ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
+    ) -> tuple[list[RecordedEvent], list[EncodedEvent], list[str]]:
         statements, slots = [], []
         for item, projection in zip(items, projections, strict=True):
             params = self._fused_params(item, projection, relaxed=relaxed, notify=notify)
@@ -825,10 +836,10 @@ class PostgresLog(FollowableLog):
     def return_chord_part(
         self,
         engine: Engine,
-        part: tuple[Encoded, FusedSql],
-        claim: tuple[Encoded, FusedSql, str],
+        part: tuple[EncodedEvent, FusedSql],
+        claim: tuple[EncodedEvent, FusedSql, str],
         read: tuple[str, dict],
-        before: tuple[Encoded, FusedSql] | None = None,
+        before: tuple[EncodedEvent, FusedSql] | None = None,
     ) -> tuple[bool, bool, list[tuple]]:
         """A returned chord part and, if it completed the chord, the body's claim: one
         transaction in one round trip, then ``read`` (the claimed chord's inputs).
@@ -903,11 +914,11 @@ class PostgresLog(FollowableLog):
             self._fused[key] = sql
         return sql
 
-    def _run_insert(self, conn: Connection, stmt: sa.TextClause, params: dict, item: Encoded):
+    def _run_insert(self, conn: Connection, stmt: sa.TextClause, params: dict, item: EncodedEvent):
         return self._guarded(lambda: conn.execute(stmt, params).first(), params, item)
 
     @staticmethod
-    def _guarded(insert, params: dict, item: Encoded):
+    def _guarded(insert, params: dict, item: EncodedEvent):
         """Run an insert; a taken stream version is a conflict (retried unless expected)."""
         try:
             return insert()
@@ -1125,7 +1136,7 @@ class PostgresStore(MaintainableStore):
 
     # -- writing ---------------------------------------------------------------------------
 
-    def append(self, conn: Connection, items: Sequence[Encoded]) -> Appended:
+    def append(self, conn: Connection, items: Sequence[EncodedEvent]) -> Appended:
         """Event types with a fused projection update go out as one pipeline
         (:meth:`PostgresLog.append_fused`); others take the general path."""
         fused = [self.fused.get(item.new.data.type) for item in items]
@@ -1139,7 +1150,7 @@ class PostgresStore(MaintainableStore):
             return recorded, [item.new.event_id for item in missing], completed
         return super().append(conn, items)
 
-    def autocommit_append(self, items: Sequence[Encoded]) -> Any:
+    def autocommit_append(self, items: Sequence[EncodedEvent]) -> Any:
         if len(items) != 1:
             return None
         fused = self.fused.get(items[0].new.data.type)
@@ -1148,7 +1159,7 @@ class PostgresStore(MaintainableStore):
         if fused is None or stream_kind(items[0].new.stream_id) == CHORD:
             return None
 
-        def write() -> tuple[list[RecordedEvent], list[Encoded]]:
+        def write() -> tuple[list[RecordedEvent], list[EncodedEvent]]:
             recorded, missing, _ = self.log.append_fused_autocommit(self.engine, items, [fused])
             return recorded, missing
 
@@ -1173,13 +1184,13 @@ class PostgresStore(MaintainableStore):
         import psycopg
 
         warm = f"ledger-warm-up-{uuid.uuid4()}"
-        part = Encoded.of(NewEvent(ChordPartReturned(chord_id=warm, task_id=warm, status="SUCCESS")))
-        claim = Encoded.of(NewEvent(ChordFired(chord_id=warm, body_task_id=warm)))
+        part = EncodedEvent.of(NewEvent(ChordPartReturned(chord_id=warm, task_id=warm, status="SUCCESS")))
+        claim = EncodedEvent.of(NewEvent(ChordFired(chord_id=warm, body_task_id=warm)))
         writes = [
-            (Encoded.of(NewEvent(TaskState(task_id=warm, status="SUCCESS"))), "", False),
+            (EncodedEvent.of(NewEvent(TaskState(task_id=warm, status="SUCCESS"))), "", False),
             (part, "", False),
             (claim, self.fused.claim_guard(), False),
-            (Encoded.of(NewEvent(TaskSent(task_id=warm, name=warm, sent_at=datetime.now(timezone.utc)))),
+            (EncodedEvent.of(NewEvent(TaskSent(task_id=warm, name=warm, sent_at=datetime.now(timezone.utc)))),
              "", True),
         ]
         statements = [(self.log._lock_stream_driver_sql, {"stream_id": part.new.data.stream_id})]
@@ -1202,7 +1213,7 @@ class PostgresStore(MaintainableStore):
             return
         prepared.update(sql for sql, _ in statements)
 
-    def chord_part_write(self, part: Encoded, claim: Encoded, before: Encoded | None = None) -> Any:
+    def chord_part_write(self, part: EncodedEvent, claim: EncodedEvent, before: EncodedEvent | None = None) -> Any:
         """One round trip: ``before``, the part, the claim if the part completed the
         chord, and then the chord's inputs if claimed (:meth:`PostgresLog.return_chord_part`)."""
         chord_id = part.new.data.stream_key
