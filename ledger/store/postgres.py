@@ -319,10 +319,10 @@ def _kept(engine: Engine) -> Any:
             warm(raw, fairy.info.setdefault(_PREPARED, set()))
     except psycopg.Error as orig:
         error = _driver_error(engine, fairy, _GENERIC_PLANS, {}, orig)
-        fairy.close()
+        _close(fairy)
         raise error from orig
     except BaseException:
-        fairy.close()
+        _close(fairy)
         raise
     if not sa.event.contains(engine, "engine_disposed", _drop_kept):
         # engine.dispose() closes the engine's connections; a test or a bench then
@@ -342,8 +342,15 @@ _WARM_UPS: weakref.WeakKeyDictionary[Engine, weakref.WeakMethod] = weakref.WeakK
 
 def _drop_kept(engine: Engine) -> None:
     kept = _KEPT.pop(engine, None)
-    if kept is not None and kept[0] == os.getpid() and kept[2].is_valid:
-        kept[2].invalidate()  # closes it: it may have been interrupted mid-statement
+    if kept is not None and kept[0] == os.getpid():
+        _close(kept[2])  # it may have been interrupted mid-statement
+
+
+def _close(fairy: Any) -> None:
+    """Close a kept connection rather than return it: the pool's other users expect
+    a connection that is not in autocommit mode and has no session settings."""
+    if fairy.is_valid:
+        fairy.invalidate()
 
 
 def pooled_fetchone(engine: Engine, sql: str, params: dict) -> tuple | None:
