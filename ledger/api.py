@@ -46,7 +46,7 @@ from ledger.events import (
     validate,
 )
 from ledger.store import store_for
-from ledger.store.base import START, Checkpoint, Encoded
+from ledger.store.base import START, Checkpoint, EncodedEvent
 from ledger.store.engine import engine_for, is_disconnect, safe_url
 from ledger.store.schema import checkpoints
 from ledger.store.schema import events as events_table
@@ -183,7 +183,7 @@ class Ledger:
         ``max_payload_bytes``) and :class:`ledger.errors.VersionConflict` when an
         ``expected_version`` does not hold; nothing is written in either case.
         """
-        items = [Encoded.of(self._new(e)) for e in events]
+        items = [EncodedEvent.of(self._new(e)) for e in events]
         if not items:
             return AppendResult()
         if self.max_payload_bytes is not None:
@@ -191,17 +191,17 @@ class Ledger:
                 self._check_size(item)
         alone = self.store.autocommit_append(items)
         if alone is not None:
-            recorded, missing = self._retrying_write(alone)
+            recorded, missing = self._retrying(alone, write=True)
             if missing:  # raises VersionConflict unless a duplicate
                 self.read(lambda conn: self.log.explain_no_row(conn, missing[0]))
             return AppendResult(recorded, [item.new.event_id for item in missing], [])
         return self.write(lambda conn: self._append_in(conn, items))
 
-    def _append_in(self, conn: Connection, items: list[Encoded]) -> AppendResult:
+    def _append_in(self, conn: Connection, items: list[EncodedEvent]) -> AppendResult:
         """Append ``items`` and update the projections in the caller's transaction."""
         return AppendResult(*self.store.append(conn, items))
 
-    def _check_size(self, item: Encoded) -> None:
+    def _check_size(self, item: EncodedEvent) -> None:
         # The whole payload counts: result, traceback, args, kwargs, children.
         size, limit = len(item.payload), self.max_payload_bytes
         if limit is not None and size > limit:
@@ -264,11 +264,11 @@ class Ledger:
         part = ChordPartReturned(
             chord_id=chord_id, task_id=task_id, status=status, group_index=group_index
         )
-        first = Encoded.of(NewEvent(part, ChordPartReturned.deterministic_event_id(chord_id, task_id)))
+        first = EncodedEvent.of(NewEvent(part, ChordPartReturned.deterministic_event_id(chord_id, task_id)))
         claim = self._claim_of(chord_id, first.new.event_id, body_task_id)
         before = None
         if result is not None:
-            before = Encoded.of(self._new(result))
+            before = EncodedEvent.of(self._new(result))
             self._check_size(before)
         together = self.store.chord_part_write(first, claim, before)
         if together is None and before is not None:
@@ -277,7 +277,7 @@ class Ledger:
             # The common case in one unit: a part returning for the first time. A part
             # already in the log (a redelivery, or the same task id in a later life of
             # the chord) that claimed nothing takes the general path below.
-            recorded, claimed, inputs = self._retrying_write(together)
+            recorded, claimed, inputs = self._retrying(together, write=True)
             if claimed or recorded:
                 return claimed, inputs
 
@@ -298,7 +298,7 @@ class Ledger:
                 if life is None:
                     return False
                 again = NewEvent(part, ChordPartReturned.deterministic_event_id(chord_id, task_id, life))
-                appended = self._append_in(conn, [Encoded.of(again)])
+                appended = self._append_in(conn, [EncodedEvent.of(again)])
                 if not appended.recorded:
                     return False
             if not appended.completed_chords:
@@ -308,9 +308,9 @@ class Ledger:
         return self.write(work), None
 
     @staticmethod
-    def _claim_of(chord_id: str, completed_by: uuid.UUID, body_task_id: str | None) -> Encoded:
+    def _claim_of(chord_id: str, completed_by: uuid.UUID, body_task_id: str | None) -> EncodedEvent:
         """The ``chord.fired`` claiming the body of a life completed by event ``completed_by``."""
-        return Encoded.of(NewEvent(
+        return EncodedEvent.of(NewEvent(
             ChordFired(chord_id=chord_id, body_task_id=body_task_id),
             ChordFired.deterministic_event_id(chord_id, completed_by),
         ))
@@ -338,32 +338,7 @@ class Ledger:
                 with conn.begin():
                     return work(conn)
 
-        return self._retrying_write(run)
-
-    def _retrying_write(self, write: Callable[[], T]) -> T:
-        """``write()``, again after a conflict or a lost connection."""
-        attempt = 0
-        while True:
-            try:
-                return write()
-            except RetryableConflict as exc:
-                # Always safe: the transaction rolled back, the events keep their ids.
-                if attempt >= 50:
-                    raise
-                log.debug("append conflict, retrying: %s", exc)
-            except sa.exc.DBAPIError as exc:
-                if self.store.is_missing_table(exc):
-                    raise self._schema_error(exc) from None
-                if not is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
-                    raise
-                log.warning(
-                    "ledger write failed (%s); retry %d/%d",
-                    type(exc.orig or exc).__name__,
-                    attempt + 1,
-                    self.retry.attempts - 1,
-                )
-            time.sleep(self.retry.sleep(attempt))
-            attempt += 1
+        return self._retrying(run, write=True)
 
     def read(self, work: Callable[[Connection], T], *, single_statement: bool = False) -> T:
         """Run ``work`` in a read transaction (one snapshot), retrying lost connections.
@@ -380,19 +355,32 @@ class Ledger:
 
         return self._retrying(run)
 
-    def _retrying(self, read: Callable[[], T]) -> T:
-        """``read()``, again after a lost connection (``retry.attempts`` in all)."""
+    def _retrying(self, unit: Callable[[], T], *, write: bool = False) -> T:
+        """``unit()``, again after a lost connection (``retry.attempts`` in all) or, for a
+        write, a conflict (up to 50 times): the one retry loop of every read and write."""
         attempt = 0
         while True:
             try:
-                return read()
+                return unit()
+            except RetryableConflict as exc:
+                # Always safe: the transaction rolled back, the events keep their ids.
+                if attempt >= 50:
+                    raise
+                log.debug("append conflict, retrying: %s", exc)
             except sa.exc.DBAPIError as exc:
                 if self.store.is_missing_table(exc):
                     raise self._schema_error(exc) from None
                 if not is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
                     raise
-                time.sleep(self.retry.sleep(attempt))
-                attempt += 1
+                if write:
+                    log.warning(
+                        "ledger write failed (%s); retry %d/%d",
+                        type(exc.orig or exc).__name__,
+                        attempt + 1,
+                        self.retry.attempts - 1,
+                    )
+            time.sleep(self.retry.sleep(attempt))
+            attempt += 1
 
     # -- reading projections -----------------------------------------------------------
 

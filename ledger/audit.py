@@ -32,6 +32,7 @@ from ledger.events import (
     TaskReceived,
     TaskSent,
     TaskState,
+    exception_summary,
     stream_id,
 )
 from ledger.output import csv_cell, terminal_safe
@@ -83,11 +84,8 @@ def _exception(data: TaskState) -> tuple[str | None, str | None]:
         return data.exc_type, data.exc_message
     if data.status in ("FAILURE", "RETRY") and data.result is not None:
         decoded, value = decode_value(data.result)
-        if decoded and isinstance(value, dict) and "exc_type" in value:
-            message = value.get("exc_message")
-            if isinstance(message, list | tuple):
-                message = ", ".join(str(m) for m in message)
-            return value.get("exc_type"), None if message is None else str(message)
+        if decoded:
+            return exception_summary(value)
     return None, None
 
 
@@ -294,7 +292,7 @@ _CSV_COLUMNS = (
 )
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Payload fields for JSON: stored values decoded when safe, else base64 with their type."""
     if isinstance(value, dict) and {"content_type", "data"} <= value.keys():
         encoded = Encoded(**value)
@@ -307,9 +305,9 @@ def _jsonable(value: Any) -> Any:
             "data_base64": base64.b64encode(encoded.data).decode(),
         }
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     if isinstance(value, datetime):
@@ -317,7 +315,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def iter_events(
+def read_events(
     ledger,
     *,
     since: datetime | None = None,
@@ -374,7 +372,7 @@ def event_json(event: RecordedEvent) -> dict[str, Any]:
     redacted) decoded when JSON or msgpack, else base64 with their content type.
     """
     try:
-        data = _jsonable(event.data.model_dump(mode="python"))
+        data = jsonable(event.data.model_dump(mode="python"))
     except CorruptEvent as exc:
         data = {"corrupt": str(exc), "payload_base64": base64.b64encode(event.payload).decode()}
     summary = describe(event)
@@ -433,7 +431,7 @@ def export(
     elif fmt == "json":
         out.write("[")
     n = 0
-    for event in iter_events(ledger, since=since, until=until, task_id=task_id, batch=batch):
+    for event in read_events(ledger, since=since, until=until, task_id=task_id, batch=batch):
         if writer is not None:
             writer.writerow({k: csv_cell(v) for k, v in export_row(event).items()})
         elif fmt == "text":

@@ -78,7 +78,9 @@ from ledger.events import (
     NewEvent,
     TaskForgotten,
     TaskState,
+    exception_summary,
     fit_extras,
+    result_node,
     stream_id,
 )
 from ledger.redaction import redact, signature_of
@@ -281,12 +283,8 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
             return {}
         if isinstance(result, BaseException):
             return {"exc_type": type(result).__name__, "exc_message": str(result)}
-        if isinstance(result, dict) and "exc_type" in result:
-            message = result.get("exc_message")
-            if isinstance(message, list | tuple) and len(message) == 1:
-                message = message[0]
-            return {"exc_type": str(result["exc_type"]), "exc_message": str(message)}
-        return {}
+        exc_type, exc_message = exception_summary(result)
+        return {} if exc_type is None else {"exc_type": exc_type, "exc_message": exc_message}
 
     def _forget(self, task_id):
         with _refused_as(BackendStoreError, task_id=task_id):
@@ -698,10 +696,11 @@ def _plain_ids(header: Any) -> list[str] | None:
     """Task ids of a saved header (``GroupResult.as_tuple()``), None if a member is a group."""
     _, members = header
     ids = []
-    for res, nodes in members:
-        if nodes is not None:
+    for node in members:
+        parsed = result_node(node)
+        if parsed is None or parsed[1] is not None:
             return None
-        ids.append(res[0] if isinstance(res, list | tuple) else res)
+        ids.append(parsed[0])
     return ids
 
 

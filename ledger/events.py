@@ -101,6 +101,32 @@ class EventData(BaseModel):
         return {}
 
 
+def exception_summary(value: Any) -> tuple[str | None, str | None]:
+    """Type and message of Celery's exception dict (``{"exc_type", "exc_message", ...}``),
+    as a task state's ``exc_type``/``exc_message`` carry them; ``(None, None)`` for
+    anything else. The message is Celery's ``exc_message`` (the exception's args)
+    as ``str(exc)`` shows a one-argument exception: one argument as itself,
+    several joined by ", "."""
+    if not isinstance(value, dict) or "exc_type" not in value:
+        return None, None
+    message = value.get("exc_message")
+    if isinstance(message, list | tuple):
+        message = ", ".join(str(m) for m in message)
+    return str(value["exc_type"]), None if message is None else str(message)
+
+
+def result_node(node: Any) -> tuple[str, Any] | None:
+    """One node of Celery's ``as_tuple()`` form as ``(id, members)``, None if it is none.
+
+    ``AsyncResult.as_tuple()`` is ``((id, parent), None)``; ``GroupResult``'s is
+    ``((id, parent), [member nodes])`` (lists after a round trip through the codec).
+    """
+    if (isinstance(node, list | tuple) and len(node) == 2 and isinstance(node[0], list | tuple)
+            and node[0] and isinstance(node[0][0], str)):
+        return node[0][0], node[1]
+    return None
+
+
 def _check_id(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")

@@ -83,7 +83,7 @@ from ledger.events import (
     stream_key,
     stream_kind,
 )
-from ledger.store.base import Encoded, MaintainableStore
+from ledger.store.base import EncodedEvent, MaintainableStore
 from ledger.store.schema import LIVE, NAMING, ProjectionTables, checkpoints
 from ledger.store.schema import events as events_table
 from ledger.store.target import CatalogueFill, catalogue_select, rebuild_statements, run_fill
@@ -592,7 +592,7 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
         record = LogPruned(
             before=before, events_deleted=deleted, streams=affected[:PRUNED_STREAMS_LISTED]
         )
-        recorded, _ = ledger.log.append(conn, [Encoded.of(NewEvent(record))])
+        recorded, _ = ledger.log.append(conn, [EncodedEvent.of(NewEvent(record))])
         ledger.target.apply(conn, recorded)
         return PruneReport(before, deleted, affected, kept, False, held_by, for_followers)
 

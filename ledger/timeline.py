@@ -46,11 +46,13 @@ from ledger.events import (
     TaskReceived,
     TaskSent,
     TaskState,
+    result_node,
     stream_id,
     stream_key,
 )
+from projections import task_meta
 from projections.lifecycle import STATE_OF, next_state, ready_at, run_start
-from projections.task_meta import READY_STATES, STICKY_STATE
+from projections.task_meta import READY_STATES
 
 #: Upper bound on tasks gathered for one timeline (a guard against runaway workflows).
 MAX_TASKS = 5000
@@ -129,7 +131,9 @@ def _iso(value: datetime | None) -> str | None:
 def fold_run(task_id: str, events: list[RecordedEvent]) -> TaskRun:
     """A task's run summarized from its stream (in order)."""
     run = TaskRun(task_id)
-    sticky = False
+    # The state shown is the task-meta projection's (its fold: SUCCESS sticks, a
+    # tombstone ends the life), which the equivalence test proves for every target.
+    meta: task_meta.TaskMeta | None = None
     lifecycle: str | None = None
     sent: TaskSent | None = None
     received: RecordedEvent | None = None
@@ -151,9 +155,9 @@ def fold_run(task_id: str, events: list[RecordedEvent]) -> TaskRun:
             run.name = run.name or data.name
             continue
         run.first_at = run.first_at or event.recorded_at
+        meta = task_meta.fold(meta, event)
         if isinstance(data, TaskForgotten | ResultExpired):
             run.state = "FORGOTTEN" if isinstance(data, TaskForgotten) else "EXPIRED"
-            sticky = False
             continue
         if not isinstance(data, TaskState):
             continue
@@ -174,10 +178,9 @@ def fold_run(task_id: str, events: list[RecordedEvent]) -> TaskRun:
             run.retried_at = event.recorded_at
         if data.status in READY_STATES and run.ended_at is None:
             run.ended_at = event.recorded_at
-        if not sticky:
+        if meta is not None and meta.position == event.position:  # this state took effect
             run.state = data.status
             run.exc_type = data.exc_type
-            sticky = data.status == STICKY_STATE
     if sent is not None:
         run.ready_at = ready_at(sent.sent_at, sent.eta)
         if sent.parent_id != task_id:  # a retry's parent_id is the task itself
@@ -199,15 +202,14 @@ def _child_ids(children: Any) -> list[str]:
     out: list[str] = []
 
     def walk(node: Any) -> None:
-        # AsyncResult.as_tuple(): ((id, parent), None); GroupResult: ((id, parent), [members])
-        if isinstance(node, list | tuple):
-            if len(node) == 2 and isinstance(node[0], list | tuple) and node[0] and isinstance(node[0][0], str):
-                members = node[1]
-                if members is None:
-                    out.append(node[0][0])
-                else:
-                    walk(members)
-                return
+        parsed = result_node(node)
+        if parsed is not None:
+            task_or_group, members = parsed
+            if members is None:
+                out.append(task_or_group)
+            else:
+                walk(members)
+        elif isinstance(node, list | tuple):
             for item in node:
                 walk(item)
 

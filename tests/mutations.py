@@ -119,6 +119,13 @@ MUTATIONS = [
         ("tests/test_celery_chords.py::test_parts_stored_by_mark_as_done_fire_the_body_once_each_with_its_result",),
     ),
     Mutation(
+        "NOTIFY: an autocommitted store wakes nobody after its commit",
+        "ledger/store/postgres.py",
+        "        return (self._notify_sql, {\"streams\": streams}) if streams else None\n",
+        "        return None\n",
+        ("tests/test_follow.py::test_follow_on_postgresql_wakes_on_notify_not_on_its_poll",),
+    ),
+    Mutation(
         "get_task_meta: a stored map of the wrong shape is read as if it were valid",
         "projections/task_meta.py",
         '            and type(value.get("status")) is str\n',
@@ -226,8 +233,8 @@ MUTATIONS = [
     Mutation(
         "retries: the ledger's retried writes are not logged",
         "ledger/api.py",
-        '                log.warning(\n                    "ledger write failed',
-        '                log.debug(\n                    "ledger write failed',
+        '                    log.warning(\n                        "ledger write failed',
+        '                    log.debug(\n                        "ledger write failed',
         ("tests/faults/test_database_faults.py"
          "::test_2000_results_stored_exactly_once_while_every_connection_is_cut",),
     ),
@@ -422,6 +429,13 @@ MUTATIONS = [
         "    wait = _seconds(conn, t.c.ready_at, sa.func.coalesce(t.c.started_at, t.c.received_at))\n",
         "    wait = _seconds(conn, t.c.ready_at, sa.func.coalesce(t.c.received_at, t.c.started_at))\n",
         (f"{CATALOGUE}::test_stats_are_the_counts_and_percentiles_of_the_log",),
+    ),
+    Mutation(
+        "catalogue live: a SENT committed after the RECEIVED leaves the queue and arguments out",
+        "ledger/store/target.py",
+        "        carried = sa.or_(ended, c.c.state.in_(list(RANK))) if sent else ended\n",
+        "        carried = ended\n",
+        ("tests/test_projection_equivalence.py::test_memory_fold_live_sql_and_rebuild_agree",),
     ),
     Mutation(
         "lifecycle: SENT records no ETA (a countdown is lost)",

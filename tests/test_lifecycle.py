@@ -26,7 +26,7 @@ from ledger.events import NewEvent, RecordedEvent, TaskReceived, TaskSent, TaskS
 from ledger.events import utcnow as now
 from ledger.relay import Relay
 from ledger.store import postgres
-from ledger.store.base import Encoded
+from ledger.store.base import EncodedEvent
 from ledger.stream import decode_event, decode_state
 from ledger.timeline import QUEUE_CHAR, fold_run
 from projections import catalogue, task_meta
@@ -47,7 +47,7 @@ LIFECYCLE = st.sampled_from([
 def recorded(datas) -> list[RecordedEvent]:
     """``datas`` as a log would hold them, in this order, one second apart."""
     return [
-        Encoded.of(NewEvent(d)).recorded(i + 1, i + 1, T0 + timedelta(seconds=i), 0)
+        EncodedEvent.of(NewEvent(d)).recorded(i + 1, i + 1, T0 + timedelta(seconds=i), 0)
         for i, d in enumerate(datas)
     ]
 

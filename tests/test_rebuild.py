@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from bench.rebuild_log import generate_log
 from ledger import migrate
 from ledger.api import Ledger
-from ledger.audit import iter_events
+from ledger.audit import read_events
 from ledger.cli import main
 from ledger.events import (
     ChordPartAdded,
@@ -66,7 +66,7 @@ def test_rebuild_swaps_in_projections_equal_to_the_live_ones(any_url, capsys):
     workload(ledger)
     before = ledger.snapshot()
     memory = MemoryTarget()
-    memory.apply(iter_events(ledger))  # position order, no follower horizon
+    memory.apply(read_events(ledger))  # position order, no follower horizon
     assert memory.state.differences(before) == []  # the live path agrees with the folds
 
     code, out, _ = run(capsys, "rebuild", "--db", any_url)
@@ -212,12 +212,12 @@ def test_prune_then_rebuild_then_verify_is_clean(any_url, capsys):
     workload(ledger, "new")
     ledger.append([TaskState(task_id="old-t7", status="RETRY")])  # an old task still moving
     before = ledger.snapshot()
-    old_events = [e for e in list(iter_events(ledger)) if e.recorded_at < cutoff]
+    old_events = [e for e in list(read_events(ledger)) if e.recorded_at < cutoff]
 
     code, out, _ = run(capsys, "prune", "--before", cutoff.isoformat(), "--db", any_url)
     assert code == 0, out
     assert "pruned" in out
-    remaining = list(iter_events(ledger))
+    remaining = list(read_events(ledger))
     assert all(e.recorded_at >= cutoff or e.stream_id in _kept_streams() or _pinned(before, e)
                for e in remaining)
     assert len(remaining) < len(old_events) + len([e for e in remaining if e.recorded_at >= cutoff])
@@ -241,7 +241,7 @@ def test_prune_then_rebuild_then_verify_is_clean(any_url, capsys):
     before.chords.pop("old-c1")
     # The catalogue describes what the log keeps: its rows are the remaining events' fold.
     kept = MemoryTarget()
-    kept.apply(iter_events(ledger))
+    kept.apply(read_events(ledger))
     assert kept.state.catalogue == after.catalogue and "old-t1" not in after.catalogue
     # only its pinned FAILURE is left: first seen then
     assert after.catalogue["old-t0"].first_seen > before.catalogue["old-t0"].first_seen

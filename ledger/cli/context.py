@@ -6,7 +6,6 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -106,9 +105,13 @@ def echo(text: str, *, err: bool = False) -> None:
 
 
 def print_json(obj: object) -> None:
-    click.echo(json.dumps(obj, default=_jsonable, indent=2))
+    click.echo(json.dumps(obj, default=_json_default, indent=2))
 
 
-def _jsonable(value: Any) -> str:
-    # Times as ISO 8601, as in every event (recorded_at); anything else as text.
-    return value.isoformat() if isinstance(value, datetime) else str(value)
+def _json_default(value: Any) -> Any:
+    # What JSON has no form for, as every event's JSON shows it (times ISO 8601,
+    # bytes base64: ledger.audit.jsonable); anything else as text.
+    from ledger.audit import jsonable
+
+    shown = jsonable(value)
+    return str(value) if shown is value else shown

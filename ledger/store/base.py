@@ -64,7 +64,7 @@ START = Checkpoint(0, 0)
 
 
 @dataclass(frozen=True)
-class Encoded:
+class EncodedEvent:
     """A :class:`NewEvent` with its payload already encoded (done once, outside retries)."""
 
     new: NewEvent
@@ -72,7 +72,7 @@ class Encoded:
     columns: dict
 
     @classmethod
-    def of(cls, new: NewEvent) -> Encoded:
+    def of(cls, new: NewEvent) -> EncodedEvent:
         return cls(new=new, payload=encode(new.data), columns=new.data.index_columns())
 
     def recorded(self, position: int, version: int, recorded_at: datetime, tx_id: int) -> RecordedEvent:
@@ -142,7 +142,7 @@ class EventLog(ABC):
 
     table = events_table
 
-    def append(self, conn: Connection, events: Sequence[Encoded]) -> tuple[list[RecordedEvent], list[uuid.UUID]]:
+    def append(self, conn: Connection, events: Sequence[EncodedEvent]) -> tuple[list[RecordedEvent], list[uuid.UUID]]:
         """Append in order inside the caller's transaction.
 
         Returns ``(recorded, duplicates)``: events already in the log (same
@@ -162,9 +162,9 @@ class EventLog(ABC):
         return recorded, duplicates
 
     @abstractmethod
-    def _insert(self, conn: Connection, item: Encoded) -> RecordedEvent | None: ...
+    def _insert(self, conn: Connection, item: EncodedEvent) -> RecordedEvent | None: ...
 
-    def explain_no_row(self, conn: Connection, item: Encoded) -> None:
+    def explain_no_row(self, conn: Connection, item: EncodedEvent) -> None:
         """No row came back for ``item``: a duplicate event id (returns) or a failed
         expected version (raises :class:`VersionConflict`)."""
         t = self.table
@@ -333,18 +333,18 @@ class Store(ABC):
         """The projection target writing to ``tables`` with this database's upserts."""
         return SqlTarget(tables, type(self))
 
-    def append(self, conn: Connection, items: Sequence[Encoded]) -> Appended:
+    def append(self, conn: Connection, items: Sequence[EncodedEvent]) -> Appended:
         """Append ``items`` and update the projections in the caller's transaction."""
         recorded, duplicates = self.log.append(conn, items)
         return recorded, duplicates, self.target.apply(conn, recorded)
 
-    def autocommit_append(self, items: Sequence[Encoded]) -> Any:
+    def autocommit_append(self, items: Sequence[EncodedEvent]) -> Any:
         """A callable appending ``items`` as their own transaction, returning
         ``(recorded, items that inserted no row)``; None where the general path
         (:meth:`append` in a transaction) is the only one."""
         return None
 
-    def chord_part_write(self, part: Encoded, claim: Encoded, before: Encoded | None = None) -> Any:
+    def chord_part_write(self, part: EncodedEvent, claim: EncodedEvent, before: EncodedEvent | None = None) -> Any:
         """A callable appending ``before`` (the part's own task state, if given), a
         returned chord ``part`` and, if that part completed the chord and nobody
         claimed its body, the ``claim`` (``chord.fired``), as one transaction, returning ``(part recorded, claimed, the chord's inputs as

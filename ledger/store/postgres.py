@@ -29,14 +29,23 @@ predecessor, so ``tx_id`` never decreases along a stream.
 
 Which appends NOTIFY
 --------------------
-On PostgreSQL an append can ``pg_notify(NOTIFY_CHANNEL, stream_id)`` in its own
-statement, which wakes ``result.get()`` waiters and followers. A notifying
-transaction holds PostgreSQL's notification-queue lock from before its commit
-until the commit is flushed, so notifying commits queue behind each other's
-WAL flush. Measured with 4 processes storing STARTED+SUCCESS through Celery's
+An append wakes ``result.get()`` waiters and followers with
+``pg_notify(NOTIFY_CHANNEL, stream_id)``. A notifying transaction takes
+PostgreSQL's notification lock (one for the whole cluster, "database 0" in
+async.c) before its commit and holds it until the commit is flushed, so
+notifying commits queue behind each other's WAL flush -- other databases'
+too. Measured with 4 processes storing STARTED+SUCCESS through Celery's
 backend API on 2 cores, 7 alternating 8 s runs: 1,525-1,844 tasks/s when only
 ready states notify against 1,370-1,718 when every store does (the former ahead
 in 6 of 7 pairs, by ~12% at the median); no difference with 1 process.
+
+So an autocommitted append (a store, a chord part with its result) notifies in
+a transaction of its own, sent in the same round trip right after the events'
+commit (:meth:`PostgresLog.append_fused_autocommit`): a transaction that only
+notifies writes nothing but its commit record, which PostgreSQL does not wait
+to flush, so the lock is held for microseconds. Waiters are woken once the
+event is durable and visible, as before. Appends inside a caller's transaction
+(apply_chord, batches, the general path) still notify in their own statement.
 
 By default (``notify="ready"``) every event notifies except a task state that
 is not ready -- STARTED, RETRY, custom progress states -- a task's SENT and
@@ -63,11 +72,12 @@ import os
 import re
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import datetime, timezone
 from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy as sa
@@ -85,6 +95,7 @@ from ledger.events import (
     GroupExpired,
     GroupForgotten,
     GroupSaved,
+    NewEvent,
     RecordedEvent,
     ResultExpired,
     TaskForgotten,
@@ -99,7 +110,7 @@ from ledger.store.base import (
     EVENT_COLUMNS,
     Appended,
     Checkpoint,
-    Encoded,
+    EncodedEvent,
     FollowableLog,
     Listener,
     MaintainableStore,
@@ -110,7 +121,14 @@ from ledger.store.base import (
 from ledger.store.schema import LIVE, PRUNE_SETTING, ProjectionTables
 from ledger.store.schema import events as events_table
 from ledger.store.target import CatalogueFill, lifecycle_columns
-from projections.catalogue import LIFECYCLE_TIMES, PAYLOAD_FIELDS, STARTED, fields_of
+from projections.catalogue import (
+    LIFECYCLE_TIMES,
+    PAYLOAD_FIELDS,
+    RECEIVED_FIELDS,
+    SENT_FIELDS,
+    STARTED,
+    fields_of,
+)
 from projections.lifecycle import RANK, STATE_OF
 from projections.task_meta import READY_STATES, STICKY_STATE, TaskMeta
 
@@ -198,21 +216,25 @@ def pooled_fetch(engine: Engine, statements: list[tuple[str, dict]]) -> list[tup
 
 
 def pooled_fetch_then_read(
-    engine: Engine, statements: list[tuple[str, dict]], read: tuple[str, dict]
+    engine: Engine, statements: list[tuple[str, dict]], *reads: tuple[str, dict]
 ) -> tuple[list[tuple | None], list[tuple]]:
-    """:func:`pooled_fetch`'s transaction, then ``read``'s rows, in the same round trip.
+    """:func:`pooled_fetch`'s transaction, then ``reads``, in the same round trip;
+    returns the transaction's first rows and the last read's rows.
 
-    ``read`` runs after the transaction committed (a pipeline sync between them),
-    so it holds none of the transaction's locks, and it sees what it wrote.
+    ``reads`` run after the transaction committed (a pipeline sync between them),
+    each on its own, so they hold none of the transaction's locks, and they see
+    what it wrote.
     """
 
     def run(raw: Any, info: dict) -> tuple[list[tuple | None], list[tuple]]:
         with raw.pipeline() as pipeline:
             cursors = [raw.execute(sql, params, prepare=True) for sql, params in statements]
-            pipeline.sync()
-            after = raw.execute(*read, prepare=True)
-        info.setdefault(_PREPARED, set()).update(sql for sql, _ in [*statements, read])
-        return [cur.fetchone() for cur in cursors], after.fetchall()
+            after = []
+            for read in reads:
+                pipeline.sync()
+                after.append(raw.execute(*read, prepare=True))
+        info.setdefault(_PREPARED, set()).update(sql for sql, _ in [*statements, *reads])
+        return [cur.fetchone() for cur in cursors], after[-1].fetchall()
 
     return _pooled(engine, *statements[0], run)
 
@@ -288,6 +310,9 @@ def _kept(engine: Engine) -> Any:
         raw = fairy.driver_connection
         raw.autocommit = True
         raw.execute(_GENERIC_PLANS)
+        warm_up = _WARM_UPS.get(engine)
+        if warm_up is not None and (warm := warm_up()) is not None:
+            warm(raw, fairy.info.setdefault(_PREPARED, set()))
     except psycopg.Error as orig:
         error = _driver_error(engine, fairy, _GENERIC_PLANS, {}, orig)
         fairy.close()
@@ -307,6 +332,8 @@ def _kept(engine: Engine) -> Any:
 #: plan does not depend on the values: plan each once, not at each of its first five
 #: runs as PostgreSQL does by default. This connection only, not the pool's.
 _GENERIC_PLANS = "SET plan_cache_mode = force_generic_plan"
+#: Per engine: what prepares its hot statements on a new kept connection (the store's).
+_WARM_UPS: weakref.WeakKeyDictionary[Engine, weakref.WeakMethod] = weakref.WeakKeyDictionary()
 
 
 def _drop_kept(engine: Engine) -> None:
@@ -508,6 +535,9 @@ class FusedUpdates:
             sent = event_type == TaskSent.type
             below = ", ".join(f"'{s}'" for s, r in RANK.items() if r <= RANK[incoming])
             takes = f"({ended} OR {c}.state IN ({below}))"
+            # the attempt's SENT gives the columns a RECEIVED does not carry, under either state
+            lifecycle_states = ", ".join(f"'{s}'" for s in RANK)
+            carried = f"({ended} OR {c}.state IN ({lifecycle_states}))" if sent else ended
 
             def pick(cond: str, k: str) -> str:
                 return f"{k} = CASE WHEN {cond} THEN excluded.{k} ELSE {c}.{k} END"
@@ -519,7 +549,8 @@ class FusedUpdates:
                 " ev.recorded_at, NULL, NULL, CAST(:sent_at AS timestamptz),"
                 f" CAST(:ready_at AS timestamptz), {'NULL' if sent else 'ev.recorded_at'}, {binds},"
                 " false, false FROM ev ON CONFLICT (task_id) DO UPDATE SET "
-                + ", ".join(pick(takes, k) for k in ("state", "position", *PAYLOAD_FIELDS)) + ", "
+                + ", ".join(pick(takes, k) for k in ("state", "position", *RECEIVED_FIELDS)) + ", "
+                + ", ".join(pick(carried, k) for k in SENT_FIELDS) + ", "
                 + ", ".join(pick(ended, k) for k in ("first_seen", "finished_at", "forgotten", "expired"))
                 + ", "
                 # a SENT begins an attempt (sets its times, clears the rest); RECEIVED
@@ -654,7 +685,7 @@ class PostgresLog(FollowableLog):
         self.notify_all = notify == "all"
         self._fused: dict[tuple[FusedSql, str, bool], str] = {}
 
-    def _notifies(self, item: Encoded) -> bool:
+    def _notifies(self, item: EncodedEvent) -> bool:
         """Whether this append wakes waiters and followers (module docstring)."""
         if self.notify_all:
             return True
@@ -664,7 +695,7 @@ class PostgresLog(FollowableLog):
             return item.columns.get("task_state") in READY_STATES
         return item.new.data.type not in _CHORD_RETURNS
 
-    def _insert(self, conn: Connection, item: Encoded) -> RecordedEvent | None:
+    def _insert(self, conn: Connection, item: EncodedEvent) -> RecordedEvent | None:
         params = item.params()
         params["expected"] = item.new.expected_version
         params["notify"] = self._notifies(item)
@@ -680,8 +711,8 @@ class PostgresLog(FollowableLog):
         return item.recorded(row.position, row.stream_version, row.recorded_at, row.tx_id)
 
     def append_fused(
-        self, conn: Connection, items: Sequence[Encoded], projections: Sequence[FusedSql]
-    ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
+        self, conn: Connection, items: Sequence[EncodedEvent], projections: Sequence[FusedSql]
+    ) -> tuple[list[RecordedEvent], list[EncodedEvent], list[str]]:
         """Append events, each with its projection update in the same statement.
 
         ``projections[i]`` (from :meth:`FusedUpdates.get`)
@@ -706,9 +737,9 @@ class PostgresLog(FollowableLog):
     def append_fused_autocommit(
         self,
         engine: Engine,
-        items: Sequence[Encoded],
+        items: Sequence[EncodedEvent],
         projections: Sequence[FusedSql],
-    ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
+    ) -> tuple[list[RecordedEvent], list[EncodedEvent], list[str]]:
         """Events as one transaction in one round trip, on a pooled driver connection.
 
         See :func:`pooled_fetch`. A lone event is one
@@ -731,18 +762,40 @@ class PostgresLog(FollowableLog):
         window loses it -- never a publisher's or a worker's crash. Measured on
         a loaded 2-core VM (python -m bench.delay, README): with it, tracking
         costs ``.delay()`` one round trip instead of one WAL flush.
+
+        The events that wake waiters notify after the commit, in the same round
+        trip (module docstring, "Which appends NOTIFY").
         """
         alone = len(items) == 1
         relaxed = alone and items[0].new.data.type in LIFECYCLE_TYPES
+        wake = self._wake_after_commit(items)
+
+        def fetch(statements: list[tuple[str, dict]]) -> list[tuple | None]:
+            if wake is None:
+                return pooled_fetch(engine, statements)
+            return pooled_fetch_then_read(engine, statements, wake)[0]
+
         return self._append_fused(
-            lambda st: pooled_fetch(engine, st), items, projections, relaxed=relaxed, checked=not alone
+            fetch, items, projections, relaxed=relaxed, checked=not alone, notify=False
         )
 
-    def _fused_params(self, item: Encoded, projection: FusedSql, *, relaxed: bool = False) -> dict:
+    #: NOTIFY as a transaction of its own, after the events' commit (module docstring).
+    _notify_sql = driver_sql(
+        f"SELECT pg_notify('{NOTIFY_CHANNEL}', s) FROM unnest(CAST(:streams AS text[])) s"
+    )
+
+    def _wake_after_commit(self, items: Sequence[EncodedEvent]) -> tuple[str, dict] | None:
+        """The NOTIFY statement for ``items`` that wake waiters, or None if none does."""
+        streams = sorted({item.new.data.stream_id for item in items if self._notifies(item)})
+        return (self._notify_sql, {"streams": streams}) if streams else None
+
+    def _fused_params(
+        self, item: EncodedEvent, projection: FusedSql, *, relaxed: bool = False, notify: bool = True
+    ) -> dict:
         params = item.params()
         params["expected"] = item.new.expected_version
         params["key"] = item.new.data.stream_key
-        params["notify"] = self._notifies(item)
+        params["notify"] = notify and self._notifies(item)
         if projection.binds is not None:
             params.update(projection.binds(item.new.data))
         params["relaxed"] = relaxed
@@ -751,15 +804,16 @@ class PostgresLog(FollowableLog):
     def _append_fused(
         self,
         fetch: Callable[[list[tuple[str, dict]]], list[tuple | None]],
-        items: Sequence[Encoded],
+        items: Sequence[EncodedEvent],
         projections: Sequence[FusedSql],
         *,
         relaxed: bool = False,
         checked: bool = True,
-    ) -> tuple[list[RecordedEvent], list[Encoded], list[str]]:
+        notify: bool = True,
+    ) -> tuple[list[RecordedEvent], list[EncodedEvent], list[str]]:
         statements, slots = [], []
         for item, projection in zip(items, projections, strict=True):
-            params = self._fused_params(item, projection, relaxed=relaxed)
+            params = self._fused_params(item, projection, relaxed=relaxed, notify=notify)
             if stream_kind(params["stream_id"]) == CHORD:
                 statements.append((self._lock_stream_driver_sql, {"stream_id": params["stream_id"]}))
             slots.append(len(statements))
@@ -786,10 +840,10 @@ class PostgresLog(FollowableLog):
     def return_chord_part(
         self,
         engine: Engine,
-        part: tuple[Encoded, FusedSql],
-        claim: tuple[Encoded, FusedSql, str],
+        part: tuple[EncodedEvent, FusedSql],
+        claim: tuple[EncodedEvent, FusedSql, str],
         read: tuple[str, dict],
-        before: tuple[Encoded, FusedSql] | None = None,
+        before: tuple[EncodedEvent, FusedSql] | None = None,
     ) -> tuple[bool, bool, list[tuple]]:
         """A returned chord part and, if it completed the chord, the body's claim: one
         transaction in one round trip, then ``read`` (the claimed chord's inputs).
@@ -821,11 +875,13 @@ class PostgresLog(FollowableLog):
         if before is not None:
             units.insert(0, (*before, ""))
         for new, fused, condition in units:
-            params = self._fused_params(new, fused)
+            params = self._fused_params(new, fused, notify=False)
             params["part_event_id"] = item.new.event_id
             statements.append((self._fused_statement(fused, condition, checked=False), params))
+        wake = self._wake_after_commit([unit[0] for unit in units])
+        reads = (read,) if wake is None else (wake, read)
         rows, read_rows = self._guarded(
-            lambda: pooled_fetch_then_read(engine, statements, read), statements[1][1], units[0][0]
+            lambda: pooled_fetch_then_read(engine, statements, *reads), statements[1][1], units[0][0]
         )
         # ``before`` inserting no row is a duplicate (it has no expected version): a
         # retry after a lost reply, whose event id was kept; the rest is idempotent too.
@@ -862,11 +918,11 @@ class PostgresLog(FollowableLog):
             self._fused[key] = sql
         return sql
 
-    def _run_insert(self, conn: Connection, stmt: sa.TextClause, params: dict, item: Encoded):
+    def _run_insert(self, conn: Connection, stmt: sa.TextClause, params: dict, item: EncodedEvent):
         return self._guarded(lambda: conn.execute(stmt, params).first(), params, item)
 
     @staticmethod
-    def _guarded(insert, params: dict, item: Encoded):
+    def _guarded(insert, params: dict, item: EncodedEvent):
         """Run an insert; a taken stream version is a conflict (retried unless expected)."""
         try:
             return insert()
@@ -1064,6 +1120,9 @@ class PostgresStore(MaintainableStore):
         self.fused = FusedUpdates(LIVE)
         self._task_sql = driver_sql(self.target.task_point_sql())
         self._chord_header_sql = driver_sql(str(self.target.chord_header_sql))
+        registered = _WARM_UPS.get(engine)
+        if registered is None or registered() is None:  # a short-lived store (migrate's) may be gone
+            _WARM_UPS[engine] = weakref.WeakMethod(self._warm_up)
         # The chord's inputs, read after a returned part only if the claim is in the
         # log: a part that claimed nothing pays one index probe for it.
         self._claimed_header_sql = driver_sql(
@@ -1081,7 +1140,7 @@ class PostgresStore(MaintainableStore):
 
     # -- writing ---------------------------------------------------------------------------
 
-    def append(self, conn: Connection, items: Sequence[Encoded]) -> Appended:
+    def append(self, conn: Connection, items: Sequence[EncodedEvent]) -> Appended:
         """Event types with a fused projection update go out as one pipeline
         (:meth:`PostgresLog.append_fused`); others take the general path."""
         fused = [self.fused.get(item.new.data.type) for item in items]
@@ -1095,7 +1154,7 @@ class PostgresStore(MaintainableStore):
             return recorded, [item.new.event_id for item in missing], completed
         return super().append(conn, items)
 
-    def autocommit_append(self, items: Sequence[Encoded]) -> Any:
+    def autocommit_append(self, items: Sequence[EncodedEvent]) -> Any:
         if len(items) != 1:
             return None
         fused = self.fused.get(items[0].new.data.type)
@@ -1104,13 +1163,61 @@ class PostgresStore(MaintainableStore):
         if fused is None or stream_kind(items[0].new.stream_id) == CHORD:
             return None
 
-        def write() -> tuple[list[RecordedEvent], list[Encoded]]:
+        def write() -> tuple[list[RecordedEvent], list[EncodedEvent]]:
             recorded, missing, _ = self.log.append_fused_autocommit(self.engine, items, [fused])
             return recorded, missing
 
         return write
 
-    def chord_part_write(self, part: Encoded, claim: Encoded, before: Encoded | None = None) -> Any:
+    def _warm_up(self, raw: Any, prepared: set[str]) -> None:
+        """Prepare and plan the hot paths' statements on a new kept connection.
+
+        A statement's first run on a connection parses and plans it (and loads the
+        tables' catalog entries into the server process): ~2.5 ms for a store and
+        ~1.7 ms for a chord part, measured in a fresh prefork child at load 3,
+        against ~0.5 ms for the next runs. A chord part pays that while holding
+        the chord's lock, so every other part of the chord waited for it. Here
+        they run once when the connection is opened, in one round trip, with
+        sample events that expect a stream version no stream has: each statement
+        inserts and changes nothing. (The expectation goes as text, as a None
+        does, so that psycopg keys the prepared statement as the real runs'; a
+        rollback would not do: psycopg forgets its prepared statements at one.)
+        Best effort: on a database that cannot take them (no schema yet) the
+        first real run prepares each instead.
+        """
+        import psycopg
+
+        warm = f"ledger-warm-up-{uuid.uuid4()}"
+        part = EncodedEvent.of(NewEvent(ChordPartReturned(chord_id=warm, task_id=warm, status="SUCCESS")))
+        claim = EncodedEvent.of(NewEvent(ChordFired(chord_id=warm, body_task_id=warm)))
+        writes = [
+            (EncodedEvent.of(NewEvent(TaskState(task_id=warm, status="SUCCESS"))), "", False),
+            (part, "", False),
+            (claim, self.fused.claim_guard(), False),
+            (EncodedEvent.of(NewEvent(TaskSent(task_id=warm, name=warm, sent_at=datetime.now(timezone.utc)))),
+             "", True),
+        ]
+        statements = [(self.log._lock_stream_driver_sql, {"stream_id": part.new.data.stream_id})]
+        for item, guard, relaxed in writes:
+            fused = self.fused.get(item.new.data.type)
+            params = self.log._fused_params(item, fused, relaxed=relaxed, notify=False)  # type: ignore[arg-type]
+            params["part_event_id"] = part.new.event_id
+            params["expected"] = "-1"  # no stream is at version -1: nothing is inserted
+            statements.append((self.log._fused_statement(fused, guard, checked=False), params))  # type: ignore[arg-type]
+        statements += [
+            (self._task_sql, {"key": warm}),
+            (self._claimed_header_sql, {"key": warm, "claim_id": claim.new.event_id}),
+        ]
+        try:
+            with raw.pipeline():
+                for sql, params in statements:
+                    raw.execute(sql, params, prepare=True)
+        except psycopg.Error as exc:
+            log.debug("hot statements not prepared ahead: %s", exc)
+            return
+        prepared.update(sql for sql, _ in statements)
+
+    def chord_part_write(self, part: EncodedEvent, claim: EncodedEvent, before: EncodedEvent | None = None) -> Any:
         """One round trip: ``before``, the part, the claim if the part completed the
         chord, and then the chord's inputs if claimed (:meth:`PostgresLog.return_chord_part`)."""
         chord_id = part.new.data.stream_key

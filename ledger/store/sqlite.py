@@ -30,7 +30,7 @@ from ledger.store.base import (
     BIND_TYPES,
     SELECT_EVENTS,
     Checkpoint,
-    Encoded,
+    EncodedEvent,
     FollowableLog,
     MaintainableStore,
     RebuildPlan,
@@ -97,7 +97,7 @@ class SQLiteLog(FollowableLog):
         """
     ).bindparams(*(sa.bindparam(k, type_=v) for k, v in BIND_TYPES.items()))
 
-    def _insert(self, conn: Connection, item: Encoded) -> RecordedEvent | None:
+    def _insert(self, conn: Connection, item: EncodedEvent) -> RecordedEvent | None:
         # SQLite has no server clock worth the name: the writer holds the database
         # lock, so its own UTC clock gives non-decreasing times in commit order.
         params = item.params()
