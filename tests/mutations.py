@@ -119,11 +119,11 @@ MUTATIONS = [
         ("tests/test_celery_chords.py::test_parts_stored_by_mark_as_done_fire_the_body_once_each_with_its_result",),
     ),
     Mutation(
-        "NOTIFY: an autocommitted store wakes nobody after its commit",
+        "NOTIFY: a chord part stored with its result wakes nobody after its commit",
         "ledger/store/postgres.py",
         "        return (self._notify_sql, {\"streams\": streams}) if streams else None\n",
         "        return None\n",
-        ("tests/test_follow.py::test_follow_on_postgresql_wakes_on_notify_not_on_its_poll",),
+        ("tests/test_celery_chords.py::test_a_part_stored_with_its_return_wakes_its_waiters",),
     ),
     Mutation(
         "get_task_meta: a stored map of the wrong shape is read as if it were valid",
