@@ -308,7 +308,7 @@ def test_db_upgrade_back_fills_the_catalogue_of_an_existing_ledger(any_url, caps
     """A ledger before the catalogue, full of events (made by downgrading one): ``db upgrade`` fills
     the catalogue from the log, equal to the fold of it."""
     from ledger import migrate
-    from ledger.audit import iter_events
+    from ledger.audit import read_events
     from tests.test_rebuild import workload
 
     ledger = Ledger.open(any_url)
@@ -327,7 +327,7 @@ def test_db_upgrade_back_fills_the_catalogue_of_an_existing_ledger(any_url, caps
     assert main(["db", "upgrade", "--db", ledger.engine.url.render_as_string(hide_password=False)]) == 0
     assert "schema at revision" in capsys.readouterr().out
     memory = MemoryTarget()
-    memory.apply(iter_events(ledger))
+    memory.apply(read_events(ledger))
     live = ledger.snapshot()
     assert len(live.catalogue) == 62 and any(e.forgotten for e in live.catalogue.values())
     assert (live.catalogue["redelivered"].state, live.catalogue["failed"].exc_type) == ("SUCCESS", "KeyError")
@@ -361,7 +361,7 @@ def test_db_upgrade_to_0004_fills_lifecycle_rows_and_times(any_url):
     and fills the catalogue again, equal to the fold of the log (tasks only sent or
     received included); a downgrade leaves 0003's catalogue."""
     from ledger import migrate
-    from ledger.audit import iter_events
+    from ledger.audit import read_events
     from tests.test_rebuild import workload
 
     ledger = Ledger.open(any_url)
@@ -378,7 +378,7 @@ def test_db_upgrade_to_0004_fills_lifecycle_rows_and_times(any_url):
         assert conn.execute(sa.text("SELECT count(*) FROM ledger_tasks WHERE state = 'SENT'")).scalar() == 0
     migrate.upgrade(ledger.engine)
     memory = MemoryTarget()
-    memory.apply(iter_events(ledger))
+    memory.apply(read_events(ledger))
     live = ledger.snapshot()
     assert memory.state.differences(live) == []
     assert {t: live.catalogue[t].state for t in ("lost", "held", "eta", "retried", "late")} == {
