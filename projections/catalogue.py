@@ -17,7 +17,9 @@ Rules:
   Celery state: its state is SENT or RECEIVED until a Celery state arrives, and a
   lifecycle event never replaces a Celery state, whatever the commit order. While
   the state is SENT/RECEIVED, the latest event of the highest lifecycle state is
-  the effective one (RECEIVED gives ``worker``: the node that received it).
+  the effective one; a RECEIVED gives name, ``worker`` (the node that received
+  it) and retries only, the other payload columns stay the attempt's SENT's
+  (:data:`RECEIVED_FIELDS`).
 * Every SENT of the life (a retry sends the task again) sets ``sent_at`` and
   ``ready_at`` (:func:`projections.lifecycle.ready_at`) and begins a new
   attempt: ``received_at`` and ``started_at`` are cleared, so the queue wait
@@ -38,6 +40,7 @@ from datetime import datetime
 from typing import Any
 
 from ledger.events import (
+    RECEIVED,
     RecordedEvent,
     ResultExpired,
     TaskForgotten,
@@ -140,6 +143,12 @@ def _part(encoded: Any, key: str) -> Any:
     return encoded[key] if type(encoded) is dict else getattr(encoded, key)
 
 
+#: The payload columns a RECEIVED carries. While a task is only sent or received, the
+#: others (queue, workflow ids, arguments) are its attempt's SENT's: a RECEIVED that
+#: sets the state keeps them, a SENT after it (committed late) still gives them.
+RECEIVED_FIELDS = ("name", "worker", "retries")
+SENT_FIELDS = tuple(k for k in PAYLOAD_FIELDS if k not in RECEIVED_FIELDS)
+
 #: The catalogue's columns set by SENT/RECEIVED only.
 LIFECYCLE_TIMES = ("sent_at", "ready_at", "received_at")
 _NO_TIMES: dict[str, Any] = dict.fromkeys(("first_seen", "started_at", *LIFECYCLE_TIMES))
@@ -195,10 +204,14 @@ def _lifecycle(state: TaskEntry | None, event: RecordedEvent) -> TaskEntry:
             sent_at=None, ready_at=None, received_at=None,
             **fields_of(data.__dict__, event.type),
         )
-    elif takes_over(state.state, incoming):
-        state = replace(
-            state, state=incoming, position=event.position, **fields_of(data.__dict__, event.type)
-        )
+    else:
+        fields = fields_of(data.__dict__, event.type)
+        if takes_over(state.state, incoming):
+            keep = SENT_FIELDS if incoming == RECEIVED else ()
+            state = replace(state, state=incoming, position=event.position,
+                            **{k: v for k, v in fields.items() if k not in keep})
+        elif state.state in RANK:  # a SENT under a RECEIVED: the attempt's fields
+            state = replace(state, **{k: fields[k] for k in SENT_FIELDS})
     if isinstance(data, TaskSent):
         # a new attempt: what was received and started belongs to the one before
         return replace(state, sent_at=data.sent_at, ready_at=ready_at(data.sent_at, data.eta),

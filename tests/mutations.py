@@ -119,11 +119,11 @@ MUTATIONS = [
         ("tests/test_celery_chords.py::test_parts_stored_by_mark_as_done_fire_the_body_once_each_with_its_result",),
     ),
     Mutation(
-        "NOTIFY: an autocommitted store wakes nobody after its commit",
+        "NOTIFY: a chord part stored with its result wakes nobody after its commit",
         "ledger/store/postgres.py",
         "        return (self._notify_sql, {\"streams\": streams}) if streams else None\n",
         "        return None\n",
-        ("tests/test_follow.py::test_follow_on_postgresql_wakes_on_notify_not_on_its_poll",),
+        ("tests/test_celery_chords.py::test_a_part_stored_with_its_return_wakes_its_waiters",),
     ),
     Mutation(
         "get_task_meta: a stored map of the wrong shape is read as if it were valid",
@@ -431,6 +431,13 @@ MUTATIONS = [
         (f"{CATALOGUE}::test_stats_are_the_counts_and_percentiles_of_the_log",),
     ),
     Mutation(
+        "catalogue live: a SENT committed after the RECEIVED leaves the queue and arguments out",
+        "ledger/store/target.py",
+        "        carried = sa.or_(ended, c.c.state.in_(list(RANK))) if sent else ended\n",
+        "        carried = ended\n",
+        ("tests/test_projection_equivalence.py::test_memory_fold_live_sql_and_rebuild_agree",),
+    ),
+    Mutation(
         "lifecycle: SENT records no ETA (a countdown is lost)",
         "ledger/lifecycle.py",
         '            eta=_time(headers.get("eta")),\n',
@@ -478,6 +485,27 @@ MUTATIONS = [
         "lifecycle.watch_workers()\n",
         "\n",
         (f"{LIFECYCLE}::test_a_quiet_worker_records_received_too",),
+    ),
+    Mutation(
+        "keyset paging: the key's own task is listed again on the older page",
+        "ledger/catalogue.py",
+        "t.c.first_seen < seen, sa.and_(t.c.first_seen == seen, t.c.task_id < task_id)))",
+        "t.c.first_seen < seen, sa.and_(t.c.first_seen == seen, t.c.task_id <= task_id)))",
+        ("tests/test_web.py::test_tasks_pages_by_key_through_the_whole_list_both_ways",),
+    ),
+    Mutation(
+        "follow horizon (PostgreSQL): every running transaction of the server holds followers back",
+        "ledger/store/postgres.py",
+        "          AND tx_id < {VISIBLE_HORIZON}\n",
+        "          AND tx_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint\n",
+        (f"{LOG_PG}::test_an_open_transaction_in_another_database_does_not_hold_followers_back",),
+    ),
+    Mutation(
+        "follow horizon (PostgreSQL): transactions of this database are skipped too",
+        "ledger/store/postgres.py",
+        "WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database())),",
+        "WHERE backend_xid IS NOT NULL)),",
+        (f"{LOG_PG}::test_an_open_transaction_holds_followers_back_until_it_commits",),
     ),
 ]
 

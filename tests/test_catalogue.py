@@ -342,6 +342,12 @@ def lifecycle_workload(ledger: Ledger) -> None:
     ledger.append([TaskSent(task_id="lost", name="shop.charge", sent_at=t0, queue="nobody",
                             args=Encoded(content_type="application/json", data=b"[7]"))])
     ledger.append([TaskReceived(task_id="held", name="shop.sync", hostname="celery@w2")])
+    # received, not started: the worker and name are the RECEIVED's, the queue and
+    # arguments still the SENT's (also when the SENT committed second)
+    for task_id, order in (("waiting", 1), ("waiting-late-sent", -1)):
+        ledger.append([TaskSent(task_id=task_id, name="shop.sync", sent_at=t0, queue="q9", root_id="r9",
+                                args=Encoded(content_type="application/json", data=b"[9]")),
+                       TaskReceived(task_id=task_id, name="shop.sync", hostname="celery@w3")][::order])
     ledger.append([TaskSent(task_id="eta", name="shop.sync", sent_at=t0, eta=t0 + timedelta(seconds=3)),
                    TaskReceived(task_id="eta", hostname="celery@w1", due_at=t0 + timedelta(seconds=3))])
     ledger.append([TaskState(task_id="eta", status="STARTED", worker="celery@w1"),
@@ -384,6 +390,9 @@ def test_db_upgrade_to_0004_fills_lifecycle_rows_and_times(any_url):
     assert {t: live.catalogue[t].state for t in ("lost", "held", "eta", "retried", "late")} == {
         "lost": "SENT", "held": "RECEIVED", "eta": "SUCCESS", "retried": "RETRY", "late": "STARTED"}
     assert live.catalogue["eta"].queue_wait is not None
+    for task_id in ("waiting", "waiting-late-sent"):
+        e = live.catalogue[task_id]
+        assert (e.state, e.worker, e.queue, e.root_id, e.args) == ("RECEIVED", "celery@w3", "q9", "r9", b"[9]")
     with ledger.engine.connect() as conn:
         assert conn.execute(sa.text(stored)).all() == live_rows
     migrate.check(ledger.engine)

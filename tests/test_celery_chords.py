@@ -288,3 +288,24 @@ def test_parts_stored_by_mark_as_done_fire_the_body_once_each_with_its_result(an
         for tid in part_ids:
             first_success = next(e for e in ledger.history(tid) if e.type == "task.state")
             assert first_success.tx_id == returns[tid].tx_id
+
+
+def test_a_part_stored_with_its_return_wakes_its_waiters(pg_url):
+    """A chord part's result stored by mark_as_done (with the part and claim, one
+    pipeline) still NOTIFYs its task's stream: AsyncResult.get() waits on that."""
+    import psycopg
+
+    from ledger.store.postgres import NOTIFY_CHANNEL
+    from tests.conftest import _libpq
+
+    prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
+    app = make_app(pg_url, prefix)
+    gid, part_ids, body = _frozen_chord(app, 2)
+    _apply(app, gid, part_ids, body)
+    with psycopg.connect(_libpq(pg_url), autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        request = Context(id=part_ids[0], group=gid, group_index=0, chord=dict(body))
+        app.backend.mark_as_done(part_ids[0], "done", request=request)
+        woken = next((n.payload for n in listener.notifies(timeout=30)
+                      if n.payload == f"task:{part_ids[0]}"), None)
+    assert woken == f"task:{part_ids[0]}"

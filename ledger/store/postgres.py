@@ -39,13 +39,17 @@ backend API on 2 cores, 7 alternating 8 s runs: 1,525-1,844 tasks/s when only
 ready states notify against 1,370-1,718 when every store does (the former ahead
 in 6 of 7 pairs, by ~12% at the median); no difference with 1 process.
 
-So an autocommitted append (a store, a chord part with its result) notifies in
-a transaction of its own, sent in the same round trip right after the events'
-commit (:meth:`PostgresLog.append_fused_autocommit`): a transaction that only
-notifies writes nothing but its commit record, which PostgreSQL does not wait
-to flush, so the lock is held for microseconds. Waiters are woken once the
-event is durable and visible, as before. Appends inside a caller's transaction
-(apply_chord, batches, the general path) still notify in their own statement.
+A chord part stored with its result (:meth:`PostgresLog.return_chord_part`)
+notifies in a transaction of its own, sent in the same pipeline right after the
+part's commit: a transaction that only notifies writes nothing but its commit
+record, which PostgreSQL does not wait to flush (measured: 0.03-0.07 ms against
+1.3-3 ms for an insert's commit on this machine under other sessions' I/O), so
+the notification lock is not held over the flush while the chord's lock is.
+Waiters are woken once the event is durable and visible, as before. A plain
+store keeps the NOTIFY in its own statement: splitting it off takes a pipeline,
+which cost a store more client and server CPU than the lock cost it (one
+process, 3 alternating runs of 2,000 tasks: 378-545 against 547-847 µs of
+client CPU per task), and stores are CPU-bound with 4 processes on 2 cores.
 
 By default (``notify="ready"``) every event notifies except a task state that
 is not ready -- STARTED, RETRY, custom progress states -- a task's SENT and
@@ -121,7 +125,14 @@ from ledger.store.base import (
 from ledger.store.schema import LIVE, PRUNE_SETTING, ProjectionTables
 from ledger.store.schema import events as events_table
 from ledger.store.target import CatalogueFill, lifecycle_columns
-from projections.catalogue import LIFECYCLE_TIMES, PAYLOAD_FIELDS, STARTED, fields_of
+from projections.catalogue import (
+    LIFECYCLE_TIMES,
+    PAYLOAD_FIELDS,
+    RECEIVED_FIELDS,
+    SENT_FIELDS,
+    STARTED,
+    fields_of,
+)
 from projections.lifecycle import RANK, STATE_OF
 from projections.task_meta import READY_STATES, STICKY_STATE, TaskMeta
 
@@ -533,6 +544,9 @@ class FusedUpdates:
             sent = event_type == TaskSent.type
             below = ", ".join(f"'{s}'" for s, r in RANK.items() if r <= RANK[incoming])
             takes = f"({ended} OR {c}.state IN ({below}))"
+            # the attempt's SENT gives the columns a RECEIVED does not carry, under either state
+            lifecycle_states = ", ".join(f"'{s}'" for s in RANK)
+            carried = f"({ended} OR {c}.state IN ({lifecycle_states}))" if sent else ended
 
             def pick(cond: str, k: str) -> str:
                 return f"{k} = CASE WHEN {cond} THEN excluded.{k} ELSE {c}.{k} END"
@@ -544,7 +558,8 @@ class FusedUpdates:
                 " ev.recorded_at, NULL, NULL, CAST(:sent_at AS timestamptz),"
                 f" CAST(:ready_at AS timestamptz), {'NULL' if sent else 'ev.recorded_at'}, {binds},"
                 " false, false FROM ev ON CONFLICT (task_id) DO UPDATE SET "
-                + ", ".join(pick(takes, k) for k in ("state", "position", *PAYLOAD_FIELDS)) + ", "
+                + ", ".join(pick(takes, k) for k in ("state", "position", *RECEIVED_FIELDS)) + ", "
+                + ", ".join(pick(carried, k) for k in SENT_FIELDS) + ", "
                 + ", ".join(pick(ended, k) for k in ("first_seen", "finished_at", "forgotten", "expired"))
                 + ", "
                 # a SENT begins an attempt (sets its times, clears the rest); RECEIVED
@@ -757,20 +772,12 @@ class PostgresLog(FollowableLog):
         a loaded 2-core VM (python -m bench.delay, README): with it, tracking
         costs ``.delay()`` one round trip instead of one WAL flush.
 
-        The events that wake waiters notify after the commit, in the same round
-        trip (module docstring, "Which appends NOTIFY").
+        A store notifies in its own statement (module docstring, "Which appends NOTIFY").
         """
         alone = len(items) == 1
         relaxed = alone and items[0].new.data.type in LIFECYCLE_TYPES
-        wake = self._wake_after_commit(items)
-
-        def fetch(statements: list[tuple[str, dict]]) -> list[tuple | None]:
-            if wake is None:
-                return pooled_fetch(engine, statements)
-            return pooled_fetch_then_read(engine, statements, wake)[0]
-
         return self._append_fused(
-            fetch, items, projections, relaxed=relaxed, checked=not alone, notify=False
+            lambda st: pooled_fetch(engine, st), items, projections, relaxed=relaxed, checked=not alone
         )
 
     #: NOTIFY as a transaction of its own, after the events' commit (module docstring).

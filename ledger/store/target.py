@@ -45,6 +45,8 @@ from ledger.store.schema import Position, ProjectionTables, UTCDateTime
 from projections.catalogue import (
     LIFECYCLE_TIMES,
     PAYLOAD_FIELDS,
+    RECEIVED_FIELDS,
+    SENT_FIELDS,
     STARTED,
     TaskEntry,
     fields_of,
@@ -161,6 +163,8 @@ class SqlTarget:
         # becomes the effective event over no state or a lifecycle state ranked no higher
         takes = sa.or_(ended, c.c.state.in_([s for s, r in RANK.items() if r <= RANK[incoming]]))
         sent = e.type == TaskSent.type
+        # the attempt's SENT gives the columns a RECEIVED does not carry, under either state
+        carried = sa.or_(ended, c.c.state.in_(list(RANK))) if sent else ended
 
         def pick(cond: sa.ColumnElement, k: str) -> sa.ColumnElement:
             return sa.case((cond, x[k]), else_=c.c[k])
@@ -168,7 +172,8 @@ class SqlTarget:
         stmt = stmt.on_conflict_do_update(
             index_elements=[c.c.task_id],
             set_={
-                **{k: pick(takes, k) for k in ("state", "position", *PAYLOAD_FIELDS)},
+                **{k: pick(takes, k) for k in ("state", "position", *RECEIVED_FIELDS)},
+                **{k: pick(carried, k) for k in SENT_FIELDS},
                 **{k: pick(ended, k) for k in ("first_seen", "finished_at", "forgotten", "expired")},
                 # a SENT begins an attempt (sets its times, clears the rest); RECEIVED
                 # sets its own; a new life has none but the event's
@@ -502,9 +507,17 @@ class CatalogueFill:
                 times = (sent["sent_at"], ready_at(sent["sent_at"], sent.get("eta")))
                 if time is not None:
                     times = tuple(time(t) for t in times)
+                if effective_type == TaskReceived.type:  # the rest is the attempt's SENT's
+                    sent_fields = payload_values(sent, TaskSent.type)
+                    fields = tuple(
+                        r if own else s for r, s, own in zip(fields, sent_fields, _RECEIVED_OWN, strict=True)
+                    )
             out.append((*values, *times, *fields))
         return out
 
+
+#: Per payload column: whether a RECEIVED gives it (else the attempt's SENT does).
+_RECEIVED_OWN = tuple(k in RECEIVED_FIELDS for k in PAYLOAD_FIELDS)
 
 #: The catalogue columns :class:`CatalogueFill` decodes from payloads, in its order.
 CATALOGUE_DECODED = ("sent_at", "ready_at", *PAYLOAD_FIELDS)

@@ -53,6 +53,7 @@ PAYLOAD_FIELDS = (
     "name", "worker", "queue", "retries", "parent_id", "root_id", "group_id",
     "exc_type", "content_type", "args", "kwargs",
 )
+RECEIVED_FIELDS = ("name", "worker", "retries")
 BATCH = 10_000
 
 
@@ -212,14 +213,12 @@ def _part(encoded, key: str):
     return None if encoded is None else encoded[key]
 
 
-def _row(row: tuple) -> tuple:
-    *values, forgotten, expired, effective_type, payload, sent_payload = row
-    p = _loads(payload, values[0])
+def _fields(p: dict, event_type: str) -> dict:
     args, kwargs = p.get("args"), p.get("kwargs")
-    fields = {
+    return {
         "name": p.get("name"),
         # a RECEIVED's worker is its hostname; a SENT's hostname is the publisher's
-        "worker": p.get("hostname") if effective_type == RECEIVED_TYPE else p.get("worker"),
+        "worker": p.get("hostname") if event_type == RECEIVED_TYPE else p.get("worker"),
         "queue": p.get("queue"),
         "retries": p.get("retries"),
         "parent_id": p.get("parent_id"),
@@ -230,11 +229,19 @@ def _row(row: tuple) -> tuple:
         "args": _part(args, "data"),
         "kwargs": _part(kwargs, "data"),
     }
+
+
+def _row(row: tuple) -> tuple:
+    *values, forgotten, expired, effective_type, payload, sent_payload = row
+    fields = _fields(_loads(payload, values[0]), effective_type)
     times: tuple = (None, None)
     if sent_payload is not None:
         s = _loads(sent_payload, values[0])
         eta = s.get("eta")
         times = (s["sent_at"], s["sent_at"] if eta is None else max(s["sent_at"], eta))
+        if effective_type == RECEIVED_TYPE:
+            # a RECEIVED gives these; the rest (queue, ids, arguments) is the attempt's SENT's
+            fields = {**_fields(s, SENT_TYPE), **{k: fields[k] for k in RECEIVED_FIELDS}}
     return (*values, bool(forgotten), bool(expired), *times, *(fields[k] for k in PAYLOAD_FIELDS))
 
 
