@@ -208,7 +208,7 @@ def main() -> None:
     args = parser.parse_args()
     ledger = Ledger.open(args.db, upgrade=True)
     task_id, root = seed(ledger, args.tasks)
-    if ledger.dialect == "postgresql":  # as autovacuum would after a bulk load (it may be off)
+    if ledger.engine.dialect.name == "postgresql":  # as autovacuum would after a bulk load (it may be off)
         with ledger.engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("ANALYZE ledger_tasks"))
     failed = ledger.tasks(state="FAILURE", limit=1)[0]
@@ -242,7 +242,7 @@ def main() -> None:
                     "stores_per_s": {k: {"runs": v, "median": statistics.median(v)}
                                      for k, v in stores.items()}}
         print(json.dumps(measured, indent=2))
-        print("kept in", keep(f"web-{ledger.dialect}-{args.tasks}", measured))
+        print("kept in", keep(f"web-{ledger.engine.dialect.name}-{args.tasks}", measured))
     finally:
         proc.terminate()
         proc.wait(30)

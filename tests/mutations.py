@@ -486,6 +486,27 @@ MUTATIONS = [
         "\n",
         (f"{LIFECYCLE}::test_a_quiet_worker_records_received_too",),
     ),
+    Mutation(
+        "keyset paging: the key's own task is listed again on the older page",
+        "ledger/catalogue.py",
+        "t.c.first_seen < seen, sa.and_(t.c.first_seen == seen, t.c.task_id < task_id)))",
+        "t.c.first_seen < seen, sa.and_(t.c.first_seen == seen, t.c.task_id <= task_id)))",
+        ("tests/test_web.py::test_tasks_pages_by_key_through_the_whole_list_both_ways",),
+    ),
+    Mutation(
+        "follow horizon (PostgreSQL): every running transaction of the server holds followers back",
+        "ledger/store/postgres.py",
+        "          AND tx_id < {VISIBLE_HORIZON}\n",
+        "          AND tx_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint\n",
+        (f"{LOG_PG}::test_an_open_transaction_in_another_database_does_not_hold_followers_back",),
+    ),
+    Mutation(
+        "follow horizon (PostgreSQL): transactions of this database are skipped too",
+        "ledger/store/postgres.py",
+        "WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database())),",
+        "WHERE backend_xid IS NOT NULL)),",
+        (f"{LOG_PG}::test_an_open_transaction_holds_followers_back_until_it_commits",),
+    ),
 ]
 
 

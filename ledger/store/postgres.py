@@ -141,11 +141,16 @@ T = TypeVar("T")
 
 #: The channel appends NOTIFY on and waiters LISTEN to (payload: the stream id).
 NOTIFY_CHANNEL = "ledger_events"
+
+
+def _pg_notify(stream: str) -> str:
+    """The one NOTIFY of the ledger: ``stream`` (an SQL text expression) on the channel."""
+    return f"pg_notify('{NOTIFY_CHANNEL}', {stream})"
+
+
 #: The select-list item of an append that notifies when ``:notify`` is true.
-_NOTIFY = (
-    f"CASE WHEN CAST(:notify AS boolean) THEN pg_notify('{NOTIFY_CHANNEL}', CAST(:stream_id AS text))"
-    " END AS notified"
-)
+_NOTIFY = f"CASE WHEN CAST(:notify AS boolean) THEN {_pg_notify('CAST(:stream_id AS text)')} END AS notified"
+
 #: A chord's returned parts and its claim: nothing waits on them (module docstring).
 _CHORD_RETURNS = frozenset({ChordPartReturned.type, ChordFired.type})
 
@@ -784,7 +789,7 @@ class PostgresLog(FollowableLog):
 
     #: NOTIFY as a transaction of its own, after the events' commit (module docstring).
     _notify_sql = driver_sql(
-        f"SELECT pg_notify('{NOTIFY_CHANNEL}', s) FROM unnest(CAST(:streams AS text[])) s"
+        f"SELECT {_pg_notify('s')} FROM unnest(CAST(:streams AS text[])) s"
     )
 
     def _wake_after_commit(self, items: Sequence[EncodedEvent]) -> tuple[str, dict] | None:
