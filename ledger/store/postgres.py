@@ -49,7 +49,9 @@ Waiters are woken once the event is durable and visible, as before. A plain
 store keeps the NOTIFY in its own statement: splitting it off takes a pipeline,
 which cost a store more client and server CPU than the lock cost it (one
 process, 3 alternating runs of 2,000 tasks: 378-545 against 547-847 µs of
-client CPU per task), and stores are CPU-bound with 4 processes on 2 cores.
+client CPU per task), and stores are CPU-bound with 4 processes on 2 cores. A
+second round trip for it instead (no pipeline) did no better: 4 processes, 6
+alternating 2 s runs at load 1.3-2.4, ahead in 1 of the 6 pairs.
 
 By default (``notify="ready"``) every event notifies except a task state that
 is not ready -- STARTED, RETRY, custom progress states -- a task's SENT and
