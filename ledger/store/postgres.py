@@ -67,7 +67,11 @@ Hot paths
 ---------
 A store, a point read and a chord's part go through the pooled connection's
 psycopg connection (:func:`driver_fetch`, :func:`pooled_fetch`), each event with
-its projection update in one statement (:class:`FusedUpdates`).
+its projection update in one statement (:class:`FusedUpdates`). The process's
+main thread keeps its connection checked out (:func:`_kept`), with generic plans,
+and prepares these statements on it once when it opens it
+(:meth:`PostgresStore._warm_up`). A chord part with its result and its claim is
+one pipelined transaction (:meth:`PostgresLog.return_chord_part`).
 """
 
 from __future__ import annotations
