@@ -668,6 +668,8 @@ VISIBLE_HORIZON = """(
         pg_snapshot_xmax(s.snap)::text::bigint)
     FROM (SELECT pg_current_snapshot() AS snap) AS s
 )"""
+
+
 class PostgresLog(FollowableLog):
     """No writer waits for another; visibility by transaction id (module docstring)."""
 
