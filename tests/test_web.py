@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import pickle
 import re
@@ -399,10 +400,11 @@ def test_a_client_that_cannot_keep_up_is_cut_off_alone():
 
     async def scenario() -> tuple[list, list]:
         feed = EventFeed(None, lambda e: e, client_queue=3)  # type: ignore[arg-type]
+        feed._loop = asyncio.get_running_loop()
         with feed.subscribe() as slow, feed.subscribe() as fast:
             got = []
             for i in range(10):
-                feed._publish(f"event {i}")
+                feed._hand_over(f"event {i}")
                 got.extend(await fast.next_batch())
             stuck = [slow.queue.get_nowait() for _ in range(slow.queue.qsize())]
             return got, stuck
@@ -410,6 +412,25 @@ def test_a_client_that_cannot_keep_up_is_cut_off_alone():
     got, stuck = asyncio.run(scenario())
     assert got == [f"event {i}" for i in range(10)]
     assert len(stuck) == 1 and isinstance(stuck[0], Overflow) and stuck[0].dropped == 4
+
+
+def test_events_handed_over_together_reach_every_client_as_one_chunk_counted_per_event():
+    """The loop is woken once for a burst; the burst counts its events against each client's bound."""
+
+    async def scenario() -> tuple[list, list]:
+        feed = EventFeed(None, lambda e: e, client_queue=3)  # type: ignore[arg-type]
+        feed._loop = asyncio.get_running_loop()
+        with feed.subscribe() as small, contextlib.ExitStack() as stack:
+            feed.client_queue = 10
+            big = stack.enter_context(feed.subscribe())
+            for i in range(5):  # the follower's burst, before the loop runs
+                feed._hand_over(f"e{i};")
+            got = await big.next_batch()
+            return got, [small.queue.get_nowait() for _ in range(small.queue.qsize())]
+
+    got, small = asyncio.run(scenario())
+    assert got == ["e0;e1;e2;e3;e4;"]
+    assert len(small) == 1 and isinstance(small[0], Overflow) and small[0].dropped == 5
 
 
 def sse_socket(port: int, rcvbuf: int | None = None) -> socket.socket:
