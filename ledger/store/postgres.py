@@ -254,6 +254,16 @@ def pooled_fetch_then_read(
     return _pooled(engine, *statements[0], run)
 
 
+def _checkout(engine: Engine) -> Any:
+    """A pooled connection of ``engine``; a failure to connect raised as ``engine.connect()`` raises it."""
+    import psycopg
+
+    try:
+        return engine.raw_connection()
+    except psycopg.Error as orig:
+        raise sa.exc.DBAPIError.instance(None, None, orig, psycopg.Error, dialect=engine.dialect) from orig
+
+
 def _pooled(engine: Engine, sql: str, params: dict, run: Callable[[Any, dict], T]) -> T:
     """``run(psycopg_connection, record_info)`` on a pooled connection in autocommit mode.
 
@@ -278,10 +288,7 @@ def _pooled(engine: Engine, sql: str, params: dict, run: Callable[[Any, dict], T
         except BaseException:
             _drop_kept(engine)  # interrupted mid-statement (a time limit): state unknown
             raise
-    try:
-        fairy = engine.raw_connection()
-    except psycopg.Error as orig:  # as engine.connect() raises it
-        raise sa.exc.DBAPIError.instance(None, None, orig, psycopg.Error, dialect=engine.dialect) from orig
+    fairy = _checkout(engine)
     try:
         raw = fairy.driver_connection
         raw.autocommit = True
@@ -317,10 +324,7 @@ def _kept(engine: Engine) -> Any:
         if pid == os.getpid() and pool is engine.pool and fairy.is_valid:
             return fairy
         _drop_kept(engine)
-    try:
-        fairy = engine.raw_connection()
-    except psycopg.Error as orig:  # as engine.connect() raises it
-        raise sa.exc.DBAPIError.instance(None, None, orig, psycopg.Error, dialect=engine.dialect) from orig
+    fairy = _checkout(engine)
     try:
         raw = fairy.driver_connection
         raw.autocommit = True

@@ -153,8 +153,6 @@ class EventFeed:
     def _publish(self) -> None:
         with self._pending_lock:
             items, self._pending = self._pending, []
-        if not items:
-            return
         self.backlog.extend(items)
         chunk = "".join(items)
         for sub in list(self._subscribers):
