@@ -505,6 +505,7 @@ class Ledger:
         stop: threading.Event | None = None,
         idle_timeout: float | None = None,
         poll_interval: float = 0.1,
+        read_interval: float = 0.0,
     ) -> Iterator[RecordedEvent]:
         """Yield every event after ``from_position``, then new ones as they commit.
 
@@ -512,12 +513,22 @@ class Ledger:
         (the only wake-up on SQLite; on PostgreSQL it finds the events that do
         not notify, see :mod:`ledger.store.postgres`). Ends when ``stop`` is set or after
         ``idle_timeout`` seconds without an event.
+
+        ``read_interval`` is the least time between two reads of a caught-up
+        follower: when events come faster, those committed meanwhile arrive
+        together in the next read instead of one read (and one wake-up of
+        whatever consumes them) per commit. An event then waits at most that
+        long; when they come slower, none waits.
         """
         cp = self.checkpoint_of(from_position)
-        idle_since = time.monotonic()
+        idle_since = last_read = time.monotonic()
         wait = poll_interval
         with self.store.listener() as listener:
             while stop is None or not stop.is_set():
+                pause = last_read + read_interval - time.monotonic()
+                if pause > 0 and (stop.wait(pause) if stop is not None else time.sleep(pause)):
+                    return
+                last_read = time.monotonic()
                 events = self.read(lambda c, cp=cp: self.log.read_from(c, cp, batch))
                 for event in events:
                     yield event

@@ -354,6 +354,13 @@ MUTATIONS = [
         ("tests/test_web.py::test_a_client_that_cannot_keep_up_is_cut_off_alone",),
     ),
     Mutation(
+        "follow: read_interval is ignored (one read per commit under a stream of stores)",
+        "ledger/api.py",
+        "                if pause > 0 and (stop.wait(pause) if stop is not None else time.sleep(pause)):\n",
+        "                if False:\n",
+        ("tests/test_follow.py::test_follow_read_interval_gathers_a_stream_of_commits_into_few_reads",),
+    ),
+    Mutation(
         "web: the Gantt chart draws no retried attempt",
         "ledger/web/gantt.py",
         '        row.segments.append(_segment(x_of(start), x_of(run_from), "retried"))\n',

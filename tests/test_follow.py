@@ -215,3 +215,41 @@ def _visible_all(ledger: Ledger):
     head = ledger.read(ledger.log.head)
     events = ledger.read_from(START, 100_000)
     return events if events and (events[-1].tx_id, events[-1].position) >= head else None
+
+
+def test_follow_read_interval_gathers_a_stream_of_commits_into_few_reads(pg_url):
+    """``read_interval``: at most one read per interval while commits stream in, and
+    every event still arrives once, in order (the web console's feed relies on it)."""
+    ledger = Ledger.open(pg_url)
+    start = ledger.read(ledger.log.head)
+    interval = 0.25
+    reads: list[float] = []
+    read = ledger.read
+
+    def counted(fn):
+        reads.append(time.monotonic())
+        return read(fn)
+
+    ledger.read = counted  # type: ignore[method-assign]
+    stop = threading.Event()
+    seen: list = []
+    ids = [f"paced-{uuid.uuid4().hex[:8]}-{i}" for i in range(400)]
+
+    def follower() -> None:
+        for event in ledger.follow(start, stop=stop, poll_interval=0.05, read_interval=interval):
+            seen.append(event)
+
+    t = threading.Thread(target=follower, daemon=True)
+    t.start()
+    began = time.monotonic()
+    for task_id in ids:  # one commit each, as workers store results
+        ledger.append([TaskState(task_id=task_id, status="SUCCESS")])
+    eventually(lambda: len(seen) >= len(ids), what="the follower to see every event")
+    stop.set()
+    t.join(30)
+    during = [at for at in reads if at >= began]
+    elapsed = max(during) - began
+    assert [e.stream_id for e in seen] == [f"task:{i}" for i in ids]
+    # One read per interval, plus the one that found nothing new at the end.
+    assert len(during) <= elapsed / interval + 3, (len(during), elapsed)
+    assert len(during) < len(ids) / 4

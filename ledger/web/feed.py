@@ -33,6 +33,13 @@ log = logging.getLogger("ledger.web")
 CLIENT_QUEUE = 4096
 #: Recent events kept for clients that ask for a backlog (the Live page).
 BACKLOG = 200
+#: The least time between two reads of the log by the shared follower
+#: (:meth:`Ledger.follow`'s ``read_interval``). Under a stream of stores it makes
+#: one read, one hand-over to the loop and one write per client out of every
+#: commit in the interval, instead of one of each per commit: what each store
+#: costs the machine then hardly depends on the number of clients. An event
+#: waits at most this long, under the console's 100 ms budget for reaching a client.
+READ_INTERVAL = 0.02
 
 
 class Overflow:
@@ -92,11 +99,13 @@ class EventFeed:
         *,
         client_queue: int = CLIENT_QUEUE,
         poll_interval: float = 0.1,
+        read_interval: float = READ_INTERVAL,
     ) -> None:
         self.ledger = ledger
         self.render = render
         self.client_queue = client_queue
         self.poll_interval = poll_interval
+        self.read_interval = read_interval
         self.backlog: deque[str] = deque(maxlen=BACKLOG)
         self._subscribers: set[Subscription] = set()
         self._stop = threading.Event()
@@ -133,7 +142,8 @@ class EventFeed:
         while not self._stop.is_set():
             try:
                 for event in self.ledger.follow(
-                    after, stop=self._stop, poll_interval=self.poll_interval
+                    after, stop=self._stop, poll_interval=self.poll_interval,
+                    read_interval=self.read_interval,
                 ):
                     after = event.position
                     self._hand_over(self.render(event))
