@@ -54,7 +54,7 @@ def _requests(client: redis.Redis, queue: str) -> list[Context]:
 
 def measure_chord(setup_app: Celery, worker_app: Celery, size: int, prefix: str) -> Run:
     """Run one chord of ``size`` parts; latency in seconds, ok only if the body fired once."""
-    header_q, body_q = f"{prefix}.header", f"{prefix}.body"
+    header_q, body_q, warm_q = f"{prefix}.header", f"{prefix}.body", f"{prefix}.warm-up"
     client = redis.Redis.from_url(setup_app.conf.broker_url)
     try:
         header = [setup_app.signature("bench.part", (i,), queue=header_q) for i in range(size)]
@@ -82,6 +82,12 @@ def measure_chord(setup_app: Celery, worker_app: Celery, size: int, prefix: str)
             # fresh child's first store also opens one, ~15-25 ms on PostgreSQL,
             # which a chord of 10 parts timed as the chord's latency.
             backend.get_task_meta(f"{prefix}-warm-up")
+            # And its publishing path: a worker child builds the app's task registry,
+            # router and queues, and the ledger its task.sent statement, on its first
+            # publish, then keeps them for every task it runs (~5-10 ms in a fresh
+            # fork, on every contender alike). One publish to a queue of its own
+            # (purged below) leaves the child as it is after its first chord.
+            worker_app.signature("bench.warm_up", queue=warm_q).delay()
             s = Slice(started=time.monotonic(), extra={"sent": sent, "returns": []})
             for req in requests[child::WORKERS]:
                 s.extra["returns"].append(time.monotonic())
@@ -107,5 +113,5 @@ def measure_chord(setup_app: Celery, worker_app: Celery, size: int, prefix: str)
             note=note,
         )
     finally:
-        client.delete(header_q, body_q)
+        client.delete(header_q, body_q, warm_q)
         client.close()
