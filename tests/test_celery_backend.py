@@ -312,3 +312,31 @@ def test_ledger_notify_setting_is_checked_and_reaches_the_log(pg_url):
         make_app(pg_url, ledger_notify="some").backend  # noqa: B018
     assert make_app(pg_url).backend.ledger.log.notify_all is False
     assert make_app(pg_url, ledger_notify="all").backend.ledger.log.notify_all is True
+
+
+def test_a_task_id_with_a_nul_is_refused_never_read_as_its_prefix(any_url):
+    # get_task_meta's point read sends the id below psycopg's cursor (PostgreSQL):
+    # as a C string libpq would cut it at the NUL and answer for "<id>".
+    backend = make_app(any_url).backend
+    tid = new_id()
+    backend.mark_as_done(tid, "the prefix's result")
+    try:
+        meta = backend.get_task_meta(tid + "\x00-another-task")
+    except BackendGetMetaError as exc:  # PostgreSQL: text cannot hold a NUL
+        assert "0x00" in str(exc.__cause__) or "NUL" in str(exc.__cause__), exc.__cause__
+    else:  # SQLite compares the whole id: no such task
+        assert meta == {"status": states.PENDING, "result": None}
+    assert backend.get_task_meta(tid)["result"] == "the prefix's result"
+
+
+def test_get_prepares_its_lookup_again_after_deallocate_all(pg_url):
+    from ledger.store.postgres import _KEPT
+
+    backend = make_app(pg_url).backend
+    tid = new_id()
+    backend.mark_as_done(tid, 7)
+    assert backend.get_task_meta(tid)["result"] == 7  # prepared on the kept connection
+    engine = backend.ledger.engine
+    _KEPT[engine][2].driver_connection.execute("DEALLOCATE ALL")
+    assert backend.get_task_meta(tid, cache=False)["result"] == 7
+    assert backend.get_task_meta(new_id())["status"] == states.PENDING
