@@ -32,7 +32,12 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def csv_cell(value: Any) -> Any:
-    """A text cell a spreadsheet would run as a formula gets a leading ``'``; numbers stay numbers."""
-    if isinstance(value, str) and value.startswith(FORMULA_START):
-        return "'" + value
+    """A text cell with its control characters escaped as :func:`terminal_safe` does (a
+    CSV is read in terminals too: ``cat``, ``less -r``), and a leading ``'`` if a
+    spreadsheet would run it as a formula; numbers stay numbers. Tabs and
+    newlines (tracebacks) stay; the JSON exports keep every value as stored."""
+    if isinstance(value, str):
+        value = terminal_safe(value)
+        if value.startswith(FORMULA_START):
+            return "'" + value
     return value

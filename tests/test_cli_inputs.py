@@ -4,6 +4,7 @@ real ``celery-ledger`` process; no injection reaches a terminal or a spreadsheet
 from __future__ import annotations
 
 import csv
+import io
 import os
 import shutil
 import subprocess
@@ -133,6 +134,16 @@ def test_csv_export_neutralizes_formula_cells_and_keeps_numbers(sqlite_url, tmp_
     assert [(r["position"], r["retries"]) for r in rows] == [("1", "3"), ("2", "0")]
     for row in rows:
         assert not any(str(v).startswith(("=", "+", "-", "@", "\t", "\r")) for v in row.values())
+
+
+@pytest.mark.parametrize("argv", [("export", "--format", "csv"), ("tasks", "--format", "csv")])
+def test_csv_output_shows_terminal_escapes_as_text(hostile, argv):
+    run = cli(*argv, "--db", hostile)
+    assert run.returncode == 0, run
+    assert not any(c in run.stdout for c in "\x1b\x07\u202e")
+    assert "proj.\\x1b]0;TITLE\\x07\\x1b[2J" in run.stdout
+    names = [row["name"] for row in csv.DictReader(io.StringIO(run.stdout, newline=""))]
+    assert names == ["proj.\\x1b]0;TITLE\\x07\\x1b[2J"]
 
 
 # -- 7. export files: one line for a path that cannot be written, the old file kept on failure --
