@@ -438,7 +438,16 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
         with self._wake_ups(enabled=max_iterations != 1) as listener:
             iterations = 0
             while ids:
-                for task_id, meta in self._ready(ids, READY_STATES):
+                ready = list(self._ready(ids, READY_STATES))
+                if ready and on_interval:
+                    # Celery's drain loop calls it between a wake-up and handing over
+                    # what came (see below), so AsyncResult.get() re-raises a failed
+                    # parent's own exception even when the first read finds the result
+                    # ready. After the read: a chord's header part stores its failure
+                    # before the body's ChordError is stored, so when this read found
+                    # the ChordError the parent check finds the part's error.
+                    on_interval()
+                for task_id, meta in ready:
                     ids.discard(task_id)
                     if meta["status"] == states.SUCCESS:
                         self._cache[task_id] = meta

@@ -389,6 +389,13 @@ MUTATIONS = [
         ("tests/test_cli_inputs.py::test_csv_export_neutralizes_formula_cells_and_keeps_numbers",),
     ),
     Mutation(
+        "get: a result ready at the first read is handed over before the parents are checked",
+        "ledger/celery.py",
+        "                if ready and on_interval:\n",
+        "                if False:\n",
+        (f"{BACKEND}::test_get_raises_the_failed_header_parts_error_even_when_the_body_is_ready_at_once",),
+    ),
+    Mutation(
         "follow: read_interval is ignored (one read per commit under a stream of stores)",
         "ledger/api.py",
         "                if pause > 0 and (stop.wait(pause) if stop is not None else time.sleep(pause)):\n",

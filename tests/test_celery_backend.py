@@ -340,3 +340,35 @@ def test_get_prepares_its_lookup_again_after_deallocate_all(pg_url):
     _KEPT[engine][2].driver_connection.execute("DEALLOCATE ALL")
     assert backend.get_task_meta(tid, cache=False)["result"] == 7
     assert backend.get_task_meta(new_id())["status"] == states.PENDING
+
+
+def test_get_raises_the_failed_header_parts_error_even_when_the_body_is_ready_at_once(
+    any_url, monkeypatch
+):
+    # Celery's chord integration tests (test_error_propagates_to_chord_from_simple):
+    # get() on a chord whose header part failed raises that part's error, not the
+    # body's ChordError. get() checks the parents once before waiting; here both
+    # failures are stored after that check and before the backend's first read, the
+    # order a worker stores them in. (Celery's drain loop checks the parents again
+    # after each wait, before it hands over a result; so must the backend.)
+    from celery.exceptions import ChordError
+
+    app = make_app(any_url)
+    backend = app.backend
+    part, body = new_id(), new_id()
+    header = app.GroupResult(new_id(), [app.AsyncResult(part)])
+    result = app.AsyncResult(body, parent=header)
+    read = backend._ready
+    stored: list[str] = []
+
+    def store_then_read(ids, ready_states):
+        if not stored:
+            stored.append(part)
+            backend.mark_as_failure(part, KeyError("the part's own error"))
+            backend.mark_as_failure(body, ChordError(f"Dependency {part} raised KeyError"))
+        yield from read(ids, ready_states)
+
+    monkeypatch.setattr(backend, "_ready", store_then_read)
+    with pytest.raises(KeyError, match="the part's own error"):
+        result.get(timeout=30)
+    assert stored == [part]
