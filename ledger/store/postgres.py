@@ -406,7 +406,7 @@ class PointRead:
             if loader is None:
                 pg.send_prepare(self.name, self._sql)
                 self._check(raw, raw.wait(self._execute(pg)))
-                loader = info[self.name] = [self._transformer(raw), False]
+                loader = info[self.name] = self._transformer(raw)
             # The key goes in binary format, with its length: text-format parameters
             # are C strings to libpq, which would cut a key at a NUL (PostgreSQL
             # refuses the NUL instead, as it does through a cursor).
@@ -421,10 +421,8 @@ class PointRead:
                 continue
             if not result.ntuples:
                 return None
-            transformer, ready = loader
-            transformer.set_pgresult(result, set_loaders=not ready)
-            loader[1] = True
-            return transformer.load_row(0, tuple)
+            loader.set_pgresult(result, set_loaders=loader.pgresult is None)
+            return loader.load_row(0, tuple)
         raise AssertionError("unreachable")
 
     def _check(self, raw: Any, results: list) -> Any:
