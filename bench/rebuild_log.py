@@ -39,9 +39,10 @@ _TEMPLATES = [
     ("task", "b", 4, "task.state", "FAILURE", None, None, TaskState(task_id="x", status="FAILURE")),
     ("group", "g", 1, "group.saved", None, None, None, GroupSaved(group_id="x", result=[["x", None], []])),
     ("chord", "c", 1, "chord.started", None, None, 2, ChordStarted(chord_id="x", size=2)),
-    ("chord", "c", 2, "chord.part_returned", "SUCCESS", "a", None,
+    # a returned part is in its own stream (part:<task id>), its chord in ref_id
+    ("part", "a", 1, "chord.part_returned", "SUCCESS", "c", None,
      ChordPartReturned(chord_id="x", task_id="x", status="SUCCESS")),
-    ("chord", "c", 3, "chord.part_returned", "FAILURE", "b", None,
+    ("part", "b", 1, "chord.part_returned", "FAILURE", "c", None,
      ChordPartReturned(chord_id="x", task_id="x", status="FAILURE")),
 ]
 assert len(_TEMPLATES) == UNIT

@@ -67,11 +67,10 @@ T = TypeVar("T")
 
 @dataclass
 class AppendResult:
-    """What an append wrote: new events, ids that were already there, chords it completed."""
+    """What an append wrote: new events, and ids that were already there."""
 
     recorded: list[RecordedEvent] = field(default_factory=list)
     duplicates: list = field(default_factory=list)
-    completed_chords: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -194,7 +193,7 @@ class Ledger:
             recorded, missing = self._retrying(alone, write=True)
             if missing:  # raises VersionConflict unless a duplicate
                 self.read(lambda conn: self.log.explain_no_row(conn, missing[0]))
-            return AppendResult(recorded, [item.new.event_id for item in missing], [])
+            return AppendResult(recorded, [item.new.event_id for item in missing])
         return self.write(lambda conn: self._append_in(conn, items))
 
     def _append_in(self, conn: Connection, items: list[EncodedEvent]) -> AppendResult:
@@ -229,13 +228,15 @@ class Ledger:
 
         Returns True exactly once per life of the chord: to the caller that must
         send the body. The part's event id is derived from (chord, task), so a
-        redelivered part is the same event and counts once. The caller whose
-        part completed the chord claims the body with a ``chord.fired`` event
-        whose id is derived from the completing part's, in the same
-        transaction. If the process died between completing and claiming, a
-        redelivery of the completing part finds the chord complete at its own
-        return and claims then; any other duplicate returns False. ``body_task_id``
-        (the body's task id) is recorded in the claim.
+        redelivered part is the same event and counts once. The part is appended
+        to a stream of its own and waits for no other part; once it is in the
+        log, a caller that finds the chord complete and unclaimed claims the
+        body with a ``chord.fired`` event in the chord's stream: the part that
+        commits last always finds it so, and claims serialize on the stream's
+        version, so at most one per life gets in.
+        If the process died between the part and the claim, a redelivery of any
+        part claims then. ``body_task_id`` (the body's task id) is recorded in
+        the claim.
 
         A chord applied again (``chord.applied``: a frozen chord reuses its
         header task ids) finds the first life's id taken by a part it has not
@@ -281,45 +282,52 @@ class Ledger:
             if claimed or recorded:
                 return claimed, inputs
 
-        def work(conn: Connection) -> bool:
-            appended = self._append_in(conn, [first])
-            if not appended.recorded:
-                state = self.target.chord(conn, chord_id)
-                if state is None:
-                    return False
-                counted = next((p for p in state.parts if p[0] == task_id), None)
-                if counted is not None:
-                    # a redelivery: claim only what a dead process completed and never claimed
-                    if state.completed_position != counted[2] or state.fired_position is not None:
-                        return False
-                    (completing,) = self.log.read_positions(conn, [counted[2]])
-                    return self._claim_chord(conn, chord_id, completing.event_id, body_task_id)
-                life = self._chord_life(conn, chord_id)
-                if life is None:
-                    return False
-                again = NewEvent(part, ChordPartReturned.deterministic_event_id(chord_id, task_id, life))
-                appended = self._append_in(conn, [EncodedEvent.of(again)])
-                if not appended.recorded:
-                    return False
-            if not appended.completed_chords:
-                return False
-            return self._claim_chord(conn, chord_id, appended.recorded[0].event_id, body_task_id)
+        def record(conn: Connection) -> uuid.UUID:
+            """Append the part if this life has not counted it; its event id in this life."""
+            if self._append_in(conn, [first]).recorded:
+                return first.new.event_id
+            life = self._chord_life(conn, chord_id)
+            if life is None:
+                return first.new.event_id  # a redelivery in the chord's only life
+            # The same task id in a later life of the chord, or a redelivery in it.
+            again = NewEvent(part, ChordPartReturned.deterministic_event_id(chord_id, task_id, life))
+            state = self.target.chord(conn, chord_id)
+            if state is None or not state.has_part(task_id):
+                self._append_in(conn, [EncodedEvent.of(again)])
+            return again.event_id
 
-        return self.write(work), None
+        counted = self.write(record)
+        # After the part's commit, in a transaction of its own: a part that commits
+        # last sees every part (return_chord_part). The claim's id names the life.
+        claim = self._claim_of(chord_id, counted, body_task_id)
+        return self.write(lambda conn: self._claim_chord(conn, chord_id, claim)), None
 
     @staticmethod
     def _claim_of(chord_id: str, completed_by: uuid.UUID, body_task_id: str | None) -> EncodedEvent:
-        """The ``chord.fired`` claiming the body of a life completed by event ``completed_by``."""
+        """The ``chord.fired`` of a claim made after the part ``completed_by`` (an event id)."""
         return EncodedEvent.of(NewEvent(
             ChordFired(chord_id=chord_id, body_task_id=body_task_id),
             ChordFired.deterministic_event_id(chord_id, completed_by),
         ))
 
-    def _claim_chord(
-        self, conn: Connection, chord_id: str, completed_by: uuid.UUID, body_task_id: str | None
-    ) -> bool:
-        claim = self._claim_of(chord_id, completed_by, body_task_id)
-        return bool(self._append_in(conn, [claim]).recorded)
+    def _claim_chord(self, conn: Connection, chord_id: str, claim: EncodedEvent) -> bool:
+        """Claim the body if the chord is complete and unclaimed.
+
+        The chord stream's version is read first, the chord after it, and the
+        claim expects that version: a claim (or any chord event) appended since
+        the version was read fails it, and the unit is retried -- to find the
+        claim, if that was one. Read the other way round, a claim committed
+        between the reads would be missed and a second one appended after it.
+        """
+        version = self.log.stream_version(conn, stream_id(CHORD, chord_id))
+        state = self.target.chord(conn, chord_id)
+        if state is None or not state.complete or state.fired_position is not None:
+            return False
+        expecting = EncodedEvent.of(NewEvent(claim.new.data, claim.new.event_id, version))
+        try:
+            return bool(self._append_in(conn, [expecting]).recorded)
+        except VersionConflict as exc:
+            raise RetryableConflict(f"chord {chord_id!r} moved on while it was claimed") from exc
 
     def _chord_life(self, conn: Connection, chord_id: str) -> int | None:
         """Position of the ``chord.applied`` that began the chord's current life (None: none)."""
@@ -477,6 +485,10 @@ class Ledger:
 
     def read_stream(self, stream_id: str) -> list[RecordedEvent]:
         return self.read(lambda c: self.log.read_stream(c, stream_id))
+
+    def chord_events(self, chord_id: str) -> list[RecordedEvent]:
+        """The chord's own events and its returned parts', in log order."""
+        return self.read(lambda c: self.log.read_chord(c, chord_id))
 
     def history(self, task_id: str) -> list[RecordedEvent]:
         """Every event of the task, forgotten or not, in order."""

@@ -671,7 +671,7 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
         """A header that was not saved (a generator): the current life's returned parts,
         in header order (``group_index``, then order of return)."""
         parts: dict[str, tuple[float, int]] = {}
-        for event in self.ledger.read_stream(stream_id(CHORD, gid)):
+        for event in self.ledger.chord_events(gid):
             if event.type == ChordApplied.type:
                 parts.clear()
             elif event.type == ChordPartReturned.type and event.data.task_id not in parts:

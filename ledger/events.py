@@ -31,8 +31,11 @@ RECEIVED = "RECEIVED"
 
 Id = str
 
-#: Stream kinds: what a stream id's prefix says its events are about.
-TASK, GROUP, CHORD, MAINTENANCE = "task", "group", "chord", "ledger"
+#: Stream kinds: what a stream id's prefix says its events are about. A chord's
+#: returned parts are each in a stream of their own (``part:<task id>``), not in
+#: the chord's: parts returned at once by different workers then never wait for
+#: each other (see :class:`ChordPartReturned`).
+TASK, GROUP, CHORD, PART, MAINTENANCE = "task", "group", "chord", "part", "ledger"
 
 
 def stream_id(kind: str, key: str) -> str:
@@ -322,8 +325,17 @@ class ChordPartAdded(_ChordEvent):
 
 class ChordPartReturned(_ChordEvent):
     """A header task returned (any ready state). Counted once per distinct ``task_id``
-    in each life of the chord."""
+    in each life of the chord.
 
+    Appended to the part's own stream, ``part:<task id>``, with the chord's id in
+    ``ref_id``: each part's transaction writes a stream of its own, so the parts
+    of one chord commit side by side, and the only thing serialized per chord is
+    the claim (``chord.fired``, in the chord's stream). Logs written before
+    revision 0005 hold parts in the chord's stream, with the task id in
+    ``ref_id``; both fold alike, by the chord and task ids of the payload.
+    """
+
+    stream_prefix: ClassVar[str] = PART
     type: ClassVar[str] = "chord.part_returned"
     task_id: Id
     status: str = Field(min_length=1, max_length=MAX_STATE_LENGTH)
@@ -333,8 +345,12 @@ class ChordPartReturned(_ChordEvent):
 
     _task_id = field_validator("task_id")(_check_id)
 
+    @property
+    def stream_key(self) -> str:
+        return self.task_id
+
     def index_columns(self) -> dict[str, Any]:
-        return {"ref_id": self.task_id, "task_state": self.status}
+        return {"ref_id": self.chord_id, "task_state": self.status}
 
     @staticmethod
     def deterministic_event_id(chord_id: str, task_id: str, life: int | None = None) -> uuid.UUID:

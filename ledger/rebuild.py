@@ -74,6 +74,7 @@ from ledger.errors import RebuildError
 from ledger.events import (
     CHORD,
     TASK,
+    ChordPartReturned,
     CorruptEvent,
     GroupSaved,
     LogPruned,
@@ -126,14 +127,14 @@ def _slots(names: Sequence[str]) -> list[str]:
 
 
 def _prefixes(names: Sequence[str]) -> list[str]:
-    return [REGISTRY[n].stream_prefix for n in names]
+    return [prefix for n in names for prefix in REGISTRY[n].stream_prefixes]
 
 
 def _mixed(new: ProjectionTables, slots: Sequence[str]) -> ProjectionTables:
     """New tables for the rebuilt slots, live ones elsewhere (never touched: events are filtered)."""
     return ProjectionTables(**{
         s: getattr(new if s in slots else LIVE, s)
-        for s in ("task_meta", "groups", "chords", "chord_parts", "catalogue")
+        for s in ("task_meta", "groups", "chords", "chord_parts", "chord_counts", "catalogue")
     })
 
 
@@ -318,13 +319,16 @@ _KEYS = {
     "groups": ("group_id",),
     "chords": ("chord_id",),
     "chord_parts": ("chord_id", "task_id"),
+    "chord_counts": ("chord_id",),
     "catalogue": ("task_id",),
 }
 
 
 #: What verify counts, by kind (the JSON summary's ``counts`` keys): bad events in the
 #: log, and differing rows per projection table.
-VERIFY_KINDS = ("corrupt_events", "version_gaps", "task_meta", "groups", "chords", "chord_parts")
+VERIFY_KINDS = (
+    "corrupt_events", "version_gaps", "task_meta", "groups", "chords", "chord_parts", "chord_counts"
+)
 
 
 @dataclass
@@ -405,9 +409,7 @@ def _differing_keys(
     conn: Connection, expected: sa.Table, live: sa.Table, slot: str, limit: int | None
 ) -> tuple[int, list[tuple]]:
     """How many keys differ between the tables, and the first ``limit`` of them (sorted)."""
-    cols = [c.name for c in live.columns]
-    a = sa.select(*(expected.c[c] for c in cols))
-    b = sa.select(*(live.c[c] for c in cols))
+    a, b = _comparable(expected, slot), _comparable(live, slot)
     keys = _KEYS[slot]
     both = sa.union(*(
         sa.select(*(sub.c[k] for k in keys))
@@ -418,6 +420,22 @@ def _differing_keys(
     if limit is not None:
         first = first.limit(limit)
     return count, [tuple(r) for r in conn.execute(first)] if count else []
+
+
+def _comparable(table: sa.Table, slot: str) -> sa.Select:
+    """The rows of a projection table as a rebuild must reproduce them: every column,
+    but a chord's count as its sum (its rows are per writer live, one after a rebuild)."""
+    if slot == "chord_counts":
+        return sa.select(table.c.chord_id, sa.func.sum(table.c.returned).label("returned")).group_by(
+            table.c.chord_id
+        )
+    return sa.select(*table.c)
+
+
+def _chord_count(conn: Connection, table: sa.Table, chord_id: str) -> int:
+    return conn.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(table.c.returned), 0)).where(table.c.chord_id == chord_id)
+    ).scalar_one()
 
 
 def _differences(
@@ -446,7 +464,12 @@ def _differences(
     for chord_id in sorted(chord_ids):
         _put(expected.chords, chord_id, exp_target.chord(conn, chord_id))
         _put(found.chords, chord_id, live_target.chord(conn, chord_id))
-    return counts, expected.differences(found)
+    miscounted = [
+        f"chord_counts[{chord_id!r}]: expected {_chord_count(conn, scratch.chord_counts, chord_id)} "
+        f"parts, found {_chord_count(conn, LIVE.chord_counts, chord_id)}"
+        for (chord_id,) in keys.get("chord_counts", ())
+    ]
+    return counts, expected.differences(found) + miscounted
 
 
 def _put(table: dict, key: str, value) -> None:
@@ -499,8 +522,9 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
       (``position``): with everything older in its stream gone, a rebuild picks
       exactly that event again — it is the first SUCCESS of its life, or the last
       state, and no older tombstone remains to end its life;
-    * every event of a chord stream unless the whole stream is older than
-      ``before`` and the chord completed: a chord counter needs all its parts.
+    * every event of a chord stream and of its parts' streams unless all of them
+      are older than ``before`` and the chord completed: a chord counter needs
+      all its parts.
       A completed, fully pruned chord loses its counter rows too, in the same
       transaction, so the live tables still equal a rebuild;
     * the ``ledger:*`` maintenance streams (the record of earlier prunes);
@@ -544,20 +568,36 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
         old = e.c.position < cutoff
         pinned_task = sa.exists().where(T.task_meta.c.task_id == task_key, T.task_meta.c.position == e.c.position)
         pinned_group = sa.exists().where(T.groups.c.group_id == key, T.groups.c.position == e.c.position)
-        later = e.alias("later")
-        chord_alive = sa.or_(
-            # a chord stream with any event at or after the cutoff stays whole
-            sa.exists().where(later.c.stream_id == e.c.stream_id, later.c.position >= cutoff),
-            # an incomplete chord stays whole: its counter still needs every part
-            sa.exists().where(T.chords.c.chord_id == key, T.chords.c.completed_position.is_(None)),
-        )
+        later, parts = e.alias("later"), T.chord_parts
+
+        def chord_alive(chord_id: sa.ColumnElement) -> sa.ColumnElement:
+            """A chord whose stream or parts' streams (``part:``, the chord in ref_id)
+            have an event at or after the cutoff, or that is incomplete, stays whole:
+            its counter still needs every part."""
+            counted = (
+                sa.select(sa.func.count()).where(parts.c.chord_id == chord_id)
+                .correlate_except(parts).scalar_subquery()
+            )
+            return sa.or_(
+                sa.exists().where(later.c.stream_id == sa.literal("chord:") + chord_id, later.c.position >= cutoff),
+                sa.exists().where(
+                    later.c.ref_id == chord_id, later.c.type == ChordPartReturned.type,
+                    later.c.stream_id.like("part:%"), later.c.position >= cutoff,
+                ),
+                sa.exists().where(
+                    T.chords.c.chord_id == chord_id,
+                    sa.or_(T.chords.c.size.is_(None), counted < T.chords.c.size),
+                ),
+            )
+
         doomed = sa.and_(
             old,
             ~e.c.stream_id.like("ledger:%"),
             sa.or_(
                 sa.and_(e.c.stream_id.like("task:%"), ~pinned_task),
                 sa.and_(e.c.stream_id.like("group:%"), ~pinned_group),
-                sa.and_(e.c.stream_id.like("chord:%"), ~chord_alive),
+                sa.and_(e.c.stream_id.like("chord:%"), ~chord_alive(key)),
+                sa.and_(e.c.stream_id.like("part:%"), ~chord_alive(e.c.ref_id)),
             ),
         )
         affected = [r[0] for r in conn.execute(
@@ -574,12 +614,18 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
         if dry_run:
             deleted = conn.execute(sa.select(sa.func.count()).where(doomed)).scalar_one()
             return PruneReport(before, deleted, affected, kept, True, held_by, for_followers)
-        gone_chords = [stream_key(s) for s in affected if stream_kind(s) == CHORD]
+        gone_chords = sorted(
+            {stream_key(s) for s in affected if stream_kind(s) == CHORD}
+            | {r[0] for r in conn.execute(
+                sa.select(e.c.ref_id).where(doomed, e.c.stream_id.like("part:%")).distinct()
+            )}
+        )
         store.allow_prune(conn)
         deleted = conn.execute(sa.delete(e).where(doomed)).rowcount
         for i in range(0, len(gone_chords), 500):
             chunk = gone_chords[i : i + 500]
             conn.execute(sa.delete(T.chord_parts).where(T.chord_parts.c.chord_id.in_(chunk)))
+            conn.execute(sa.delete(T.chord_counts).where(T.chord_counts.c.chord_id.in_(chunk)))
             conn.execute(sa.delete(T.chords).where(T.chords.c.chord_id.in_(chunk)))
         # The catalogue describes what the log keeps: a cut task's row is folded
         # again from its remaining events (first seen, flags), or goes with them.

@@ -2,8 +2,10 @@
 
 Event topic (written by :mod:`ledger.relay`, one record per log event, in follow order):
 
-* key: the stream key (task, group or chord id), UTF-8. All events of one task
-  land in one partition, so per-task order on the topic is log order.
+* key: the stream key (task, group or chord id), UTF-8; a chord's returned part
+  (in a ``part:`` stream of its own in the log) is keyed by its chord's id, as
+  the chord's other events are. All events of one task, and of one chord, land
+  in one partition, so per-task and per-chord order on the topic is log order.
 * value: a msgpack map ``{"event_id": str, "type": str, "schema_version": int,
   "position": int, "tx_id": int, "stream_id": str, "stream_version": int,
   "recorded_at": timestamp, "data": map}``. ``data`` is the event payload exactly
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from ledger.errors import BadRecord
-from ledger.events import RecordedEvent
+from ledger.events import ChordPartReturned, RecordedEvent
 
 if TYPE_CHECKING:
     from kafka import KafkaConsumer
@@ -105,7 +107,8 @@ def event_record(event: RecordedEvent) -> tuple[bytes, bytes, list[tuple[str, by
         ("tx_id", b"%d" % event.tx_id),
         ("schema_version", b"%d" % event.schema_version),
     ]
-    return event.stream_key.encode(), value, headers
+    key = event.data.chord_id if event.type == ChordPartReturned.type else event.stream_key  # type: ignore[attr-defined]
+    return key.encode(), value, headers
 
 
 def decode_event(value: bytes) -> RecordedEvent:

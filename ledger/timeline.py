@@ -33,7 +33,6 @@ import sqlalchemy as sa
 
 from ledger.errors import UnknownId
 from ledger.events import (
-    CHORD,
     GROUP,
     ChordFired,
     ChordPartReturned,
@@ -259,7 +258,7 @@ def find_workflow(ledger, some_id: str) -> Workflow:
         return runs[task_id]
 
     group_members = _group_members(ledger, some_id)
-    chord_stream = ledger.read_stream(stream_id(CHORD, some_id))
+    chord_stream = ledger.chord_events(some_id)
     if load(some_id) is not None:
         kind, seed = "task", runs[some_id]
     elif group_members or chord_stream:
@@ -316,7 +315,7 @@ def find_workflow(ledger, some_id: str) -> Workflow:
 
     chords: dict[str, dict[str, Any]] = {}
     for group_id, members in groups.items():
-        stream = chord_stream if group_id == some_id else ledger.read_stream(stream_id(CHORD, group_id))
+        stream = chord_stream if group_id == some_id else ledger.chord_events(group_id)
         if not stream:
             continue
         header = set(members) | {e.data.task_id for e in stream if e.type == ChordPartReturned.type}

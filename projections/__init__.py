@@ -19,7 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ledger.events import RecordedEvent
 from projections import catalogue, chord, group, task_meta
+
+
+def _stream_key(event: RecordedEvent) -> str:
+    return event.stream_key
 
 
 @dataclass(frozen=True)
@@ -27,21 +32,23 @@ class Projection:
     """One projection: its name, the streams that feed it, its fold, its SQL tables."""
 
     name: str
-    #: The stream prefix (``task``, ``group``, ``chord``) of the events it folds.
-    stream_prefix: str
+    #: The stream prefixes (``task``, ``group``, ``chord``, ``part``) of the events it folds.
+    stream_prefixes: tuple[str, ...]
     fold: Callable[[Any, Any], Any]
     #: :class:`ledger.store.schema.ProjectionTables` fields it owns, its own name first.
     tables: tuple[str, ...]
+    #: The id of the state an event folds into (its stream's key, or a part's chord).
+    key: Callable[[RecordedEvent], str] = _stream_key
 
 
 #: Every projection by name, in the order they are rebuilt and reported.
 REGISTRY: dict[str, Projection] = {
     p.name: p
     for p in (
-        Projection("task_meta", "task", task_meta.fold, ("task_meta",)),
-        Projection("groups", "group", group.fold, ("groups",)),
-        Projection("chords", "chord", chord.fold, ("chords", "chord_parts")),
-        Projection("catalogue", "task", catalogue.fold, ("catalogue",)),
+        Projection("task_meta", ("task",), task_meta.fold, ("task_meta",)),
+        Projection("groups", ("group",), group.fold, ("groups",)),
+        Projection("chords", ("chord", "part"), chord.fold, ("chords", "chord_parts", "chord_counts"), chord.chord_key),
+        Projection("catalogue", ("task",), catalogue.fold, ("catalogue",)),
     )
 }
 #: Projection names, as the CLI (``rebuild --projection NAME``) knows them.

@@ -1,11 +1,13 @@
-"""Chord counters, folded from ``chord:<id>`` streams.
+"""Chord counters, folded from the ``chord:<id>`` stream and the chord's returned
+parts (each in its own ``part:<task id>`` stream; older logs hold them in the
+chord's stream).
 
-The chord is *complete* at the first event after which the number of distinct
-header task ids that returned reaches the chord's size. ``completed_position``
-records that event, once: whoever appended it (or a redelivery of the very same
-part, which is the same event) owns firing the body. Ids are counted, never
+The chord is *complete* when the number of distinct header task ids that
+returned reaches the chord's size; ``completed_position`` is then the position
+of the part that made the count reach it, in log order. Ids are counted, never
 blind increments, so a redelivered part cannot complete a chord early.
-``chord.fired`` records that the body was sent.
+``chord.fired`` -- the claim -- records that the body was sent, and is the
+truth about it: whoever appends it sends the body, once per life.
 
 ``chord.applied`` begins a new life: a frozen chord applied again reuses its id
 and its header task ids, and counts, completes and fires afresh. Each life is
@@ -32,7 +34,6 @@ class ChordState:
     size: int | None
     #: distinct header task ids that returned: (task_id, status, position of first return)
     parts: frozenset[tuple[str, str, int]]
-    completed_position: int | None = None
     fired_position: int | None = None
 
     @property
@@ -41,7 +42,14 @@ class ChordState:
 
     @property
     def complete(self) -> bool:
-        return self.completed_position is not None
+        return self.size is not None and self.returned >= self.size
+
+    @property
+    def completed_position(self) -> int | None:
+        """The position of the part that made the count reach the size, if it did."""
+        if not self.complete or not self.size:
+            return None
+        return sorted(p[2] for p in self.parts)[self.size - 1]
 
     def has_part(self, task_id: str) -> bool:
         return any(p[0] == task_id for p in self.parts)
@@ -52,7 +60,7 @@ def fold(state: ChordState | None, event: RecordedEvent) -> ChordState | None:
         return state
     if state is None or event.type == ChordApplied.type:
         # the chord's first life, or a new one: an applied chord starts empty
-        state = ChordState(chord_id=event.stream_key, size=None, parts=frozenset())
+        state = ChordState(chord_id=event.data.chord_id, size=None, parts=frozenset())  # type: ignore[attr-defined]
     data = event.data
     if event.type == ChordStarted.type:
         state = replace(state, size=data.size)  # type: ignore[attr-defined]
@@ -64,9 +72,12 @@ def fold(state: ChordState | None, event: RecordedEvent) -> ChordState | None:
             state = replace(state, parts=state.parts | {part})
     elif event.type == ChordFired.type and state.fired_position is None:
         state = replace(state, fired_position=event.position)
-    if state.completed_position is None and state.size is not None and state.returned >= state.size:
-        state = replace(state, completed_position=event.position)
     return state
+
+
+def chord_key(event: RecordedEvent) -> str:
+    """The chord a chord event is about: its stream's key, or a part's chord id."""
+    return event.data.chord_id  # type: ignore[attr-defined]
 
 
 _CHORD_TYPES = frozenset(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ledger.events import RecordedEvent, stream_key, stream_kind
+from ledger.events import RecordedEvent, stream_kind
 from projections import NAMES, REGISTRY, catalogue, chord, group
 from projections.task_meta import TaskMeta
 
@@ -43,10 +43,10 @@ def _short(value: object) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-#: Stream prefix -> the projections its events feed: (snapshot attribute, fold).
+#: Stream prefix -> the projections its events feed: (snapshot attribute, fold, key).
 _FOLDS = {
-    prefix: [(p.name, p.fold) for p in REGISTRY.values() if p.stream_prefix == prefix]
-    for prefix in dict.fromkeys(p.stream_prefix for p in REGISTRY.values())
+    prefix: [(p.name, p.fold, p.key) for p in REGISTRY.values() if prefix in p.stream_prefixes]
+    for prefix in dict.fromkeys(x for p in REGISTRY.values() for x in p.stream_prefixes)
 }
 
 
@@ -58,28 +58,15 @@ class MemoryTarget:
         #: Follow-order checkpoint of the last applied event (remote runners store this).
         self.checkpoint: tuple[int, int] = (0, 0)
 
-    def apply(self, events: Iterable[RecordedEvent]) -> list[str]:
-        """Fold events in; return the chord ids that these events completed."""
-        completed: list[str] = []
+    def apply(self, events: Iterable[RecordedEvent]) -> None:
+        """Fold events in."""
         for event in events:
-            prefix, key = stream_kind(event.stream_id), stream_key(event.stream_id)
-            if prefix not in _FOLDS:  # maintenance streams feed no projection
-                self.checkpoint = (event.tx_id, event.position)
-                continue
-            for name, fold in _FOLDS[prefix]:
-                table = getattr(self.state, name)
-                before = table.get(key)
-                after = fold(before, event)
+            # maintenance streams feed no projection
+            for name, fold, key_of in _FOLDS.get(stream_kind(event.stream_id), ()):
+                table, key = getattr(self.state, name), key_of(event)
+                after = fold(table.get(key), event)
                 if after is None:
                     table.pop(key, None)
                 else:
                     table[key] = after
-                if (
-                    name == "chords"
-                    and after is not None
-                    and after.completed_position == event.position
-                    and (before is None or before.completed_position is None)
-                ):
-                    completed.append(key)
             self.checkpoint = (event.tx_id, event.position)
-        return completed

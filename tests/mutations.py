@@ -99,17 +99,32 @@ MUTATIONS = [
     Mutation(
         "chord claim: a part claims the body without completing the chord",
         "ledger/api.py",
-        "            if not appended.completed_chords:\n",
-        "            if False:\n",
+        "        if state is None or not state.complete or state.fired_position is not None:\n",
+        "        if state is None or state.fired_position is not None:\n",
         (f"{LOG_SQLITE}::test_redelivered_chord_part_fires_body_once",
          f"{LOG_PG}::test_redelivered_chord_part_fires_body_once"),
     ),
     Mutation(
         "chord claim on PostgreSQL: a returned part claims the body without completing the chord",
         "ledger/store/postgres.py",
-        '            " AND c.fired_position IS NULL AND c.completed_position ="\n',
-        '            " AND c.fired_position IS NULL AND c.completed_position IS NULL OR c.completed_position ="\n',
+        '            f" AND (SELECT COALESCE(sum(returned), 0) FROM {n} n"\n',
+        '            f" AND (SELECT COALESCE(sum(returned), 0) + 1000 FROM {n} n"\n',
         (f"{LOG_PG}::test_redelivered_chord_part_fires_body_once",),
+    ),
+    Mutation(
+        "chord claim on PostgreSQL: parts that complete a chord at once, neither seeing the other's, "
+        "do not claim after their commits",
+        "ledger/store/postgres.py",
+        "        if not claimed and read_rows and read_rows[-1][:2] == (None, CLAIMABLE):\n",
+        "        if False:\n",
+        (f"{LOG_PG}::test_parts_returned_at_once_fire_each_chord_exactly_once",),
+    ),
+    Mutation(
+        "prune: a returned part's own stream goes although its chord is incomplete",
+        "ledger/rebuild.py",
+        '                sa.and_(e.c.stream_id.like("part:%"), ~chord_alive(e.c.ref_id)),\n',
+        '                sa.and_(e.c.stream_id.like("part:%"), sa.true()),\n',
+        ("tests/test_rebuild.py::test_prune_then_rebuild_then_verify_is_clean",),
     ),
     Mutation(
         "chord part: a part returned with its result (mark_as_done) is returned again",

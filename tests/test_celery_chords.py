@@ -281,8 +281,7 @@ def test_parts_stored_by_mark_as_done_fire_the_body_once_each_with_its_result(an
     sent = bodies_sent(prefix)
     assert [json.loads(base64.b64decode(m["body"]))[0] for m in sent] == [[[0, 10, 20]]]
     ledger = backend.ledger
-    returns = {e.data.task_id: e for e in ledger.read_stream(f"chord:{gid}")
-               if e.type == "chord.part_returned"}
+    returns = {e.data.task_id: e for e in ledger.chord_events(gid) if e.type == "chord.part_returned"}
     assert sorted(returns) == sorted(part_ids)
     if ledger.engine.dialect.name == "postgresql":
         for tid in part_ids:

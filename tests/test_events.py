@@ -28,7 +28,7 @@ def test_every_event_type_has_a_schema_version_and_a_stream():
     for name, cls in events.EVENT_TYPES.items():
         assert cls.type == name
         assert cls.schema_version >= 1
-        assert cls.stream_prefix in {"task", "group", "chord", "ledger"}
+        assert cls.stream_prefix in {"task", "group", "chord", "part", "ledger"}
 
 
 def test_payload_round_trips_through_the_codec():

@@ -110,8 +110,8 @@ def _one_of_each(run: str) -> list:
         GroupSaved(group_id=f"{run}-g", result=[f"{run}-SUCCESS"]),
         ChordStarted(chord_id=f"{run}-c", size=1),
         ChordPartReturned(chord_id=f"{run}-c", task_id=f"{run}-SUCCESS", status="SUCCESS"),
-        # a chord stream with only a returned part and a claim
-        ChordPartReturned(chord_id=f"{run}-parts", task_id=f"{run}-SUCCESS", status="SUCCESS"),
+        # a chord stream with only a claim (and a part, in its own stream)
+        ChordPartReturned(chord_id=f"{run}-parts", task_id=f"{run}-FAILURE", status="SUCCESS"),
         ChordFired(chord_id=f"{run}-parts"),
     ]
 
@@ -128,7 +128,8 @@ def test_notify_all_notifies_every_event(pg_url):
     run = uuid.uuid4().hex[:8]
     notified = _notified_streams(pg_url, Ledger.open(pg_url, notify="all"), _one_of_each(run))
     assert notified == {f"task:{run}-{s}" for s in NON_READY + READY} | {
-        f"group:{run}-g", f"chord:{run}-c", f"chord:{run}-parts"
+        f"group:{run}-g", f"chord:{run}-c", f"chord:{run}-parts",
+        f"part:{run}-SUCCESS", f"part:{run}-FAILURE",
     }
 
 

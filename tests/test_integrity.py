@@ -236,7 +236,8 @@ def test_verify_json_summary_counts_every_difference_and_describes_the_first(any
     doc = json.loads(done.stdout)
     assert doc["clean"] is False and doc["total"] == 300
     assert doc["counts"] == {"corrupt_events": 0, "version_gaps": 0, "task_meta": 300,
-                             "groups": 0, "chords": 0, "chord_parts": 0, "catalogue": 0}
+                             "groups": 0, "chords": 0, "chord_parts": 0, "chord_counts": 0,
+                             "catalogue": 0}
     assert doc["shown"] == 5 and [d.split("]")[0] for d in doc["differences"]] == [
         f"task_meta['t{i:03}'" for i in range(5)]
     assert "celery-ledger rebuild" in doc["hint"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -165,18 +166,24 @@ class LogContract:
 
     def test_chord_part_returned_before_the_chord_started_still_counts(self, ledger):
         assert ledger.return_chord_part("c", "p1", "SUCCESS") is False
-        result = ledger.append([ChordStarted(chord_id="c", size=1)])
-        assert result.completed_chords == ["c"]
+        ledger.append([ChordStarted(chord_id="c", size=1)])
+        assert ledger.chord("c").complete and ledger.chord("c").fired_position is None
+        # the part's redelivery finds the chord complete and unclaimed: it claims
+        assert ledger.return_chord_part("c", "p1", "SUCCESS") is True
+        assert ledger.return_chord_part("c", "p1", "SUCCESS") is False
 
-    def test_redelivery_of_the_completing_part_claims_the_body_if_nobody_did(self, ledger):
-        """The completer died after committing its part but before claiming the body."""
+    def test_a_part_returning_to_a_complete_unclaimed_chord_claims_the_body_once(self, ledger):
+        """The completer died after committing its part but before claiming the body:
+        the next part to return (its redelivery, or any other) claims, once."""
         ledger.append([ChordStarted(chord_id="c", size=1)])
         part_id = ChordPartReturned.deterministic_event_id("c", "p1")
         ledger.append([NewEvent(ChordPartReturned(chord_id="c", task_id="p1", status="SUCCESS"), part_id)])
         assert ledger.chord("c").complete and ledger.chord("c").fired_position is None
-        assert ledger.return_chord_part("c", "p2", "SUCCESS") is False  # not the completer
         assert ledger.return_chord_part("c", "p1", "SUCCESS") is True
         assert ledger.return_chord_part("c", "p1", "SUCCESS") is False
+        assert ledger.return_chord_part("c", "p2", "SUCCESS") is False
+        fired = [e for e in ledger.chord_events("c") if e.type == "chord.fired"]
+        assert len(fired) == 1
 
     def test_as_of_position_replays_the_stream(self, ledger):
         recorded = [
@@ -233,6 +240,40 @@ class TestLogOnPostgres(LogContract):
         events = ledger.read_from(0)
         keys = [(e.tx_id, e.position) for e in events]
         assert keys == sorted(keys) and all(tx > 0 for tx, _ in keys)
+
+    def test_parts_returned_at_once_fire_each_chord_exactly_once(self, ledger):
+        """The last parts of a chord returned at the same moment by different workers
+        (threads here, each on its own connection): a part's transaction does not see
+        another's uncommitted part, so when both complete the chord at once each finds
+        it complete only after its own commit. Every chord is claimed exactly once."""
+        chords, parts = 60, 3
+        ledger.append([ChordStarted(chord_id=f"c{c}", size=parts) for c in range(chords)])
+        barrier = threading.Barrier(parts)
+        claims: dict[int, list[bool]] = {c: [] for c in range(chords)}
+        errors: list[BaseException] = []
+
+        def worker(p: int) -> None:
+            try:
+                for c in range(chords):
+                    barrier.wait(timeout=60)
+                    claimed, _ = ledger.return_chord_part_read(
+                        f"c{c}", f"c{c}-p{p}", "SUCCESS",
+                        result=TaskState(task_id=f"c{c}-p{p}", status="SUCCESS"),
+                    )
+                    claims[c].append(claimed)
+            except BaseException as exc:  # reported below, not lost with the thread
+                errors.append(exc)
+                barrier.abort()
+
+        threads = [threading.Thread(target=worker, args=(p,)) for p in range(parts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert {c: sum(got) for c, got in claims.items()} == dict.fromkeys(range(chords), 1)
+        fired = {c: [e.type for e in ledger.chord_events(f"c{c}")].count("chord.fired") for c in range(chords)}
+        assert fired == dict.fromkeys(range(chords), 1)
 
     def test_an_open_transaction_in_another_database_does_not_hold_followers_back(self, ledger):
         """xids are the server's: a transaction of another database (another

@@ -6,6 +6,7 @@ import ast
 import os
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import sqlalchemy as sa
 
 from ledger import migrate
 from ledger.store.engine import engine_for
+from ledger.store.schema import events as events_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,3 +88,40 @@ def test_db_upgrade_works_from_an_installed_wheel(tmp_path):
     assert run.returncode == 0, run.stderr
     assert f"schema at revision {migrate.head()}" in run.stdout
     assert "ledger_events" in sa.inspect(sa.create_engine(f"sqlite:///{db}")).get_table_names()
+
+
+def test_parts_in_chord_streams_from_before_0005_count_alike(any_url):
+    """Logs written before 0005 hold a chord's returned parts in the chord's stream
+    (the task id in ref_id). They stay where they are: rebuild, the fold and the
+    claim count them with the parts appended since (each in its own stream), and
+    0005's downgrade puts back the counter columns from them."""
+    from ledger.api import Ledger
+    from ledger.events import ChordPartReturned, ChordStarted, NewEvent
+    from ledger.rebuild import rebuild, verify
+    from ledger.store.base import EncodedEvent
+    from projections.memory import MemoryTarget
+
+    ledger = Ledger.open(any_url)
+    gid = "old-layout"
+    ledger.append([ChordStarted(chord_id=gid, size=3)])
+    with ledger.engine.begin() as conn:
+        for version, task_id in ((2, "p1"), (3, "p2")):
+            event = ChordPartReturned(chord_id=gid, task_id=task_id, status="SUCCESS")
+            row = EncodedEvent.of(NewEvent(event, ChordPartReturned.deterministic_event_id(gid, task_id))).params()
+            row |= {"stream_id": f"chord:{gid}", "ref_id": task_id, "stream_version": version,
+                    "recorded_at": datetime.now(timezone.utc), "tx_id": 0}
+            conn.execute(sa.insert(events_table).values(**row))
+    rebuild(ledger)
+    assert {p[0] for p in ledger.chord(gid).parts} == {"p1", "p2"}
+    migrate.downgrade(ledger.engine, "0004_catalogue_lifecycle")
+    with ledger.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT returned, completed_position FROM ledger_chords")).one() == (2, None)
+    migrate.upgrade(ledger.engine)
+    assert ledger.return_chord_part(gid, "p2", "SUCCESS") is False  # counted, in the old layout
+    assert ledger.return_chord_part(gid, "p3", "SUCCESS") is True
+    assert [e.stream_id for e in ledger.chord_events(gid)] == [
+        f"chord:{gid}", f"chord:{gid}", f"chord:{gid}", "part:p3", f"chord:{gid}"]
+    memory = MemoryTarget()
+    memory.apply(ledger.read_from(0, limit=1000))
+    assert memory.state.differences(ledger.snapshot()) == []
+    assert verify(ledger) == []

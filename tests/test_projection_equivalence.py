@@ -174,21 +174,20 @@ def _check_agreement(prepared: Ledger, batches) -> None:
 
     assert memory.state.differences(live) == []
     assert memory.state.differences(rebuilt) == []
-    # The SQL counter column (not part of the fold's state) counts distinct parts.
+    # The count the claim reads (not part of the fold's state) counts distinct parts.
     for tables in (ledger.target.t, REBUILT):
         assert _miscounted_chords(ledger, tables) == []
 
 
 def _miscounted_chords(ledger: Ledger, tables: ProjectionTables) -> list:
-    c, p = tables.chords, tables.chord_parts
-    parts = (
-        sa.select(sa.func.count())
-        .where(p.c.chord_id == c.c.chord_id)
-        .scalar_subquery()
-    )
+    n, p = tables.chord_counts, tables.chord_parts
+    counted = sa.select(n.c.chord_id, sa.func.sum(n.c.returned).label("n")).group_by(n.c.chord_id).subquery()
+    parts = sa.select(p.c.chord_id, sa.func.count().label("n")).group_by(p.c.chord_id).subquery()
     with ledger.engine.connect() as conn:
         return conn.execute(
-            sa.select(c.c.chord_id, c.c.returned, parts).where(c.c.returned != parts)
+            sa.select(counted.c.chord_id, parts.c.chord_id, counted.c.n, parts.c.n)
+            .select_from(counted.join(parts, counted.c.chord_id == parts.c.chord_id, full=True))
+            .where(sa.or_(counted.c.n.is_(None), parts.c.n.is_(None), counted.c.n != parts.c.n))
         ).all()
 
 

@@ -111,11 +111,12 @@ def test_verify_reports_each_projection_row_changed_by_hand(any_url, capsys):
         conn.execute(sa.delete(g).where(g.c.group_id == "w-g1"))
         conn.execute(sa.update(c).where(c.c.chord_id == "w-c1").values(fired_position=None))
         conn.execute(sa.delete(p).where(p.c.chord_id == "w-c2"))
+        conn.execute(sa.insert(LIVE.chord_counts).values(chord_id="w-c1", stripe=99, returned=5))
         conn.execute(sa.insert(m).values(task_id="ghost", status="SUCCESS", position=1, done_at=None, payload=b"\x80"))
     code, out, err = run(capsys, "verify", "--db", any_url)
     assert code == 1
     lines = out.splitlines()
-    assert len(lines) == 6, out
+    assert len(lines) == 7, out
     assert lines[0].startswith("task_meta['ghost']: expected no row, found TaskMeta(")
     assert lines[1].startswith("task_meta['w-t3']: expected TaskMeta(task_id='w-t3', status='SUCCESS'")
     assert "found TaskMeta(task_id='w-t3', status='REVOKED'" in lines[1]
@@ -123,7 +124,9 @@ def test_verify_reports_each_projection_row_changed_by_hand(any_url, capsys):
     assert lines[3].startswith("groups['w-g1']: expected GroupState(") and lines[3].endswith("found no row")
     assert lines[4].startswith("chords['w-c1']:") and "fired_position=None" in lines[4]
     assert lines[5].startswith("chords['w-c2']:") and "parts=frozenset()" in lines[5]
-    assert "6 difference(s)" in err
+    counted = len(ledger.chord("w-c1").parts)
+    assert lines[6] == f"chord_counts['w-c1']: expected {counted} parts, found {counted + 5}"
+    assert "7 difference(s)" in err
     # rebuild repairs it
     rebuild(ledger)
     assert verify(ledger) == []
@@ -226,8 +229,9 @@ def test_prune_then_rebuild_then_verify_is_clean(any_url, capsys):
     assert [e.data.status for e in ledger.history("old-t5")] == ["SUCCESS"]
     assert ledger.history("old-t7")[-1].data.status == "RETRY"
     # The completed chord's counter went with its events; the incomplete one is whole.
-    assert ledger.chord("old-c1") is None and ledger.read_stream("chord:old-c1") == []
+    assert ledger.chord("old-c1") is None and ledger.chord_events("old-c1") == []
     assert ledger.chord("old-c2") == before.chords["old-c2"]
+    assert [e.stream_id for e in ledger.chord_events("old-c2")][-1] == "part:old-t5"
     record = ledger.read_stream("ledger:maintenance")[-1].data
     assert isinstance(record, LogPruned) and record.events_deleted > 0
     assert "task:old-t1" in record.streams and "chord:old-c1" in record.streams
@@ -255,7 +259,8 @@ def test_prune_then_rebuild_then_verify_is_clean(any_url, capsys):
 
 
 def _kept_streams() -> set[str]:
-    return {"chord:old-c2", "task:old-t7"}
+    # the incomplete chord, with its returned part's own stream, and the moving task
+    return {"chord:old-c2", "part:old-t5", "task:old-t7"}
 
 
 def _pinned(snapshot, event) -> bool:

@@ -47,7 +47,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ledger.errors import VersionConflict
-from ledger.events import NewEvent, RecordedEvent, encode
+from ledger.events import CHORD, PART, ChordPartReturned, NewEvent, RecordedEvent, encode, stream_id
 from ledger.store.schema import LIVE, ProjectionTables, checkpoints
 from ledger.store.schema import events as events_table
 from ledger.store.target import CatalogueFill, SqlTarget
@@ -200,6 +200,21 @@ class EventLog(ABC):
             q = q.where(t.c.recorded_at <= until_time)
         return [row_to_event(r) for r in conn.execute(q.order_by(t.c.stream_version))]
 
+    def read_chord(self, conn: Connection, chord_id: str) -> list[RecordedEvent]:
+        """The chord's stream and its returned parts' events (each in its own
+        ``part:`` stream, the chord in ``ref_id``), in log order."""
+        t = self.table
+        q = SELECT_EVENTS.where(
+            sa.or_(
+                t.c.stream_id == stream_id(CHORD, chord_id),
+                sa.and_(
+                    t.c.ref_id == chord_id, t.c.type == ChordPartReturned.type,
+                    t.c.stream_id.like(f"{PART}:%"),
+                ),
+            )
+        )
+        return [row_to_event(r) for r in conn.execute(q.order_by(t.c.position))]
+
     def read_streams_until(
         self, conn: Connection, until: dict[str, int], chunk: int = 500
     ) -> dict[str, list[RecordedEvent]]:
@@ -304,8 +319,8 @@ class RelayLock(ABC):
 # -- stores ------------------------------------------------------------------------------
 
 
-#: What an append did: recorded events, ids already in the log, chords it completed.
-Appended = tuple[list[RecordedEvent], list[uuid.UUID], list[str]]
+#: What an append did: recorded events, ids already in the log.
+Appended = tuple[list[RecordedEvent], list[uuid.UUID]]
 
 
 class Store(ABC):
@@ -336,7 +351,8 @@ class Store(ABC):
     def append(self, conn: Connection, items: Sequence[EncodedEvent]) -> Appended:
         """Append ``items`` and update the projections in the caller's transaction."""
         recorded, duplicates = self.log.append(conn, items)
-        return recorded, duplicates, self.target.apply(conn, recorded)
+        self.target.apply(conn, recorded)
+        return recorded, duplicates
 
     def autocommit_append(self, items: Sequence[EncodedEvent]) -> Any:
         """A callable appending ``items`` as their own transaction, returning
@@ -346,9 +362,10 @@ class Store(ABC):
 
     def chord_part_write(self, part: EncodedEvent, claim: EncodedEvent, before: EncodedEvent | None = None) -> Any:
         """A callable appending ``before`` (the part's own task state, if given), a
-        returned chord ``part`` and, if that part completed the chord and nobody
-        claimed its body, the ``claim`` (``chord.fired``), as one transaction, returning ``(part recorded, claimed, the chord's inputs as
-        chord_header reads them or None)``; None where the general path (in
+        returned chord ``part`` and, if the chord is then complete and nobody
+        claimed its body, the ``claim`` (``chord.fired``), returning ``(part
+        recorded, claimed, the chord's inputs as chord_header reads them or
+        None)``; None where the general path (in
         :meth:`ledger.api.Ledger.return_chord_part`) is the only one."""
         return None
 

@@ -44,8 +44,8 @@ notifies in a transaction of its own, sent in the same pipeline right after the
 part's commit: a transaction that only notifies writes nothing but its commit
 record, which PostgreSQL does not wait to flush (measured: 0.03-0.07 ms against
 1.3-3 ms for an insert's commit on this machine under other sessions' I/O), so
-the notification lock is not held over the flush while the chord's lock is.
-Waiters are woken once the event is durable and visible, as before. A plain
+the parts of a chord do not queue behind each other's flush on the
+notification lock. Waiters are woken once the event is durable and visible, as before. A plain
 store keeps the NOTIFY in its own statement: splitting it off takes a pipeline,
 which cost a store more client and server CPU than the lock cost it (one
 process, 3 alternating runs of 2,000 tasks: 378-545 against 547-847 µs of
@@ -57,9 +57,8 @@ By default (``notify="ready"``) every event notifies except a task state that
 is not ready -- STARTED, RETRY, custom progress states -- a task's SENT and
 RECEIVED (``task.sent``, ``task.received``): no waiter wakes for those
 (``get()`` waits for a ready state) -- and a chord's returned parts and
-its claim (``chord.fired``): nothing waits on a chord's stream, and every
-part's commit would otherwise queue behind the other workers' notifying
-commits on top of the chord's own lock. Followers find those at the next
+its claim (``chord.fired``): nothing waits on them, and every part's commit
+would otherwise queue behind the other workers' notifying commits. Followers find those at the next
 notification or their next poll (``poll_interval``, 0.1 s by default).
 ``notify="all"`` notifies every event.
 
@@ -70,8 +69,9 @@ psycopg connection (:func:`driver_fetch`, :func:`pooled_fetch`), each event with
 its projection update in one statement (:class:`FusedUpdates`). The process's
 main thread keeps its connection checked out (:func:`_kept`), with generic plans,
 and prepares these statements on it once when it opens it
-(:meth:`PostgresStore._warm_up`). A chord part with its result and its claim is
-one pipelined transaction (:meth:`PostgresLog.return_chord_part`).
+(:meth:`PostgresStore._warm_up`). A chord part with its result, and the claim
+if the chord is then complete, is one pipelined transaction; the part takes no
+lock and waits for no other part (:meth:`PostgresLog.return_chord_part`).
 """
 
 from __future__ import annotations
@@ -157,6 +157,10 @@ def _pg_notify(stream: str) -> str:
 #: The select-list item of an append that notifies when ``:notify`` is true.
 _NOTIFY = f"CASE WHEN CAST(:notify AS boolean) THEN {_pg_notify('CAST(:stream_id AS text)')} END AS notified"
 
+#: The status of the row (without a task id) a chord part's read returns when the
+#: chord is complete and nobody claimed it (:meth:`PostgresLog.return_chord_part`).
+CLAIMABLE = "ledger:claimable"
+
 #: A chord's returned parts and its claim: nothing waits on them (module docstring).
 _CHORD_RETURNS = frozenset({ChordPartReturned.type, ChordFired.type})
 
@@ -230,18 +234,19 @@ def pooled_fetch(engine: Engine, statements: list[tuple[str, dict]]) -> list[tup
     return _pooled(engine, *statements[0], run)
 
 
-def pooled_fetch_then_read(
-    engine: Engine, statements: list[tuple[str, dict]], *reads: tuple[str, dict]
-) -> tuple[list[tuple | None], list[tuple]]:
+def pooled_pipeline(
+    engine: Engine, statements: list[tuple[str, dict]], reads: Sequence[tuple[str, dict]] = ()
+) -> tuple[list[tuple | None], list[list[tuple]]]:
     """:func:`pooled_fetch`'s transaction, then ``reads``, in the same round trip;
-    returns the transaction's first rows and the last read's rows.
+    returns the transaction's first rows and each read's rows.
 
-    ``reads`` run after the transaction committed (a pipeline sync between them),
+    ``reads`` run after the transaction committed (a pipeline sync before each),
     each on its own, so they hold none of the transaction's locks, and they see
-    what it wrote.
+    what it wrote. They also run when the transaction failed (the error is raised
+    after the round trip), so they must be harmless then.
     """
 
-    def run(raw: Any, info: dict) -> tuple[list[tuple | None], list[tuple]]:
+    def run(raw: Any, info: dict) -> tuple[list[tuple | None], list[list[tuple]]]:
         with raw.pipeline() as pipeline:
             cursors = [raw.execute(sql, params, prepare=True) for sql, params in statements]
             after = []
@@ -249,7 +254,7 @@ def pooled_fetch_then_read(
                 pipeline.sync()
                 after.append(raw.execute(*read, prepare=True))
         info.setdefault(_PREPARED, set()).update(sql for sql, _ in [*statements, *reads])
-        return [cur.fetchone() for cur in cursors], after[-1].fetchall()
+        return [cur.fetchone() for cur in cursors], [cur.fetchall() for cur in after]
 
     return _pooled(engine, *statements[0], run)
 
@@ -497,8 +502,6 @@ class FusedSql:
     """A projection update written as CTEs after ``ev`` (see :meth:`FusedUpdates.get`)."""
 
     ctes: str
-    #: the ``projection`` CTE returns ``completed_position`` (a chord may complete)
-    completes: bool = False
     #: more bind values the CTEs read, from the event's payload model
     binds: Callable[[EventData], dict] | None = None
 
@@ -521,39 +524,34 @@ class FusedUpdates:
         changes nothing.
 
         The returned :class:`FusedSql` holds one or more CTEs, the last named
-        ``projection``. For the events that can complete a chord that CTE
-        returns ``completed_position``, and the event completed the chord when
-        it equals the event's own position. Chord started/part-added events
-        return None: they take the general path (they are rare; applied chords,
-        returned parts and the claim are the hot ones).
+        ``projection``. Chord started/part-added events return None: they take
+        the general path (they are rare; applied chords, returned parts and the
+        claim are the hot ones).
         """
         return self._fused_sql.get(event_type)
 
     def _build_fused_sql(self) -> dict[str, FusedSql]:
         tm, g = self.t.task_meta.name, self.t.groups.name
-        c, p = self.t.chords.name, self.t.chord_parts.name
-        # A returned part counts once per distinct task id (the part row is new),
-        # and completes the chord when the count reaches a known size: the same
-        # rule as _chord_part_returned / _chord_upsert(size=None, returned_inc=1).
-        # ON CONFLICT DO UPDATE reads the latest row version, so concurrent
-        # returns serialize on the row as they do there.
+        c, p, n = self.t.chords.name, self.t.chord_parts.name, self.t.chord_counts.name
+        # A returned part is a row per distinct task id of the chord (its id in
+        # :ref_id, the part's stream being part:<task id>), counted in this
+        # backend's own row of the chord's count: the same rule as
+        # SqlTarget._chord_part_returned. Neither the chord's row nor another
+        # writer's count is touched, so the parts of a chord never wait for each
+        # other's row lock.
         part_returned = FusedSql(
             f"part AS (INSERT INTO {p} (chord_id, task_id, status, position)"
-            " SELECT CAST(:key AS varchar), CAST(:ref_id AS varchar),"
+            " SELECT CAST(:ref_id AS varchar), CAST(:key AS varchar),"
             " CAST(:task_state AS varchar), ev.position FROM ev"
-            " ON CONFLICT DO NOTHING RETURNING position),"
-            f" projection AS (INSERT INTO {c} (chord_id, size, returned, completed_position,"
-            " fired_position) SELECT CAST(:key AS varchar), NULL, 1, NULL, NULL FROM part"
-            f" ON CONFLICT (chord_id) DO UPDATE SET returned = {c}.returned + 1,"
-            f" completed_position = CASE WHEN {c}.completed_position IS NULL"
-            f" AND {c}.size IS NOT NULL AND {c}.returned + 1 >= {c}.size"
-            f" THEN (SELECT position FROM part) ELSE {c}.completed_position END"
-            " RETURNING completed_position)",
-            completes=True,
+            " ON CONFLICT DO NOTHING RETURNING chord_id),"
+            f" counted AS (INSERT INTO {n} (chord_id, stripe, returned)"
+            " SELECT chord_id, pg_backend_pid(), 1 FROM part"
+            f" ON CONFLICT (chord_id, stripe) DO UPDATE SET returned = {n}.returned + 1),"
+            " projection AS (SELECT position FROM ev)"
         )
         fired = FusedSql(
-            f"projection AS (INSERT INTO {c} (chord_id, size, returned, completed_position,"
-            " fired_position) SELECT CAST(:key AS varchar), NULL, 0, NULL, ev.position FROM ev"
+            f"projection AS (INSERT INTO {c} (chord_id, size, fired_position)"
+            " SELECT CAST(:key AS varchar), NULL, ev.position FROM ev"
             f" ON CONFLICT (chord_id) DO UPDATE SET"
             f" fired_position = COALESCE({c}.fired_position, excluded.fired_position))"
         )
@@ -570,10 +568,11 @@ class FusedUpdates:
         applied = FusedSql(
             f"reset AS (DELETE FROM {p} WHERE chord_id = CAST(:key AS varchar)"
             " AND EXISTS (SELECT 1 FROM ev)),"
-            f" projection AS (INSERT INTO {c} (chord_id, size, returned, completed_position,"
-            " fired_position) SELECT CAST(:key AS varchar), NULL, 0, NULL, NULL FROM ev"
-            " ON CONFLICT (chord_id) DO UPDATE SET size = NULL, returned = 0,"
-            " completed_position = NULL, fired_position = NULL)"
+            f" recount AS (DELETE FROM {n} WHERE chord_id = CAST(:key AS varchar)"
+            " AND EXISTS (SELECT 1 FROM ev)),"
+            f" projection AS (INSERT INTO {c} (chord_id, size, fired_position)"
+            " SELECT CAST(:key AS varchar), NULL, NULL FROM ev"
+            " ON CONFLICT (chord_id) DO UPDATE SET size = NULL, fired_position = NULL)"
         )
         return {
             ChordApplied.type: applied,
@@ -693,14 +692,40 @@ class FusedUpdates:
 
 
     def claim_guard(self) -> str:
-        """When a ``chord.fired`` is appended (``AND ...`` in its insert): the part whose
-        event id is bound as ``:part_event_id`` completed the chord ``:key`` and the
-        body was not claimed -- :meth:`ledger.api.Ledger.return_chord_part`'s rule."""
-        c = self.t.chords.name
+        """When a ``chord.fired`` (the claim: whoever appends it sends the body) is
+        appended (``AND ...`` of its insert, whose snapshot also gives the version
+        it takes): the chord ``:key`` is complete -- as many distinct parts returned
+        in its life as its size (the sum of its ``ledger_chord_counts`` rows) --
+        and not claimed (projections.chord).
+
+        Claims serialize on the chord stream's version, as every append to a stream
+        does: two transactions that both find the chord claimable take the same
+        version, and the second to insert fails on the unique (stream, version)
+        and is retried, to find the claim. Any other append to the chord's stream
+        since the snapshot (a new life, a part added) does the same. Parts, in
+        their own streams, never conflict with a claim: one only makes the chord
+        more complete.
+
+        And the claim's transaction, if its first write (the part's) took an id
+        already, must be newer than every event of the chord's stream (per-stream
+        follow order, module docstring); else a claim in a transaction of its own
+        follows (:meth:`PostgresLog.return_chord_part`). The id is read without
+        taking one: that claim's transaction has none before its insert.
+        """
         return (
-            f" AND EXISTS (SELECT 1 FROM {c} c WHERE c.chord_id = CAST(:key AS varchar)"
-            " AND c.fired_position IS NULL AND c.completed_position ="
-            " (SELECT e.position FROM ledger_events e WHERE e.event_id = :part_event_id))"
+            f" AND {self.claimable()}"
+            " AND COALESCE(MAX(tx_id), 0) < COALESCE("
+            "pg_current_xact_id_if_assigned()::text::bigint, 9223372036854775807)"
+        )
+
+    def claimable(self) -> str:
+        """SQL: the chord ``:key`` is complete and not claimed (:meth:`claim_guard`)."""
+        c, n = self.t.chords.name, self.t.chord_counts.name
+        return (
+            f"EXISTS (SELECT 1 FROM {c} c WHERE c.chord_id = CAST(:key AS varchar)"
+            " AND c.fired_position IS NULL AND c.size IS NOT NULL"
+            f" AND (SELECT COALESCE(sum(returned), 0) FROM {n} n"
+            " WHERE n.chord_id = CAST(:key AS varchar)) >= c.size)"
         )
 
 
@@ -760,10 +785,11 @@ class PostgresLog(FollowableLog):
             """ + _NOTIFY
     ).bindparams(*_binds)
 
-    # Advisory lock per chord stream: parts of one chord returned by concurrent
-    # workers must be *applied* in position order, so that completion recorded
-    # live equals completion recomputed by rebuild. Taken in its own statement
-    # before the insert so that the insert's snapshot sees the lock holder's rows.
+    # Advisory lock per chord stream (its own events: applied, started, part added,
+    # the claim; returned parts are in streams of their own): writers of a chord
+    # stream serialize on it, and a claimer checks the chord under it. Taken in its
+    # own statement before the insert so that the insert's snapshot sees the lock
+    # holder's rows.
     _lock_stream_sql = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:stream_id, 0))")
 
     def __init__(self, notify: str = "ready") -> None:
@@ -799,7 +825,7 @@ class PostgresLog(FollowableLog):
 
     def append_fused(
         self, conn: Connection, items: Sequence[EncodedEvent], projections: Sequence[FusedSql]
-    ) -> tuple[list[RecordedEvent], list[EncodedEvent], list[str]]:
+    ) -> tuple[list[RecordedEvent], list[EncodedEvent]]:
         """Append events, each with its projection update in the same statement.
 
         ``projections[i]`` (from :meth:`FusedUpdates.get`)
@@ -808,14 +834,13 @@ class PostgresLog(FollowableLog):
         pipeline in the caller's transaction (a lone store takes
         :meth:`append_fused_autocommit`: one round trip and one WAL flush).
 
-        A chord event is preceded in the pipeline by its stream's advisory lock
-        (see ``_lock_stream_sql``), so a returned part is BEGIN, lock and one
-        statement in one round trip: the lock is held for that statement and the
-        COMMIT only, not for several client round trips.
+        A chord stream's event is preceded in the pipeline by its stream's advisory
+        lock (see ``_lock_stream_sql``): the lock is held for that statement and
+        the COMMIT only, not for several client round trips.
 
-        Returns the recorded events, the items that inserted no row (duplicates,
-        or a failed ``expected_version``: see :meth:`_explain_no_row`) and the
-        chord ids these events completed. ``prior_tx`` guards per-stream follow
+        Returns the recorded events and the items that inserted no row
+        (duplicates, or a failed ``expected_version``: see
+        :meth:`_explain_no_row`). ``prior_tx`` guards per-stream follow
         order as in :meth:`_insert`: a batch's later inserts may follow another
         transaction's commit.
         """
@@ -826,7 +851,7 @@ class PostgresLog(FollowableLog):
         engine: Engine,
         items: Sequence[EncodedEvent],
         projections: Sequence[FusedSql],
-    ) -> tuple[list[RecordedEvent], list[EncodedEvent], list[str]]:
+    ) -> tuple[list[RecordedEvent], list[EncodedEvent]]:
         """Events as one transaction in one round trip, on a pooled driver connection.
 
         See :func:`pooled_fetch`. A lone event is one
@@ -889,7 +914,7 @@ class PostgresLog(FollowableLog):
         relaxed: bool = False,
         checked: bool = True,
         notify: bool = True,
-    ) -> tuple[list[RecordedEvent], list[EncodedEvent], list[str]]:
+    ) -> tuple[list[RecordedEvent], list[EncodedEvent]]:
         statements, slots = [], []
         for item, projection in zip(items, projections, strict=True):
             params = self._fused_params(item, projection, relaxed=relaxed, notify=notify)
@@ -898,21 +923,19 @@ class PostgresLog(FollowableLog):
             slots.append(len(statements))
             statements.append((self._fused_statement(projection, checked=checked), params))
         rows = self._guarded(lambda: fetch(statements), statements[slots[0]][1], items[0])
-        recorded, missing, completed = [], [], []
-        for item, projection, slot in zip(items, projections, slots, strict=True):
+        recorded, missing = [], []
+        for item, slot in zip(items, slots, strict=True):
             params, row = statements[slot][1], rows[slot]
             if row is None:
                 missing.append(item)
                 continue
-            position, tx_id, version, recorded_at, prior_tx, _, _, completed_position = row
+            position, tx_id, version, recorded_at, prior_tx, _, _ = row
             if prior_tx is not None and prior_tx > tx_id:
                 raise RetryableConflict(
                     f"stream {params['stream_id']!r} has a newer transaction's event; retrying"
                 )
             recorded.append(item.recorded(position, version, recorded_at.astimezone(timezone.utc), tx_id))
-            if projection.completes and completed_position == position:
-                completed.append(params["key"])
-        return recorded, missing, completed
+        return recorded, missing
 
     _lock_stream_driver_sql = driver_sql(str(_lock_stream_sql))
 
@@ -924,47 +947,55 @@ class PostgresLog(FollowableLog):
         read: tuple[str, dict],
         before: tuple[EncodedEvent, FusedSql] | None = None,
     ) -> tuple[bool, bool, list[tuple]]:
-        """A returned chord part and, if it completed the chord, the body's claim: one
-        transaction in one round trip, then ``read`` (the claimed chord's inputs).
+        """A returned chord part and, if the chord is then complete, the body's claim;
+        then ``read`` (the claimed chord's inputs). One round trip; two when the
+        part completed the chord at the same time as another part.
 
-        The chord's lock, the part (event, part row, counter) and the claim -- a
-        ``chord.fired`` inserted only if its guard (SQL) holds: this part's event
-        completed the chord and nobody claimed it -- go out as one pipeline, one
-        implicit transaction committed at its sync. The lock is held while the
-        server runs the statements and flushes the commit, never across a client
-        round trip: before, a part held it over three (part, claim, COMMIT), and
-        on a loaded 2-core machine the client's next turn on a CPU was most of the
-        wait of the parts queued behind it. ``read`` runs after the commit in the
-        same round trip; it is expected to return rows only when the claim exists.
+        The part is in a stream of its own (:class:`ledger.events.ChordPartReturned`)
+        and takes no lock: the parts of a chord returned at once commit side by
+        side, each waiting for its own WAL flush only. One pipeline:
 
-        ``before`` (the part's own task state) is appended first in the same
-        transaction: a returning part's result and its return are one commit.
+        1. A transaction: ``before`` (the part's own task state), the part, and
+           the claim (``chord.fired``, inserted only if the chord is complete
+           and unclaimed as this transaction sees it: ``guard``).
+        2. The NOTIFY of ``before``'s ready state, in a transaction of its own.
+        3. ``read``: rows only if the claim is in the log, else a last row whose
+           status is :data:`CLAIMABLE` if the chord is complete and unclaimed.
 
-        No ``prior_tx`` check: the lock comes first, so this transaction's first
-        write follows it and its id is newer than every earlier writer's of the
-        chord stream (they took theirs before releasing the lock); ``before``'s
-        stream is a task's, whose earlier states committed before this began.
+        1 cannot see a part whose transaction runs beside it, but 3 runs after
+        1's commit, and a part that commits last sees every part: when two parts
+        complete the chord at once, neither claims in 1, each finds the chord
+        claimable in 3, and each claims again, in a transaction of its own, in a
+        second round trip; one claim gets in (``guard``). A part whose
+        transaction failed never claims: the error is raised before that.
 
         Returns whether the part was recorded (False: its event id was already in
         the log), whether this call claimed the body, and ``read``'s rows.
         """
         (item, projection), (claim_item, claim_projection, guard) = part, claim
-        statements = [(self._lock_stream_driver_sql, {"stream_id": item.new.data.stream_id})]
+        # No prior_tx check for the part: its stream is its own, and appending the
+        # same part twice at once inserts one event (the event id is derived).
         units = [(item, projection, ""), (claim_item, claim_projection, guard)]
         if before is not None:
             units.insert(0, (*before, ""))
-        for new, fused, condition in units:
-            params = self._fused_params(new, fused, notify=False)
-            params["part_event_id"] = item.new.event_id
-            statements.append((self._fused_statement(fused, condition, checked=False), params))
+        statements = [
+            (self._fused_statement(fused, condition, checked=False), self._fused_params(new, fused, notify=False))
+            for new, fused, condition in units
+        ]
         wake = self._wake_after_commit([unit[0] for unit in units])
-        reads = (read,) if wake is None else (wake, read)
-        rows, read_rows = self._guarded(
-            lambda: pooled_fetch_then_read(engine, statements, *reads), statements[1][1], units[0][0]
+        reads = [read] if wake is None else [wake, read]
+        rows, after = self._guarded(
+            lambda: pooled_pipeline(engine, statements, reads), statements[-2][1], item
         )
+        recorded, claimed, read_rows = rows[-2] is not None, rows[-1] is not None, after[-1]
+        if not claimed and read_rows and read_rows[-1][:2] == (None, CLAIMABLE):
+            rows, after = self._guarded(
+                lambda: pooled_pipeline(engine, statements[-1:], [read]), statements[-1][1], claim_item
+            )
+            claimed, read_rows = rows[-1] is not None, after[-1]
         # ``before`` inserting no row is a duplicate (it has no expected version): a
         # retry after a lost reply, whose event id was kept; the rest is idempotent too.
-        return rows[-2] is not None, rows[-1] is not None, read_rows
+        return recorded, claimed, read_rows
 
     def _fused_statement(self, projection: FusedSql, guard: str = "", *, checked: bool = True) -> str:
         """The event's insert and its projection update as one statement; ``guard``
@@ -974,9 +1005,6 @@ class PostgresLog(FollowableLog):
         key = (projection, guard, checked)
         sql = self._fused.get(key)
         if sql is None:
-            completed = (
-                "(SELECT completed_position FROM projection)" if projection.completes else "NULL"
-            )
             prior = (
                 "(SELECT p.tx_id FROM ledger_events p"
                 " WHERE p.stream_id = CAST(:stream_id AS varchar)"
@@ -991,8 +1019,8 @@ class PostgresLog(FollowableLog):
                 f" {_NOTIFY},"
                 # is_local: this transaction only (append_fused_autocommit says when)
                 " CASE WHEN CAST(:relaxed AS boolean)"
-                " THEN set_config('synchronous_commit', 'off', true) END AS relaxed,"
-                f" {completed} AS completed_position FROM ev"
+                " THEN set_config('synchronous_commit', 'off', true) END AS relaxed"
+                " FROM ev"
             )
             self._fused[key] = sql
         return sql
@@ -1163,8 +1191,9 @@ REBUILD_LOCK = 0x6C65646765720001
 _MIGRATE_LOCK = 0x6C65646765720002
 #: Fill statements per worker connection, balanced by their measured cost on a
 #: 1,000,000-event log (task_meta ~ chords > groups ~ chord_parts; the catalogue,
-#: which decodes a payload per task in Python, costs most).
-_FILL_WORKERS = (("task_meta", "chord_parts"), ("chords", "groups"), ("catalogue",))
+#: which decodes a payload per task in Python, costs most). chord_counts is filled
+#: from the rebuilt chord_parts: after it, by the same worker.
+_FILL_WORKERS = (("task_meta", "chord_parts", "chord_counts"), ("chords", "groups"), ("catalogue",))
 #: Stop catching up without the lock once a pass applies fewer events than this.
 SMALL_CATCH_UP = 500
 MAX_CATCH_UP_PASSES = 20
@@ -1203,10 +1232,13 @@ class PostgresStore(MaintainableStore):
         if registered is None or registered() is None:  # a short-lived store (migrate's) may be gone
             _WARM_UPS[engine] = weakref.WeakMethod(self._warm_up)
         # The chord's inputs, read after a returned part only if the claim is in the
-        # log: a part that claimed nothing pays one index probe for it.
+        # log; else one row, CLAIMABLE, if the chord is complete and unclaimed: a
+        # part that claimed nothing pays two index probes for it.
+        claimed = "EXISTS (SELECT 1 FROM ledger_events WHERE event_id = :claim_id)"
         self._claimed_header_sql = driver_sql(
-            f"SELECT * FROM ({self.target.chord_header_sql}) h"
-            " WHERE EXISTS (SELECT 1 FROM ledger_events WHERE event_id = :claim_id)"
+            f"SELECT * FROM ({self.target.chord_header_sql}) h WHERE {claimed}"
+            f" UNION ALL SELECT NULL, '{CLAIMABLE}', NULL, NULL, NULL"
+            f" WHERE NOT {claimed} AND {self.fused.claimable()}"
         )
 
     @staticmethod
@@ -1227,10 +1259,10 @@ class PostgresStore(MaintainableStore):
         # with expected versions takes the general path, which checks each.
         expects = len(items) > 1 and any(i.new.expected_version is not None for i in items)
         if all(fused) and not expects:
-            recorded, missing, completed = self.log.append_fused(conn, items, fused)  # type: ignore[arg-type]
+            recorded, missing = self.log.append_fused(conn, items, fused)  # type: ignore[arg-type]
             for item in missing:
                 self.log.explain_no_row(conn, item)  # raises VersionConflict unless a duplicate
-            return recorded, [item.new.event_id for item in missing], completed
+            return recorded, [item.new.event_id for item in missing]
         return super().append(conn, items)
 
     def autocommit_append(self, items: Sequence[EncodedEvent]) -> Any:
@@ -1242,11 +1274,7 @@ class PostgresStore(MaintainableStore):
         if fused is None or stream_kind(items[0].new.stream_id) == CHORD:
             return None
 
-        def write() -> tuple[list[RecordedEvent], list[EncodedEvent]]:
-            recorded, missing, _ = self.log.append_fused_autocommit(self.engine, items, [fused])
-            return recorded, missing
-
-        return write
+        return lambda: self.log.append_fused_autocommit(self.engine, items, [fused])
 
     def _warm_up(self, raw: Any, prepared: set[str]) -> None:
         """Prepare and plan the hot paths' statements on a new kept connection.
@@ -1254,9 +1282,7 @@ class PostgresStore(MaintainableStore):
         A statement's first run on a connection parses and plans it (and loads the
         tables' catalog entries into the server process): ~2.5 ms for a store and
         ~1.7 ms for a chord part, measured in a fresh prefork child at load 3,
-        against ~0.5 ms for the next runs. A chord part pays that while holding
-        the chord's lock, so every other part of the chord waited for it. Here
-        they run once when the connection is opened, in one round trip, with
+        against ~0.5 ms for the next runs. Here they run once when the connection is opened, in one round trip, with
         sample events that expect a stream version no stream has: each statement
         inserts and changes nothing. (The expectation goes as text, as a None
         does, so that psycopg keys the prepared statement as the real runs'; a
@@ -1269,6 +1295,7 @@ class PostgresStore(MaintainableStore):
         warm = f"ledger-warm-up-{uuid.uuid4()}"
         part = EncodedEvent.of(NewEvent(ChordPartReturned(chord_id=warm, task_id=warm, status="SUCCESS")))
         claim = EncodedEvent.of(NewEvent(ChordFired(chord_id=warm, body_task_id=warm)))
+        # (event, guard, relaxed): as return_chord_part and a store run them
         writes = [
             (EncodedEvent.of(NewEvent(TaskState(task_id=warm, status="SUCCESS"))), "", False),
             (part, "", False),
@@ -1276,11 +1303,10 @@ class PostgresStore(MaintainableStore):
             (EncodedEvent.of(NewEvent(TaskSent(task_id=warm, name=warm, sent_at=datetime.now(timezone.utc)))),
              "", True),
         ]
-        statements = [(self.log._lock_stream_driver_sql, {"stream_id": part.new.data.stream_id})]
+        statements = []
         for item, guard, relaxed in writes:
             fused = self.fused.get(item.new.data.type)
             params = self.log._fused_params(item, fused, relaxed=relaxed, notify=False)  # type: ignore[arg-type]
-            params["part_event_id"] = part.new.event_id
             params["expected"] = "-1"  # no stream is at version -1: nothing is inserted
             statements.append((self.log._fused_statement(fused, guard, checked=False), params))  # type: ignore[arg-type]
         statements += [
@@ -1296,9 +1322,9 @@ class PostgresStore(MaintainableStore):
         prepared.update(sql for sql, _ in statements)
 
     def chord_part_write(self, part: EncodedEvent, claim: EncodedEvent, before: EncodedEvent | None = None) -> Any:
-        """One round trip: ``before``, the part, the claim if the part completed the
-        chord, and then the chord's inputs if claimed (:meth:`PostgresLog.return_chord_part`)."""
-        chord_id = part.new.data.stream_key
+        """``before``, the part, the claim if the chord is then complete, and the
+        chord's inputs if claimed (:meth:`PostgresLog.return_chord_part`)."""
+        chord_id = part.new.data.chord_id  # type: ignore[attr-defined]
         fused = self.fused.get
         first = None
         if before is not None:

@@ -67,10 +67,11 @@ class ProjectionTables:
     groups: sa.Table
     chords: sa.Table
     chord_parts: sa.Table
+    chord_counts: sa.Table
     catalogue: sa.Table
 
     def all(self) -> tuple[sa.Table, ...]:
-        return (self.task_meta, self.groups, self.chords, self.chord_parts, self.catalogue)
+        return (self.task_meta, self.groups, self.chords, self.chord_parts, self.chord_counts, self.catalogue)
 
     @classmethod
     def define(cls, md: sa.MetaData, suffix: str = "") -> ProjectionTables:
@@ -97,8 +98,7 @@ class ProjectionTables:
                 md,
                 sa.Column("chord_id", sa.String(255), primary_key=True),
                 sa.Column("size", sa.Integer(), nullable=True),
-                sa.Column("returned", sa.Integer(), nullable=False),
-                sa.Column("completed_position", Position, nullable=True),
+                # the count of returned parts is chord_parts' (projections.chord)
                 sa.Column("fired_position", Position, nullable=True),
             ),
             chord_parts=sa.Table(
@@ -108,6 +108,18 @@ class ProjectionTables:
                 sa.Column("task_id", sa.String(255), primary_key=True),
                 sa.Column("status", sa.String(50), nullable=False),
                 sa.Column("position", Position, nullable=False),
+            ),
+            # The number of a chord's rows in chord_parts, in a row per writer
+            # (``stripe``: the PostgreSQL backend's pid, 0 elsewhere and after a
+            # rebuild): a part adds 1 to its own writer's row, so parts written
+            # at once by different workers never wait for each other's row lock,
+            # and the claim sums a few rows instead of counting every part.
+            chord_counts=sa.Table(
+                f"ledger_chord_counts{suffix}",
+                md,
+                sa.Column("chord_id", sa.String(255), primary_key=True),
+                sa.Column("stripe", sa.Integer(), primary_key=True),
+                sa.Column("returned", sa.Integer(), nullable=False),
             ),
             catalogue=_catalogue_table(md, f"ledger_tasks{suffix}"),
         )

@@ -83,16 +83,14 @@ class SqlTarget:
 
     # -- live updates -------------------------------------------------------------
 
-    def apply(self, conn: Connection, events: Iterable[RecordedEvent]) -> list[str]:
-        """Update the projections for ``events``; return chord ids these events completed."""
-        completed: list[str] = []
+    def apply(self, conn: Connection, events: Iterable[RecordedEvent]) -> None:
+        """Update the projections for ``events``."""
         for event in events:
             handler = self._handlers.get(event.type)
-            if handler is not None and handler(self, conn, event):
-                completed.append(event.stream_key)
-        return completed
+            if handler is not None:
+                handler(self, conn, event)
 
-    def _task_state(self, conn: Connection, e: RecordedEvent) -> bool:
+    def _task_state(self, conn: Connection, e: RecordedEvent) -> None:
         t = self.t.task_meta
         status = e.data.status  # type: ignore[attr-defined]
         row = {
@@ -111,7 +109,6 @@ class SqlTarget:
         )
         conn.execute(stmt)
         self._catalogue_state(conn, e)
-        return False
 
     def _catalogue_state(self, conn: Connection, e: RecordedEvent) -> None:
         # projections.catalogue.fold as an upsert; the fused form is _catalogue_sql.
@@ -147,7 +144,7 @@ class SqlTarget:
         )
         conn.execute(stmt)
 
-    def _lifecycle(self, conn: Connection, e: RecordedEvent) -> bool:
+    def _lifecycle(self, conn: Connection, e: RecordedEvent) -> None:
         # projections.catalogue.fold for SENT/RECEIVED as an upsert; the fused form
         # is _catalogue_sql. Task meta ignores them (Celery sees PENDING).
         c = self.t.catalogue
@@ -183,17 +180,15 @@ class SqlTarget:
             where=sa.or_(c.c.state != STICKY_STATE, ended),
         )
         conn.execute(stmt)
-        return False
 
 
-    def _task_gone(self, conn: Connection, e: RecordedEvent) -> bool:
+    def _task_gone(self, conn: Connection, e: RecordedEvent) -> None:
         t, c = self.t.task_meta, self.t.catalogue
         conn.execute(sa.delete(t).where(t.c.task_id == e.stream_key))
         flag = "forgotten" if e.type == TaskForgotten.type else "expired"
         conn.execute(sa.update(c).where(c.c.task_id == e.stream_key).values({flag: True}))
-        return False
 
-    def _group_saved(self, conn: Connection, e: RecordedEvent) -> bool:
+    def _group_saved(self, conn: Connection, e: RecordedEvent) -> None:
         t = self.t.groups
         stmt = self.store.insert(t).values(
             group_id=e.stream_key, position=e.position, saved_at=e.recorded_at, payload=e.payload
@@ -203,102 +198,64 @@ class SqlTarget:
             set_={k: stmt.excluded[k] for k in ("position", "saved_at", "payload")},
         )
         conn.execute(stmt)
-        return False
 
-    def _group_gone(self, conn: Connection, e: RecordedEvent) -> bool:
+    def _group_gone(self, conn: Connection, e: RecordedEvent) -> None:
         t = self.t.groups
         conn.execute(sa.delete(t).where(t.c.group_id == e.stream_key))
-        return False
 
-    def _chord_upsert(self, conn: Connection, e: RecordedEvent, *, size, returned_inc: int) -> bool:
-        """Upsert the chord counter row and set ``completed_position`` once, atomically.
-
-        On PostgreSQL the ON CONFLICT ... DO UPDATE takes the row lock, so two
-        transactions returning the last two parts serialize here and exactly one
-        of them sees ``returned`` reach ``size``.
-        """
+    def _chord_upsert(self, conn: Connection, e: RecordedEvent, *, size: Any) -> None:
+        """Upsert the chord's row with its size (``size`` a column expression of the row)."""
         c = self.t.chords
-        new_size = sa.literal(size, sa.Integer) if size is not None else None
-        stmt = self.store.insert(c).values(
-            chord_id=e.stream_key,
-            size=size,
-            returned=returned_inc,
-            completed_position=(
-                e.position if size is not None and returned_inc >= size else None
-            ),
-            fired_position=None,
-        )
-        if new_size is None:
-            size_expr = c.c.size
-        elif e.type == ChordPartAdded.type:
-            size_expr = sa.func.coalesce(c.c.size, 0) + 1
-        else:
-            size_expr = new_size
-        returned_expr = c.c.returned + returned_inc
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[c.c.chord_id],
-            set_={
-                "size": size_expr,
-                "returned": returned_expr,
-                "completed_position": sa.case(
-                    (
-                        sa.and_(
-                            c.c.completed_position.is_(None),
-                            size_expr.is_not(None),
-                            returned_expr >= size_expr,
-                        ),
-                        e.position,
-                    ),
-                    else_=c.c.completed_position,
-                ),
-            },
-        ).returning(c.c.completed_position)
-        return conn.execute(stmt).scalar_one() == e.position
+        stmt = self.store.insert(c).values(chord_id=e.stream_key, size=size, fired_position=None)
+        conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.chord_id], set_={"size": size}))
 
-    def _chord_applied(self, conn: Connection, e: RecordedEvent) -> bool:
+    def _chord_applied(self, conn: Connection, e: RecordedEvent) -> None:
         # A new life starts empty (projections.chord.fold): the earlier life's parts
         # go, so the same header task ids count again.
-        c, p = self.t.chords, self.t.chord_parts
+        c, p, n = self.t.chords, self.t.chord_parts, self.t.chord_counts
         conn.execute(sa.delete(p).where(p.c.chord_id == e.stream_key))
-        empty = {"size": None, "returned": 0, "completed_position": None, "fired_position": None}
+        conn.execute(sa.delete(n).where(n.c.chord_id == e.stream_key))
+        empty = {"size": None, "fired_position": None}
         stmt = self.store.insert(c).values(chord_id=e.stream_key, **empty)
         conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.chord_id], set_=empty))
-        return False
 
-    def _chord_started(self, conn: Connection, e: RecordedEvent) -> bool:
-        return self._chord_upsert(conn, e, size=e.data.size, returned_inc=0)  # type: ignore[attr-defined]
+    def _chord_started(self, conn: Connection, e: RecordedEvent) -> None:
+        self._chord_upsert(conn, e, size=sa.literal(e.data.size, sa.Integer))  # type: ignore[attr-defined]
 
-    def _chord_part_added(self, conn: Connection, e: RecordedEvent) -> bool:
-        return self._chord_upsert(conn, e, size=1, returned_inc=0)
+    def _chord_part_added(self, conn: Connection, e: RecordedEvent) -> None:
+        c = self.t.chords
+        stmt = self.store.insert(c).values(chord_id=e.stream_key, size=1, fired_position=None)
+        conn.execute(stmt.on_conflict_do_update(
+            index_elements=[c.c.chord_id], set_={"size": sa.func.coalesce(c.c.size, 0) + 1}
+        ))
 
-    def _chord_part_returned(self, conn: Connection, e: RecordedEvent) -> bool:
-        p = self.t.chord_parts
+    def _chord_part_returned(self, conn: Connection, e: RecordedEvent) -> None:
+        # A row per distinct task id: a part that already returned changes nothing.
+        # The chord's own row is not touched: parts of one chord never wait for
+        # each other (ledger.events.ChordPartReturned); the count is theirs.
         data = e.data
         inserted = conn.execute(
-            self.store.insert(p)
-            .values(chord_id=e.stream_key, task_id=data.task_id, status=data.status, position=e.position)  # type: ignore[attr-defined]
+            self.store.insert(self.t.chord_parts)
+            .values(chord_id=data.chord_id, task_id=data.task_id, status=data.status, position=e.position)  # type: ignore[attr-defined]
             .on_conflict_do_nothing()
-            .returning(p.c.task_id)
+            .returning(self.t.chord_parts.c.task_id)
         ).first()
-        # Count distinct ids: a part that already returned changes nothing.
-        if inserted is None:
-            return False
-        return self._chord_upsert(conn, e, size=None, returned_inc=1)
+        if inserted is not None:
+            n = self.t.chord_counts
+            stmt = self.store.insert(n).values(chord_id=data.chord_id, stripe=0, returned=1)  # type: ignore[attr-defined]
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=[n.c.chord_id, n.c.stripe], set_={"returned": n.c.returned + 1}
+            ))
 
-    def _chord_fired(self, conn: Connection, e: RecordedEvent) -> bool:
-        # Firing changes neither size nor count, so it can never complete a chord.
+    def _chord_fired(self, conn: Connection, e: RecordedEvent) -> None:
         c = self.t.chords
-        stmt = self.store.insert(c).values(
-            chord_id=e.stream_key, size=None, returned=0, completed_position=None,
-            fired_position=e.position,
-        )
+        stmt = self.store.insert(c).values(chord_id=e.stream_key, size=None, fired_position=e.position)
         conn.execute(
             stmt.on_conflict_do_update(
                 index_elements=[c.c.chord_id],
                 set_={"fired_position": sa.func.coalesce(c.c.fired_position, e.position)},
             )
         )
-        return False
 
     _handlers = {
         TaskState.type: _task_state,
@@ -373,18 +330,17 @@ class SqlTarget:
 
     def chord(self, conn: Connection, chord_id: str) -> ChordState | None:
         c, p = self.t.chords, self.t.chord_parts
-        row = conn.execute(sa.select(c).where(c.c.chord_id == chord_id)).first()
-        if row is None:
-            return None
+        row = conn.execute(sa.select(c.c.size, c.c.fired_position).where(c.c.chord_id == chord_id)).first()
         parts = conn.execute(
             sa.select(p.c.task_id, p.c.status, p.c.position).where(p.c.chord_id == chord_id)
         ).all()
+        if row is None and not parts:
+            return None
         return ChordState(
-            chord_id=row.chord_id,
-            size=row.size,
+            chord_id=chord_id,
+            size=row.size if row is not None else None,
             parts=frozenset(tuple(r) for r in parts),
-            completed_position=row.completed_position,
-            fired_position=row.fired_position,
+            fired_position=row.fired_position if row is not None else None,
         )
 
     def chord_header(
@@ -436,13 +392,14 @@ class SqlTarget:
         parts: dict[str, set] = {}
         for row in conn.execute(sa.select(self.t.chord_parts)):
             parts.setdefault(row.chord_id, set()).add((row.task_id, row.status, row.position))
-        for row in conn.execute(sa.select(self.t.chords)):
-            snap.chords[row.chord_id] = ChordState(
-                chord_id=row.chord_id,
-                size=row.size,
-                parts=frozenset(parts.get(row.chord_id, ())),
-                completed_position=row.completed_position,
-                fired_position=row.fired_position,
+        rows = {row.chord_id: row for row in conn.execute(sa.select(self.t.chords))}
+        for chord_id in rows.keys() | parts.keys():
+            row = rows.get(chord_id)
+            snap.chords[chord_id] = ChordState(
+                chord_id=chord_id,
+                size=row.size if row is not None else None,
+                parts=frozenset(parts.get(chord_id, ())),
+                fired_position=row.fired_position if row is not None else None,
             )
         return snap
 
@@ -695,7 +652,7 @@ def rebuild_statements(
     events: sa.FromClause, t: ProjectionTables
 ) -> list[sa.Executable | CatalogueFill]:
     e = events
-    key_start = {"task": 6, "group": 7, "chord": 7}  # len("task:") + 1, ...
+    key_start = {"task": 6, "group": 7, "chord": 7, "part": 6}  # len("task:") + 1, ...
 
     # task meta -------------------------------------------------------------------
     joined, life_start = _life(e, "task", TOMBSTONE_TYPES)
@@ -763,108 +720,101 @@ def rebuild_statements(
     )
 
     # chord parts: the first return of each distinct header task in the chord's
-    # current life, which starts at its last chord.applied (projections.chord.fold)
-    joined, life_start = _life(e, "chord", {ChordApplied.type})
-    first_return = (
+    # current life, which starts at its last chord.applied (projections.chord.fold).
+    # A part is in its own stream (part:<task id>, the chord's id in ref_id), or, in
+    # logs written before revision 0005, in the chord's (the task's id in ref_id).
+    in_chord_stream = e.c.stream_id.like("chord:%")
+    chord_key = sa.func.substr(e.c.stream_id, key_start["chord"])
+    lives = (
+        sa.select(chord_key.label("chord_id"), sa.func.max(e.c.position).label("p"))
+        .where(e.c.type == ChordApplied.type, in_chord_stream)
+        .group_by(e.c.stream_id)
+        .subquery("lives")
+    )
+    returns = (
         sa.select(
-            e.c.stream_id,
-            e.c.ref_id,
+            sa.case((in_chord_stream, chord_key), else_=e.c.ref_id).label("chord_id"),
+            sa.case((in_chord_stream, e.c.ref_id), else_=sa.func.substr(e.c.stream_id, key_start["part"]))
+            .label("task_id"),
             e.c.task_state,
             e.c.position,
+        )
+        .where(e.c.type == ChordPartReturned.type)
+        .subquery("returns")
+    )
+    first_return = (
+        sa.select(
+            returns,
             sa.func.row_number()
-            .over(partition_by=(e.c.stream_id, e.c.ref_id), order_by=e.c.position)
+            .over(partition_by=(returns.c.chord_id, returns.c.task_id), order_by=returns.c.position)
             .label("rn"),
         )
-        .select_from(joined)
-        .where(e.c.type == ChordPartReturned.type, e.c.position > life_start)
+        .select_from(returns.outerjoin(lives, lives.c.chord_id == returns.c.chord_id))
+        .where(returns.c.position > sa.func.coalesce(lives.c.p, 0))
         .subquery("first_return")
     )
     parts = sa.insert(t.chord_parts).from_select(
         ["chord_id", "task_id", "status", "position"],
         sa.select(
-            sa.func.substr(first_return.c.stream_id, key_start["chord"]),
-            first_return.c.ref_id,
-            first_return.c.task_state,
+            first_return.c.chord_id, first_return.c.task_id, first_return.c.task_state,
             first_return.c.position,
         ).where(first_return.c.rn == 1),
     )
+    # the parts' count, in one row per chord (after the parts: it reads them)
+    p = t.chord_parts
+    counts = sa.insert(t.chord_counts).from_select(
+        ["chord_id", "stripe", "returned"],
+        sa.select(p.c.chord_id, sa.literal(0, sa.Integer), sa.func.count()).group_by(p.c.chord_id),
+    )
 
-    # chords: running size and running distinct count per event -----------------
-    firsts = (
-        sa.select(first_return.c.stream_id, first_return.c.position)
-        .where(first_return.c.rn == 1)
-        .subquery("firsts")
+    # chords: the current life's size and claim. The size is the last chord.started's
+    # plus the parts added after it, or the parts added alone; None if neither.
+    joined, life_start = _life(e, "chord", {ChordApplied.type})
+    life = (
+        sa.select(e.c.stream_id, e.c.position, e.c.type, e.c.chord_size)
+        .select_from(joined)
+        .where(
+            e.c.type.in_([ChordApplied.type, ChordStarted.type, ChordPartAdded.type, ChordFired.type]),
+            e.c.position >= life_start,  # the life's own chord.applied gives an empty life its row
+        )
+        .subquery("life")
     )
-    chord_types = [
-        ChordApplied.type, ChordStarted.type, ChordPartAdded.type, ChordPartReturned.type,
-        ChordFired.type,
-    ]
-    is_start = sa.case((e.c.type == ChordStarted.type, 1), else_=0)
-    steps = (
+    last_start = (
+        sa.select(life.c.stream_id, sa.func.max(life.c.position).label("p"))
+        .where(life.c.type == ChordStarted.type)
+        .group_by(life.c.stream_id)
+        .subquery("last_start")
+    )
+    added = sa.func.sum(sa.case(
+        (sa.and_(life.c.type == ChordPartAdded.type, life.c.position > sa.func.coalesce(last_start.c.p, 0)), 1),
+        else_=0,
+    ))
+    per_chord = (
         sa.select(
-            e.c.stream_id,
-            e.c.position,
-            e.c.type,
-            e.c.chord_size,
-            sa.case((firsts.c.position.is_not(None), 1), else_=0).label("new_part"),
-            sa.func.sum(is_start)
-            .over(partition_by=e.c.stream_id, order_by=e.c.position)
-            .label("seg"),
+            life.c.stream_id,
+            last_start.c.p.label("last_start"),
+            added.label("added"),
+            sa.func.min(sa.case((life.c.type == ChordFired.type, life.c.position))).label("fired"),
         )
-        .select_from(
-            joined.outerjoin(
-                firsts,
-                sa.and_(firsts.c.stream_id == e.c.stream_id, firsts.c.position == e.c.position),
-            )
-        )
-        # the life's own chord.applied (at life_start) gives an empty life its row
-        .where(e.c.type.in_(chord_types), e.c.position >= life_start)
-        .subquery("steps")
+        .select_from(life.outerjoin(last_start, last_start.c.stream_id == life.c.stream_id))
+        .group_by(life.c.stream_id, last_start.c.p)
+        .subquery("per_chord")
     )
-    s = steps
-    running = sa.select(
-        s.c.stream_id,
-        s.c.position,
-        s.c.type,
-        s.c.seg,
-        sa.func.sum(s.c.new_part)
-        .over(partition_by=s.c.stream_id, order_by=s.c.position)
-        .label("cnt"),
-        sa.func.max(sa.case((s.c.type == ChordStarted.type, s.c.chord_size)))
-        .over(partition_by=(s.c.stream_id, s.c.seg))
-        .label("base"),
-        sa.func.sum(sa.case((s.c.type == ChordPartAdded.type, 1), else_=0))
-        .over(partition_by=(s.c.stream_id, s.c.seg), order_by=s.c.position)
-        .label("adds"),
-    ).subquery("running")
-    r = running
-    size_now = sa.case(
-        (sa.and_(r.c.seg == 0, r.c.adds == 0), sa.null()),
-        else_=sa.func.coalesce(r.c.base, 0) + r.c.adds,
+    q = per_chord
+    start_size = (
+        sa.select(e.c.chord_size)
+        .where(e.c.stream_id == q.c.stream_id, e.c.position == q.c.last_start)
+        .scalar_subquery()
     )
-    sized = sa.select(
-        r.c.stream_id,
-        r.c.position,
-        r.c.type,
-        r.c.cnt,
-        size_now.label("size_now"),
-        sa.func.row_number()
-        .over(partition_by=r.c.stream_id, order_by=r.c.position.desc())
-        .label("rn_last"),
-    ).subquery("sized")
-    z = sized
     chords = sa.insert(t.chords).from_select(
-        ["chord_id", "size", "returned", "completed_position", "fired_position"],
+        ["chord_id", "size", "fired_position"],
         sa.select(
-            sa.func.substr(z.c.stream_id, key_start["chord"]),
-            sa.func.max(sa.case((z.c.rn_last == 1, z.c.size_now))),
-            sa.func.max(z.c.cnt),
-            sa.func.min(
-                sa.case(
-                    (sa.and_(z.c.size_now.is_not(None), z.c.cnt >= z.c.size_now), z.c.position)
-                )
+            sa.func.substr(q.c.stream_id, key_start["chord"]),
+            sa.case(
+                (sa.and_(q.c.last_start.is_(None), q.c.added == 0), sa.null()),
+                else_=sa.func.coalesce(start_size, 0) + q.c.added,
             ),
-            sa.func.min(sa.case((z.c.type == ChordFired.type, z.c.position))),
-        ).group_by(z.c.stream_id),
+            q.c.fired,
+        ),
     )
-    return [tasks, groups, parts, chords, CatalogueFill(t.catalogue, catalogue_select(e))]
+    return [tasks, groups, parts, counts, chords, CatalogueFill(t.catalogue, catalogue_select(e))]
