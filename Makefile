@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Breaks each core guarantee in one line and checks its tests fail (tests/mutations.py);
-# ~17 minutes on a quiet 2-core machine, not run by CI. Last report: tests/mutations.txt.
+# ~14-17 minutes on a quiet 2-core machine, not run by CI. Last report: tests/mutations.txt.
 mutations: $(STAMP)
 	$(BIN)/python -m tests.mutations $(MUTATIONS_ARGS)
 
