@@ -8,7 +8,7 @@ import pytest
 from kafka import KafkaConsumer
 
 from ledger.api import Ledger
-from ledger.events import TaskState
+from ledger.events import ChordStarted, TaskState
 from ledger.relay import Relay
 from ledger.store.base import START
 from ledger.stream import iter_events
@@ -76,3 +76,26 @@ def test_offsets_are_committed_only_after_the_handler_returned(sqlite_url, kafka
     # the same bound: a join slower than the idle timeout would pass this vacuously
     assert list(iter_events(c, idle_timeout=JOINED_AND_DRAINED)) == []  # all committed
     c.close()
+
+
+def test_a_chords_events_share_its_key_though_its_parts_are_streams_of_their_own(sqlite_url, kafka, topic):  # noqa: F811
+    """A returned part is in its own stream (part:<task id>) in the log; on the topic it
+    is keyed by its chord's id, as the chord's other events are, so a consumer reads
+    a chord's events from one partition, in log order."""
+    ledger = Ledger.open(sqlite_url)
+    ledger.append([ChordStarted(chord_id="c", size=3)])
+    for task_id in ("p1", "p2", "p3"):
+        ledger.return_chord_part("c", task_id, "SUCCESS")
+    Relay(ledger, kafka, topic).run(once=True)
+
+    c = group_consumer(kafka, topic, f"g-{uuid.uuid4().hex[:6]}")
+    records = []
+    while batch := c.poll(timeout_ms=JOINED_AND_DRAINED * 1000):
+        records += [r for rs in batch.values() for r in rs]
+    c.close()
+
+    assert len(records) == 5  # started, 3 parts, the claim
+    assert {r.key for r in records} == {b"c"} and len({r.partition for r in records}) == 1
+    assert [int(dict(r.headers)["position"]) for r in sorted(records, key=lambda r: r.offset)] == sorted(
+        e.position for e in ledger.chord_events("c"))
+    assert [e.stream_id for e in ledger.chord_events("c")] == ["chord:c", "part:p1", "part:p2", "part:p3", "chord:c"]
