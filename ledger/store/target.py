@@ -203,11 +203,12 @@ class SqlTarget:
         t = self.t.groups
         conn.execute(sa.delete(t).where(t.c.group_id == e.stream_key))
 
-    def _chord_upsert(self, conn: Connection, e: RecordedEvent, *, size: Any) -> None:
-        """Upsert the chord's row with its size (``size`` a column expression of the row)."""
+    def _chord_size(self, conn: Connection, e: RecordedEvent, new: Any, grown: Any) -> None:
+        """Set the chord's size: ``new`` for a chord without a row, else ``grown`` (an
+        expression of the row)."""
         c = self.t.chords
-        stmt = self.store.insert(c).values(chord_id=e.stream_key, size=size, fired_position=None)
-        conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.chord_id], set_={"size": size}))
+        stmt = self.store.insert(c).values(chord_id=e.stream_key, size=new, fired_position=None)
+        conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.chord_id], set_={"size": grown}))
 
     def _chord_applied(self, conn: Connection, e: RecordedEvent) -> None:
         # A new life starts empty (projections.chord.fold): the earlier life's parts
@@ -220,14 +221,11 @@ class SqlTarget:
         conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.chord_id], set_=empty))
 
     def _chord_started(self, conn: Connection, e: RecordedEvent) -> None:
-        self._chord_upsert(conn, e, size=sa.literal(e.data.size, sa.Integer))  # type: ignore[attr-defined]
+        size = sa.literal(e.data.size, sa.Integer)  # type: ignore[attr-defined]
+        self._chord_size(conn, e, size, size)
 
     def _chord_part_added(self, conn: Connection, e: RecordedEvent) -> None:
-        c = self.t.chords
-        stmt = self.store.insert(c).values(chord_id=e.stream_key, size=1, fired_position=None)
-        conn.execute(stmt.on_conflict_do_update(
-            index_elements=[c.c.chord_id], set_={"size": sa.func.coalesce(c.c.size, 0) + 1}
-        ))
+        self._chord_size(conn, e, 1, sa.func.coalesce(self.t.chords.c.size, 0) + 1)
 
     def _chord_part_returned(self, conn: Connection, e: RecordedEvent) -> None:
         # A row per distinct task id: a part that already returned changes nothing.
@@ -336,12 +334,7 @@ class SqlTarget:
         ).all()
         if row is None and not parts:
             return None
-        return ChordState(
-            chord_id=chord_id,
-            size=row.size if row is not None else None,
-            parts=frozenset(tuple(r) for r in parts),
-            fired_position=row.fired_position if row is not None else None,
-        )
+        return _chord_state(chord_id, row, (tuple(r) for r in parts))
 
     def chord_header(
         self, conn: Connection, chord_id: str
@@ -394,13 +387,7 @@ class SqlTarget:
             parts.setdefault(row.chord_id, set()).add((row.task_id, row.status, row.position))
         rows = {row.chord_id: row for row in conn.execute(sa.select(self.t.chords))}
         for chord_id in rows.keys() | parts.keys():
-            row = rows.get(chord_id)
-            snap.chords[chord_id] = ChordState(
-                chord_id=chord_id,
-                size=row.size if row is not None else None,
-                parts=frozenset(parts.get(chord_id, ())),
-                fired_position=row.fired_position if row is not None else None,
-            )
+            snap.chords[chord_id] = _chord_state(chord_id, rows.get(chord_id), parts.get(chord_id, ()))
         return snap
 
     # -- set-based rebuild ------------------------------------------------------------
@@ -634,6 +621,17 @@ def lifecycle_columns(data: EventData) -> dict:
         "ready_at": ready_at(data.sent_at, data.eta) if sent else None,  # type: ignore[union-attr]
         **fields_of(data.__dict__, data.type),
     }
+
+
+def _chord_state(chord_id: str, row: Any, parts: Iterable[tuple[str, str, int]]) -> ChordState:
+    """A chord's state from its row in the chords table (size, claim; None: no row)
+    and its part rows: a chord whose parts returned before it started has no row."""
+    return ChordState(
+        chord_id=chord_id,
+        size=row.size if row is not None else None,
+        parts=frozenset(parts),
+        fired_position=row.fired_position if row is not None else None,
+    )
 
 
 def _life(events: sa.Table, prefix: str, tombstones: Iterable[str]):
