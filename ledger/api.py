@@ -161,12 +161,22 @@ class Ledger:
         if problem is not None:
             raise problem
 
-    def _schema_error(self, exc: sa.exc.DBAPIError) -> Exception:
-        # A missing table is an unmigrated database: say what to run, once, in
-        # one line (a worker otherwise logged 4,531 SQL tracebacks a minute).
-        if self.store.is_missing_table(exc):
-            return self.schema_missing() or exc
-        return exc
+    def _schema_error(self, exc: sa.exc.DBAPIError) -> Exception | None:
+        """The schema problem behind a statement that failed, or None.
+
+        A database not migrated to this code's revision fails its statements in
+        whatever way the difference takes -- a missing table, a missing column, a
+        dropped column still NOT NULL (0005 drops columns) -- so any failure that
+        is not a lost connection is checked against the schema's revision: say
+        what to run, once, in one line (a worker otherwise logged 4,531 SQL
+        tracebacks a minute). Only on the error path: a read of the revision.
+        """
+        if is_disconnect(exc):
+            return None
+        try:
+            return self.schema_missing()
+        except sa.exc.DBAPIError:
+            return None  # the revision cannot be read either: the original error says more
 
     def __repr__(self) -> str:
         return f"Ledger({self.url!r})"
@@ -376,8 +386,9 @@ class Ledger:
                     raise
                 log.debug("append conflict, retrying: %s", exc)
             except sa.exc.DBAPIError as exc:
-                if self.store.is_missing_table(exc):
-                    raise self._schema_error(exc) from None
+                problem = self._schema_error(exc)
+                if problem is not None:
+                    raise problem from None
                 if not is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
                     raise
                 if write:

@@ -125,3 +125,22 @@ def test_parts_in_chord_streams_from_before_0005_count_alike(any_url):
     memory.apply(ledger.read_from(0, limit=1000))
     assert memory.state.differences(ledger.snapshot()) == []
     assert verify(ledger) == []
+
+
+def test_a_database_one_revision_behind_is_named_not_a_raw_sql_error(any_url):
+    """0005 drops columns: on a database still at 0004 a chord's write fails on a
+    NOT NULL column, not a missing table. Any failed statement is checked against
+    the schema's revision, so the error says what to run."""
+    from ledger.api import Ledger
+    from ledger.errors import SchemaMissing
+    from ledger.events import ChordStarted
+
+    ledger = Ledger.open(any_url)
+    migrate.downgrade(ledger.engine, "base")
+    migrate.upgrade(ledger.engine, "0004_catalogue_lifecycle")  # as 0004 made it
+    with pytest.raises(SchemaMissing, match="has ledger schema 0004_catalogue_lifecycle; this celery-ledger "
+                                            "needs 0005_chord_parts_streams: run `celery-ledger db upgrade"):
+        ledger.append([ChordStarted(chord_id="c", size=1)])
+    migrate.upgrade(ledger.engine)
+    ledger.append([ChordStarted(chord_id="c", size=1)])
+    assert ledger.chord("c").size == 1

@@ -339,11 +339,6 @@ class Store(ABC):
     def insert(table: sa.Table) -> Any:
         """An INSERT for ``table`` that has ``on_conflict_do_update``/``on_conflict_do_nothing``."""
 
-    @staticmethod
-    @abstractmethod
-    def is_missing_table(exc: BaseException) -> bool:
-        """True when a statement failed because a table does not exist (schema not migrated)."""
-
     def target_for(self, tables: ProjectionTables) -> SqlTarget:
         """The projection target writing to ``tables`` with this database's upserts."""
         return SqlTarget(tables, type(self))

@@ -1246,10 +1246,6 @@ class PostgresStore(MaintainableStore):
     def insert(table: sa.Table) -> Any:
         return pg_insert(table)
 
-    @staticmethod
-    def is_missing_table(exc: BaseException) -> bool:
-        return isinstance(exc, sa.exc.DBAPIError) and getattr(exc.orig, "sqlstate", None) == "42P01"
-
     # -- writing ---------------------------------------------------------------------------
 
     def append(self, conn: Connection, items: Sequence[EncodedEvent]) -> Appended:

@@ -153,10 +153,6 @@ class SQLiteStore(MaintainableStore):
     def insert(table: sa.Table) -> Any:
         return sqlite_insert(table)
 
-    @staticmethod
-    def is_missing_table(exc: BaseException) -> bool:
-        return isinstance(exc, sa.exc.DBAPIError) and "no such table" in str(exc.orig)
-
     def relay_lock(self, name: str) -> RelayLock:
         return FileRelayLock(self.engine, name)
 
