@@ -19,9 +19,9 @@ from ledger.store.engine import safe_url
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def keep(name: str, measured: dict) -> Path:
-    """Write ``measured`` to ``bench/results/<name>.json``; returns the path."""
-    path = RESULTS / f"{name}.json"
+def keep(name: str, measured: dict, directory: Path = RESULTS) -> Path:
+    """Write ``measured`` to ``<directory>/<name>.json`` (``bench/results``); returns the path."""
+    path = directory / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     program = f"python -m {spec.name}" if spec is not None else sys.argv[0]

@@ -243,6 +243,7 @@ def write_json(path: Path, rs: list[Row], ts: list[Target], meta: dict) -> None:
 KEPT_RUNS = (
     ("catalogue-postgresql-1000000", "python -m bench.catalogue URL 1000000"),
     ("web-postgresql-1000000", "python -m bench.web --db URL --tasks 1000000"),
+    ("ceiling", "python -m bench.ceiling --processes 1,4"),
 )
 
 
@@ -284,6 +285,15 @@ def _kept_figures(name: str, m: dict) -> list[tuple[str, str, str]]:
                             f"{w['median']} / {wo['median']} tasks/s (runs {w['min']}-{w['max']} / "
                             f"{wo['min']}-{wo['max']})", "within noise" if w["min"] <= wo["max"]
                             and wo["min"] <= w["max"] else "outside noise"))
+    elif name == "ceiling":
+        for row in m["rows"]:
+            figures.append((
+                f"store STARTED+SUCCESS, {row['processes']} process(es): {row['case']}",
+                f"{row['rate']:,.0f} tasks/s, x redis per round {row['x_redis_per_round']}; per task "
+                f"server {row['server_us']:.0f} us, clients {row['client_us']:.0f} us; "
+                f"{row['busy']:.2f} cores busy",
+                "-",
+            ))
     else:
         for path, p in m.get("pages", {}).items():
             target = verdict(p["p50_ms"] < 100, "< 100 ms") if path.startswith(("/?", "/api/tasks?")) \

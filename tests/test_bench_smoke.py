@@ -115,3 +115,28 @@ def test_make_bench_shows_the_kept_million_task_runs_labelled_with_their_own_dat
     assert rows["tasks --name X --limit 50"][2] == "MET (< 50 ms)"
     assert rows["stats --since -24h"][2] == "MISSED (< 2,000 ms)"
     assert all(r[4:] == ["2026-12-06T05:31:28Z", "4.7/5.1/4.1"] for r in rows.values())
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_ceiling_bench_stores_through_each_case_and_its_kept_rows_reach_make_bench(tmp_path):
+    """``python -m bench.ceiling``: the ledger as it ships, the ledger with
+    synchronous_commit off (checked on a connection first) and Redis each store
+    tasks, with the CPU per task split server/clients; ``make bench`` prints the
+    kept file beside its table."""
+    from bench import report
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ceiling", "--rounds", "1", "--seconds", "0.3", "--processes", "1",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = json.loads((tmp_path / "ceiling.json").read_text())
+    rows = {r["case"]: r for r in kept["measured"]["rows"]}
+    assert set(rows) == {"ledger", "ledger, synchronous_commit=off", "redis"}
+    for row in rows.values():
+        assert row["rate"] > 0 and row["server_us"] > 0 and row["client_us"] > 0, row
+    assert "| ledger, synchronous_commit=off | 1 |" in proc.stdout
+    figures = [r[0] for r in report.kept_rows(tmp_path)]
+    assert "store STARTED+SUCCESS, 1 process(es): ledger, synchronous_commit=off" in figures

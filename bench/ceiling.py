@@ -1,0 +1,185 @@
+"""Where a store's CPU goes, and how far the ledger is from the Redis backend even without durability.
+
+    .venv/bin/python -m bench.ceiling [--rounds 3] [--seconds 4] [--processes 1,4]
+        [--broker redis://127.0.0.1:6379/13]   (default: $LEDGER_BENCH_REDIS) [--out DIR]
+
+Each case stores STARTED then SUCCESS through Celery's backend API from forked
+children (``make bench``'s store runs, ``bench.backend_ops.store``) and reports
+tasks/s with the CPU each task cost:
+
+* *server*: the CPU time of every ``postgres`` process (or of ``redis-server``)
+  over the run, from ``/proc`` -- the machine's other databases' work included,
+  so run it on a quiet machine;
+* *clients*: the storing children's own CPU time (``RUSAGE_CHILDREN``);
+* *busy*: both over the wall time, in cores (the machine has ``os.cpu_count()``).
+
+The cases, in an order that rotates every round:
+
+* ``ledger``: ``ledger+postgresql`` as it ships (each store waits for its WAL flush);
+* ``ledger, synchronous_commit=off``: the same with every commit acknowledged
+  before its flush (``PGOPTIONS``, checked on a connection before the run).
+  Not a mode the ledger offers -- a store could then be lost after ``get()``
+  returned it -- but the ceiling of this design here: what is left of the gap
+  to Redis when the flush costs nothing;
+* ``redis``: Celery's Redis backend, which never fsyncs on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import redis
+from celery import Celery
+
+from bench.backend_ops import store
+from bench.contenders import PG_SERVER, REDIS
+from bench.kept import RESULTS, keep
+from bench.processes import merge, run_forked
+from ledger.api import Ledger
+from ledger.store import engine as database
+
+LEDGER, RELAXED, REDIS_CASE = "ledger", "ledger, synchronous_commit=off", "redis"
+_SERVERS = {LEDGER: "postgres", RELAXED: "postgres", REDIS_CASE: "redis-server"}
+
+
+@dataclass
+class Sample:
+    rate: float
+    server_us: float
+    client_us: float
+    busy: float
+
+
+def server_cpu(command: str) -> float:
+    """CPU seconds of every process whose name starts with ``command``, with the
+    children they reaped (a PostgreSQL backend that exits is counted by the postmaster)."""
+    ticks = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        if stat[stat.index("(") + 1 : stat.rindex(")")].startswith(command):
+            fields = stat[stat.rindex(")") + 2 :].split()
+            ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def pgoptions(value: str | None) -> Iterator[None]:
+    """``PGOPTIONS`` for the connections opened inside (libpq reads it at connect)."""
+    before = os.environ.get("PGOPTIONS")
+    if value is not None:
+        os.environ["PGOPTIONS"] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PGOPTIONS", None)
+        else:
+            os.environ["PGOPTIONS"] = before
+
+
+def make_app(backend: str, broker: str) -> Celery:
+    app = Celery("bench_ceiling", broker=broker, backend=backend, set_as_current=False)
+    app.conf.update(result_serializer="json", accept_content=["json"], result_expires=3600)
+    return app
+
+
+def measure_once(case: str, backend: str, broker: str, processes: int, seconds: float) -> Sample:
+    database._engines.clear()  # children build their own engines after fork
+    app = make_app(backend, broker)
+    with pgoptions("-c synchronous_commit=off" if case == RELAXED else None):
+        cpu0, children0, wall0 = server_cpu(_SERVERS[case]), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+        run = merge(run_forked(store(app, f"ceiling-{uuid.uuid4().hex[:8]}"), processes, seconds))
+        wall, children1 = time.monotonic() - wall0, resource.getrusage(resource.RUSAGE_CHILDREN)
+        server = server_cpu(_SERVERS[case]) - cpu0
+    clients = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+    return Sample(run.rate or 0.0, 1e6 * server / run.ops, 1e6 * clients / run.ops, (server + clients) / wall)
+
+
+def check_relaxed(url: str) -> None:
+    """The ceiling's label must be true: a connection opened with its PGOPTIONS runs without the flush."""
+    with pgoptions("-c synchronous_commit=off"), psycopg.connect(url) as conn:
+        setting = conn.execute("SHOW synchronous_commit").fetchone()[0]
+    if setting != "off":
+        raise SystemExit(f"PGOPTIONS did not reach the server: synchronous_commit is {setting!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ceiling", description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=4.0, help="seconds per measurement")
+    p.add_argument("--processes", default="4", help="storing processes per case (default 4)")
+    p.add_argument("--broker", default=REDIS, help="Redis URL, broker and Redis backend (default: LEDGER_BENCH_REDIS)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="directory for ceiling.json (default bench/results)")
+    a = p.parse_args(argv)
+    pg_db = f"ledger_bench_ceiling_{os.getpid()}"
+    pg_url = f"{PG_SERVER}/{pg_db}"
+    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{pg_db}"')
+    backends = {
+        LEDGER: "ledger+" + pg_url.replace("postgresql://", "postgresql+psycopg://", 1),
+        REDIS_CASE: a.broker,
+    }
+    backends[RELAXED] = backends[LEDGER]
+    cases = [(case, int(n)) for n in a.processes.split(",") for case in (LEDGER, RELAXED, REDIS_CASE)]
+    samples: dict[tuple[str, int], list[Sample]] = {c: [] for c in cases}
+    try:
+        Ledger.open(backends[LEDGER], upgrade=True).engine.dispose()
+        check_relaxed(pg_url)
+        for r in range(a.rounds):
+            for case, procs in cases[r % len(cases):] + cases[: r % len(cases)]:
+                s = measure_once(case, backends[case], a.broker, procs, a.seconds)
+                samples[(case, procs)].append(s)
+                print(f"[round {r + 1}/{a.rounds}] {case:<31} {procs}p {s.rate:,.0f} tasks/s, per task "
+                      f"server {s.server_us:.0f} us, clients {s.client_us:.0f} us; busy {s.busy:.2f} cores",
+                      file=sys.stderr, flush=True)
+    finally:
+        database._engines.clear()
+        with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)')
+        client = redis.Redis.from_url(a.broker)
+        keys = list(client.scan_iter(match="*ceiling-*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+    print(f"\nstore STARTED+SUCCESS; {a.rounds} rounds x {a.seconds} s, medians; {os.cpu_count()} cores\n")
+    print("| case | processes | tasks/s | x redis (per round) | server us/task | clients us/task | busy cores |")
+    print("|---|---|---|---|---|---|---|")
+    measured = []
+    for case, procs in cases:
+        ss, redis_ss = samples[(case, procs)], samples[(REDIS_CASE, procs)]
+        ratios = [s.rate / t.rate for s, t in zip(ss, redis_ss, strict=True) if t.rate]
+        row = {
+            "case": case, "processes": procs,
+            "rate": statistics.median(s.rate for s in ss),
+            "x_redis_per_round": [round(x, 2) for x in ratios],
+            "server_us": statistics.median(s.server_us for s in ss),
+            "client_us": statistics.median(s.client_us for s in ss),
+            "busy": statistics.median(s.busy for s in ss),
+        }
+        measured.append(row)
+        print(f"| {case} | {procs} | {row['rate']:,.0f} | "
+              f"{statistics.median(ratios):.2f}x ({', '.join(f'{x:.2f}' for x in ratios)}) | "
+              f"{row['server_us']:.0f} | {row['client_us']:.0f} | {row['busy']:.2f} |")
+    print(f"\nkept in {keep('ceiling', {'rows': measured, 'rounds': a.rounds, 'seconds': a.seconds}, a.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
