@@ -8,6 +8,7 @@ bodies fire exactly once on a real broker, and writes the table and the JSON.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,12 @@ from pathlib import Path
 import pytest
 
 from bench.stats import Run, Summary, percentile
+from tests.conftest import REDIS
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The bench commands' Redis (broker, Redis backend) is the test run's database,
+#: not the one ``make bench`` uses (a bench running beside the tests keeps its own).
+BENCH_ENV = {**os.environ, "LEDGER_BENCH_REDIS": REDIS}
 
 
 @pytest.mark.postgres
@@ -27,7 +32,7 @@ def test_tiny_bench_run_prints_table_and_writes_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--rounds", "1", "--seconds", "0.2", "--chords", "1",
          "--only", only, "--ops", ops, "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[round 1/1] store1" in proc.stderr  # progress while running
@@ -56,7 +61,7 @@ def test_delay_bench_prints_tracking_off_and_on_for_both_databases():
     broker is the bench's Redis database, LEDGER_BENCH_REDIS)."""
     proc = subprocess.run(
         [sys.executable, "-m", "bench.delay", "--rounds", "1", "--seconds", "0.2", "--processes", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if "delays/s" in line]
@@ -129,7 +134,7 @@ def test_ceiling_bench_stores_through_each_case_and_its_kept_rows_reach_make_ben
     proc = subprocess.run(
         [sys.executable, "-m", "bench.ceiling", "--rounds", "1", "--seconds", "0.3", "--processes", "1",
          "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     kept = json.loads((tmp_path / "ceiling.json").read_text())
