@@ -7,11 +7,12 @@ Each case stores STARTED then SUCCESS through Celery's backend API from forked
 children (``make bench``'s store runs, ``bench.backend_ops.store``) and reports
 tasks/s with the CPU each task cost:
 
-* *server*: the CPU time of every ``postgres`` process (or of ``redis-server``)
-  over the run, from ``/proc`` -- the machine's other databases' work included,
-  so run it on a quiet machine;
 * *clients*: the storing children's own CPU time (``RUSAGE_CHILDREN``);
-* *busy*: both over the wall time, in cores (the machine has ``os.cpu_count()``).
+* *server*: the rest of the machine's busy time over the run (``/proc/stat``):
+  PostgreSQL's processes (or Redis's) and the kernel's work for them, such as
+  the WAL's writes -- and anything else running, so run it on a quiet machine;
+* *busy*: the machine's busy time over the wall time, in cores (it has
+  ``os.cpu_count()``).
 
 The cases, in an order that rotates every round:
 
@@ -50,7 +51,6 @@ from ledger.api import Ledger
 from ledger.store import engine as database
 
 LEDGER, RELAXED, REDIS_CASE = "ledger", "ledger, synchronous_commit=off", "redis"
-_SERVERS = {LEDGER: "postgres", RELAXED: "postgres", REDIS_CASE: "redis-server"}
 
 
 @dataclass
@@ -61,22 +61,12 @@ class Sample:
     busy: float
 
 
-def server_cpu(command: str) -> float:
-    """CPU seconds of every process whose name starts with ``command``, with the
-    children they reaped (a PostgreSQL backend that exits is counted by the postmaster)."""
-    ticks = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue  # gone meanwhile
-        if stat[stat.index("(") + 1 : stat.rindex(")")].startswith(command):
-            fields = stat[stat.rindex(")") + 2 :].split()
-            ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
+def machine_cpu() -> float:
+    """CPU seconds the whole machine has spent busy (``/proc/stat``: user, nice,
+    system, irq and softirq time of every core; not idle, I/O wait or steal)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -104,12 +94,11 @@ def measure_once(case: str, backend: str, broker: str, processes: int, seconds: 
     database._engines.clear()  # children build their own engines after fork
     app = make_app(backend, broker)
     with pgoptions("-c synchronous_commit=off" if case == RELAXED else None):
-        cpu0, children0, wall0 = server_cpu(_SERVERS[case]), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+        cpu0, children0, wall0 = machine_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
         run = merge(run_forked(store(app, f"ceiling-{uuid.uuid4().hex[:8]}"), processes, seconds))
-        wall, children1 = time.monotonic() - wall0, resource.getrusage(resource.RUSAGE_CHILDREN)
-        server = server_cpu(_SERVERS[case]) - cpu0
+        wall, children1, busy = time.monotonic() - wall0, resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu() - cpu0
     clients = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
-    return Sample(run.rate or 0.0, 1e6 * server / run.ops, 1e6 * clients / run.ops, (server + clients) / wall)
+    return Sample(run.rate or 0.0, 1e6 * (busy - clients) / run.ops, 1e6 * clients / run.ops, busy / wall)
 
 
 def check_relaxed(url: str) -> None:

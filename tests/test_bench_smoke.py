@@ -132,7 +132,7 @@ def test_ceiling_bench_stores_through_each_case_and_its_kept_rows_reach_make_ben
     from bench import report
 
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.ceiling", "--rounds", "1", "--seconds", "0.3", "--processes", "1",
+        [sys.executable, "-m", "bench.ceiling", "--rounds", "1", "--seconds", "1", "--processes", "1",
          "--out", str(tmp_path)],
         cwd=ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=240,
     )
