@@ -383,6 +383,21 @@ MUTATIONS = [
         (f"{BACKEND}::test_get_prepares_its_lookup_again_after_deallocate_all",),
     ),
     Mutation(
+        "store: a statement deallocated from the session is not prepared again",
+        "ledger/store/postgres.py",
+        '        if getattr(error, "sqlstate", None) != "26000":\n',
+        "        if True:\n",
+        (f"{BACKEND}::test_a_store_prepares_its_statement_again_after_deallocate_all",
+         "tests/test_celery_chords.py::test_parts_stored_after_deallocate_all_prepare_their_statements_again_and_fire_once"),
+    ),
+    Mutation(
+        "chord: a failed read after the part's committed transaction sends the transaction again",
+        "ledger/store/postgres.py",
+        "        again = everything if failed_unit is None or failed_unit < len(statements) else everything[len(statements):]\n",
+        "        again = everything\n",
+        ("tests/test_celery_chords.py::test_a_completing_part_whose_header_read_was_deallocated_sends_the_body_once",),
+    ),
+    Mutation(
         "output: a stored terminal escape reaches the terminal",
         "ledger/output.py",
         "    return _CONTROL.sub(_escape, text)\n",

@@ -342,6 +342,21 @@ def test_get_prepares_its_lookup_again_after_deallocate_all(pg_url):
     assert backend.get_task_meta(new_id())["status"] == states.PENDING
 
 
+def test_a_store_prepares_its_statement_again_after_deallocate_all(pg_url):
+    """A lone store runs a statement prepared under the ledger's own name on the
+    kept connection (postgres._pipelined): after ``DEALLOCATE ALL`` it is prepared
+    again and the result stored once."""
+    from ledger.store.postgres import _KEPT
+
+    backend = make_app(pg_url).backend
+    backend.mark_as_done(new_id(), 1)  # prepared on the kept connection
+    _KEPT[backend.ledger.engine][2].driver_connection.execute("DEALLOCATE ALL")
+    tid = new_id()
+    backend.mark_as_done(tid, 2)
+    assert backend.get_task_meta(tid, cache=False)["result"] == 2
+    assert [e.data.status for e in backend.ledger.history(tid)] == ["SUCCESS"]
+
+
 def test_get_raises_the_failed_header_parts_error_even_when_the_body_is_ready_at_once(
     any_url, monkeypatch
 ):

@@ -289,6 +289,59 @@ def test_parts_stored_by_mark_as_done_fire_the_body_once_each_with_its_result(an
             assert first_success.tx_id == returns[tid].tx_id
 
 
+def test_parts_stored_after_deallocate_all_prepare_their_statements_again_and_fire_once(pg_url):
+    """A chord part's round trip runs statements prepared under the ledger's own
+    names on the kept connection (postgres._pipelined); a session that dropped
+    them (``DEALLOCATE ALL``, as a pooler's reset does) has them prepared again and
+    the part stored once, its transaction resent whole."""
+    from ledger.store.postgres import _KEPT
+
+    prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
+    app = make_app(pg_url, prefix)
+    backend = app.backend
+    gid, part_ids, body = _frozen_chord(app, 3)
+    _apply(app, gid, part_ids, body)
+    for index, tid in enumerate(part_ids):
+        if index:
+            _KEPT[backend.ledger.engine][2].driver_connection.execute("DEALLOCATE ALL")
+        backend.mark_as_done(tid, index * 10, request=Context(id=tid, group=gid, group_index=index, chord=dict(body)))
+    sent = bodies_sent(prefix)
+    assert [json.loads(base64.b64decode(m["body"]))[0] for m in sent] == [[[0, 10, 20]]]
+    for tid in part_ids:
+        assert [e.type for e in backend.ledger.history(tid)] == ["task.state"]
+    assert len([e for e in backend.ledger.chord_events(gid) if e.type == "chord.part_returned"]) == 3
+
+
+def test_a_completing_part_whose_header_read_was_deallocated_sends_the_body_once(pg_url):
+    """The completing part's transaction (its result, its return, the claim)
+    commits before the read of the chord's inputs runs; if that read's prepared
+    statement is gone from the session, the read alone goes again -- never the
+    committed transaction, which would find its events in the log and claim nothing."""
+    from ledger.store.postgres import _KEPT, _NAMED
+
+    prefix = f"chords-{RUN_ID}-{uuid.uuid4().hex[:6]}:"
+    app = make_app(pg_url, prefix)
+    backend = app.backend
+    gid, part_ids, body = _frozen_chord(app, 3)
+    _apply(app, gid, part_ids, body)
+
+    def store(index: int) -> None:
+        tid = part_ids[index]
+        backend.mark_as_done(tid, index * 10, request=Context(id=tid, group=gid, group_index=index, chord=dict(body)))
+
+    store(0)
+    store(1)
+    fairy = _KEPT[backend.ledger.engine][2]
+    read = backend.ledger.store._claimed_header_sql
+    names = [name for (sql, _), name in fairy.info[_NAMED].items() if sql == read]
+    assert names, "the header read was prepared by the parts before"
+    for name in names:
+        fairy.driver_connection.execute(f"DEALLOCATE {name.decode()}")
+    store(2)
+    sent = bodies_sent(prefix)
+    assert [json.loads(base64.b64decode(m["body"]))[0] for m in sent] == [[[0, 10, 20]]]
+
+
 def test_a_part_stored_with_its_return_wakes_its_waiters(pg_url):
     """A chord part's result stored by mark_as_done (with the part and claim, one
     pipeline) still NOTIFYs its task's stream: AsyncResult.get() waits on that."""

@@ -66,7 +66,9 @@ Hot paths
 ---------
 A store, a point read and a chord's part go through the pooled connection's
 psycopg connection (:func:`driver_fetch`, :func:`pooled_fetch`), each event with
-its projection update in one statement (:class:`FusedUpdates`). The process's
+its projection update in one statement (:class:`FusedUpdates`). Outside a
+transaction they run on libpq's level, all of a round trip's statements sent in
+one flush (:func:`_pipelined`, :class:`PointRead`). The process's
 main thread keeps its connection checked out (:func:`_kept`), with generic plans,
 and prepares these statements on it once when it opens it
 (:meth:`PostgresStore._warm_up`). A chord part with its result, and the claim
@@ -77,6 +79,8 @@ lock and waits for no other part (:meth:`PostgresLog.return_chord_part`).
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import logging
 import os
 import re
@@ -213,25 +217,15 @@ def driver_fetchall(conn: Connection, sql: str, params: dict) -> list[tuple]:
 def pooled_fetch(engine: Engine, statements: list[tuple[str, dict]]) -> list[tuple | None]:
     """Autocommitted statements' first rows on a pooled psycopg connection.
 
-    The hot paths outside a transaction (``get_task_meta``, a lone store) take
-    no SQLAlchemy ``Connection``: checking one out, switching it to AUTOCOMMIT
-    and back and its reset on return cost ~30 µs of the ~110 µs a point read
-    took (measured; the SELECT itself is ~70 µs). Several statements go out as
-    one pipeline, which PostgreSQL runs as one implicit transaction, committed at
-    the pipeline's end. Errors and invalidation as in :func:`driver_fetch`.
+    The hot paths outside a transaction (a lone store, a batch of stores) take no
+    SQLAlchemy ``Connection``: checking one out, switching it to AUTOCOMMIT and
+    back and its reset on return cost ~30 µs of the ~110 µs a point read took
+    (measured; the SELECT itself is ~70 µs). The statements go out as one
+    pipeline (:func:`_pipelined`), which PostgreSQL runs as one implicit
+    transaction, committed at the pipeline's end. Errors and invalidation as in
+    :func:`driver_fetch`.
     """
-
-    def run(raw: Any, info: dict) -> list[tuple | None]:
-        # One cursor per pooled connection, kept in its record's ``info`` (cleared
-        # when the connection is replaced): a point read through a new cursor
-        # each time cost 34 µs of client CPU against 20 µs through a kept one
-        # (psycopg 3.3, prepared, best of 7 x 3,000).
-        cursor = info.get(_CURSOR)
-        if cursor is None:
-            cursor = info[_CURSOR] = raw.cursor()
-        return _run_statements(raw, statements, info.setdefault(_PREPARED, set()), cursor)
-
-    return _pooled(engine, *statements[0], run)
+    return pooled_pipeline(engine, statements)[0]
 
 
 def pooled_pipeline(
@@ -245,18 +239,7 @@ def pooled_pipeline(
     what it wrote. They also run when the transaction failed (the error is raised
     after the round trip), so they must be harmless then.
     """
-
-    def run(raw: Any, info: dict) -> tuple[list[tuple | None], list[list[tuple]]]:
-        with raw.pipeline() as pipeline:
-            cursors = [raw.execute(sql, params, prepare=True) for sql, params in statements]
-            after = []
-            for read in reads:
-                pipeline.sync()
-                after.append(raw.execute(*read, prepare=True))
-        info.setdefault(_PREPARED, set()).update(sql for sql, _ in [*statements, *reads])
-        return [cur.fetchone() for cur in cursors], [cur.fetchall() for cur in after]
-
-    return _pooled(engine, *statements[0], run)
+    return _pooled(engine, *statements[0], lambda raw, info: _pipelined(raw, info, statements, reads))
 
 
 def _checkout(engine: Engine) -> Any:
@@ -336,7 +319,7 @@ def _kept(engine: Engine) -> Any:
         raw.execute(_GENERIC_PLANS)
         warm_up = _WARM_UPS.get(engine)
         if warm_up is not None and (warm := warm_up()) is not None:
-            warm(raw, fairy.info.setdefault(_PREPARED, set()))
+            warm(raw, fairy.info)
     except psycopg.Error as orig:
         error = _driver_error(engine, fairy, _GENERIC_PLANS, {}, orig)
         _close(fairy)
@@ -437,17 +420,152 @@ class PointRead:
         return result
 
 
-_CURSOR = "ledger_cursor"
-#: The statements a pooled connection has prepared (in its record's ``info``).
+#: Per pooled connection (its record's ``info``): the names of the statements
+#: :func:`_pipelined` prepared on it, by (SQL, parameter types).
+_NAMED = "ledger_named"
+#: ... the psycopg Transformer that dumps their parameters and loads their rows,
+#: and the numbers their names take.
+_TRANSFORMER, _NUMBERS = "ledger_transformer", "ledger_numbers"
+_PARAM = re.compile(r"%\((\w+)\)s|%%")
+
+
+@functools.lru_cache(maxsize=256)
+def _numbered(sql: str) -> tuple[bytes, tuple[str, ...]]:
+    """``sql`` with psycopg's ``%(name)s`` placeholders as ``$1``, ``$2``, ...; and
+    the names in that order (see :func:`driver_sql`)."""
+    names: dict[str, int] = {}
+
+    def number(m: re.Match) -> str:
+        if m.group(1) is None:
+            return "%"
+        return f"${names.setdefault(m.group(1), len(names) + 1)}"
+
+    return _PARAM.sub(number, sql).encode(), tuple(names)
+
+
+def _pipelined(
+    raw: Any, info: dict, statements: Sequence[tuple[str, dict]], reads: Sequence[tuple[str, dict]] = ()
+) -> tuple[list[tuple | None], list[list[tuple]]]:
+    """Statements (one transaction: one pipeline sync) then ``reads`` (a sync each)
+    on libpq's level: the first row of each statement, every row of each read.
+
+    psycopg's own pipeline sends each statement as it is queued, polling the
+    socket before each: ~630 µs of client CPU per chord part (3 statements, 2
+    reads) under a profiler, more than the rest of Celery's ``mark_as_done``.
+    Here everything is queued in libpq's buffer and goes out in one flush, the
+    server's replies are read in one pass, and each statement is prepared once
+    per connection under a name of ours (its PREPARE in the same round trip as
+    its first run). Parameters are dumped by psycopg's own dumpers and rows
+    loaded by its loaders, so values travel as through a cursor. An error is
+    raised, as psycopg's exception, once every reply is read and the connection
+    is idle again. If a statement of ours is gone from the session (``DEALLOCATE
+    ALL``), all are prepared again and what failed is sent once more: the whole
+    pipeline if the transaction failed (it did nothing), else the reads only (it
+    committed). A name is kept only for a PREPARE that succeeded.
+    """
+    from psycopg import errors, generators
+    from psycopg.adapt import PyFormat, Transformer
+    from psycopg.pq import ExecStatus, PipelineStatus
+
+    named = info.setdefault(_NAMED, {})
+    tx = info.get(_TRANSFORMER)
+    if tx is None:
+        tx = info[_TRANSFORMER] = Transformer(raw)
+        info[_NUMBERS] = itertools.count()
+    numbers = info[_NUMBERS]
+    units = [(sql, params, False) for sql, params in statements] + [(sql, params, True) for sql, params in reads]
+    dumped = []  # per unit: (key, query, values, formats, types)
+    for sql, params, _ in units:
+        query, names = _numbered(sql)
+        values = tx.dump_sequence([params[n] for n in names], [PyFormat.AUTO] * len(names))
+        types = tuple(tx.types)
+        dumped.append(((sql, types), query, values, list(tx.formats), types))
+    pg = raw.pgconn
+
+    def exchange(todo: list[int]) -> tuple[dict[int, Any], Any, int | None]:
+        """Send units ``todo`` (the statements' one transaction first) and read every
+        reply: each unit's result, and the first error with its unit's index."""
+        expected: list[tuple[str, int | None, Any]] = []  # ("unit" | "prepare" | "sync", unit, key)
+        pg.enter_pipeline_mode()
+        try:
+            for i in todo:
+                (_, _, read), (key, query, values, formats, types) = units[i], dumped[i]
+                if read:
+                    pg.pipeline_sync()  # ends the transaction (or the read before)
+                    expected.append(("sync", None, None))
+                name = named.get(key)
+                if name is None:
+                    # never a name used before on this session: after a DEALLOCATE
+                    # of some of them the others may still exist
+                    name = named[key] = f"ledger_p{next(numbers)}".encode()
+                    pg.send_prepare(name, query, param_types=types)
+                    expected.append(("prepare", i, key))
+                pg.send_query_prepared(name, values, param_formats=formats)
+                expected.append(("unit", i, None))
+            pg.pipeline_sync()
+            expected.append(("sync", None, None))
+            replies = raw.wait(communicate(len(expected)))
+            pg.exit_pipeline_mode()
+        except BaseException:
+            if pg.pipeline_status != PipelineStatus.OFF:
+                raw.close()  # replies unread, state unknown: the pool drops the connection
+            raise
+        results, failure, failed_unit = {}, None, None
+        for (kind, i, key), reply in zip(expected, replies, strict=True):
+            status = reply[0].status if reply else None
+            if kind == "prepare" and status != ExecStatus.COMMAND_OK:
+                named.pop(key, None)  # not prepared (it failed, or an earlier error aborted it)
+            if status == ExecStatus.FATAL_ERROR and failure is None:
+                failure, failed_unit = reply[0], i
+            if kind == "unit":
+                results[i] = reply[0]
+        return results, failure, failed_unit
+
+    def communicate(count: int) -> Any:
+        yield from generators.send(pg)
+        replies = []
+        for _ in range(count):
+            replies.append((yield from generators.fetch_many(pg)))
+        return replies
+
+    everything = list(range(len(units)))
+    results, failure, failed_unit = exchange(everything)
+    if failure is not None:
+        error = errors.error_from_result(failure, encoding=raw.info.encoding)
+        if getattr(error, "sqlstate", None) != "26000":
+            raise error
+        # Our statements are gone from the session (DEALLOCATE ALL): prepare them
+        # again, and send again what did not run. A read's failure leaves the
+        # transaction committed: only the reads go again, never the transaction.
+        named.clear()
+        again = everything if failed_unit is None or failed_unit < len(statements) else everything[len(statements):]
+        retried, failure, _ = exchange(again)
+        if failure is not None:
+            raise errors.error_from_result(failure, encoding=raw.info.encoding)
+        results.update(retried)
+    rows: list[tuple | None] = []
+    read_rows: list[list[tuple]] = []
+    for i, (_, _, read) in enumerate(units):
+        result = results[i]
+        tx.set_pgresult(result)
+        if read:
+            read_rows.append(tx.load_rows(0, result.ntuples, tuple))
+        else:
+            rows.append(tx.load_row(0, tuple) if result.ntuples else None)
+    return rows, read_rows
+
+
+#: The statements psycopg prepared on a connection for :func:`driver_fetch` (in
+#: its record's ``info``).
 _PREPARED = "ledger_prepared"
 
 
-def _run_statements(
-    raw: Any, statements: list[tuple[str, dict]], prepared: set[str], cursor: Any = None
-) -> list[tuple | None]:
+def _run_statements(raw: Any, statements: list[tuple[str, dict]], prepared: set[str]) -> list[tuple | None]:
+    """Statements in the caller's transaction, through psycopg: it begins the
+    transaction on the first (a libpq-level :func:`_pipelined` would not)."""
     sql, params = statements[0]
     if len(statements) == 1 and sql in prepared:
-        return [(cursor or raw).execute(sql, params, prepare=True).fetchone()]
+        return [raw.execute(sql, params, prepare=True).fetchone()]
     # Outside a pipeline psycopg prepares a new statement in a round trip of its
     # own before running it; in one, PREPARE and EXECUTE share the round trip. A
     # prefork child that completes a chord runs most statements for its first time.
@@ -1273,7 +1391,7 @@ class PostgresStore(MaintainableStore):
 
         return lambda: self.log.append_fused_autocommit(self.engine, items, [fused])
 
-    def _warm_up(self, raw: Any, prepared: set[str]) -> None:
+    def _warm_up(self, raw: Any, info: dict) -> None:
         """Prepare and plan the hot paths' statements on a new kept connection.
 
         A statement's first run on a connection parses and plans it (and loads the
@@ -1282,8 +1400,8 @@ class PostgresStore(MaintainableStore):
         against ~0.5 ms for the next runs. Here they run once when the connection is opened, in one round trip, with
         sample events that expect a stream version no stream has: each statement
         inserts and changes nothing. (The expectation goes as text, as a None
-        does, so that psycopg keys the prepared statement as the real runs'; a
-        rollback would not do: psycopg forgets its prepared statements at one.)
+        does, so that the statement is prepared for the parameter types of the
+        real runs, :func:`_pipelined`.)
         Best effort: on a database that cannot take them (no schema yet) the
         first real run prepares each instead.
         """
@@ -1306,17 +1424,11 @@ class PostgresStore(MaintainableStore):
             params = self.log._fused_params(item, fused, relaxed=relaxed, notify=False)  # type: ignore[arg-type]
             params["expected"] = "-1"  # no stream is at version -1: nothing is inserted
             statements.append((self.log._fused_statement(fused, guard, checked=False), params))  # type: ignore[arg-type]
-        statements += [
-            (self._claimed_header_sql, {"key": warm, "claim_id": claim.new.event_id}),
-        ]
+        reads = [(self._claimed_header_sql, {"key": warm, "claim_id": claim.new.event_id})]
         try:
-            with raw.pipeline():
-                for sql, params in statements:
-                    raw.execute(sql, params, prepare=True)
+            _pipelined(raw, info, statements, reads)
         except psycopg.Error as exc:
             log.debug("hot statements not prepared ahead: %s", exc)
-            return
-        prepared.update(sql for sql, _ in statements)
 
     def chord_part_write(self, part: EncodedEvent, claim: EncodedEvent, before: EncodedEvent | None = None) -> Any:
         """``before``, the part, the claim if the chord is then complete, and the
