@@ -40,11 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-import redis
 from celery import Celery
 
 from bench.backend_ops import store
-from bench.contenders import PG_SERVER, REDIS
+from bench.contenders import REDIS, redis_cleanup, scratch_database
 from bench.kept import RESULTS, keep
 from bench.processes import merge, run_forked
 from ledger.api import Ledger
@@ -90,12 +89,12 @@ def make_app(backend: str, broker: str) -> Celery:
     return app
 
 
-def measure_once(case: str, backend: str, broker: str, processes: int, seconds: float) -> Sample:
+def measure_once(case: str, backend: str, broker: str, processes: int, seconds: float, run_id: str) -> Sample:
     database._engines.clear()  # children build their own engines after fork
     app = make_app(backend, broker)
     with pgoptions("-c synchronous_commit=off" if case == RELAXED else None):
         cpu0, children0, wall0 = machine_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
-        run = merge(run_forked(store(app, f"ceiling-{uuid.uuid4().hex[:8]}"), processes, seconds))
+        run = merge(run_forked(store(app, f"{run_id}-{uuid.uuid4().hex[:8]}"), processes, seconds))
         wall, children1, busy = time.monotonic() - wall0, resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu() - cpu0
     clients = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
     return Sample(run.rate or 0.0, 1e6 * (busy - clients) / run.ops, 1e6 * clients / run.ops, busy / wall)
@@ -117,36 +116,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker", default=REDIS, help="Redis URL, broker and Redis backend (default: LEDGER_BENCH_REDIS)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for ceiling.json (default bench/results)")
     a = p.parse_args(argv)
-    pg_db = f"ledger_bench_ceiling_{os.getpid()}"
-    pg_url = f"{PG_SERVER}/{pg_db}"
-    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{pg_db}"')
-    backends = {
-        LEDGER: "ledger+" + pg_url.replace("postgresql://", "postgresql+psycopg://", 1),
-        REDIS_CASE: a.broker,
-    }
-    backends[RELAXED] = backends[LEDGER]
+    run_id = f"ceiling-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     cases = [(case, int(n)) for n in a.processes.split(",") for case in (LEDGER, RELAXED, REDIS_CASE)]
     samples: dict[tuple[str, int], list[Sample]] = {c: [] for c in cases}
     try:
-        Ledger.open(backends[LEDGER], upgrade=True).engine.dispose()
-        check_relaxed(pg_url)
-        for r in range(a.rounds):
-            for case, procs in cases[r % len(cases):] + cases[: r % len(cases)]:
-                s = measure_once(case, backends[case], a.broker, procs, a.seconds)
-                samples[(case, procs)].append(s)
-                print(f"[round {r + 1}/{a.rounds}] {case:<31} {procs}p {s.rate:,.0f} tasks/s, per task "
-                      f"server {s.server_us:.0f} us, clients {s.client_us:.0f} us; busy {s.busy:.2f} cores",
-                      file=sys.stderr, flush=True)
+        with scratch_database(f"ledger_bench_ceiling_{os.getpid()}") as pg_url:
+            ledger_url = "ledger+" + pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
+            backends = {LEDGER: ledger_url, RELAXED: ledger_url, REDIS_CASE: a.broker}
+            try:
+                Ledger.open(ledger_url, upgrade=True).engine.dispose()
+                check_relaxed(pg_url)
+                for r in range(a.rounds):
+                    for case, procs in cases[r % len(cases):] + cases[: r % len(cases)]:
+                        s = measure_once(case, backends[case], a.broker, procs, a.seconds, run_id)
+                        samples[(case, procs)].append(s)
+                        print(f"[round {r + 1}/{a.rounds}] {case:<31} {procs}p {s.rate:,.0f} tasks/s, per "
+                              f"task server {s.server_us:.0f} us, clients {s.client_us:.0f} us; busy "
+                              f"{s.busy:.2f} cores", file=sys.stderr, flush=True)
+            finally:
+                database._engines.clear()
     finally:
-        database._engines.clear()
-        with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)')
-        client = redis.Redis.from_url(a.broker)
-        keys = list(client.scan_iter(match="*ceiling-*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        redis_cleanup(run_id, a.broker)
     print(f"\nstore STARTED+SUCCESS; {a.rounds} rounds x {a.seconds} s, medians; {os.cpu_count()} cores\n")
     print("| case | processes | tasks/s | x redis (per round) | server us/task | clients us/task | busy cores |")
     print("|---|---|---|---|---|---|---|")

@@ -8,10 +8,12 @@ server and database, so their figures are comparable with the raw limits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import psycopg
@@ -67,7 +69,7 @@ class Environment:
         if self.created:
             _admin(f'DROP DATABASE IF EXISTS "{self.pg_db}" WITH (FORCE)')
         shutil.rmtree(self.tmpdir, ignore_errors=True)
-        _redis_cleanup(self.run_id)
+        redis_cleanup(self.run_id)
 
     def contenders(self) -> list[Contender]:
         sa_pg = self.pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
@@ -125,10 +127,22 @@ def _admin(sql: str) -> None:
         conn.execute(sql)
 
 
-def _redis_cleanup(run_id: str) -> None:
+@contextlib.contextmanager
+def scratch_database(name: str) -> Iterator[str]:
+    """A new PostgreSQL database ``name`` on the bench's server for the block, dropped
+    after it; yields its libpq URL (``postgresql://``)."""
+    _admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_SERVER}/{name}"
+    finally:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def redis_cleanup(run_id: str, url: str = REDIS) -> None:
+    """Delete the keys a run left in the bench's Redis database (their names hold ``run_id``)."""
     import redis
 
-    client = redis.Redis.from_url(REDIS)
+    client = redis.Redis.from_url(url)
     keys = list(client.scan_iter(match=f"*{run_id}*", count=1000))
     if keys:
         client.delete(*keys)

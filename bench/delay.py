@@ -22,12 +22,10 @@ import tempfile
 import time
 import uuid
 
-import psycopg
-import redis
 import sqlalchemy as sa
 from celery import Celery
 
-from bench.contenders import PG_SERVER, REDIS
+from bench.contenders import REDIS, redis_cleanup, scratch_database
 from bench.processes import Job, Slice, merge, run_forked, timed_ops
 from bench.stats import Run
 from ledger.api import Ledger
@@ -95,10 +93,7 @@ def measure(urls: dict[str, str], broker: str, rounds: int, seconds: float,
                       f"{(run.p50 or 0) * 1000:.2f} ms, p99 {(run.p99 or 0) * 1000:.2f} ms",
                       file=sys.stderr, flush=True)
     finally:
-        client = redis.Redis.from_url(broker)
-        keys = list(client.scan_iter(match=f"*{queue}*", count=1000))
-        if keys:
-            client.delete(*keys)
+        redis_cleanup(queue, broker)
     return runs
 
 
@@ -132,24 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", default="1,4", help="publishing processes per case (default 1,4)")
     p.add_argument("--broker", default=REDIS, help="Redis broker URL (default: LEDGER_BENCH_REDIS)")
     a = p.parse_args(argv)
-    pg_db = f"ledger_bench_delay_{os.getpid()}"
     tmpdir = tempfile.mkdtemp(prefix="ledger_bench_delay_")
-    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{pg_db}"')
-    urls = {
-        "postgresql": f"{PG_SERVER}/{pg_db}".replace("postgresql://", "postgresql+psycopg://", 1),
-        "sqlite": f"sqlite:///{tmpdir}/ledger.db",
-    }
     try:
-        for url in urls.values():
-            Ledger.open(url, upgrade=True).engine.dispose()
-        runs = measure(urls, a.broker, a.rounds, a.seconds, [int(n) for n in a.processes.split(",")])
-        print(f"\n.delay() with ledger_track_sent off and on; {a.rounds} rounds x {a.seconds} s, medians\n")
-        print(table(runs))
+        with scratch_database(f"ledger_bench_delay_{os.getpid()}") as pg_url:
+            urls = {
+                "postgresql": pg_url.replace("postgresql://", "postgresql+psycopg://", 1),
+                "sqlite": f"sqlite:///{tmpdir}/ledger.db",
+            }
+            try:
+                for url in urls.values():
+                    Ledger.open(url, upgrade=True).engine.dispose()
+                runs = measure(urls, a.broker, a.rounds, a.seconds, [int(n) for n in a.processes.split(",")])
+                print(f"\n.delay() with ledger_track_sent off and on; {a.rounds} rounds x {a.seconds} s, medians\n")
+                print(table(runs))
+            finally:
+                database._engines.clear()
     finally:
-        database._engines.clear()
-        with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)')
         shutil.rmtree(tmpdir, ignore_errors=True)
     return 0
 
