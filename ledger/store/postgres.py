@@ -474,12 +474,11 @@ def _pipelined(
         info[_NUMBERS] = itertools.count()
     numbers = info[_NUMBERS]
     units = [(sql, params, False) for sql, params in statements] + [(sql, params, True) for sql, params in reads]
-    dumped = []  # per unit: (key, query, values, formats, types)
+    dumped = []  # per unit: (key: (SQL, parameter types), query, values, formats)
     for sql, params, _ in units:
         query, names = _numbered(sql)
         values = tx.dump_sequence([params[n] for n in names], [PyFormat.AUTO] * len(names))
-        types = tuple(tx.types)
-        dumped.append(((sql, types), query, values, list(tx.formats), types))
+        dumped.append(((sql, tuple(tx.types)), query, values, list(tx.formats)))
     pg = raw.pgconn
 
     def exchange(todo: list[int]) -> tuple[dict[int, Any], Any, int | None]:
@@ -489,7 +488,7 @@ def _pipelined(
         pg.enter_pipeline_mode()
         try:
             for i in todo:
-                (_, _, read), (key, query, values, formats, types) = units[i], dumped[i]
+                (_, _, read), (key, query, values, formats) = units[i], dumped[i]
                 if read:
                     pg.pipeline_sync()  # ends the transaction (or the read before)
                     expected.append(("sync", None, None))
@@ -498,7 +497,7 @@ def _pipelined(
                     # never a name used before on this session: after a DEALLOCATE
                     # of some of them the others may still exist
                     name = named[key] = f"ledger_p{next(numbers)}".encode()
-                    pg.send_prepare(name, query, param_types=types)
+                    pg.send_prepare(name, query, param_types=key[1])
                     expected.append(("prepare", i, key))
                 pg.send_query_prepared(name, values, param_formats=formats)
                 expected.append(("unit", i, None))
