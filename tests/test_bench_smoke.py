@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,41 @@ def test_ceiling_bench_stores_through_each_case_and_its_kept_rows_reach_make_ben
     assert "| ledger, synchronous_commit=off | 1 |" in proc.stdout
     figures = [r[0] for r in report.kept_rows(tmp_path)]
     assert "store STARTED+SUCCESS, 1 process(es): ledger, synchronous_commit=off" in figures
+
+
+def _state(pid: int) -> str:
+    """The process's state letter from /proc ("X" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "X"
+
+
+def test_forked_bench_children_stay_alive_until_the_last_one_has_finished(tmp_path):
+    """A child that finished first must not exit (tear down, close its connections)
+    while another still measures: a worker's pool processes do not exit between tasks."""
+    from bench.processes import Slice, run_forked
+
+    first = tmp_path / "first.pid"
+
+    def job(child: int, _deadline: float) -> Slice:
+        if child == 0:
+            first.write_text(str(os.getpid()))
+            return Slice(extra="done")
+        for _ in range(1000):  # hang guard; child 0 writes at once
+            if first.exists() and first.read_text():
+                break
+            time.sleep(0.01)
+        pid = int(first.read_text())
+        # Child 0 has returned its slice. Watch it for a second: without the
+        # wait after the job it exits (and is reaped) within milliseconds.
+        states = set()
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            states.add(_state(pid))
+            time.sleep(0.005)
+        return Slice(extra=sorted(states))
+
+    slices = run_forked(job, 2, 0)
+    watched = next(s.extra for s in slices if s.extra != "done")
+    assert not {"Z", "X"} & set(watched), f"the first child exited while the other measured: {watched}"
