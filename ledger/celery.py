@@ -211,7 +211,7 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
                 group_id=meta.get("group_id"),
                 root_id=getattr(request, "root_id", None) if request else None,
                 **self._exception_summary(result, state),
-                **self._extended_fields(meta) if "name" in meta else {},
+                **self._extended_fields(meta) if "name" in meta else _request_fields(request),
             )
         except InvalidEvent as exc:
             # e.g. a task id over the column limit: refused before anything is written
@@ -694,6 +694,24 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
                 known.add(event.data.task_id)
                 deps.results.append(self.app.AsyncResult(event.data.task_id, backend=self))
         return deps
+
+
+def _request_fields(request: Any) -> dict:
+    """Without ``result_extended``: the task's name, worker, queue and retries from the
+    worker's request, as Celery's extended meta takes them, for the catalogue and the
+    history. Never its arguments: storing those is what ``result_extended`` opts into.
+    Celery's own view is unchanged: :meth:`LedgerBackend._meta` gives these fields
+    only with the arguments."""
+    if request is None:
+        return {}
+    delivery = getattr(request, "delivery_info", None) or {}
+    retries = getattr(request, "retries", None)
+    return {
+        "name": getattr(request, "task", None),
+        "worker": getattr(request, "hostname", None),
+        "retries": retries if type(retries) is int else None,
+        "queue": delivery.get("routing_key"),
+    }
 
 
 def _body_id(request: Any) -> str | None:

@@ -159,7 +159,8 @@ class TaskState(_TaskEvent):
     traceback: str | None = None
     children: list[Any] | None = None
     date_done: datetime | None = None
-    # result_extended fields (None when the app does not extend results)
+    # Celery's result_extended fields. A worker's store gives name, worker, retries and
+    # queue from its request either way; args and kwargs only with result_extended.
     name: str | None = None
     args: Encoded | None = None
     kwargs: Encoded | None = None

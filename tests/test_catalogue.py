@@ -23,9 +23,10 @@ from ledger.api import Ledger
 from ledger.cli import main
 from ledger.errors import BadFilter
 from ledger.events import Encoded, ResultExpired, TaskForgotten, TaskReceived, TaskSent, TaskState
+from ledger.rebuild import verify
 from ledger.store.schema import events as events_table
 from projections.memory import MemoryTarget
-from tests.test_celery_worker import WAIT, db_url, task, worker  # noqa: F401  (fixtures)
+from tests.test_celery_worker import WAIT, db_url, running_worker, task, worker  # noqa: F401  (fixtures)
 
 READY = {"SUCCESS", "FAILURE", "REVOKED"}
 
@@ -444,3 +445,36 @@ def test_a_redelivery_after_success_changes_nothing_live_or_rebuilt(ledger):
     assert verify(ledger, ["catalogue"]) == []
     rebuild(ledger, ["catalogue"])
     assert ledger.tasks()[0].entry == row.entry
+
+
+@pytest.mark.worker
+def test_without_result_extended_finished_tasks_keep_their_name_worker_queue_and_retries(db_url):  # noqa: F811
+    """Celery's default (``result_extended = False``) stores no name in a result. The
+    catalogue must still find a finished task by name, worker and queue: its states
+    carry them from the worker's request -- never its arguments, and Celery's own
+    view of the result stays as Celery has it without result_extended."""
+    with running_worker(db_url, extended=False) as app:
+        add, fail, flaky = (task(app, n) for n in ("add", "fail", "flaky"))
+        done, failed = add.delay(2, 3), fail.delay("no extended")
+        retried = flaky.delay(f"flaky-{uuid.uuid4().hex[:8]}", 2)
+        assert done.get(timeout=WAIT) == 5
+        failed.get(timeout=WAIT, propagate=False)
+        retried.get(timeout=WAIT)
+        ledger: Ledger = app.backend.ledger
+        queue = app.conf.task_default_queue
+        rows = {r.task_id: r.entry for r in ledger.tasks(name="workerapp.*")}
+        for r, name, state in [(done, "workerapp.add", "SUCCESS"), (failed, "workerapp.fail", "FAILURE"),
+                               (retried, "workerapp.flaky", "SUCCESS")]:
+            entry = rows[r.id]
+            assert (entry.name, entry.state, entry.queue) == (name, state, queue)
+            assert entry.worker and entry.worker.startswith(queue + "@"), entry.worker
+            assert entry.args is None and entry.kwargs is None
+        assert rows[retried.id].retries == 1 and rows[done.id].retries == 0
+        assert rows[failed.id].exc_type == "ValueError"
+        assert {r.task_id for r in ledger.tasks(name="workerapp.add", worker=rows[done.id].worker,
+                                                 queue=queue)} >= {done.id}
+        # Celery's view without result_extended: no name, no arguments
+        meta = app.backend.get_task_meta(done.id)
+        assert meta["result"] == 5 and meta.get("name") is None and meta.get("args") is None
+        assert done.name is None
+        assert verify(ledger, ["catalogue"]) == []

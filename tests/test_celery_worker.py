@@ -54,9 +54,10 @@ def worker(db_url):
 
 
 @contextlib.contextmanager
-def running_worker(db_url: str, *celery_options: str):
+def running_worker(db_url: str, *celery_options: str, extended: bool = True):
     """A ``celery [celery_options] worker`` process (prefork, 3) on its own queue and
-    Redis key prefix; yields the client-side app once the worker answered a ping."""
+    Redis key prefix; yields the client-side app once the worker answered a ping.
+    ``extended=False``: both sides with Celery's default ``result_extended = False``."""
     queue = f"ledger-test-{RUN_ID}-{uuid.uuid4().hex[:6]}"
     prefix = f"{queue}:"
     backend = f"ledger+{db_url}"
@@ -66,6 +67,7 @@ def running_worker(db_url: str, *celery_options: str):
         LEDGER_TEST_BACKEND=backend,
         LEDGER_TEST_QUEUE=queue,
         LEDGER_TEST_PREFIX=prefix,
+        LEDGER_TEST_RESULT_EXTENDED="1" if extended else "0",
         PYTHONPATH=str(ROOT),
     )
     proc = subprocess.Popen(
@@ -74,7 +76,7 @@ def running_worker(db_url: str, *celery_options: str):
          "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"],
         cwd=ROOT, env=env,
     )
-    app = make_app(BROKER, backend, queue, prefix)
+    app = make_app(BROKER, backend, queue, prefix, extended=extended)
     try:
         assert app.tasks["workerapp.ping"].delay().get(timeout=WAIT) == "pong"
         yield app

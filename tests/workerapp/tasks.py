@@ -7,6 +7,7 @@ fixture); the test process builds the same app with :func:`make_app`.
 * ``LEDGER_TEST_BACKEND`` — ``ledger+sqlite:///...`` or ``ledger+postgresql+psycopg://...``
 * ``LEDGER_TEST_QUEUE`` — the queue this run's worker consumes (unique per run)
 * ``LEDGER_TEST_PREFIX`` — Redis key prefix of this run (broker keys and test counters)
+* ``LEDGER_TEST_RESULT_EXTENDED`` — ``0`` for Celery's default ``result_extended = False``
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ REDACT_KWARGS = ["password", "token", "card"]
 REDACT_ARGS = [2]
 
 
-def make_app(broker: str, backend: str, queue: str, prefix: str) -> Celery:
+def make_app(broker: str, backend: str, queue: str, prefix: str, extended: bool = True) -> Celery:
     app = Celery("workerapp", broker=broker, backend=backend, set_as_current=False)
     app.conf.update(
         task_default_queue=queue,
         broker_transport_options={"global_keyprefix": prefix},
-        result_extended=True,
+        result_extended=extended,
         task_track_started=True,
         ledger_redact_kwargs=REDACT_KWARGS,
         ledger_redact_args=REDACT_ARGS,
@@ -127,4 +128,5 @@ if "LEDGER_TEST_BACKEND" in os.environ:
         os.environ["LEDGER_TEST_BACKEND"],
         os.environ["LEDGER_TEST_QUEUE"],
         os.environ["LEDGER_TEST_PREFIX"],
+        extended=os.environ.get("LEDGER_TEST_RESULT_EXTENDED", "1") == "1",
     )
