@@ -398,6 +398,13 @@ MUTATIONS = [
         ("tests/test_celery_chords.py::test_a_completing_part_whose_header_read_was_deallocated_sends_the_body_once",),
     ),
     Mutation(
+        "catalogue: without result_extended a worker's state carries no task name",
+        "ledger/celery.py",
+        '                **self._extended_fields(meta) if "name" in meta else _request_fields(request),\n',
+        '                **self._extended_fields(meta) if "name" in meta else {},\n',
+        (f"{CATALOGUE}::test_without_result_extended_finished_tasks_keep_their_name_worker_queue_and_retries",),
+    ),
+    Mutation(
         "output: a stored terminal escape reaches the terminal",
         "ledger/output.py",
         "    return _CONTROL.sub(_escape, text)\n",
