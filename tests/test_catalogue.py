@@ -435,7 +435,7 @@ def test_timeline_finds_a_workflow_through_the_catalogues_root_ids(ledger):
 def test_a_redelivery_after_success_changes_nothing_live_or_rebuilt(ledger):
     """SUCCESS is sticky: a late STARTED/FAILURE of a redelivered message is in the log
     but moves neither the state nor the runtime, in the live row or a rebuilt one."""
-    from ledger.rebuild import rebuild, verify
+    from ledger.rebuild import rebuild
 
     for status in ("STARTED", "SUCCESS", "STARTED", "FAILURE"):
         ledger.append([TaskState(task_id="t", status=status, name="a")])
