@@ -465,7 +465,7 @@ def _pipelined(
     """
     from psycopg import errors, generators
     from psycopg.adapt import PyFormat, Transformer
-    from psycopg.pq import ExecStatus, PipelineStatus
+    from psycopg.pq import ExecStatus, Format, PipelineStatus
 
     named = info.setdefault(_NAMED, {})
     tx = info.get(_TRANSFORMER)
@@ -499,7 +499,11 @@ def _pipelined(
                     name = named[key] = f"ledger_p{next(numbers)}".encode()
                     pg.send_prepare(name, query, param_types=key[1])
                     expected.append(("prepare", i, key))
-                pg.send_query_prepared(name, values, param_formats=formats)
+                # A read's rows come back in binary: a chord's header read returns
+                # every part's payload, which text format would send hex-encoded.
+                pg.send_query_prepared(
+                    name, values, param_formats=formats, result_format=Format.BINARY if read else Format.TEXT
+                )
                 expected.append(("unit", i, None))
             pg.pipeline_sync()
             expected.append(("sync", None, None))
