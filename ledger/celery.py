@@ -50,7 +50,8 @@ from celery.exceptions import (
 from celery.result import GroupResult, ResultSet, allow_join_result, result_from_tuple
 from celery.utils.functional import _regen
 from celery.utils.log import get_logger
-from kombu.serialization import loads
+from kombu.serialization import loads, registry
+from kombu.utils import json as kombu_json
 from kombu.utils.encoding import ensure_bytes
 
 from ledger import lifecycle
@@ -389,8 +390,23 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
             return None
         # The stored content type decides, checked against this app's accept
         # list: a pickle payload is refused (ContentDisallowed) unless accepted.
+        data = value["data"]
+        if (
+            type(data) is bytes
+            and value["content_type"] == _JSON
+            and value.get("content_encoding", "utf-8") == "utf-8"
+            and (self.accept is None or _JSON in self.accept)
+            and registry._decoders.get(_JSON) is kombu_json.loads
+        ):
+            # What kombu's loads would do for it (its own JSON decoder), without
+            # building a JSONDecoder per value: ~3 us of the ~5 us a result took,
+            # which a chord of 100 parts pays 100 times on its completing part.
+            # Anything the decoder refuses goes through kombu's loads, which
+            # raises its DecodeError.
+            with contextlib.suppress(ValueError):
+                return _json_decode(data.decode())
         return loads(
-            value["data"],
+            data,
             content_type=value["content_type"],
             content_encoding=value.get("content_encoding", "utf-8"),
             accept=self.accept,
@@ -694,6 +710,12 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
                 known.add(event.data.task_id)
                 deps.results.append(self.app.AsyncResult(event.data.task_id, backend=self))
         return deps
+
+
+_JSON = "application/json"
+#: kombu's JSON decoding (kombu.utils.json.loads: the stdlib's decoder with
+#: kombu's object hook), one decoder for every value.
+_json_decode = kombu_json.json.JSONDecoder(object_hook=kombu_json.object_hook).decode
 
 
 def _request_fields(request: Any) -> dict:

@@ -7,6 +7,8 @@ import sys
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
+from decimal import Decimal
 
 import psycopg
 import pytest
@@ -14,10 +16,11 @@ from celery import Celery, states
 from celery.app.task import Context
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendGetMetaError, BackendStoreError, SecurityError, TimeoutError
-from kombu.exceptions import ContentDisallowed
+from kombu.exceptions import ContentDisallowed, DecodeError
+from kombu.serialization import registry as kombu_registry
 
 from ledger.celery import LedgerBackend
-from ledger.events import TaskForgotten, TaskState
+from ledger.events import Encoded, TaskForgotten, TaskState
 from ledger.rebuild import verify
 from ledger.redaction import REDACTED, redact
 from tests.conftest import REDIS
@@ -182,6 +185,48 @@ def test_pickle_is_read_only_by_apps_that_accept_it(any_url):
     reader = make_app(any_url, accept_content=["json"]).backend
     with pytest.raises(ContentDisallowed):
         reader.get_task_meta(tid)
+
+
+def test_json_results_are_read_only_by_apps_that_accept_json(any_url):
+    writer = make_app(any_url).backend
+    tid = new_id()
+    writer.mark_as_done(tid, [1, 2])
+    reader = make_app(any_url, accept_content=["msgpack"]).backend
+    with pytest.raises(ContentDisallowed):
+        reader.get_task_meta(tid)
+
+
+def test_json_results_decode_kombus_typed_values(any_url):
+    # kombu's JSON encodes these as {"__type__": ..., "__value__": ...} envelopes,
+    # which its object hook turns back into the values.
+    backend = make_app(any_url).backend
+    value = {"at": datetime(2026, 12, 6, 18, 0, tzinfo=timezone.utc), "id": uuid.UUID(int=7),
+             "amount": Decimal("1.10"), "raw": b"\x00\xff"}
+    tid = new_id()
+    backend.mark_as_done(tid, value)
+    assert backend.get_task_meta(tid)["result"] == value
+
+
+def test_an_apps_own_json_decoder_is_used(any_url):
+    backend = make_app(any_url).backend
+    tid = new_id()
+    backend.mark_as_done(tid, {"n": 1})
+    original = kombu_registry._decoders["application/json"]
+    kombu_registry._decoders["application/json"] = lambda data: {"decoded by": "mine"}
+    try:
+        assert backend.get_task_meta(tid)["result"] == {"decoded by": "mine"}
+    finally:
+        kombu_registry._decoders["application/json"] = original
+    assert backend.get_task_meta(tid)["result"] == {"n": 1}
+
+
+def test_a_corrupt_json_result_raises_kombus_decode_error(any_url):
+    backend = make_app(any_url).backend
+    tid = new_id()
+    backend.ledger.append([TaskState(task_id=tid, status=states.SUCCESS, result=Encoded(
+        content_type="application/json", content_encoding="utf-8", data=b'{"n": 1'))])
+    with pytest.raises(DecodeError):
+        backend.get_task_meta(tid)
 
 
 def test_exception_decoding_refuses_non_exception_types(backend):
