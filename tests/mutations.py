@@ -593,6 +593,34 @@ MUTATIONS = [
         "WHERE backend_xid IS NOT NULL)),",
         (f"{LOG_PG}::test_an_open_transaction_holds_followers_back_until_it_commits",),
     ),
+    Mutation(
+        "JSON decoding: a result is decoded for an app that does not accept JSON",
+        "ledger/celery.py",
+        "            and (self.accept is None or _JSON in self.accept)\n",
+        "            and True\n",
+        (f"{BACKEND}::test_json_results_are_read_only_by_apps_that_accept_json",),
+    ),
+    Mutation(
+        "JSON decoding: kombu's object hook is left out (typed values come back as envelopes)",
+        "ledger/celery.py",
+        "JSONDecoder(object_hook=kombu_json.object_hook).decode",
+        "JSONDecoder().decode",
+        (f"{BACKEND}::test_json_results_decode_kombus_typed_values",),
+    ),
+    Mutation(
+        "JSON decoding: an app's own registered JSON decoder is bypassed",
+        "ledger/celery.py",
+        "            and registry._decoders.get(_JSON) is kombu_json.loads\n",
+        "            and True\n",
+        (f"{BACKEND}::test_an_apps_own_json_decoder_is_used",),
+    ),
+    Mutation(
+        "JSON decoding: corrupt JSON raises the decoder's ValueError, not kombu's DecodeError",
+        "ledger/celery.py",
+        "            with contextlib.suppress(ValueError):\n                return _json_decode",
+        "            if True:\n                return _json_decode",
+        (f"{BACKEND}::test_a_corrupt_json_result_raises_kombus_decode_error",),
+    ),
 ]
 
 
