@@ -395,7 +395,7 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
             type(data) is bytes
             and value["content_type"] == _JSON
             and value.get("content_encoding", "utf-8") == "utf-8"
-            and (self.accept is None or _JSON in self.accept)
+            and self.accept is not None and _JSON in self.accept
             and registry._decoders.get(_JSON) is kombu_json.loads
         ):
             # What kombu's loads would do for it (its own JSON decoder), without

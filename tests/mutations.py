@@ -596,9 +596,16 @@ MUTATIONS = [
     Mutation(
         "JSON decoding: a result is decoded for an app that does not accept JSON",
         "ledger/celery.py",
-        "            and (self.accept is None or _JSON in self.accept)\n",
+        "            and self.accept is not None and _JSON in self.accept\n",
         "            and True\n",
         (f"{BACKEND}::test_json_results_are_read_only_by_apps_that_accept_json",),
+    ),
+    Mutation(
+        "JSON decoding: an app without an accept list skips kombu's check of disabled content types",
+        "ledger/celery.py",
+        "            and self.accept is not None and _JSON in self.accept\n",
+        "            and (self.accept is None or _JSON in self.accept)\n",
+        (f"{BACKEND}::test_json_disabled_in_kombu_is_refused_to_an_app_without_an_accept_list",),
     ),
     Mutation(
         "JSON decoding: kombu's object hook is left out (typed values come back as envelopes)",

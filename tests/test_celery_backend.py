@@ -196,6 +196,21 @@ def test_json_results_are_read_only_by_apps_that_accept_json(any_url):
         reader.get_task_meta(tid)
 
 
+def test_json_disabled_in_kombu_is_refused_to_an_app_without_an_accept_list(any_url):
+    backend = make_app(any_url).backend
+    tid = new_id()
+    backend.mark_as_done(tid, [1, 2])
+    reader = make_app(any_url, accept_content=None, result_accept_content=None).backend
+    assert reader.accept is None  # kombu's own rule applies: disabled content types are refused
+    kombu_registry.disable("application/json")
+    try:
+        with pytest.raises(ContentDisallowed):
+            reader.get_task_meta(tid)
+    finally:
+        kombu_registry.enable("application/json")
+    assert reader.get_task_meta(tid)["result"] == [1, 2]
+
+
 def test_json_results_decode_kombus_typed_values(any_url):
     # kombu's JSON encodes these as {"__type__": ..., "__value__": ...} envelopes,
     # which its object hook turns back into the values.
