@@ -29,6 +29,7 @@ The ``ledger_*`` Celery settings it reads are listed in :mod:`ledger.settings`.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 import uuid
@@ -715,7 +716,7 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
 _JSON = "application/json"
 #: kombu's JSON decoding (kombu.utils.json.loads: the stdlib's decoder with
 #: kombu's object hook), one decoder for every value.
-_json_decode = kombu_json.json.JSONDecoder(object_hook=kombu_json.object_hook).decode
+_json_decode = json.JSONDecoder(object_hook=kombu_json.object_hook).decode
 
 
 def _request_fields(request: Any) -> dict:

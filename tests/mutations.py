@@ -610,8 +610,8 @@ MUTATIONS = [
     Mutation(
         "JSON decoding: kombu's object hook is left out (typed values come back as envelopes)",
         "ledger/celery.py",
-        "JSONDecoder(object_hook=kombu_json.object_hook).decode",
-        "JSONDecoder().decode",
+        "json.JSONDecoder(object_hook=kombu_json.object_hook).decode",
+        "json.JSONDecoder().decode",
         (f"{BACKEND}::test_json_results_decode_kombus_typed_values",),
     ),
     Mutation(

@@ -17,7 +17,9 @@ from celery.app.task import Context
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendGetMetaError, BackendStoreError, SecurityError, TimeoutError
 from kombu.exceptions import ContentDisallowed, DecodeError
+from kombu.serialization import register_json
 from kombu.serialization import registry as kombu_registry
+from kombu.utils import json as kombu_json
 
 from ledger.celery import LedgerBackend
 from ledger.events import Encoded, TaskForgotten, TaskState
@@ -226,12 +228,12 @@ def test_an_apps_own_json_decoder_is_used(any_url):
     backend = make_app(any_url).backend
     tid = new_id()
     backend.mark_as_done(tid, {"n": 1})
-    original = kombu_registry._decoders["application/json"]
-    kombu_registry._decoders["application/json"] = lambda data: {"decoded by": "mine"}
+    kombu_registry.register("json", kombu_json.dumps, lambda data: {"decoded by": "mine"},
+                            content_type="application/json", content_encoding="utf-8")
     try:
         assert backend.get_task_meta(tid)["result"] == {"decoded by": "mine"}
     finally:
-        kombu_registry._decoders["application/json"] = original
+        register_json()  # kombu's own again
     assert backend.get_task_meta(tid)["result"] == {"n": 1}
 
 
