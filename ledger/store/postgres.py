@@ -456,7 +456,8 @@ def _pipelined(
     server's replies are read in one pass, and each statement is prepared once
     per connection under a name of ours (its PREPARE in the same round trip as
     its first run). Parameters are dumped by psycopg's own dumpers and rows
-    loaded by its loaders, so values travel as through a cursor. An error is
+    loaded by its loaders, so values travel as through a cursor (a binary one
+    for the reads' rows). An error is
     raised, as psycopg's exception, once every reply is read and the connection
     is idle again. If a statement of ours is gone from the session (``DEALLOCATE
     ALL``), all are prepared again and what failed is sent once more: the whole
