@@ -598,7 +598,7 @@ MUTATIONS = [
         "ledger/celery.py",
         "            and self.accept is not None and _JSON in self.accept\n",
         "            and True\n",
-        (f"{BACKEND}::test_json_results_are_read_only_by_apps_that_accept_json",),
+        (f"{BACKEND}::test_results_are_read_only_by_apps_that_accept_their_content_type",),
     ),
     Mutation(
         "JSON decoding: an app without an accept list skips kombu's check of disabled content types",

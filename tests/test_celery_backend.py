@@ -179,21 +179,16 @@ def test_msgpack_results_round_trip(any_url):
     assert backend.ledger.history(tid)[0].data.result.content_type == "application/x-msgpack"
 
 
-def test_pickle_is_read_only_by_apps_that_accept_it(any_url):
-    writer = make_app(any_url, result_serializer="pickle", accept_content=["pickle", "json"]).backend
+@pytest.mark.parametrize(("serializer", "value", "reader_accepts"), [
+    ("pickle", {1, 2, 3}, ["json"]),
+    ("json", [1, 2], ["msgpack"]),
+], ids=["pickle", "json"])
+def test_results_are_read_only_by_apps_that_accept_their_content_type(any_url, serializer, value, reader_accepts):
+    writer = make_app(any_url, result_serializer=serializer, accept_content=[serializer, "json"]).backend
     tid = new_id()
-    writer.mark_as_done(tid, {1, 2, 3})
-    assert writer.get_task_meta(tid)["result"] == {1, 2, 3}
-    reader = make_app(any_url, accept_content=["json"]).backend
-    with pytest.raises(ContentDisallowed):
-        reader.get_task_meta(tid)
-
-
-def test_json_results_are_read_only_by_apps_that_accept_json(any_url):
-    writer = make_app(any_url).backend
-    tid = new_id()
-    writer.mark_as_done(tid, [1, 2])
-    reader = make_app(any_url, accept_content=["msgpack"]).backend
+    writer.mark_as_done(tid, value)
+    assert writer.get_task_meta(tid)["result"] == value
+    reader = make_app(any_url, accept_content=reader_accepts).backend
     with pytest.raises(ContentDisallowed):
         reader.get_task_meta(tid)
 
