@@ -22,7 +22,12 @@ The cases, in an order that rotates every round:
   Not a mode the ledger offers -- a store could then be lost after ``get()``
   returned it -- but the ceiling of this design here: what is left of the gap
   to Redis when the flush costs nothing;
-* ``redis``: Celery's Redis backend, which never fsyncs on this machine.
+* ``redis``: Celery's Redis backend, which never fsyncs on this machine;
+* ``postgresql (raw), 2 commits per task``: no Celery, no ledger -- each task is
+  two single-row ``INSERT`` s of 200 bytes, each its own durable commit, from
+  psycopg (``bench.raw_pg``). The floor of any store that commits STARTED and
+  SUCCESS durably on this server: what is left of a ledger task's cost above it
+  is the ledger's and Celery's own work.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from pathlib import Path
 import psycopg
 from celery import Celery
 
+from bench import raw_pg
 from bench.backend_ops import store
 from bench.contenders import REDIS, redis_cleanup, scratch_database
 from bench.kept import RESULTS, keep
@@ -50,6 +56,7 @@ from ledger.api import Ledger
 from ledger.store import engine as database
 
 LEDGER, RELAXED, REDIS_CASE = "ledger", "ledger, synchronous_commit=off", "redis"
+RAW = "postgresql (raw), 2 commits per task"
 
 
 @dataclass
@@ -91,10 +98,11 @@ def make_app(backend: str, broker: str) -> Celery:
 
 def measure_once(case: str, backend: str, broker: str, processes: int, seconds: float, run_id: str) -> Sample:
     database._engines.clear()  # children build their own engines after fork
-    app = make_app(backend, broker)
+    prefix = f"{run_id}-{uuid.uuid4().hex[:8]}"
+    job = raw_pg.insert(backend, prefix, per_op=2) if case == RAW else store(make_app(backend, broker), prefix)
     with pgoptions("-c synchronous_commit=off" if case == RELAXED else None):
         cpu0, children0, wall0 = machine_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
-        run = merge(run_forked(store(app, f"{run_id}-{uuid.uuid4().hex[:8]}"), processes, seconds))
+        run = merge(run_forked(job, processes, seconds))
         wall, children1, busy = time.monotonic() - wall0, resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu() - cpu0
     clients = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
     return Sample(run.rate or 0.0, 1e6 * (busy - clients) / run.ops, 1e6 * clients / run.ops, busy / wall)
@@ -117,14 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for ceiling.json (default bench/results)")
     a = p.parse_args(argv)
     run_id = f"ceiling-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    cases = [(case, int(n)) for n in a.processes.split(",") for case in (LEDGER, RELAXED, REDIS_CASE)]
+    cases = [(case, int(n)) for n in a.processes.split(",") for case in (LEDGER, RELAXED, REDIS_CASE, RAW)]
     samples: dict[tuple[str, int], list[Sample]] = {c: [] for c in cases}
     try:
         with scratch_database(f"ledger_bench_ceiling_{os.getpid()}") as pg_url:
             ledger_url = "ledger+" + pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
-            backends = {LEDGER: ledger_url, RELAXED: ledger_url, REDIS_CASE: a.broker}
+            backends = {LEDGER: ledger_url, RELAXED: ledger_url, REDIS_CASE: a.broker, RAW: pg_url}
             try:
                 Ledger.open(ledger_url, upgrade=True).engine.dispose()
+                raw_pg.create_table(pg_url)
                 check_relaxed(pg_url)
                 for r in range(a.rounds):
                     for case, procs in cases[r % len(cases):] + cases[: r % len(cases)]:

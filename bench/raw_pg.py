@@ -25,15 +25,20 @@ def create_table(url: str) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS bench_raw (id text PRIMARY KEY, payload bytea NOT NULL)")
 
 
-def insert(url: str, prefix: str) -> Job:
+def insert(url: str, prefix: str, per_op: int = 1) -> Job:
+    """Each child inserts ``per_op`` rows per operation, each its own transaction
+    (``per_op=2``: a task's STARTED and SUCCESS as two durable commits)."""
+
     def job(child: int, deadline: float) -> Slice:
         with psycopg.connect(url, autocommit=True) as conn:
-            return timed_ops(
-                deadline,
-                lambda n: conn.execute(
-                    "INSERT INTO bench_raw (id, payload) VALUES (%s, %s)", (f"{prefix}-{child}-{n}", PAYLOAD)
-                ),
-            )
+
+            def op(n: int) -> None:
+                for k in range(per_op):
+                    conn.execute(
+                        "INSERT INTO bench_raw (id, payload) VALUES (%s, %s)", (f"{prefix}-{child}-{n}-{k}", PAYLOAD)
+                    )
+
+            return timed_ops(deadline, op)
 
     return job
 

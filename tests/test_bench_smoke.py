@@ -127,9 +127,10 @@ def test_make_bench_shows_the_kept_million_task_runs_labelled_with_their_own_dat
 @pytest.mark.slow
 def test_ceiling_bench_stores_through_each_case_and_its_kept_rows_reach_make_bench(tmp_path):
     """``python -m bench.ceiling``: the ledger as it ships, the ledger with
-    synchronous_commit off (checked on a connection first) and Redis each store
-    tasks, with the CPU per task split server/clients; ``make bench`` prints the
-    kept file beside its table."""
+    synchronous_commit off (checked on a connection first), Redis and raw
+    PostgreSQL (two durable single-row commits per task) each store tasks, with
+    the CPU per task split server/clients; ``make bench`` prints the kept file
+    beside its table."""
     from bench import report
 
     proc = subprocess.run(
@@ -140,10 +141,11 @@ def test_ceiling_bench_stores_through_each_case_and_its_kept_rows_reach_make_ben
     assert proc.returncode == 0, proc.stderr[-3000:]
     kept = json.loads((tmp_path / "ceiling.json").read_text())
     rows = {r["case"]: r for r in kept["measured"]["rows"]}
-    assert set(rows) == {"ledger", "ledger, synchronous_commit=off", "redis"}
+    assert set(rows) == {"ledger", "ledger, synchronous_commit=off", "redis", "postgresql (raw), 2 commits per task"}
     for row in rows.values():
         assert row["rate"] > 0 and row["server_us"] > 0 and row["client_us"] > 0, row
     assert "| ledger, synchronous_commit=off | 1 |" in proc.stdout
+    assert "| postgresql (raw), 2 commits per task | 1 |" in proc.stdout
     figures = [r[0] for r in report.kept_rows(tmp_path)]
     assert "store STARTED+SUCCESS, 1 process(es): ledger, synchronous_commit=off" in figures
 
