@@ -10,13 +10,17 @@ a group and a chord, then prints every event of each task with the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from typing import TextIO
 
-from celery import Celery, chord, group
+from celery import Celery, _state, chord, group
+from celery.app import trace
 from celery.contrib.testing.worker import start_worker
+from celery.utils.nodenames import anon_nodename
 
 from ledger.store.engine import safe_url
 
@@ -67,6 +71,29 @@ def make_app(db_url: str) -> Celery:
     return app
 
 
+@contextlib.contextmanager
+def _worker(app: Celery) -> Iterator[None]:
+    """Celery's test worker, in a thread, named as ``celery worker`` names itself.
+
+    ``celery worker`` sets up Celery's fast tracer with its node name, which a
+    task's request then carries (the WORKER of STARTED and SUCCESS). The test
+    worker does not: its tasks go through ``trace_task_ret``, whose request
+    names the machine (``vm``) while RECEIVED names the node (``gen123@vm``).
+    The fast tracer is set up here as the command does, and the process's
+    default and current app are put back after (the demo also runs in tests).
+    """
+    default, current = _state.default_app, _state._tls.current_app
+    nodename = anon_nodename()
+    trace.setup_worker_optimizations(app, nodename)
+    try:
+        with start_worker(app, pool="solo", perform_ping_check=False, loglevel="CRITICAL", hostname=nodename):
+            yield
+    finally:
+        trace.reset_worker_optimizations(app)
+        _state.set_default_app(default)
+        _state._set_current_app(current)
+
+
 def run(db_url: str, out: TextIO = sys.stdout) -> int:
     """Run the demo against ``db_url``; print the histories; return the exit status."""
     from ledger.audit import format_history, task_history
@@ -80,8 +107,7 @@ def run(db_url: str, out: TextIO = sys.stdout) -> int:
     logging.getLogger("celery").setLevel(logging.CRITICAL)
     print(f"celery-ledger demo: in-process worker, results in ledger+{safe_url(db_url)}", file=out)
     sections: list[tuple[str, list[str]]] = []
-    with start_worker(app, pool="solo", perform_ping_check=False,
-                      loglevel="CRITICAL"):
+    with _worker(app):
         r = add.delay(2, 3)
         print(f"  add(2, 3)            -> {r.get(timeout=TIMEOUT, interval=POLL)}", file=out)
         sections.append(("a task", [r.id]))

@@ -301,10 +301,21 @@ def test_an_app_on_another_backend_is_left_alone(sqlite_url):
 
 
 def test_the_demo_shows_sent_received_and_a_queue_wait_segment(tmp_path):
+    from celery import _state
+
+    default, current = _state.default_app, _state._tls.current_app
     out = io.StringIO()
     assert demo.run(f"sqlite:///{tmp_path / 'demo.db'}", out) == 0
+    # the demo's worker sets Celery's fast tracer up as `celery worker` does; the
+    # process's apps are as they were after it
+    assert (_state.default_app, _state._tls.current_app) == (default, current)
     text = out.getvalue()
     assert "SENT" in text and "RECEIVED" in text
+    # every state names the worker's node, as under `celery worker` (not the machine)
+    first_task = text.split("== a task\n")[1].split("\n\n")[0].splitlines()
+    rows = [line.split() for line in first_task if line[:1].isdigit()]
+    workers = {r[3] for r in rows if r[2] in ("RECEIVED", "STARTED", "SUCCESS")}
+    assert len(workers) == 1 and "@" in workers.pop(), first_task
     chart = text.split("as a timeline")[1]
     bars = [line.rsplit("|", 2)[1] for line in chart.splitlines() if "demo.slow" in line]
     assert len(bars) == 3 and sum(QUEUE_CHAR in bar for bar in bars) >= 2  # two queued behind one
