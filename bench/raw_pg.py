@@ -27,7 +27,9 @@ def create_table(url: str) -> None:
 
 def insert(url: str, prefix: str, per_op: int = 1) -> Job:
     """Each child inserts ``per_op`` rows per operation, each its own transaction
-    (``per_op=2``: a task's STARTED and SUCCESS as two durable commits)."""
+    (``per_op=2``: a task's STARTED and SUCCESS as two durable commits). The first
+    row of operation ``n`` is ``<prefix>-<child>-<n>`` (what ``get`` reads back,
+    ``backend_ops.task_ids``); further rows add ``-<k>``."""
 
     def job(child: int, deadline: float) -> Slice:
         with psycopg.connect(url, autocommit=True) as conn:
@@ -35,7 +37,8 @@ def insert(url: str, prefix: str, per_op: int = 1) -> Job:
             def op(n: int) -> None:
                 for k in range(per_op):
                     conn.execute(
-                        "INSERT INTO bench_raw (id, payload) VALUES (%s, %s)", (f"{prefix}-{child}-{n}-{k}", PAYLOAD)
+                        "INSERT INTO bench_raw (id, payload) VALUES (%s, %s)",
+                        (f"{prefix}-{child}-{n}" + (f"-{k}" if k else ""), PAYLOAD),
                     )
 
             return timed_ops(deadline, op)
