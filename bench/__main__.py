@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from bench import report
+from bench.args import positive_float, positive_int
 from bench.contenders import Environment
 from bench.run import OPERATIONS, Settings, progress, run_bench
 
@@ -17,9 +18,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def parse(argv: list[str] | None) -> tuple[Settings, Path, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="2 rounds of 0.5 s measurements (< 2 min)")
-    p.add_argument("--rounds", type=int, help="rounds (default 5; 2 with --quick)")
-    p.add_argument("--seconds", type=float, help="seconds per timed measurement (default 2; 0.5 with --quick)")
-    p.add_argument("--chords", type=int, help="chords of each size per round and backend (default 3)")
+    p.add_argument("--rounds", type=positive_int, help="rounds (default 5; 2 with --quick)")
+    p.add_argument("--seconds", type=positive_float,
+                   help="seconds per timed measurement (default 2; 0.5 with --quick)")
+    p.add_argument("--chords", type=positive_int, help="chords of each size per round and backend (default 3)")
     p.add_argument("--only", help="comma-separated backends, e.g. redis,db+sqlite,'postgresql (raw)'")
     p.add_argument("--ops", help=f"comma-separated operations: {','.join(OPERATIONS)}")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for <date>.json and latest.json")

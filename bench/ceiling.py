@@ -32,7 +32,6 @@ The cases, in an order that rotates every round:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import resource
@@ -48,8 +47,9 @@ import psycopg
 from celery import Celery
 
 from bench import raw_pg
+from bench.args import measuring_parser
 from bench.backend_ops import store
-from bench.contenders import REDIS, redis_cleanup, scratch_database
+from bench.contenders import redis_cleanup, scratch_database
 from bench.kept import RESULTS, keep
 from bench.processes import merge, run_forked
 from ledger.api import Ledger
@@ -117,15 +117,12 @@ def check_relaxed(url: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.ceiling", description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=4.0, help="seconds per measurement")
-    p.add_argument("--processes", default="4", help="storing processes per case (default 4)")
-    p.add_argument("--broker", default=REDIS, help="Redis URL, broker and Redis backend (default: LEDGER_BENCH_REDIS)")
+    p = measuring_parser("python -m bench.ceiling", __doc__, rounds=3, seconds=4.0, processes="4", who="storing",
+                         broker_help="Redis URL, broker and Redis backend (default: LEDGER_BENCH_REDIS)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for ceiling.json (default bench/results)")
     a = p.parse_args(argv)
     run_id = f"ceiling-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    cases = [(case, int(n)) for n in a.processes.split(",") for case in (LEDGER, RELAXED, REDIS_CASE, RAW)]
+    cases = [(case, n) for n in a.processes for case in (LEDGER, RELAXED, REDIS_CASE, RAW)]
     samples: dict[tuple[str, int], list[Sample]] = {c: [] for c in cases}
     try:
         with scratch_database(f"ledger_bench_ceiling_{os.getpid()}") as pg_url:

@@ -13,7 +13,6 @@ deleted at the end); the table shows medians over the rounds.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -25,7 +24,8 @@ import uuid
 import sqlalchemy as sa
 from celery import Celery
 
-from bench.contenders import REDIS, redis_cleanup, scratch_database
+from bench.args import measuring_parser
+from bench.contenders import redis_cleanup, scratch_database
 from bench.processes import Job, Slice, merge, run_forked, timed_ops
 from bench.stats import Run
 from ledger.api import Ledger
@@ -121,11 +121,8 @@ def table(runs: dict[tuple[str, int, bool], list[Run]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.delay", description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement")
-    p.add_argument("--processes", default="1,4", help="publishing processes per case (default 1,4)")
-    p.add_argument("--broker", default=REDIS, help="Redis broker URL (default: LEDGER_BENCH_REDIS)")
+    p = measuring_parser("python -m bench.delay", __doc__, rounds=5, seconds=2.0, processes="1,4",
+                         who="publishing", broker_help="Redis broker URL (default: LEDGER_BENCH_REDIS)")
     a = p.parse_args(argv)
     tmpdir = tempfile.mkdtemp(prefix="ledger_bench_delay_")
     try:
@@ -137,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for url in urls.values():
                     Ledger.open(url, upgrade=True).engine.dispose()
-                runs = measure(urls, a.broker, a.rounds, a.seconds, [int(n) for n in a.processes.split(",")])
+                runs = measure(urls, a.broker, a.rounds, a.seconds, a.processes)
                 print(f"\n.delay() with ledger_track_sent off and on; {a.rounds} rounds x {a.seconds} s, medians\n")
                 print(table(runs))
             finally:

@@ -150,6 +150,25 @@ def test_ceiling_bench_stores_through_each_case_and_its_kept_rows_reach_make_ben
     assert "store STARTED+SUCCESS, 1 process(es): ledger, synchronous_commit=off" in figures
 
 
+@pytest.mark.parametrize("tool", ["bench", "bench.ceiling", "bench.delay"])
+@pytest.mark.parametrize(("option", "value"), [
+    ("--rounds", "0"), ("--rounds", "x"), ("--seconds", "-1"), ("--seconds", "inf"),
+    ("--processes", "1,x"), ("--processes", "0"),
+])
+def test_bench_tools_refuse_values_that_make_no_run_naming_them(tool, option, value):
+    """Before bench.args, ``--rounds 0`` ran and wrote an empty table and
+    ``--processes 1,x`` ended in a traceback: now a usage error, nothing run."""
+    if tool == "bench" and option == "--processes":
+        option = "--chords"  # make bench's own count
+    proc = subprocess.run([sys.executable, "-m", tool, option, value], cwd=ROOT, env=BENCH_ENV,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"python -m {tool}: error: argument {option}:") and repr(value) in last, last
+    assert proc.stdout == ""
+
+
 def _state(pid: int) -> str:
     """The process's state letter from /proc ("X" once it is gone)."""
     try:
