@@ -38,6 +38,9 @@ GROUP_BY = ("name", "worker", "queue")
 #: The durations :func:`task_stats` gives percentiles of (:func:`_duration` defines them).
 DURATIONS = ("runtime", "queue_wait")
 DEFAULT_LIMIT = 100
+#: The largest LIMIT both databases take (a signed 64-bit integer): a larger
+#: ``limit``/``slowest`` asks for every row, and gets them, not an overflow.
+MAX_ROWS = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ def find_tasks(conn: Connection, f: TaskFilter, tables: ProjectionTables = LIVE)
     if f.slowest is not None:
         runtime = _duration(conn, t, "runtime")
         q = q.where(runtime.is_not(None)).order_by(runtime.desc(), t.c.task_id).limit(
-            min(f.slowest, f.limit) if f.limit else f.slowest
+            min(f.slowest, f.limit, MAX_ROWS) if f.limit else min(f.slowest, MAX_ROWS)
         )
     elif f.after is not None:
         # The page just newer than the key: read upwards from it, then turn it over.
@@ -136,7 +139,7 @@ def find_tasks(conn: Connection, f: TaskFilter, tables: ProjectionTables = LIVE)
                 t.c.first_seen < seen, sa.and_(t.c.first_seen == seen, t.c.task_id < task_id)))
         q = q.order_by(t.c.first_seen.desc(), t.c.task_id.desc())
     if f.slowest is None and f.limit is not None:
-        q = q.limit(f.limit)
+        q = q.limit(min(f.limit, MAX_ROWS))
     rows = []
     for row in conn.execute(q):
         values = dict(row._mapping)

@@ -239,6 +239,9 @@ def test_export_with_since_not_before_until_says_so(sqlite_url):
 @pytest.mark.parametrize(("argv", "option"), [
     (("timeline", "t1", "--width", "-5"), "'--width': -5"),
     (("timeline", "t1", "--width", "0"), "'--width': 0"),
+    # 10**8 columns had not finished after 20 s; 10**20 was a traceback
+    (("timeline", "t1", "--width", "1001"), "'--width': 1001"),
+    (("timeline", "t1", "--width", "99999999999999999999"), "'--width': 99999999999999999999"),
     (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--batch", "0"), "'--batch': 0"),
     (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--batch", "-1"), "'--batch': -1"),
     (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--max-backoff", "0"), "'--max-backoff': 0"),
@@ -249,6 +252,22 @@ def test_a_numeric_option_out_of_range_is_refused_in_one_line(sqlite_url, argv, 
     line = one_line(cli(*argv, "--db", sqlite_url), 2)
     assert line.startswith(f"celery-ledger: Invalid value for {option}")
     assert line.endswith(f"(see: celery-ledger {argv[0]} --help)")
+
+
+@pytest.mark.parametrize("any_url", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize("argv", [
+    ("tasks", "--limit", "99999999999999999999"),
+    ("tasks", "--slowest", "99999999999999999999", "--limit", "99999999999999999999"),
+])
+def test_a_limit_past_sqls_largest_integer_lists_every_task(any_url, argv):
+    """Beyond 2**63 - 1, SQLite's driver raised OverflowError (a traceback) and
+    PostgreSQL said bigint out of range: a limit that large asks for everything."""
+    Ledger.open(any_url).append([TaskState(task_id="t1", status="STARTED"), TaskState(task_id="t1", status="SUCCESS"),
+                                 TaskState(task_id="t2", status="SUCCESS")])
+    run = cli(*argv, "--db", any_url, "--format", "csv")
+    assert run.returncode == 0, run.stderr
+    rows = list(csv.DictReader(io.StringIO(run.stdout)))
+    assert sorted(r["task_id"] for r in rows) == (["t1"] if "--slowest" in argv else ["t1", "t2"])
 
 
 def test_a_mistyped_command_gets_one_line_with_a_suggestion(sqlite_url):

@@ -12,7 +12,7 @@ from ledger.cli.files import replaced_on_success
 @click.argument("id")
 @format_option("text", "json")
 @click.option("--html", metavar="FILE", default=None, help="also write a self-contained page")
-@click.option("--width", type=click.IntRange(min=10), default=40, show_default=True,
+@click.option("--width", type=click.IntRange(min=10, max=1000), default=40, show_default=True,
               help="Gantt chart columns")
 @db_option
 @pass_env
