@@ -26,7 +26,10 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
         return named[word]
     relative = _RELATIVE.match(word)
     if relative:
-        return now - timedelta(**{_UNITS[relative.group(2)]: int(relative.group(1))})
+        try:
+            return now - timedelta(**{_UNITS[relative.group(2)]: int(relative.group(1))})
+        except OverflowError:  # before the year 1 (or past what timedelta holds)
+            raise ValueError(f"{text!r} is before the year 1: use {EXAMPLES}") from None
     if word.isdigit() and len(word) > 8:
         # Not a date: most likely a Unix timestamp, which isoparse would misread.
         raise ValueError(f"{text!r} is not a time: use {EXAMPLES}")

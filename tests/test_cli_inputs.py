@@ -247,6 +247,9 @@ def test_export_with_since_not_before_until_says_so(sqlite_url):
     (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--max-backoff", "0"), "'--max-backoff': 0"),
     (("tail", "-n", "-1"), "'-n' / '--lines': -1"),
     (("tail", "-n", "many"), "'-n' / '--lines': 'many'"),
+    # a relative time before the year 1 was an OverflowError (a traceback)
+    (("tasks", "--since", "-99999999999999999999d"), "'--since': '-99999999999999999999d' is before the year 1"),
+    (("stats", "--since", "-9999999d"), "'--since': '-9999999d' is before the year 1"),
 ])
 def test_a_numeric_option_out_of_range_is_refused_in_one_line(sqlite_url, argv, option):
     line = one_line(cli(*argv, "--db", sqlite_url), 2)

@@ -193,6 +193,14 @@ def test_stats_api_counts_rates_and_runtimes_by_name(ledger, client):
     assert client.get("/api/stats", params=window).json()["rows"] == []
     backwards = client.get("/api/stats", params={"since": later.isoformat(), "until": utcnow().isoformat()})
     assert backwards.status_code == 400 and backwards.json()["error"].startswith("since (")
+    # a relative time before the year 1 was an OverflowError: a 500 and a traceback
+    for path in ("/api/stats", "/api/tasks"):
+        ancient = client.get(path, params={"since": "-99999999999999999999d"})
+        assert ancient.status_code == 400, ancient.text
+        assert ancient.json()["error"] == (
+            "since: '-99999999999999999999d' is before the year 1: use ISO 8601 (2026-01-31T12:00:00Z,"
+            " 2026-01-31), -30m, -1h, -2d, now, today, yesterday")
+    assert client.get("/stats", params={"since": "-9999999d"}).status_code == 400
     workers = {r["name"]: r["total"] for r in client.get("/api/stats?by=worker").json()["rows"]}
     assert workers == {"w1@host": 4, "w2@host": 3}
     assert "mail.send" in client.get("/stats").text
