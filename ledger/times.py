@@ -13,6 +13,7 @@ from dateutil.parser import isoparse
 
 _RELATIVE = re.compile(r"^-(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+MAX_POSITION = 2**63 - 1
 EXAMPLES = "ISO 8601 (2026-01-31T12:00:00Z, 2026-01-31), -30m, -1h, -2d, now, today, yesterday"
 
 
@@ -47,9 +48,12 @@ def parse_as_of(text: str, now: datetime | None = None) -> datetime | int:
     """
     stripped = text.strip()
     if stripped.startswith("@"):
-        if not stripped[1:].isdigit():
+        digits = stripped[1:]
+        if not (digits.isascii() and digits.isdigit()):  # not "@²", which isdigit() takes
             raise ValueError(f"{text!r} is not a log position: use @ and a number, e.g. @123")
-        return int(stripped[1:])
+        # Past the largest position a log can hold (a signed 64-bit integer, which
+        # SQLite's driver cannot go beyond): the whole log.
+        return min(int(digits), MAX_POSITION)
     if stripped.isdigit():
         raise ValueError(f"{text!r} is ambiguous: write @{stripped} for a log position, or a time")
     return parse_time(text, now)

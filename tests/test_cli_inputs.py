@@ -318,6 +318,8 @@ def three_states(sqlite_url):
     ("-1h", "PENDING", "at "),
     ("yesterday", "PENDING", "at "),
     ("now", "SUCCESS", "at "),
+    # past what SQLite's driver takes (an OverflowError, a traceback): the whole log
+    ("@99999999999999999999", "SUCCESS", "at position 9223372036854775807"),
 ])
 def test_show_as_of_takes_a_position_or_a_time(three_states, as_of, state, when):
     run = cli("show", "t1", "--as-of", as_of, "--db", three_states)
@@ -328,6 +330,7 @@ def test_show_as_of_takes_a_position_or_a_time(three_states, as_of, state, when)
 @pytest.mark.parametrize(("as_of", "message"), [
     ("1733140000", "'1733140000' is ambiguous: write @1733140000 for a log position, or a time"),
     ("@x", "'@x' is not a log position: use @ and a number, e.g. @123"),
+    ("@\u00b2", "'@\u00b2' is not a log position: use @ and a number, e.g. @123"),  # "²".isdigit()
     ("last tuesday", "'last tuesday' is not a time: use ISO 8601"),
 ])
 def test_show_as_of_refuses_what_it_cannot_read_in_one_line(three_states, as_of, message):
