@@ -48,11 +48,24 @@ from projections import task_meta
 log = logging.getLogger("ledger.relay")
 
 TASK_TYPES = TOMBSTONE_TYPES | {TaskState.type}
+#: The most events one batch may read and send (``batch_size``): each is held in memory.
+MAX_BATCH = 1_000_000
+#: The longest ``max_backoff`` taken, in seconds.
+MAX_BACKOFF = 3600.0
 
 # A record batch's fixed header (magic v2), and a bound on a record's own framing
 # (length, attributes, timestamp and offset deltas, key/value/header lengths).
 _BATCH_OVERHEAD = 61
 _RECORD_OVERHEAD = 40
+
+
+def backoff(failures: int, cap: float) -> float:
+    """The wait after ``failures`` failures in a row before this one: full jitter up to
+    ``0.2 * 2**failures`` seconds, at most ``cap``. The exponent stops growing long
+    after the cap is reached (~7 failures for 10 s): ``0.2 * 2**1024`` is past a
+    float, and Kafka down for a few hours used to raise OverflowError here and end
+    the relay."""
+    return random.uniform(0, min(cap, 0.2 * 2 ** min(failures, 64)))
 
 
 class Relay:
@@ -71,6 +84,10 @@ class Relay:
         producer_config: dict[str, Any] | None = None,
         once_attempts: int = 3,
     ) -> None:
+        if type(batch_size) is not int or not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be a whole number from 1 to {MAX_BATCH:,}, not {batch_size!r}")
+        if not 0 < max_backoff <= MAX_BACKOFF:  # also refuses NaN
+            raise ValueError(f"max_backoff must be more than 0 and at most {MAX_BACKOFF:g} seconds, not {max_backoff!r}")
         self.ledger = ledger
         #: ``run(once=True)`` raises :class:`KafkaUnavailable` after this many failures in a row.
         self.once_attempts = once_attempts
@@ -187,7 +204,7 @@ class Relay:
                         raise
                     self._close_producer()
                     unsent = []
-                    delay = random.uniform(0, min(self.max_backoff, 0.2 * 2**failures))
+                    delay = backoff(failures, self.max_backoff)
                     failures += 1
                     self.kafka_failures += 1
                     if once and failures >= self.once_attempts:

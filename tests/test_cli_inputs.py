@@ -245,6 +245,13 @@ def test_export_with_since_not_before_until_says_so(sqlite_url):
     (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--batch", "0"), "'--batch': 0"),
     (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--batch", "-1"), "'--batch': -1"),
     (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--max-backoff", "0"), "'--max-backoff': 0"),
+    # a batch past SQL's largest integer was an OverflowError (a traceback); NaN slipped
+    # through click's FloatRange and would end the relay at its first wait
+    (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--batch", "99999999999999999999"),
+     "'--batch': 99999999999999999999 is not in the range 1<=x<=1000000"),
+    (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--max-backoff", "nan"),
+     "'--max-backoff': 'nan' is not a number of seconds"),
+    (("relay", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--max-backoff", "inf"), "'--max-backoff': inf"),
     (("tail", "-n", "-1"), "'-n' / '--lines': -1"),
     (("tail", "-n", "many"), "'-n' / '--lines': 'many'"),
     # a relative time before the year 1 was an OverflowError (a traceback)
@@ -349,6 +356,31 @@ def test_relay_once_gives_up_on_an_unreachable_broker_in_one_line(sqlite_url):
     assert line.startswith("celery-ledger: Kafka at 127.0.0.1:1 failed 3 times in a row (")
     assert line.endswith("relayed 0 events, checkpoint (0, 0)")
     assert run.stdout == ""
+
+
+def test_the_relays_backoff_never_overflows_and_stays_under_its_cap():
+    """``0.2 * 2**failures`` is past a float at 1,024 failures in a row (hours of Kafka
+    down): the relay ended with OverflowError instead of waiting and trying again."""
+    from ledger.relay import backoff
+
+    for failures in (0, 7, 1023, 1024, 10**6):
+        assert 0 <= backoff(failures, 10.0) <= 10.0
+    assert backoff(0, 10.0) <= 0.2
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"batch_size": 0}, "batch_size must be a whole number from 1 to 1,000,000, not 0"),
+    ({"batch_size": 10**20}, "batch_size must be a whole number from 1 to 1,000,000"),
+    ({"batch_size": 2.5}, "batch_size must be a whole number"),
+    ({"max_backoff": float("nan")}, "max_backoff must be more than 0 and at most 3600 seconds, not nan"),
+    ({"max_backoff": float("inf")}, "max_backoff must be more than 0 and at most 3600 seconds, not inf"),
+    ({"max_backoff": 0}, "max_backoff must be more than 0"),
+])
+def test_the_relay_refuses_a_batch_or_backoff_it_cannot_use(sqlite_url, kwargs, message):
+    from ledger.relay import Relay
+
+    with pytest.raises(ValueError, match=message):
+        Relay(Ledger.open(sqlite_url), "127.0.0.1:1", "t", **kwargs)
 
 
 def test_relay_without_the_kafka_extra_says_what_to_install(sqlite_url):

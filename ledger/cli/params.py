@@ -1,7 +1,8 @@
-"""Argument types: times and log positions (ledger/times.py parses them)."""
+"""Argument types: times and log positions (ledger/times.py parses them), seconds."""
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 
 import click
@@ -31,6 +32,20 @@ class TimeOrPosition(click.ParamType):
             return parse_as_of(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+class Seconds(click.FloatRange):
+    """Seconds in (0, ``max``]; NaN refused too (click's FloatRange lets it through:
+    every comparison with NaN is false)."""
+
+    def __init__(self, max: float) -> None:
+        super().__init__(min=0, min_open=True, max=max)
+
+    def convert(self, value, param, ctx) -> float:
+        seconds = super().convert(value, param, ctx)
+        if math.isnan(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
 
 
 TIME = Time()

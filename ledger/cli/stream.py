@@ -12,7 +12,9 @@ import uuid
 import click
 
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env
+from ledger.cli.params import Seconds
 from ledger.events import TASK, stream_id
+from ledger.relay import MAX_BACKOFF, MAX_BATCH
 
 
 def _stop_on_sigterm() -> threading.Event:
@@ -27,9 +29,9 @@ def _stop_on_sigterm() -> threading.Event:
 @click.option("--state-topic", metavar="TOPIC",
               help="also keep each task's latest meta here (null value when forgotten)")
 @click.option("--once", is_flag=True, help="relay what is there, then exit")
-@click.option("--batch", type=click.IntRange(min=1), default=5000, show_default=True,
+@click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=5000, show_default=True,
               help="events per flush")
-@click.option("--max-backoff", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, metavar="SECONDS",
+@click.option("--max-backoff", type=Seconds(max=MAX_BACKOFF), default=10.0, show_default=True, metavar="SECONDS",
               help="longest wait between retries while Kafka is down")
 @click.option("-v", "--verbose", is_flag=True, help="log every batch")
 @db_option
