@@ -46,7 +46,7 @@ from ledger.events import (
     validate,
 )
 from ledger.store import store_for
-from ledger.store.base import START, Checkpoint, EncodedEvent
+from ledger.store.base import MAX_ROWS, START, Checkpoint, EncodedEvent
 from ledger.store.engine import engine_for, is_disconnect, safe_url
 from ledger.store.schema import checkpoints
 from ledger.store.schema import events as events_table
@@ -517,7 +517,7 @@ class Ledger:
         Follow order is position order on SQLite and ``(tx_id, position)`` on
         PostgreSQL; in both no committed event is ever skipped.
         """
-        cp = self.checkpoint_of(after)
+        cp, limit = self.checkpoint_of(after), _row_count("limit", limit)
         return self.read(lambda c: self.log.read_from(c, cp, limit))
 
     def follow(
@@ -543,7 +543,7 @@ class Ledger:
         whatever consumes them) per commit. An event then waits at most that
         long; when they come slower, none waits.
         """
-        cp = self.checkpoint_of(from_position)
+        cp, batch = self.checkpoint_of(from_position), _row_count("batch", batch)
         idle_since = last_read = time.monotonic()
         wait = poll_interval
         with self.store.listener() as listener:
@@ -587,3 +587,11 @@ class Ledger:
     def follower_lag(self) -> dict:
         """How far followers are held back: events not yet visible in follow order."""
         return self.read(self.store.follower_lag)
+
+
+def _row_count(name: str, value: int) -> int:
+    """A count of events to read: a whole number of at least 1 (SQLite took a negative
+    LIMIT as none, PostgreSQL refused it), at most :data:`MAX_ROWS` (more asks for all)."""
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
+    return min(value, MAX_ROWS)

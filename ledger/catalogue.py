@@ -27,6 +27,7 @@ from ledger.audit import decode_value
 from ledger.errors import BadFilter
 from ledger.events import Encoded
 from ledger.store import store_type
+from ledger.store.base import MAX_ROWS
 from ledger.store.schema import LIVE, ProjectionTables
 from projections.catalogue import TaskEntry
 
@@ -38,9 +39,6 @@ GROUP_BY = ("name", "worker", "queue")
 #: The durations :func:`task_stats` gives percentiles of (:func:`_duration` defines them).
 DURATIONS = ("runtime", "queue_wait")
 DEFAULT_LIMIT = 100
-#: The largest LIMIT both databases take (a signed 64-bit integer): a larger
-#: ``limit``/``slowest`` asks for every row, and gets them, not an overflow.
-MAX_ROWS = 2**63 - 1
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,23 @@ class LogContract:
         assert [e.stream_id for e in seen] == [f"task:t{i}" for i in range(25)]
         assert ledger.read_from(seen[9].position, limit=3) == seen[10:13]
 
+    def test_a_read_count_past_sqls_largest_integer_reads_all_and_a_count_below_1_is_refused(self, ledger):
+        """SQLite's driver raised OverflowError past 2**63 - 1; a negative limit read
+        everything on SQLite and was an error on PostgreSQL."""
+        ledger.append([TaskState(task_id=f"t{i}", status="STARTED") for i in range(3)])
+        wait_visible(ledger, 3)
+        assert len(ledger.read_from(0, limit=10**20)) == 3
+        for bad in (0, -1, 2.5, True):
+            with pytest.raises(ValueError, match=f"limit must be a whole number of at least 1, not {bad!r}"):
+                ledger.read_from(0, limit=bad)
+        with pytest.raises(ValueError, match="batch must be a whole number of at least 1, not 0"):
+            next(ledger.follow(0, batch=0))
+        stop = threading.Event()
+        got = []
+        for event in ledger.follow(0, batch=10**20, stop=stop, idle_timeout=0):
+            got.append(event)
+        assert len(got) == 3
+
     def test_read_stream_returns_the_stream_in_version_order(self, ledger):
         ledger.append([TaskState(task_id="a", status=s) for s in ("STARTED", "RETRY", "STARTED")])
         ledger.append([TaskState(task_id="z", status="STARTED")])
