@@ -59,7 +59,11 @@ POOL_SIZE_ENV, DEFAULT_POOL_SIZE = "LEDGER_POOL_SIZE", 8
 
 def pool_size_from_env() -> int:
     """``$LEDGER_POOL_SIZE`` or 8: connections kept open per process and database."""
-    return int(os.environ.get(POOL_SIZE_ENV) or DEFAULT_POOL_SIZE)
+    text = os.environ.get(POOL_SIZE_ENV) or str(DEFAULT_POOL_SIZE)
+    size = int(text) if text.strip().isascii() and text.strip().isdigit() else 0
+    if not 1 <= size <= 1000:
+        raise SettingError(f"${POOL_SIZE_ENV} must be a whole number from 1 to 1000, not {text!r}")
+    return size
 
 
 def database_url_from_env() -> str:
@@ -88,11 +92,68 @@ class BackendSettings:
                 f"ledger_notify must be one of {', '.join(map(repr, NOTIFY_MODES))}, not {notify!r}"
             )
         return cls(
-            auto_upgrade=bool(conf.get("ledger_auto_upgrade", False)),
-            redact_kwargs=frozenset(conf.get("ledger_redact_kwargs") or ()),
-            redact_args=frozenset(int(i) for i in conf.get("ledger_redact_args") or ()),
-            max_payload_bytes=int(conf.get("ledger_max_payload_bytes") or MAX_PAYLOAD_BYTES),
+            auto_upgrade=_flag(conf, "ledger_auto_upgrade", False),
+            redact_kwargs=frozenset(_names(conf, "ledger_redact_kwargs")),
+            redact_args=frozenset(_indexes(conf, "ledger_redact_args")),
+            max_payload_bytes=_byte_count(conf, "ledger_max_payload_bytes"),
             notify=notify,
-            track_sent=bool(conf.get("ledger_track_sent", True)),
-            track_received=bool(conf.get("ledger_track_received", True)),
+            track_sent=_flag(conf, "ledger_track_sent", True),
+            track_received=_flag(conf, "ledger_track_received", True),
         )
+
+
+#: The strings a flag setting takes (as Celery reads its own from the environment).
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _flag(conf: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A bool, or one of :data:`_TRUE`/:data:`_FALSE`: ``bool("no")`` is True, and a
+    ``ledger_track_sent = "false"`` from a config file turned tracking on."""
+    value = conf.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise SettingError(f"{key} must be True or False, not {value!r}")
+
+
+def _items(conf: Mapping[str, Any], key: str) -> list[Any]:
+    """A list setting: a list, tuple or set, or a string of comma-separated items (as
+    Celery's list settings; ``frozenset("card")`` made the names c, a, r and d)."""
+    value = conf.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, list | tuple | set | frozenset):
+        return list(value)
+    raise SettingError(f"{key} must be a list (or a comma-separated string), not {value!r}")
+
+
+def _names(conf: Mapping[str, Any], key: str) -> list[str]:
+    names = _items(conf, key)
+    if not all(isinstance(n, str) and n for n in names):
+        raise SettingError(f"{key} must list names (strings), not {conf.get(key)!r}")
+    return names
+
+
+def _indexes(conf: Mapping[str, Any], key: str) -> list[int]:
+    indexes = []
+    for item in _items(conf, key):
+        text = str(item).strip()
+        if isinstance(item, bool) or not (text.isascii() and text.isdigit()):
+            raise SettingError(f"{key} must list argument positions (0, 1, ...), not {conf.get(key)!r}")
+        indexes.append(int(text))
+    return indexes
+
+
+def _byte_count(conf: Mapping[str, Any], key: str) -> int:
+    value = conf.get(key)
+    if value is None:
+        return MAX_PAYLOAD_BYTES
+    text = str(value).strip()
+    if isinstance(value, bool) or not (text.isascii() and text.isdigit()) or int(text) < 1024:
+        raise SettingError(f"{key} must be a whole number of bytes, at least 1024, not {value!r}")
+    return int(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import sys
 import threading
 import time
@@ -369,6 +370,45 @@ def test_ledger_notify_setting_is_checked_and_reaches_the_log(pg_url):
         make_app(pg_url, ledger_notify="some").backend  # noqa: B018
     assert make_app(pg_url).backend.ledger.log.notify_all is False
     assert make_app(pg_url, ledger_notify="all").backend.ledger.log.notify_all is True
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("ledger_track_sent", "maybe", "ledger_track_sent must be True or False, not 'maybe'"),
+    ("ledger_track_received", 2, "ledger_track_received must be True or False, not 2"),
+    ("ledger_auto_upgrade", [], "ledger_auto_upgrade must be True or False, not []"),
+    ("ledger_redact_kwargs", 5, "ledger_redact_kwargs must be a list (or a comma-separated string), not 5"),
+    ("ledger_redact_kwargs", ["card", 7], "ledger_redact_kwargs must list names (strings)"),
+    ("ledger_redact_args", "0,x", "ledger_redact_args must list argument positions (0, 1, ...), not '0,x'"),
+    ("ledger_redact_args", [-1], "ledger_redact_args must list argument positions"),
+    ("ledger_max_payload_bytes", "big", "ledger_max_payload_bytes must be a whole number of bytes, at least 1024"),
+    ("ledger_max_payload_bytes", -5, "ledger_max_payload_bytes must be a whole number of bytes, at least 1024, not -5"),
+    ("ledger_max_payload_bytes", 0, "not 0"),
+])
+def test_a_bad_ledger_setting_is_improperly_configured_naming_it(sqlite_url, key, value, message):
+    """Before, ``bool("no")`` turned tracking on, 'big' was a ValueError from int(),
+    -5 refused every store later and an int name list a TypeError."""
+    from celery.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match=re.escape(message)):
+        make_app(sqlite_url, **{key: value}).backend  # noqa: B018
+
+
+def test_settings_as_strings_mean_what_they_say(sqlite_url):
+    """As from a config file or the environment: ``ledger_redact_kwargs = "card"`` was
+    ``frozenset("card")``, the names c, a, r and d, and the card went unredacted;
+    ``ledger_track_sent = "false"`` was ``bool("false")``, tracking on."""
+    backend = make_app(sqlite_url, ledger_redact_kwargs="card, cvv", ledger_redact_args="0,2",
+                       ledger_track_sent="false", ledger_track_received="off",
+                       ledger_max_payload_bytes="20000").backend
+    assert backend.redact_kwargs == frozenset({"card", "cvv"})
+    assert backend.redact_args == frozenset({0, 2})
+    assert (backend.track_sent, backend.track_received) == (False, False)
+    assert backend.max_payload_bytes == 20000
+    defaults = make_app(sqlite_url).backend
+    assert (defaults.track_sent, defaults.track_received, defaults.redact_kwargs) == (True, True, frozenset())
+    assert defaults.max_payload_bytes == 64 * 2**20
+    listed = make_app(sqlite_url, ledger_redact_kwargs=("card",), ledger_track_sent=0).backend
+    assert (listed.redact_kwargs, listed.track_sent) == (frozenset({"card"}), False)
 
 
 def test_a_task_id_with_a_nul_is_refused_never_read_as_its_prefix(any_url):

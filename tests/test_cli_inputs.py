@@ -280,6 +280,17 @@ def test_a_limit_past_sqls_largest_integer_lists_every_task(any_url, argv):
     assert sorted(r["task_id"] for r in rows) == (["t1"] if "--slowest" in argv else ["t1", "t2"])
 
 
+@pytest.mark.parametrize("size", ["abc", "0", "-1", "1001"])
+def test_a_bad_pool_size_in_the_environment_is_one_line(pg_url, size):
+    """``$LEDGER_POOL_SIZE=abc`` was a ValueError traceback; 0 and -1 were taken."""
+    env = {**os.environ, "LEDGER_POOL_SIZE": size}
+    env.pop("LEDGER_DATABASE_URL", None)
+    run = subprocess.run([CLI, "history", "x", "--db", pg_url], capture_output=True, text=True, timeout=120, env=env)
+    assert "Traceback" not in run.stderr
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        f"celery-ledger: $LEDGER_POOL_SIZE must be a whole number from 1 to 1000, not {size!r}"]
+
+
 def test_a_mistyped_command_gets_one_line_with_a_suggestion(sqlite_url):
     line = one_line(cli("histroy", "t1"), 2)
     assert line == ("celery-ledger: No such command 'histroy'. Did you mean one of these? history "
