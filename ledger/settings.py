@@ -143,8 +143,10 @@ def _indexes(conf: Mapping[str, Any], key: str) -> list[int]:
     indexes = []
     for item in _items(conf, key):
         text = str(item).strip()
-        if isinstance(item, bool) or not (text.isascii() and text.isdigit()):
-            raise SettingError(f"{key} must list argument positions (0, 1, ...), not {conf.get(key)!r}")
+        digits = text[1:] if text.startswith("-") else text  # -1: the last (ledger.redaction)
+        if isinstance(item, bool | float) or not (digits.isascii() and digits.isdigit()):
+            raise SettingError(f"{key} must list argument positions (0, 1, ..., or -1 for the last), "
+                               f"not {conf.get(key)!r}")
         indexes.append(int(text))
     return indexes
 

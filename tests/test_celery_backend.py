@@ -378,8 +378,8 @@ def test_ledger_notify_setting_is_checked_and_reaches_the_log(pg_url):
     ("ledger_auto_upgrade", [], "ledger_auto_upgrade must be True or False, not []"),
     ("ledger_redact_kwargs", 5, "ledger_redact_kwargs must be a list (or a comma-separated string), not 5"),
     ("ledger_redact_kwargs", ["card", 7], "ledger_redact_kwargs must list names (strings)"),
-    ("ledger_redact_args", "0,x", "ledger_redact_args must list argument positions (0, 1, ...), not '0,x'"),
-    ("ledger_redact_args", [-1], "ledger_redact_args must list argument positions"),
+    ("ledger_redact_args", "0,x", "ledger_redact_args must list argument positions (0, 1, ..., or -1 for the last), not '0,x'"),
+    ("ledger_redact_args", [1.5], "ledger_redact_args must list argument positions"),
     ("ledger_max_payload_bytes", "big", "ledger_max_payload_bytes must be a whole number of bytes, at least 1024"),
     ("ledger_max_payload_bytes", -5, "ledger_max_payload_bytes must be a whole number of bytes, at least 1024, not -5"),
     ("ledger_max_payload_bytes", 0, "not 0"),
@@ -397,11 +397,11 @@ def test_settings_as_strings_mean_what_they_say(sqlite_url):
     """As from a config file or the environment: ``ledger_redact_kwargs = "card"`` was
     ``frozenset("card")``, the names c, a, r and d, and the card went unredacted;
     ``ledger_track_sent = "false"`` was ``bool("false")``, tracking on."""
-    backend = make_app(sqlite_url, ledger_redact_kwargs="card, cvv", ledger_redact_args="0,2",
+    backend = make_app(sqlite_url, ledger_redact_kwargs="card, cvv", ledger_redact_args="0,2,-1",
                        ledger_track_sent="false", ledger_track_received="off",
                        ledger_max_payload_bytes="20000").backend
     assert backend.redact_kwargs == frozenset({"card", "cvv"})
-    assert backend.redact_args == frozenset({0, 2})
+    assert backend.redact_args == frozenset({0, 2, -1})  # -1: the last positional
     assert (backend.track_sent, backend.track_received) == (False, False)
     assert backend.max_payload_bytes == 20000
     defaults = make_app(sqlite_url).backend
