@@ -332,7 +332,10 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
         """Tombstone results older than ``result_expires`` (the log keeps their history)."""
         if not self.expires:
             return
-        cutoff = datetime.now(timezone.utc) - timedelta(seconds=self.expires)
+        try:
+            cutoff = datetime.now(timezone.utc) - timedelta(seconds=self.expires)
+        except OverflowError:  # before the year 1 (result_expires = 10**12): nothing is that old
+            return
         # Each round expires what it found unless it changed meanwhile (a new life
         # started: Ledger.expire_finished); until a round finds nothing old.
         while self.ledger.expire_finished(cutoff, EXPIRY_BATCH)[0]:

@@ -126,6 +126,11 @@ def test_cleanup_expires_old_results_as_events(any_url):
     backend.save_group(gid, app.GroupResult(gid, [app.AsyncResult(tid)]))
     backend.cleanup()
     assert backend.get_task_meta(tid)["status"] == states.SUCCESS
+    # "never", written as 31,700 years: its cutoff is before the year 1, which was an
+    # OverflowError out of celery.backend_cleanup; nothing is that old
+    backend.expires = 10**12
+    backend.cleanup()
+    assert backend.get_task_meta(tid)["status"] == states.SUCCESS
 
     backend.expires = 0.001
     time.sleep(0.01)  # let the result become older than the (tiny) expiry
