@@ -62,9 +62,9 @@ _RECORD_OVERHEAD = 40
 def backoff(failures: int, cap: float) -> float:
     """The wait after ``failures`` failures in a row before this one: full jitter up to
     ``0.2 * 2**failures`` seconds, at most ``cap``. The exponent stops growing long
-    after the cap is reached (~7 failures for 10 s): ``0.2 * 2**1024`` is past a
-    float, and Kafka down for a few hours used to raise OverflowError here and end
-    the relay."""
+    after the cap is reached (~6 failures for 10 s): ``0.2 * 2**1024`` is past a
+    float, and the 1,024th failure in a row (Kafka down for hours) used to raise
+    OverflowError here and end the relay."""
     return random.uniform(0, min(cap, 0.2 * 2 ** min(failures, 64)))
 
 
