@@ -46,7 +46,7 @@ from ledger.events import (
     validate,
 )
 from ledger.store import store_for
-from ledger.store.base import MAX_ROWS, START, Checkpoint, EncodedEvent
+from ledger.store.base import MAX_SQL_INT, START, Checkpoint, EncodedEvent
 from ledger.store.engine import engine_for, is_disconnect, safe_url
 from ledger.store.schema import checkpoints
 from ledger.store.schema import events as events_table
@@ -485,7 +485,8 @@ class Ledger:
 
     def _replay(self, stream_id: str, as_of: datetime | int) -> MemoryTarget:
         if isinstance(as_of, int):
-            events = self.read(lambda c: self.log.read_stream(c, stream_id, until_position=as_of))
+            until = min(as_of, MAX_SQL_INT)  # past it: the whole stream, not an OverflowError
+            events = self.read(lambda c: self.log.read_stream(c, stream_id, until_position=until))
         else:
             events = self.read(lambda c: self.log.read_stream(c, stream_id, until_time=as_of))
         target = MemoryTarget()
@@ -591,7 +592,7 @@ class Ledger:
 
 def _row_count(name: str, value: int) -> int:
     """A count of events to read: a whole number of at least 1 (SQLite took a negative
-    LIMIT as none, PostgreSQL refused it), at most :data:`MAX_ROWS` (more asks for all)."""
+    LIMIT as none, PostgreSQL refused it), at most :data:`MAX_SQL_INT` (more asks for all)."""
     if type(value) is not int or value < 1:
         raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
-    return min(value, MAX_ROWS)
+    return min(value, MAX_SQL_INT)

@@ -27,7 +27,7 @@ from ledger.audit import decode_value
 from ledger.errors import BadFilter
 from ledger.events import Encoded
 from ledger.store import store_type
-from ledger.store.base import MAX_ROWS
+from ledger.store.base import MAX_SQL_INT
 from ledger.store.schema import LIVE, ProjectionTables
 from projections.catalogue import TaskEntry
 
@@ -120,7 +120,7 @@ def find_tasks(conn: Connection, f: TaskFilter, tables: ProjectionTables = LIVE)
     if f.slowest is not None:
         runtime = _duration(conn, t, "runtime")
         q = q.where(runtime.is_not(None)).order_by(runtime.desc(), t.c.task_id).limit(
-            min(f.slowest, f.limit, MAX_ROWS) if f.limit else min(f.slowest, MAX_ROWS)
+            min(f.slowest, f.limit, MAX_SQL_INT) if f.limit else min(f.slowest, MAX_SQL_INT)
         )
     elif f.after is not None:
         # The page just newer than the key: read upwards from it, then turn it over.
@@ -137,7 +137,7 @@ def find_tasks(conn: Connection, f: TaskFilter, tables: ProjectionTables = LIVE)
                 t.c.first_seen < seen, sa.and_(t.c.first_seen == seen, t.c.task_id < task_id)))
         q = q.order_by(t.c.first_seen.desc(), t.c.task_id.desc())
     if f.slowest is None and f.limit is not None:
-        q = q.limit(min(f.limit, MAX_ROWS))
+        q = q.limit(min(f.limit, MAX_SQL_INT))
     rows = []
     for row in conn.execute(q):
         values = dict(row._mapping)

@@ -13,6 +13,8 @@ from dateutil.parser import isoparse
 
 _RELATIVE = re.compile(r"^-(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+#: ledger.store.base.MAX_SQL_INT, not imported (this module stays free of SQLAlchemy):
+#: ``@N`` past it is shown, and read, as the whole log.
 MAX_POSITION = 2**63 - 1
 EXAMPLES = "ISO 8601 (2026-01-31T12:00:00Z, 2026-01-31), -30m, -1h, -2d, now, today, yesterday"
 

@@ -107,6 +107,14 @@ class LogContract:
             got.append(event)
         assert len(got) == 3
 
+    def test_state_as_of_a_position_past_sqls_largest_integer_is_the_latest(self, ledger):
+        """``task_meta(as_of=10**20)`` was an OverflowError on SQLite (the CLI and web
+        clamped it; the Python API did not)."""
+        ledger.append([TaskState(task_id="t", status="STARTED")])
+        ledger.append([TaskState(task_id="t", status="SUCCESS")])
+        assert ledger.task_meta("t", as_of=10**20).status == "SUCCESS"
+        assert ledger.task_meta("t", as_of=1).status == "STARTED"
+
     def test_read_stream_returns_the_stream_in_version_order(self, ledger):
         ledger.append([TaskState(task_id="a", status=s) for s in ("STARTED", "RETRY", "STARTED")])
         ledger.append([TaskState(task_id="z", status="STARTED")])

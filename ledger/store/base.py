@@ -60,9 +60,9 @@ class Checkpoint(NamedTuple):
     position: int
 
 
-#: The largest row count a query may ask for on both databases (a LIMIT is a signed
-#: 64-bit integer; SQLite's driver raises OverflowError past it): more asks for all.
-MAX_ROWS = 2**63 - 1
+#: The largest integer both databases bind (a signed 64-bit integer; SQLite's driver
+#: raises OverflowError past it): a row count or a log position past it means all.
+MAX_SQL_INT = 2**63 - 1
 
 START = Checkpoint(0, 0)
 
