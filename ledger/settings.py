@@ -60,8 +60,8 @@ POOL_SIZE_ENV, DEFAULT_POOL_SIZE = "LEDGER_POOL_SIZE", 8
 def pool_size_from_env() -> int:
     """``$LEDGER_POOL_SIZE`` or 8: connections kept open per process and database."""
     text = os.environ.get(POOL_SIZE_ENV) or str(DEFAULT_POOL_SIZE)
-    size = int(text) if text.strip().isascii() and text.strip().isdigit() else 0
-    if not 1 <= size <= 1000:
+    size = _whole_number(text.strip())
+    if size is None or not 1 <= size <= 1000:
         raise SettingError(f"${POOL_SIZE_ENV} must be a whole number from 1 to 1000, not {text!r}")
     return size
 
@@ -143,11 +143,11 @@ def _indexes(conf: Mapping[str, Any], key: str) -> list[int]:
     indexes = []
     for item in _items(conf, key):
         text = str(item).strip()
-        digits = text[1:] if text.startswith("-") else text  # -1: the last (ledger.redaction)
-        if isinstance(item, bool | float) or not (digits.isascii() and digits.isdigit()):
+        index = _whole_number(text.removeprefix("-"))  # -1: the last (ledger.redaction)
+        if isinstance(item, bool | float) or index is None:
             raise SettingError(f"{key} must list argument positions (0, 1, ..., or -1 for the last), "
                                f"not {conf.get(key)!r}")
-        indexes.append(int(text))
+        indexes.append(-index if text.startswith("-") else index)
     return indexes
 
 
@@ -155,7 +155,13 @@ def _byte_count(conf: Mapping[str, Any], key: str) -> int:
     value = conf.get(key)
     if value is None:
         return MAX_PAYLOAD_BYTES
-    text = str(value).strip()
-    if isinstance(value, bool) or not (text.isascii() and text.isdigit()) or int(text) < 1024:
+    size = _whole_number(str(value).strip())
+    if isinstance(value, bool) or size is None or size < 1024:
         raise SettingError(f"{key} must be a whole number of bytes, at least 1024, not {value!r}")
-    return int(text)
+    return size
+
+
+def _whole_number(text: str) -> int | None:
+    """``text`` as a whole number of ASCII digits only, else None: not ``int()``, which
+    takes " 5", "1_000", "-5", "+5" and digits of other scripts."""
+    return int(text) if text.isascii() and text.isdigit() else None
