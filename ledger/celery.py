@@ -573,8 +573,9 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
     # -- chords -------------------------------------------------------------------------
 
     def set_chord_size(self, group_id, chord_size):
-        self._append(ChordStarted(chord_id=group_id, size=chord_size), BackendStoreError,
-                     task_id=group_id)
+        with self._storing(BackendStoreError, ChordStarted.type, task_id=group_id):
+            event = ChordStarted(chord_id=group_id, size=chord_size)  # a size no column holds
+        self._append(event, BackendStoreError, task_id=group_id)
 
     def apply_chord(self, header_result_args, body, **kwargs):
         """Begin a life of the chord and save its header group, in one transaction.
@@ -589,15 +590,17 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
         """
         self.ensure_chords_allowed()
         group_id, results = header_result_args[0], header_result_args[1]
-        events: list[EventData] = [ChordApplied(chord_id=group_id)]
-        if not isinstance(results, _regen):
-            header_result = self.app.GroupResult(*header_result_args)
-            events.insert(0, GroupSaved(group_id=group_id, result=header_result.as_tuple()))
+        with self._storing(BackendStoreError, ChordApplied.type, task_id=group_id):
+            events: list[EventData] = [ChordApplied(chord_id=group_id)]
+            if not isinstance(results, _regen):
+                header_result = self.app.GroupResult(*header_result_args)
+                events.insert(0, GroupSaved(group_id=group_id, result=header_result.as_tuple()))
         self._append(events, BackendStoreError, task_id=group_id)
 
     def add_to_chord(self, chord_id, result):
-        self._append(ChordPartAdded(chord_id=chord_id, task_id=result.id), BackendStoreError,
-                     task_id=chord_id)
+        with self._storing(BackendStoreError, ChordPartAdded.type, task_id=chord_id):
+            event = ChordPartAdded(chord_id=chord_id, task_id=result.id)
+        self._append(event, BackendStoreError, task_id=chord_id)
 
     def on_chord_part_return(self, request, state, result, **kwargs):
         """Count this header part; the one part that completes the chord sends the body."""

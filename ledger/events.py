@@ -104,6 +104,40 @@ class EventData(BaseModel):
         return {}
 
 
+#: Fields that become text columns of the log or the catalogue (ids, names, states,
+#: node names, queues): PostgreSQL's text cannot hold a NUL character.
+_TEXT_COLUMNS = frozenset({
+    "task_id", "group_id", "chord_id", "status", "name", "worker", "hostname", "queue",
+    "parent_id", "root_id", "exc_type",
+})
+#: Fields that become 4-byte integer columns (the catalogue's ``retries``, the
+#: log's ``chord_size``).
+_INT_COLUMNS = frozenset({"retries", "size"})
+_INT_RANGE = range(-(2**31), 2**31)
+
+
+def _check_columns(type_: str, fields: dict[str, Any]) -> None:
+    """Refuse, naming the field, a value no database column of the ledger can hold.
+
+    Checked where a new event is encoded for the log (:func:`encode`), not where one
+    is built or read back (pydantic runs ``__init__`` on decode too): an event
+    stored before this check (SQLite took a NUL) still decodes. The rule is the same on
+    every database, so that a log stays movable between them (``export``, a
+    rebuild elsewhere); PostgreSQL's own refusal was a bare ``DataError``.
+    """
+    for name, value in fields.items():
+        if name in _TEXT_COLUMNS and isinstance(value, str) and "\x00" in value:
+            raise InvalidEvent(
+                f"invalid {type_} event: field {name!r}: contains a NUL character (\\x00),"
+                " which the ledger's databases cannot store in a text column"
+            )
+        if name in _INT_COLUMNS and isinstance(value, int) and value not in _INT_RANGE:
+            raise InvalidEvent(
+                f"invalid {type_} event: field {name!r}: {value} is out of range"
+                f" ({_INT_RANGE.start} to {_INT_RANGE.stop - 1})"
+            )
+
+
 def exception_summary(value: Any) -> tuple[str | None, str | None]:
     """Type and message of Celery's exception dict (``{"exc_type", "exc_message", ...}``),
     as a task state's ``exc_type``/``exc_message`` carry them; ``(None, None)`` for
@@ -509,7 +543,10 @@ def _describe(type_: str, exc: ValidationError) -> str:
 
 
 def encode(data: EventData) -> bytes:
-    return codec.dumps(data.model_dump(mode="python"))
+    """A new event's payload (refused, naming the field, if a column could not hold it)."""
+    fields = data.model_dump(mode="python")
+    _check_columns(data.type, fields)
+    return codec.dumps(fields)
 
 
 def decode(type_: str, schema_version: int, payload: bytes) -> EventData:

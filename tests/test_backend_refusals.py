@@ -54,3 +54,51 @@ def test_a_refused_read_raises_backend_get_meta_error_with_the_cause(app, call):
     with pytest.raises(BackendGetMetaError) as raised:
         READS[call](app)
     assert isinstance(raised.value.__cause__, UnicodeEncodeError)
+
+
+def _request(task_id: str, **fields):
+    from celery.app.task import Context
+
+    request = {"id": task_id, "task": "shop.charge", "args": [], "kwargs": {}, "hostname": "w@h", "retries": 0,
+               "delivery_info": {"routing_key": "celery"}}
+    return Context(**{**request, **fields})
+
+
+COLUMN_VALUES = {
+    "name": ({"task": "shop\x00charge"}, "SUCCESS", "field 'name': contains a NUL character"),
+    "worker": ({"hostname": "w\x00@h"}, "SUCCESS", "field 'worker': contains a NUL character"),
+    "queue": ({"delivery_info": {"routing_key": "q\x00"}}, "SUCCESS", "field 'queue': contains a NUL character"),
+    "state": ({}, "CUSTOM\x00", "field 'status': contains a NUL character"),
+    "retries": ({"retries": 2**31}, "SUCCESS", "field 'retries': 2147483648 is out of range"),
+}
+
+
+@pytest.mark.parametrize("field", COLUMN_VALUES, ids=list(COLUMN_VALUES))
+def test_a_value_no_column_can_hold_is_refused_naming_the_field_and_the_stored_state_stays(app, field):
+    """PostgreSQL refused a NUL in a task's name, worker, queue or state, and a retry
+    count past 2**31 - 1, with a bare ``DataError`` naming no field (SQLite stored
+    them, so the log could not move between the two). Both now refuse it, by name,
+    before anything is written."""
+    app.conf.result_extended = True
+    app.backend.store_result("kept", {"n": 1}, "SUCCESS", request=_request("kept"))
+    request_fields, state, message = COLUMN_VALUES[field]
+    with pytest.raises(BackendStoreError, match=message) as raised:
+        app.backend.store_result("kept", {"n": 2}, state, request=_request("kept", **request_fields))
+    assert isinstance(raised.value.__cause__, InvalidEvent)
+    meta = app.backend.get_task_meta("kept")
+    assert (meta["status"], meta["result"], meta["name"]) == ("SUCCESS", {"n": 1}, "shop.charge")
+
+
+def test_a_chord_size_no_column_can_hold_is_refused_naming_it(app):
+    with pytest.raises(BackendStoreError, match="field 'size': 100000000000000000000 is out of range"):
+        app.backend.set_chord_size("chord-1", 10**20)
+
+
+def test_a_chord_id_no_column_can_hold_is_refused_as_backend_store_error(app):
+    # the header group is saved under the chord's id, first
+    with pytest.raises(BackendStoreError, match="field 'group_id': contains a NUL character"):
+        app.backend.apply_chord(("chord\x00", [AsyncResult("part-1", app=app)]), None)
+    with pytest.raises(BackendStoreError, match="field 'chord_id': .*256 characters long"):
+        app.backend.set_chord_size("c" * 256, 3)  # refused as the event was built: InvalidEvent, raw
+    with pytest.raises(BackendStoreError, match="field 'chord_id': contains a NUL character"):
+        app.backend.add_to_chord("chord\x00", AsyncResult("part-2", app=app))
