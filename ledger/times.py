@@ -40,7 +40,16 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
         value = isoparse(text.strip())
     except (ValueError, OverflowError):
         raise ValueError(f"{text!r} is not a time: use {EXAMPLES}") from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    try:
+        # The ledger compares and stores times in UTC: an offset can carry a
+        # valid local time past either end of what a datetime holds
+        # (0001-01-01T00:00+01:00 is in the year 0, 9999-12-31T23:59-12:00 in 10000).
+        value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside the years 1 to 9999 in UTC: use {EXAMPLES}") from None
+    return value
 
 
 def parse_as_of(text: str, now: datetime | None = None) -> datetime | int:

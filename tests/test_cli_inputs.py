@@ -257,6 +257,15 @@ def test_export_with_since_not_before_until_says_so(sqlite_url):
     # a relative time before the year 1 was an OverflowError (a traceback)
     (("tasks", "--since", "-99999999999999999999d"), "'--since': '-99999999999999999999d' is before the year 1"),
     (("stats", "--since", "-9999999d"), "'--since': '-9999999d' is before the year 1"),
+    # a time whose offset takes it past the year 1 or 9999 in UTC was "database error
+    # (OverflowError)", status 1: the database blamed for the input
+    (("show", "t1", "--as-of", "9999-12-31T23:59:59-12:00"),
+     "'--as-of': '9999-12-31T23:59:59-12:00' is outside the years 1 to 9999 in UTC"),
+    (("stats", "--since", "0001-01-01T00:00:00+01:00"),
+     "'--since': '0001-01-01T00:00:00+01:00' is outside the years 1 to 9999 in UTC"),
+    (("tasks", "--until", "9999-12-31T23:59:59-01:00"), "'--until': '9999-12-31T23:59:59-01:00' is outside"),
+    (("export", "--since", "0001-01-01T00:00:00+01:00"), "'--since': '0001-01-01T00:00:00+01:00' is outside"),
+    (("prune", "--before", "0001-01-01T00:00:00+01:00"), "'--before': '0001-01-01T00:00:00+01:00' is outside"),
 ])
 def test_a_numeric_option_out_of_range_is_refused_in_one_line(sqlite_url, argv, option):
     line = one_line(cli(*argv, "--db", sqlite_url), 2)
@@ -433,3 +442,4 @@ def test_a_read_command_on_an_unknown_revision_warns_and_reads(newer_schema):
 def test_db_upgrade_to_a_revision_that_does_not_exist_says_so(sqlite_url):
     line = one_line(cli("db", "upgrade", "nosuch", "--db", sqlite_url), 1)
     assert line == "celery-ledger: Can't locate revision identified by 'nosuch'"
+

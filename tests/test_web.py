@@ -116,6 +116,26 @@ def test_bad_input_answers_one_line_naming_it(ledger, client):
     assert client.get("/api/events?backlog=lots").status_code == 400
 
 
+def test_a_time_past_the_year_1_or_9999_in_utc_is_a_400_naming_it(ledger, client):
+    """A valid local time whose offset takes it out of the years 1 to 9999 in UTC was
+    an OverflowError where the database layer converts it to UTC: a 500."""
+    store_retried_task(ledger)
+    early, late = "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-12:00"
+    for path, param, value in [
+        ("/stats", "since", early), ("/", "since", early), ("/api/tasks", "until", late),
+        ("/api/stats", "since", early), ("/tasks/t-1", "as_of", late), ("/api/tasks/t-1", "as_of", early),
+    ]:
+        r = client.get(path, params={param: value})
+        assert r.status_code == 400, (path, r.text)
+        if path.startswith("/api/"):
+            assert r.json()["error"] == (
+                f"{param}: {value!r} is outside the years 1 to 9999 in UTC: use ISO 8601 "
+                "(2026-01-31T12:00:00Z, 2026-01-31), -30m, -1h, -2d, now, today, yesterday")
+    # The Stats page's default period (24 h before ``until``) reached before the year 1.
+    r = client.get("/api/stats", params={"until": "0001-01-01T01:00:00Z"})
+    assert r.status_code == 200 and r.json()["since"] == "0001-01-01T00:00:00Z"
+
+
 def store_catalogue(ledger: Ledger) -> list[str]:
     """Seven tasks, oldest first: names, workers, a failure and a retry to filter on."""
     ids = []

@@ -347,7 +347,12 @@ class StatsQuery(_Model):
 
     def period(self, now: datetime) -> tuple[datetime, datetime]:
         until = self.until or now
-        return self.since or until - timedelta(hours=self.hours), until
+        if self.since is not None:
+            return self.since, until
+        try:
+            return until - timedelta(hours=self.hours), until
+        except OverflowError:  # ``until`` within ``hours`` of the year 1: from the start
+            return datetime.min.replace(tzinfo=timezone.utc), until
 
 
 class StatsRow(_Model):
