@@ -458,6 +458,13 @@ class Ledger:
         except TypeError:
             unknown = sorted(set(filters) - set(TaskFilter.__dataclass_fields__))
             raise BadFilter(f"unknown filter {', '.join(unknown)}") from None
+        for key in ("before", "after"):
+            if (at := filters.get(key)) is not None and not self.could_hold(at[1]):
+                # Not a task this database lists, and no place in its order is exact.
+                raise BadFilter(f"{key}: the task id {at[1]!r} has a NUL character, which this database cannot hold")
+        # A text the database cannot hold matches no task: it holds no such text.
+        if not self.could_hold(*(v for v in filters.values() if isinstance(v, str))):
+            return []
         return self.read(lambda c: find_tasks(c, f, self.target.t))
 
     def stats(
@@ -484,6 +491,8 @@ class Ledger:
         return self.read(self.target.snapshot)
 
     def _replay(self, stream_id: str, as_of: datetime | int) -> MemoryTarget:
+        if not self.could_hold(stream_id):
+            return MemoryTarget()
         if isinstance(as_of, int):
             until = min(as_of, MAX_SQL_INT)  # past it: the whole stream, not an OverflowError
             events = self.read(lambda c: self.log.read_stream(c, stream_id, until_position=until))
@@ -495,11 +504,24 @@ class Ledger:
 
     # -- reading the log ---------------------------------------------------------------
 
+    def could_hold(self, *texts: str) -> bool:
+        """Whether this database could have stored every one of ``texts``.
+
+        PostgreSQL's text holds no NUL character (and refuses one as a statement's
+        parameter): no stored id or value has one, so reads by an id or a filter
+        with a NUL answer "none" instead of failing. SQLite stores them.
+        """
+        return self.store.holds_nul or not any("\x00" in t for t in texts)
+
     def read_stream(self, stream_id: str) -> list[RecordedEvent]:
+        if not self.could_hold(stream_id):
+            return []
         return self.read(lambda c: self.log.read_stream(c, stream_id))
 
     def chord_events(self, chord_id: str) -> list[RecordedEvent]:
         """The chord's own events and its returned parts', in log order."""
+        if not self.could_hold(chord_id):
+            return []
         return self.read(lambda c: self.log.read_chord(c, chord_id))
 
     def history(self, task_id: str) -> list[RecordedEvent]:

@@ -247,6 +247,8 @@ def _workflow_task_ids(ledger, root: str) -> list[str]:
 
 def find_workflow(ledger, some_id: str) -> Workflow:
     """The workflow ``some_id`` (a task, group or chord id) belongs to; raises :class:`UnknownId`."""
+    if not ledger.could_hold(some_id):  # a NUL on PostgreSQL: no stream can have that id
+        raise UnknownId(some_id)
     runs: dict[str, TaskRun] = {}
 
     def load(task_id: str) -> TaskRun | None:

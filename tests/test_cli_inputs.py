@@ -15,6 +15,7 @@ import pytest
 from celery import Celery
 
 from ledger.api import Ledger
+from ledger.cli import main
 from ledger.events import TaskState
 
 CLI = str(Path(sys.executable).parent / "celery-ledger")
@@ -443,3 +444,21 @@ def test_db_upgrade_to_a_revision_that_does_not_exist_says_so(sqlite_url):
     line = one_line(cli("db", "upgrade", "nosuch", "--db", sqlite_url), 1)
     assert line == "celery-ledger: Can't locate revision identified by 'nosuch'"
 
+
+@pytest.mark.parametrize("any_url", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize(("argv", "status", "said"), [
+    (("tasks", "--name", "a\x00b"), 0, "no tasks match"),
+    (("tasks", "--root", "a\x00b", "--worker", "w\x00"), 0, "no tasks match"),
+    (("history", "a\x00b"), 1, "celery-ledger: no events for task 'a\\x00b' in this ledger"),
+    (("show", "a\x00b", "--as-of", "@1"), 1, "celery-ledger: no events for task 'a\\x00b' in this ledger"),
+    (("timeline", "a\x00b"), 1, "celery-ledger: no task, group or chord 'a\\x00b' in this ledger"),
+    (("export", "--task", "a\x00b"), 1, "celery-ledger: no events for task 'a\\x00b' in this ledger"),
+])
+def test_a_nul_in_an_id_or_a_filter_finds_nothing_on_either_database(any_url, capsys, argv, status, said):
+    """PostgreSQL holds no NUL in text (``export --task`` was "database error
+    (DataError)"). A shell cannot pass one (argv is C strings), a program calling
+    ``main`` can: run in-process."""
+    Ledger.open(any_url).append([TaskState(task_id="t1", status="SUCCESS", name="a")])
+    assert main([*argv, "--db", any_url]) == status
+    out = capsys.readouterr()
+    assert (out.err if status else out.out).strip() == said

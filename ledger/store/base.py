@@ -333,6 +333,10 @@ class Store(ABC):
     log: EventLog
     #: Execution options of a read that is one statement (consistent on its own).
     single_statement_options: ClassVar[dict[str, Any]] = {}
+    #: Whether its text columns can hold a NUL character. Where they cannot, no
+    #: stored id or value has one, and the database refuses one in a statement's
+    #: parameters: a lookup or filter with a NUL then finds nothing without asking.
+    holds_nul: ClassVar[bool] = True
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -1344,6 +1344,8 @@ class PostgresStore(MaintainableStore):
 
     single_statement_options: ClassVar[dict[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
     snapshot_options: ClassVar[dict[str, Any]] = {"isolation_level": "REPEATABLE READ"}
+    #: "PostgreSQL text fields cannot contain NUL (0x00) bytes" (psycopg's DataError).
+    holds_nul: ClassVar[bool] = False
 
     def __init__(self, engine: Engine, *, notify: str = "ready") -> None:
         self.log: PostgresLog = PostgresLog(notify)
