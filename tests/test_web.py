@@ -353,6 +353,20 @@ def test_a_public_address_is_refused_without_auth(sqlite_url, capsys):
     assert "--auth must be USER:PASSWORD or token:SECRET" in capsys.readouterr().err
 
 
+def test_an_older_schema_is_refused_at_startup_in_one_line(any_url):
+    """The console started on a database at an older revision, then answered every
+    page with a 500 (SchemaMissing tracebacks); the CLI's commands say what to run."""
+    from ledger import migrate
+
+    migrate.downgrade(Ledger.open(any_url).engine, "0003_catalogue")
+    # A process with a deadline: were it to listen, it would not return by itself.
+    done = subprocess.run([CLI, "web", "--db", any_url, "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    assert done.stderr.count("\n") == 1 and "has ledger schema 0003_catalogue" in done.stderr
+    assert done.stderr.rstrip().endswith(f"run `celery-ledger db upgrade --db {Ledger.open(any_url).url}`")
+
+
 def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 

@@ -8,6 +8,7 @@ read-only sessions (PostgreSQL ``default_transaction_read_only``, SQLite
 
 from __future__ import annotations
 
+from ledger import migrate
 from ledger.api import Ledger
 from ledger.settings import WEB_HOST, WEB_PORT
 from ledger.web.security import Credentials, check_bind
@@ -27,7 +28,11 @@ def serve(ledger: Ledger, host: str = WEB_HOST, port: int = WEB_PORT, auth: str 
     credentials = Credentials.parse(auth) if auth else None
     check_bind(host, credentials)
     read_only(ledger)
-    ledger.follower_lag()  # fail now, with one line, if the database or its schema is missing
+    # Fail now, with one line, if the database is unreachable or its schema missing or
+    # older than this code's: every page would be a 500. A revision this code does not
+    # know (a newer celery-ledger's) was warned about by the CLI and is read as it is.
+    if migrate.unknown_revision(ledger.engine) is None:
+        ledger.require_schema()
     shown = f"[{host}]" if ":" in host else host
     print(f"celery-ledger web: http://{shown}:{port}/ on {ledger.url}"
           + (" (credentials required)" if credentials else ""), flush=True)
