@@ -11,6 +11,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
@@ -42,7 +43,18 @@ def templates() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["when"] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if t else ""
+    env.filters["segment"] = path_segment
     return env
+
+
+def path_segment(value: str) -> str:
+    """``value`` as one URL path segment: every reserved character percent-encoded.
+
+    Jinja's ``urlencode`` keeps ``/``, so the id ``a/../b`` linked as ``/tasks/a/../b``,
+    which a browser resolves to ``/tasks/b``. The routes take the decoded rest of
+    the path (``{task_id:path}``), so ``%2F`` comes back as ``/``.
+    """
+    return quote(str(value), safe="")
 
 
 def create_app(
