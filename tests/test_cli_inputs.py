@@ -206,6 +206,34 @@ def test_an_export_replaces_the_file_only_when_done(busy, tmp_path):
     assert len(out.read_text().splitlines()) == 2000
 
 
+@pytest.mark.parametrize(("argv", "target", "protected"), [
+    (("export", "-o"), "ledger.db", "ledger.db"),  # relative to the working directory
+    (("export", "-o"), "sub/../ledger.db", "ledger.db"),
+    (("export", "-o"), "link.db", "ledger.db"),  # a symlink to the database
+    (("export", "-o"), "hard.db", "ledger.db"),  # a hard link
+    (("export", "--format", "csv", "-o"), "ledger.db-wal", "ledger.db-wal"),
+    (("export", "-o"), "ledger.db-shm", "ledger.db-shm"),
+    (("export", "-o"), "ledger.db-journal", "ledger.db-journal"),
+    (("timeline", "t1", "--html"), "ledger.db", "ledger.db"),
+    (("timeline", "t1", "--html"), "ledger.db-wal", "ledger.db-wal"),
+])
+def test_an_output_file_that_is_the_ledgers_database_is_refused(sqlite_url, tmp_path, argv, target, protected):
+    """``export -o`` the database file printed "wrote N events" and replaced the ledger
+    with them ("file is not a database" after)."""
+    Ledger.open(sqlite_url).append([TaskState(task_id="t1", status="SUCCESS")])
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.db").symlink_to(tmp_path / "ledger.db")
+    os.link(tmp_path / "ledger.db", tmp_path / "hard.db")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    line = one_line(cli(*argv, target, "--db", "sqlite:///ledger.db", cwd=tmp_path), 2)
+    assert line == (f"celery-ledger: {target}: that is the ledger's own database file {tmp_path / protected}; "
+                    "writing it would replace the ledger: choose another file")
+    # no temporary file left beside it; the ledger reads as before (SQLite itself may
+    # have checkpointed its WAL when the command closed the database)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name in before or "tmp" in p.name) == before
+    assert [e.stream_id for e in Ledger.open(sqlite_url).history("t1")] == ["task:t1"]
+
+
 # -- 8. a reader that goes away (| head) ends the command quietly ------------------------------
 
 

@@ -105,7 +105,8 @@ def export(env: Env, since: datetime | None, until: datetime | None, task: str |
     if task is not None and total == 0:
         raise Failure(f"no events for task {task!r} in this ledger" + (" in that window" if since or until else ""))
     with (
-        replaced_on_success(output, newline="") if output else contextlib.nullcontext(sys.stdout)
+        replaced_on_success(output, newline="", database=env.database_file) if output
+        else contextlib.nullcontext(sys.stdout)
     ) as out, Progress("export", total) as progress:
         n = write_events(ledger, out, fmt=fmt, progress=progress, **filters)
     if output:

@@ -47,6 +47,13 @@ class Env:
             raise Failure(self.missing, exit_code=2)
         return self.db
 
+    @property
+    def database_file(self) -> str | None:
+        """The SQLite file of ``--db`` (None for PostgreSQL): output files must not be it."""
+        from ledger.store import engine as database
+
+        return database.sqlite_file(self.url)
+
     def ledger(self, *, create: bool = False, schema_warning: bool = True) -> Ledger:
         """The ledger at ``--db``; unless ``create``, a SQLite file must already exist.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import stat
 import tempfile
@@ -12,15 +13,40 @@ from typing import TextIO
 from ledger.cli.context import Failure
 
 
+def refuse_database_files(path: str, database: str | None) -> None:
+    """Raise a usage :class:`Failure` if ``path`` is the SQLite ``database`` or one of
+    the files SQLite keeps beside it (its journal, WAL, shared memory; the ledger's
+    migration lock): writing there would replace the ledger.
+
+    Compared by resolved path (symlinks, ``..``, relative paths) and, for files
+    that exist, by device and inode (hard links).
+    """
+    if database is None:
+        return
+    target = os.path.realpath(path)
+    # SQLite names the files beside a symlinked database after the file it points to.
+    for base, suffix in itertools.product({database, os.path.realpath(database)},
+                                          ("", "-wal", "-shm", "-journal", ".migrate.lock")):
+        protected = base + suffix
+        same = target == os.path.realpath(protected)
+        with contextlib.suppress(OSError):
+            same = same or os.path.samefile(path, protected)
+        if same:
+            raise Failure(f"{path}: that is the ledger's own database file {os.path.realpath(protected)}; "
+                          "writing it would replace the ledger: choose another file", exit_code=2)
+
+
 @contextlib.contextmanager
-def replaced_on_success(path: str, *, newline: str | None = None) -> Iterator[TextIO]:
+def replaced_on_success(path: str, *, newline: str | None = None, database: str | None = None) -> Iterator[TextIO]:
     """A text file that becomes ``path`` only if the block succeeds; else ``path`` is untouched.
 
     The data goes to a temporary file beside ``path`` (same file system, so the
     rename is atomic), created 0600 because exports hold task arguments and
     results; an existing file keeps its mode. A device or pipe (``/dev/stdout``,
-    a FIFO) cannot be replaced and is written directly.
+    a FIFO) cannot be replaced and is written directly. ``path`` may not be the
+    SQLite file ``database`` or a file beside it (:func:`refuse_database_files`).
     """
+    refuse_database_files(path, database)
     try:
         st = os.stat(path)
     except FileNotFoundError:

@@ -26,7 +26,7 @@ def timeline(env: Env, id: str, fmt: str, html: str | None, width: int) -> None:
     except UnknownId:
         raise Failure(f"no task, group or chord {id!r} in this ledger") from None
     if html:
-        with replaced_on_success(html) as f:
+        with replaced_on_success(html, database=env.database_file) as f:
             f.write(render_html(wf))
     if fmt == "json":
         print_json(to_json(wf))
