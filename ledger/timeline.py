@@ -224,25 +224,44 @@ class Workflow:
     tasks: dict[str, TaskRun]
     groups: dict[str, list[str]]
     chords: dict[str, dict[str, Any]]
+    #: Set when the workflow had more than :data:`MAX_TASKS` tasks and was cut: how
+    #: many it has, counted in the catalogue (tasks stamped with its root, and the root).
+    cut_from: int | None = None
 
     @property
     def notes(self) -> list[str]:
-        """What the reader must know to read the times right."""
+        """What the reader must know: that the workflow was cut, how to read the times."""
+        notes = []
+        if self.cut_from is not None:
+            notes.append(
+                f"the workflow was cut at {MAX_TASKS:,} tasks: it has {self.cut_from:,} "
+                f"({self.cut_from - len(self.tasks):,} not shown); its root and the most "
+                f"recent ones are shown. `celery-ledger tasks --root {self.root}` lists them all."
+            )
         untracked = sum(1 for r in self.tasks.values() if r.ended_at and r.began is None)
-        if not untracked:
-            return []
-        return [
-            f"{untracked} of {len(self.tasks)} tasks stored no STARTED state (Celery's default "
-            "task_track_started=False) and no RECEIVED (ledger_track_received=False): their "
-            "duration is unknown ('-'); START shows when they were first recorded, their end. "
-            "Set task_track_started = True or ledger_track_received = True to measure it."
-        ]
+        if untracked:
+            notes.append(
+                f"{untracked} of {len(self.tasks)} tasks stored no STARTED state (Celery's default "
+                "task_track_started=False) and no RECEIVED (ledger_track_received=False): their "
+                "duration is unknown ('-'); START shows when they were first recorded, their end. "
+                "Set task_track_started = True or ledger_track_received = True to measure it."
+            )
+        return notes
 
 
 def _workflow_task_ids(ledger, root: str) -> list[str]:
-    """The tasks stamped with ``root`` as their ``root_id``, and the root: an indexed
-    lookup in the task catalogue (``ledger_tasks.root_id``), not a scan of payloads."""
-    return [row.task_id for row in ledger.tasks(root=root, limit=MAX_TASKS)]
+    """The tasks stamped with ``root`` as their ``root_id``, and the root, newest first
+    (one more than :data:`MAX_TASKS`, to tell a cut): an indexed lookup in the task
+    catalogue (``ledger_tasks.root_id``), not a scan of payloads."""
+    return [row.task_id for row in ledger.tasks(root=root, limit=MAX_TASKS + 1)]
+
+
+def _workflow_size(ledger, root: str) -> int:
+    """How many tasks the catalogue has stamped with ``root``, and the root: a count
+    over the ``root_id`` index, as cheap as the lookup it follows."""
+    t = ledger.target.t.catalogue
+    q = sa.select(sa.func.count()).select_from(t).where(sa.or_(t.c.root_id == root, t.c.task_id == root))
+    return ledger.read(lambda c: c.execute(q).scalar())
 
 
 def find_workflow(ledger, some_id: str) -> Workflow:
@@ -250,9 +269,14 @@ def find_workflow(ledger, some_id: str) -> Workflow:
     if not ledger.could_hold(some_id):  # a NUL on PostgreSQL: no stream can have that id
         raise UnknownId(some_id)
     runs: dict[str, TaskRun] = {}
+    cut = False
 
     def load(task_id: str) -> TaskRun | None:
+        nonlocal cut
         if task_id not in runs:
+            if len(runs) >= MAX_TASKS:  # a guard against runaway workflows, said in a note
+                cut = True
+                return None
             events = ledger.history(task_id)
             if not events:
                 return None
@@ -286,8 +310,7 @@ def find_workflow(ledger, some_id: str) -> Workflow:
     # longer cycles: a task already walked through ends the walk.
     top, walked = seed, {seed.task_id}
     while (
-        top.parent_id not in walked and top.parent_id and len(runs) < MAX_TASKS
-        and load(top.parent_id) is not None
+        top.parent_id not in walked and top.parent_id and load(top.parent_id) is not None
     ):
         top = runs[top.parent_id]
         walked.add(top.task_id)
@@ -299,7 +322,7 @@ def find_workflow(ledger, some_id: str) -> Workflow:
     # Downward: children lists and group members, until nothing new.
     groups: dict[str, list[str]] = {}
     pending = list(runs)
-    while pending and len(runs) < MAX_TASKS:
+    while pending and not cut:
         run = runs[pending.pop()]
         more = set(run.children)
         if run.group_id and run.group_id not in groups:
@@ -314,6 +337,17 @@ def find_workflow(ledger, some_id: str) -> Workflow:
     for run in list(runs.values()):
         if run.group_id and run.group_id not in groups:
             groups[run.group_id] = _group_members(ledger, run.group_id)
+    # A saved group's members that have not run yet (no event) are PENDING, drawn
+    # beside the members that ran (same parent, same root).
+    for group_id, members in groups.items():
+        ran = next((runs[m] for m in members if m in runs), None)
+        for member in members:
+            if member in runs or ran is None:
+                continue
+            if len(runs) >= MAX_TASKS:
+                cut = True
+                break
+            runs[member] = TaskRun(member, parent_id=ran.parent_id, group_id=group_id, root_id=ran.root_id)
 
     chords: dict[str, dict[str, Any]] = {}
     for group_id, members in groups.items():
@@ -337,7 +371,8 @@ def find_workflow(ledger, some_id: str) -> Workflow:
             "header": sorted(header & runs.keys()),
             "body": body,
         }
-    return Workflow(some_id, kind, root, runs, groups, chords)
+    size = max(_workflow_size(ledger, root), len(runs) + 1) if cut else None
+    return Workflow(some_id, kind, root, runs, groups, chords, cut_from=size)
 
 
 def _group_members(ledger, group_id: str) -> list[str]:
@@ -479,7 +514,8 @@ def render_text(wf: Workflow, width: int = 40) -> str:
     when = f"{t0.isoformat()} .. {t1.isoformat()} ({_fmt_duration(span)})" if t0 and t1 else (
         "no task has run yet"
     )
-    lines = [f"workflow of {wf.kind} {wf.query}  root {wf.root}  {len(wf.tasks)} tasks  {when}"]
+    count = f"{len(wf.tasks)} tasks" + ("" if wf.cut_from is None else f" of {wf.cut_from} (cut)")
+    lines = [f"workflow of {wf.kind} {wf.query}  root {wf.root}  {count}  {when}"]
     tree_w = max(len(p) + len(n.label) for p, n in rows)
     header = (f"{'':{tree_w}}  {'STATE':9} {'START':>9} {'WAIT':>8} {'DURATION':>8} {'RETRIES':>7}"
               f"  |{'':{width}}|")
@@ -603,6 +639,7 @@ td.g div.w{{background:repeating-linear-gradient(90deg,#bdbdbd 0 3px,transparent
 </style></head><body>
 <h1>{title}</h1>
 <p>{html.escape(f"{wf.kind} {wf.query}: {len(wf.tasks)} tasks, {_iso(t0)} .. {_iso(t1)} ({_fmt_duration(span)})")}</p>
+{"".join(f"<p class=note>note: {html.escape(note)}</p>{chr(10)}" for note in wf.notes)}\
 <table><tr><th>task</th><th>state</th><th>queue wait</th><th>duration</th><th>retries</th><th>worker</th>\
 <th>timeline (0 .. {_fmt_duration(span)}; hatched: queue wait)</th></tr>
 {chr(10).join(trs)}

@@ -191,6 +191,8 @@ class WorkflowOut(_Model):
     groups: dict[str, list[str]]
     chords: dict[str, ChordOut]
     tree: list[NodeOut]
+    #: what the reader must know (:attr:`ledger.timeline.Workflow.notes`): a cut, unknown durations
+    notes: list[str] = []
 
     @classmethod
     def of(cls, wf: Workflow) -> WorkflowOut:
