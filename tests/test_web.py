@@ -443,6 +443,38 @@ def test_without_auth_only_localhost_names_are_answered(ledger):
     for host in ("localhost:5580", "127.0.0.1", "[::1]:5580"):
         with TestClient(create_app(ledger), base_url=f"http://{host}") as c:
             assert c.get("/live").status_code == 200, host
+    # Host names are case-insensitive (LOCALHOST was a 403); a loopback address is no
+    # one's domain; the name the console was told to listen on (found loopback) is its own.
+    # (The header as sent: httpx would write a base URL's host in lower case.)
+    for host, bound in (("LOCALHOST:5580", None), ("127.0.0.2:5580", "127.0.0.2"), ("127.9.9.9", None),
+                        ("[0:0:0:0:0:0:0:1]", None), ("Ledger.Internal:80", "ledger.internal")):
+        with TestClient(create_app(ledger, host=bound), base_url="http://127.0.0.1") as c:
+            assert c.get("/live", headers={"host": host}).status_code == 200, host
+    for host in ("evil.example", "127.0.0.1.evil.example", "LOCALHOST.evil.example", "10.0.0.1"):
+        with TestClient(create_app(ledger, host="127.0.0.2"), base_url="http://127.0.0.1") as c:
+            assert c.get("/live", headers={"host": host}).status_code == 403, host
+
+
+def test_the_console_answers_on_the_loopback_address_it_listens_on(sqlite_url):
+    """``web --host 127.0.0.2`` printed its address, then answered every request
+    there with 403 "answers only to localhost"."""
+    port = free_port()
+    proc = subprocess.Popen([CLI, "web", "--db", sqlite_url, "--host", "127.0.0.2", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout.readline().startswith(f"celery-ledger web: http://127.0.0.2:{port}/ on ")
+        deadline = time.monotonic() + WAIT  # a hang guard: the banner comes before the bind
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.2:{port}/api/stats", timeout=WAIT)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert r.status_code == 200, r.text
+    finally:
+        proc.terminate()
+        proc.wait(WAIT)
 
 
 @pytest.mark.postgres

@@ -63,8 +63,12 @@ def create_app(
     credentials: Credentials | None = None,
     poll_interval: float = 0.1,
     client_queue: int = CLIENT_QUEUE,
+    host: str | None = None,
 ) -> Starlette:
     """The console for ``ledger``; ``credentials`` makes every request present them.
+
+    ``host`` is the name or address it listens on: without credentials, requests
+    addressed to it are answered as well as those to the loopback names.
 
     ``client_queue`` is how many events an SSE client may have waiting before
     it is cut off as too slow (:mod:`ledger.web.feed`).
@@ -96,7 +100,7 @@ def create_app(
             Route("/api/events", events),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
-        middleware=[Middleware(Guard, credentials=credentials)],
+        middleware=[Middleware(Guard, credentials=credentials, bound=host)],
         exception_handlers={400: _plain_error, 404: _plain_error},
         lifespan=lifespan,
     )

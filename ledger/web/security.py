@@ -7,8 +7,10 @@
   the password so a browser can sign in too). Both sides are compared with
   :func:`hmac.compare_digest`, in constant time.
 * Without credentials the server answers only requests whose ``Host`` is a
-  loopback name: otherwise any web site could read the console through DNS
-  rebinding (its own name resolving to 127.0.0.1).
+  loopback name (in any case), a loopback address (127.0.0.0/8, ::1) or the
+  name it was told to listen on (which :func:`check_bind` found to be loopback):
+  otherwise any web site could read the console through DNS rebinding (its own
+  name resolving to 127.0.0.1).
 * Every response carries a Content-Security-Policy that allows scripts, styles
   and connections from the console's own origin only: no inline script runs,
   so a stored value that got past escaping could still not execute.
@@ -104,9 +106,11 @@ def check_bind(host: str, credentials: Credentials | None) -> None:
 class Guard:
     """ASGI middleware: credentials (when set), the loopback Host check, security headers."""
 
-    def __init__(self, app: ASGIApp, credentials: Credentials | None) -> None:
+    def __init__(self, app: ASGIApp, credentials: Credentials | None, bound: str | None = None) -> None:
         self.app = app
         self.credentials = credentials
+        #: the loopback names a request may be addressed to (host names are case-insensitive)
+        self.names = {*LOOPBACK_NAMES, *([_host_name(bound).lower()] if bound else [])}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -118,7 +122,7 @@ class Guard:
                 await _plain(send, 401, "credentials required\n",
                              [(b"www-authenticate", b'Basic realm="celery-ledger"')])
                 return
-        elif _host_name(headers.get("host", "")) not in LOOPBACK_NAMES:
+        elif not self.answers_to(headers.get("host", "")):
             await _plain(send, 403, "this console answers only to localhost without --auth\n")
             return
 
@@ -128,6 +132,17 @@ class Guard:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+    def answers_to(self, host: str) -> bool:
+        """Whether a request whose ``Host`` header is ``host`` is answered without credentials."""
+        name = _host_name(host).lower()
+        if name in self.names:
+            return True
+        try:  # an address names no one's domain: no rebinding through it
+            return ipaddress.ip_address(name.strip("[]")).is_loopback
+        except ValueError:
+            return False
 
 
 def _host_name(host: str) -> str:

@@ -36,6 +36,6 @@ def serve(ledger: Ledger, host: str = WEB_HOST, port: int = WEB_PORT, auth: str 
     shown = f"[{host}]" if ":" in host else host
     print(f"celery-ledger web: http://{shown}:{port}/ on {ledger.url}"
           + (" (credentials required)" if credentials else ""), flush=True)
-    uvicorn.run(create_app(ledger, credentials=credentials), host=host, port=port,
+    uvicorn.run(create_app(ledger, credentials=credentials, host=host), host=host, port=port,
                 # SSE streams never end by themselves: don't wait on them at shutdown.
                 log_level="warning", access_log=False, timeout_graceful_shutdown=2)
