@@ -172,6 +172,18 @@ def _check_id(value: str) -> str:
     return value
 
 
+def _utf8_text(value: str | None) -> str | None:
+    r"""Exception text as UTF-8 can hold it: a lone surrogate (a file name decoded with
+    ``surrogateescape``, a JSON ``"\ud800"``) becomes its escape, ``\udcff``.
+
+    msgpack, SQLite and PostgreSQL all refuse a lone surrogate: kept raw, the failure
+    itself could not be stored (``BackendStoreError`` in place of the task's own
+    exception). Only these audit summaries are escaped: the exception ``get()``
+    raises is the result, which the app's serializer keeps exactly (JSON escapes it).
+    """
+    return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class _TaskEvent(EventData):
     stream_prefix: ClassVar[str] = TASK
     task_id: Id
@@ -207,6 +219,8 @@ class TaskState(_TaskEvent):
     # Summary of an exception for audit tools that cannot decode ``result``.
     exc_type: str | None = None
     exc_message: str | None = None
+
+    _exception_text = field_validator("traceback", "exc_type", "exc_message")(_utf8_text)
 
     def index_columns(self) -> dict[str, Any]:
         # ref_id: the group the task is a member of (indexed), so a timeline finds

@@ -273,6 +273,25 @@ def test_failure_summary_is_kept_for_audit(backend):
                                                                      "Traceback ...")
 
 
+def test_a_failure_whose_text_holds_a_lone_surrogate_is_stored_with_its_own_exception(backend):
+    # A file name decoded with surrogateescape: b"report-\xff.csv" -> "report-\udcff.csv".
+    # Neither msgpack nor the databases hold a lone surrogate: the failure was refused.
+    tid = new_id()
+    message = b"cannot parse report-\xff.csv".decode("utf-8", "surrogateescape")
+    backend.mark_as_failure(tid, ValueError(message),
+                            traceback=f"Traceback ...\nValueError: {message}")
+    meta = backend.get_task_meta(tid)
+    assert meta["status"] == states.FAILURE
+    assert type(meta["result"]) is ValueError and meta["result"].args == (message,)  # exact
+    # the audit summary holds the surrogate as its escape, as the CLI shows it
+    assert meta["traceback"] == "Traceback ...\nValueError: cannot parse report-\\udcff.csv"
+    event = backend.ledger.history(tid)[0].data
+    assert (event.exc_type, event.exc_message) == ("ValueError", "cannot parse report-\\udcff.csv")
+    [row] = backend.ledger.tasks(exception="ValueError")
+    assert row.task_id == tid and row.entry.state == states.FAILURE
+    assert verify(backend.ledger) == []
+
+
 def test_get_timeout_raises_celery_timeout_error(backend):
     with pytest.raises(TimeoutError):
         backend.wait_for(new_id(), timeout=0.2, interval=0.05)

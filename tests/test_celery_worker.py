@@ -120,6 +120,20 @@ def test_failure_keeps_exception_and_traceback(worker):
     assert "raise ValueError(message)" in r.traceback
 
 
+def test_failure_whose_message_holds_a_lone_surrogate_keeps_its_own_exception(worker):
+    # A file name decoded with surrogateescape: neither msgpack nor the databases hold
+    # "\udcff", so the worker's store failed and get() raised BackendStoreError instead.
+    message = b"cannot parse report-\xff.csv".decode("utf-8", "surrogateescape")
+    r = task(worker, "fail").delay(message)
+    with pytest.raises(ValueError) as raised:
+        r.get(timeout=WAIT)
+    assert raised.value.args == (message,)  # the result keeps it exactly
+    assert "ValueError: cannot parse report-\\udcff.csv" in r.traceback  # the audit text, escaped
+    last = stored(worker, r.id)[-1].data
+    assert (last.status, last.exc_type) == (states.FAILURE, "ValueError")
+    assert history_states(worker, r.id) == ["STARTED", "FAILURE"]
+
+
 def test_retry_records_every_attempt(worker):
     r = task(worker, "flaky").delay(f"flaky-{uuid.uuid4()}", 3)
     assert r.get(timeout=WAIT) == "ok on attempt 3"
