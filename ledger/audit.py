@@ -35,7 +35,7 @@ from ledger.events import (
     exception_summary,
     stream_id,
 )
-from ledger.output import csv_cell, terminal_safe
+from ledger.output import csv_cell, json_text, terminal_safe
 from ledger.store.base import SELECT_EVENTS, row_to_event
 
 SUMMARY_WIDTH = 80
@@ -437,7 +437,7 @@ def export(
         elif fmt == "text":
             out.write(terminal_safe(event_line(event)) + "\n")
         else:
-            record = json.dumps(event_json(event), ensure_ascii=False, default=str)
+            record = json_text(event_json(event), default=str)
             out.write((",\n" if n and fmt == "json" else "") + record + ("\n" if fmt == "jsonl" else ""))
         n += 1
         if progress is not None:

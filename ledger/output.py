@@ -1,20 +1,26 @@
 """Output for people and spreadsheets: nothing stored can drive a terminal or run a formula.
 
 Every text the CLI prints goes through :func:`terminal_safe`; every CSV cell
-the export writes goes through :func:`csv_cell`. Task names, hostnames, custom
-states, exception messages and ids are chosen by whoever can send a task, so
-they are data, never control.
+the export writes goes through :func:`csv_cell`; the JSON exports are written
+with :func:`json_text`; the web console shows stored text through
+:func:`terminal_safe` too. Task names, hostnames, custom states, exception
+messages and ids are chosen by whoever can send a task, so they are data, never
+control.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 # C0 controls but tab and newline (ESC starts CSI/OSC sequences, CR overwrites a
-# line), DEL, C1 controls (U+009B is a one-character CSI on some terminals) and
-# the bidirectional overrides that reorder what a line appears to say.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# line), DEL, C1 controls (U+009B is a one-character CSI on some terminals), the
+# bidirectional overrides that reorder what a line appears to say, and lone
+# surrogates (a file name decoded with surrogateescape, JSON's "\ud800"): no
+# UTF-8 output can hold one, so printing it raised UnicodeEncodeError.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 #: OWASP's CSV injection rule: a cell starting with one of these is a formula to
 #: Excel, LibreOffice or Google Sheets.
@@ -29,6 +35,14 @@ def terminal_safe(text: str) -> str:
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def json_text(value: Any, **options: Any) -> str:
+    r"""``json.dumps(value, ensure_ascii=False, **options)`` that UTF-8 can hold: a lone
+    surrogate is written as JSON's own escape (``\ud800``, as ``ensure_ascii`` writes
+    it), so the text stays valid JSON and reads back as the value stored."""
+    # A surrogate can only be inside a JSON string, where \uXXXX is its escape.
+    return _SURROGATE.sub(_escape, json.dumps(value, ensure_ascii=False, **options))
 
 
 def csv_cell(value: Any) -> Any:

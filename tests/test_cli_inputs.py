@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
+from celery.app.task import Context
 
 from ledger.api import Ledger
 from ledger.cli import main
@@ -145,6 +147,52 @@ def test_csv_output_shows_terminal_escapes_as_text(hostile, argv):
     assert "proj.\\x1b]0;TITLE\\x07\\x1b[2J" in run.stdout
     names = [row["name"] for row in csv.DictReader(io.StringIO(run.stdout, newline=""))]
     assert names == ["proj.\\x1b]0;TITLE\\x07\\x1b[2J"]
+
+
+SURROGATE_RESULT = "a\ud800b"  # as json.loads('"a\\ud800b"') gives it
+
+
+@pytest.fixture
+def surrogates(sqlite_url):
+    """A result and an argument holding a lone surrogate, stored through the backend."""
+    app = Celery("surrogates", backend=f"ledger+{sqlite_url}", set_as_current=False)
+    app.conf.result_extended = True
+
+    def request(task_id, args=()):
+        return Context(id=task_id, task="s.task", args=list(args), kwargs={}, hostname="w",
+                       retries=0, delivery_info={"routing_key": "q"})
+
+    app.backend.store_result("sur-result", SURROGATE_RESULT, "SUCCESS", request=request("sur-result"))
+    app.backend.store_result("sur-args", 1, "SUCCESS", request=request("sur-args", ["\ud800"]))
+    assert app.backend.get_task_meta("sur-result")["result"] == SURROGATE_RESULT  # as stored
+    return sqlite_url
+
+
+@pytest.mark.parametrize(("argv", "shown"), [
+    (("show", "sur-result"), True), (("history", "sur-result"), True), (("history", "sur-args"), False),
+    (("history", "sur-args", "--format", "json"), True), (("show", "sur-result", "--format", "json"), True),
+    (("tail",), False), (("tail", "--format", "json"), True), (("tasks",), False),
+    (("tasks", "--format", "csv"), True), (("tasks", "--format", "json"), True),
+    (("export", "--format", "csv"), True), (("export", "--format", "text"), False),
+])
+def test_a_lone_surrogate_in_a_result_or_argument_is_printed_as_its_escape(surrogates, argv, shown):
+    run = cli(*argv, "--db", surrogates)
+    assert run.returncode == 0, run.stderr
+    assert ("\\ud800" in run.stdout) is shown, run.stdout  # text lines show no values: no error is all
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_a_json_export_holding_a_lone_surrogate_is_written_and_reads_back_as_stored(
+        surrogates, tmp_path, fmt):
+    out = tmp_path / f"audit.{fmt}"
+    run = cli("export", "--format", fmt, "-o", str(out), "--db", surrogates)
+    assert run.returncode == 0, run.stderr
+    text = out.read_text(encoding="utf-8")
+    assert "\\ud800" in text  # JSON's escape: valid JSON that UTF-8 holds
+    events = [json.loads(line) for line in text.splitlines()] if fmt == "jsonl" else json.loads(text)
+    data = {e["stream_id"]: e["data"] for e in events}
+    assert data["task:sur-result"]["result"]["value"] == SURROGATE_RESULT
+    assert data["task:sur-args"]["args"]["value"] == ["\ud800"]
 
 
 # -- 7. export files: one line for a path that cannot be written, the old file kept on failure --

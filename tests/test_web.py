@@ -27,6 +27,7 @@ from starlette.testclient import TestClient
 from ledger.api import Ledger
 from ledger.cli import main
 from ledger.events import Encoded, TaskForgotten, TaskSent, TaskState, utcnow
+from ledger.output import terminal_safe
 from ledger.web.app import create_app
 from ledger.web.feed import EventFeed, Overflow
 from ledger.web.security import Credentials, check_bind
@@ -342,6 +343,52 @@ def test_stored_pickles_are_never_unpickled(ledger, client, tmp_path):
     assert doc["events"][0]["result"] == f"<pickle {len(payload)} bytes>"
     assert f"&lt;pickle {len(payload)} bytes&gt;" in client.get("/tasks/p-1").text
     assert not marker.exists()
+
+
+def test_a_lone_surrogate_in_a_result_or_argument_is_shown_escaped_not_a_500(ledger, client):
+    # json.loads('"a\\ud800b"') is a str no UTF-8 response can hold; one such task among
+    # the newest made the Tasks page a 500 for everyone.
+    ledger.append([TaskState(task_id="s-1", status="SUCCESS", name="s.task",
+                             result=as_json("a\ud800b"), args=as_json(["\ud800"]))])
+    assert client.get("/workflows/s-1").status_code == client.get("/api/workflows/s-1").status_code == 200
+    for path in ("/", "/partials/tasks", "/tasks/s-1"):
+        r = client.get(path)
+        assert r.status_code == 200, path
+        assert "\\ud800" in r.text, path
+    assert "&#34;a\\ud800b&#34;" in client.get("/tasks/s-1").text
+    for path in ("/api/tasks", "/api/tasks/s-1"):
+        r = client.get(path)
+        assert r.status_code == 200, path
+        assert "\\ud800" in r.text, path  # JSON's own escape: valid JSON, UTF-8 holds it
+    event = client.get("/api/tasks/s-1").json()["events"][0]  # the values as stored
+    assert (json.loads(event["result"]), json.loads(event["args"])) == ("a\ud800b", ["\ud800"])
+    assert client.get("/api/tasks").json()["tasks"][0]["args"] == '["\ud800"]'
+
+
+def test_pages_show_control_characters_and_bidi_overrides_escaped_as_the_cli_does(ledger, client):
+    hostile = dict(task_id="id\u202eexe", name="safe\u202etxt.exe", worker="w\x1b]0;T\x07",
+                   queue="q\x1b[2J", root_id="id\u202eexe")
+    ledger.append([TaskState(status="CUSTOM\u202e", **hostile)])
+    ledger.append([TaskState(status="FAILURE", exc_type="Value\u2066Error",
+                             exc_message="bad\x1b[31m", traceback="Traceback\n\x9b31m",
+                             result=as_json({"exc_type": "ValueError"}), **hostile)])
+    shown = [terminal_safe(v) for v in ("safe\u202etxt.exe", "w\x1b]0;T\x07", "q\x1b[2J",
+                                        "id\u202eexe", "Value\u2066Error", "bad\x1b[31m")]
+    assert shown[0] == "safe\\u202etxt.exe" and shown[1] == "w\\x1b]0;T\\x07"  # the CLI's forms
+    quoted = "id%E2%80%AEexe"
+    for path in ("/", f"/tasks/{quoted}", f"/workflows/{quoted}", f"/tasks/{quoted}?as_of=@1"):
+        page = client.get(path)
+        assert page.status_code == 200, path
+        assert not any(c in page.text for c in "\u202e\u2066\x1b\x07\x9b"), path
+        for text in shown[:4] if path == "/" else shown[:2] if "workflows" in path else shown:
+            assert text in page.text, (path, text)
+    task_page = client.get(f"/tasks/{quoted}").text
+    assert "CUSTOM\\u202e" in task_page and "Traceback\n\\x9b31m" in task_page
+    assert f'action="/tasks/{quoted}"' in task_page  # links keep the id itself
+    assert f'href="/tasks/{quoted}"' in client.get("/").text
+    event = client.get(f"/api/tasks/{quoted}").json()["events"][-1]  # the API: values as stored
+    assert (event["name"], event["worker"], event["exc_message"]) == (
+        "safe\u202etxt.exe", "w\x1b]0;T\x07", "bad\x1b[31m")
 
 
 def all_paths(ledger: Ledger) -> list[str]:

@@ -41,6 +41,7 @@ def templates() -> Environment:
         autoescape=select_autoescape(default=True, default_for_string=True),
         trim_blocks=True,
         lstrip_blocks=True,
+        finalize=pages.shown_as_text,
     )
     env.filters["when"] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if t else ""
     env.filters["segment"] = path_segment

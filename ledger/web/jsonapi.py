@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ledger.output import json_text
 from ledger.timeline import UnknownId, Workflow, find_workflow
 from ledger.times import parse_as_of
 from ledger.web.models import StatsOut, StatsQuery, TaskDetail, TaskPage, TaskQuery, WorkflowOut
@@ -18,7 +19,10 @@ from ledger.web.tasklist import find_tasks, task_stats
 
 
 def json_response(model) -> Response:
-    return Response(model.model_dump_json(), media_type="application/json")
+    # Not model_dump_json(): pydantic refuses a lone surrogate in a stored value (a
+    # 500); json_text writes it as JSON's \ud800 escape, which reads back as stored.
+    return Response(json_text(model.model_dump(mode="json"), separators=(",", ":")),
+                    media_type="application/json")
 
 
 def int_param(request: Request, name: str, default: int, *, maximum: int) -> int:

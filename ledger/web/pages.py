@@ -8,12 +8,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from markupsafe import Markup
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
+from ledger.output import terminal_safe
 from ledger.web import gantt
 from ledger.web.jsonapi import load_stats, load_task, load_tasks, load_workflow, stats_query
 from ledger.web.models import EventOut, WorkflowOut
+
+
+def shown_as_text(value: Any) -> Any:
+    r"""Every text a page prints, as the CLI prints it (:func:`ledger.output.terminal_safe`):
+    the templates' ``finalize``.
+
+    HTML escaping stops markup, not a bidi override (``safe\u202etxt.exe`` showed as
+    "safeexe.txt"), an ESC, or a lone surrogate (which UTF-8 cannot hold: a 500).
+    The escapes are plain ASCII text, so markup already escaped (``join``'s) stays markup.
+    """
+    if isinstance(value, Markup):
+        return Markup(terminal_safe(value))
+    return terminal_safe(value) if isinstance(value, str) else value
 
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
