@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import math
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -402,8 +403,15 @@ def event_line(event: RecordedEvent) -> str:
 
 
 def export_row(event: RecordedEvent) -> dict[str, Any]:
-    """The flat CSV row: envelope, the summary ``history`` shows, and args/kwargs as JSON."""
+    """The flat CSV row: envelope, the summary ``history`` shows, and args/kwargs as JSON.
+
+    A result that is a number is the number, not its JSON text: :func:`csv_cell`
+    leaves numbers alone, and ``-5`` is no formula (a text ``-5`` would get its ``'``).
+    """
     row = describe(event)
+    number = _number_result(event) if row["result"] is not None else None
+    if number is not None:
+        row["result"] = number
     return {
         "position": event.position,
         "recorded_at": event.recorded_at.isoformat(),
@@ -413,6 +421,23 @@ def export_row(event: RecordedEvent) -> dict[str, Any]:
         "event_id": str(event.event_id),
         **{k: row[k] for k in (*SUMMARY_FIELDS, "result", "args", "kwargs")},
     }
+
+
+def _number_result(event: RecordedEvent) -> int | float | None:
+    """The stored result of a task state when it is a finite number (not a bool), else None."""
+    try:
+        data = event.data
+    except CorruptEvent:
+        return None
+    if not isinstance(data, TaskState) or data.result is None:
+        return None
+    decoded, value = decode_value(data.result)
+    if not decoded or isinstance(value, bool):
+        return None
+    # -inf is written "-Infinity", text starting with "-" to a spreadsheet: it keeps its quote.
+    if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    return None
 
 
 #: ``export --format`` choices: JSON lines, one JSON array, CSV, text lines.

@@ -18,7 +18,7 @@ from celery.app.task import Context
 
 from ledger.api import Ledger
 from ledger.cli import main
-from ledger.events import TaskState
+from ledger.events import Encoded, TaskState
 
 CLI = str(Path(sys.executable).parent / "celery-ledger")
 
@@ -193,6 +193,31 @@ def test_a_json_export_holding_a_lone_surrogate_is_written_and_reads_back_as_sto
     data = {e["stream_id"]: e["data"] for e in events}
     assert data["task:sur-result"]["result"]["value"] == SURROGATE_RESULT
     assert data["task:sur-args"]["args"]["value"] == ["\ud800"]
+
+
+def test_csv_export_leaves_numeric_results_alone_and_quotes_text_that_starts_like_a_formula(
+        sqlite_url, tmp_path):
+    def raw_json(text: str) -> Encoded:
+        return Encoded(content_type="application/json", data=text.encode())
+
+    Ledger.open(sqlite_url).append([
+        TaskState(task_id="neg", status="SUCCESS", result=raw_json("-5")),
+        TaskState(task_id="exp", status="SUCCESS", result=raw_json("-1.5e3")),
+        TaskState(task_id="text", status="SUCCESS", result=raw_json('"-5"')),
+        TaskState(task_id="inf", status="SUCCESS", result=raw_json("-Infinity")),
+        TaskState(task_id="dde", status="FAILURE", name="-1+cmd|' /C calc'!A0", worker="-cmd",
+                  exc_type="ValueError", exc_message="-2+3"),
+    ])
+    out = tmp_path / "audit.csv"
+    assert cli("export", "--format", "csv", "-o", str(out), "--db", sqlite_url).returncode == 0
+    rows = {r["stream_id"]: r for r in csv.DictReader(out.open(newline=""))}
+    assert {k: r["result"] for k, r in rows.items()} == {
+        "task:neg": "-5", "task:exp": "-1500.0", "task:text": '"-5"', "task:inf": "'-Infinity",
+        "task:dde": "",
+    }
+    dde = rows["task:dde"]
+    assert (dde["name"], dde["worker"], dde["exc_message"]) == (
+        "'-1+cmd|' /C calc'!A0", "'-cmd", "'-2+3")
 
 
 # -- 7. export files: one line for a path that cannot be written, the old file kept on failure --
