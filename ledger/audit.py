@@ -201,8 +201,9 @@ def _detail(row: dict[str, Any]) -> str:
 
 
 def render_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
-    """Left-aligned columns separated by two spaces; None shows as empty."""
-    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    """Left-aligned columns separated by two spaces; None shows as empty, control
+    characters as their escapes (the widths are those of the escaped text)."""
+    cells = [[("" if r.get(c) is None else terminal_safe(str(r.get(c)))) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     for row in cells:

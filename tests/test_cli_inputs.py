@@ -220,6 +220,30 @@ def test_csv_export_leaves_numeric_results_alone_and_quotes_text_that_starts_lik
         "'-1+cmd|' /C calc'!A0", "'-cmd", "'-2+3")
 
 
+def _column_starts_everywhere(lines: list[str], column: str) -> bool:
+    """Whether ``column`` starts at the same place in every row as in the header line."""
+    at = lines[0].index(column)
+    return all(row[at - 2:at] == "  " and row[at] != " " for row in lines)
+
+
+def test_tasks_and_history_columns_line_up_when_values_are_escaped(sqlite_url):
+    Ledger.open(sqlite_url).append([
+        TaskState(task_id="plain", status="SUCCESS", worker="w1", retries=7),
+        TaskState(task_id="hostile", status="STARTED", worker="w\x1b[2J\u202e", retries=8),
+        TaskState(task_id="hostile", status="FAILURE", worker="w2", retries=9,
+                  exc_type="ValueError", exc_message="x"),
+        TaskState(task_id="odd", status="SUCCESS", worker="w\x1b[2J\u202e", retries=6),
+    ])
+    tasks = cli("tasks", "--db", sqlite_url)
+    assert tasks.returncode == 0, tasks.stderr
+    assert "w\\x1b[2J\\u202e" in tasks.stdout and "w1" in tasks.stdout
+    assert _column_starts_everywhere(tasks.stdout.splitlines(), "retries"), tasks.stdout
+    history = cli("history", "hostile", "--db", sqlite_url)
+    assert history.returncode == 0, history.stderr
+    assert "w\\x1b[2J\\u202e" in history.stdout
+    assert _column_starts_everywhere(history.stdout.splitlines()[1:], "RETRIES"), history.stdout
+
+
 # -- 7. export files: one line for a path that cannot be written, the old file kept on failure --
 
 

@@ -14,7 +14,7 @@ import click
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env, print_json
 from ledger.cli.params import TIME, TIME_HELP
 from ledger.errors import BadFilter
-from ledger.output import csv_cell
+from ledger.output import csv_cell, terminal_safe
 
 
 @click.command()
@@ -128,6 +128,8 @@ def _seconds(value: float | None) -> str:
 
 
 def _print_table(lines: list[tuple[str, ...]]) -> None:
+    # Widths of the text as printed: an escaped ESC (\x1b) takes four columns, not one.
+    lines = [tuple(map(terminal_safe, line)) for line in lines]
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for line in lines:
         echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
