@@ -238,13 +238,26 @@ class Workflow:
                 f"({self.cut_from - len(self.tasks):,} not shown); its root and the most "
                 f"recent ones are shown. `celery-ledger tasks --root {self.root}` lists them all."
             )
-        untracked = sum(1 for r in self.tasks.values() if r.ended_at and r.began is None)
+        unbegun = [r for r in self.tasks.values() if r.ended_at and r.began is None]
+        # Sent, then ended with no STARTED or RECEIVED: the worker recorded neither.
+        untracked = sum(1 for r in unbegun if r.ready_at is not None)
         if untracked:
             notes.append(
-                f"{untracked} of {len(self.tasks)} tasks stored no STARTED state (Celery's default "
-                "task_track_started=False) and no RECEIVED (ledger_track_received=False): their "
-                "duration is unknown ('-'); START shows when they were first recorded, their end. "
-                "Set task_track_started = True or ledger_track_received = True to measure it."
+                f"{untracked} of {len(self.tasks)} tasks were sent and ended with no STARTED state "
+                "(Celery's default task_track_started=False) and no RECEIVED "
+                "(ledger_track_received=False): their duration is unknown ('-'); START shows when "
+                "they were first recorded, their end. Set task_track_started = True or "
+                "ledger_track_received = True to measure it."
+            )
+        # No SENT either: most often never run -- a chord body failed by its header, a
+        # task revoked before it was published -- or tracked by none of its processes.
+        if unsent := len(unbegun) - untracked:
+            notes.append(
+                f"{unsent} of {len(self.tasks)} tasks ended with no SENT, RECEIVED or STARTED: "
+                "they did not run (a chord body failed by its header's failure, a task revoked "
+                "before it was sent), or ran where nothing was tracked (ledger_track_sent, "
+                "ledger_track_received and task_track_started all off). Their duration is "
+                "unknown ('-')."
             )
         return notes
 

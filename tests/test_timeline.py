@@ -74,3 +74,23 @@ def test_a_workflow_cut_at_max_tasks_says_so_everywhere(any_url, capsys, tmp_pat
     assert main(["timeline", "w-0", "--format", "json", "--db", any_url]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["tasks"]) == 50 and not any("cut" in n for n in doc["notes"])
+
+
+def test_a_task_that_never_ran_is_not_blamed_on_the_tracking_settings(any_url, capsys):
+    """A chord body failed by its header's failure is stored FAILURE without being sent
+    or run; the note said it lacked STARTED and RECEIVED because
+    task_track_started and ledger_track_received were off, though both were on."""
+    from datetime import datetime, timezone
+
+    from ledger.events import TaskSent
+
+    ledger = Ledger.open(any_url)
+    ledger.append([TaskSent(task_id="a", name="t.part", sent_at=datetime.now(timezone.utc), root_id="a")])
+    ledger.append([TaskState(task_id="a", status="SUCCESS", name="t.part", root_id="a")])  # worker tracked nothing
+    ledger.append([TaskState(task_id="body", status="FAILURE", name="t.body", root_id="a", parent_id="a")])
+
+    assert main(["timeline", "a", "--format", "json", "--db", any_url]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert len(notes) == 2
+    assert notes[0].startswith("1 of 2 tasks were sent and ended with no STARTED state")
+    assert notes[1].startswith("1 of 2 tasks ended with no SENT, RECEIVED or STARTED: they did not run")
