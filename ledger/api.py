@@ -47,7 +47,7 @@ from ledger.events import (
 )
 from ledger.store import store_for
 from ledger.store.base import MAX_SQL_INT, START, Checkpoint, EncodedEvent
-from ledger.store.engine import engine_for, is_disconnect, safe_url
+from ledger.store.engine import engine_for, is_concurrency_failure, is_disconnect, safe_url
 from ledger.store.schema import checkpoints
 from ledger.store.schema import events as events_table
 from projections.chord import ChordState
@@ -375,7 +375,9 @@ class Ledger:
 
     def _retrying(self, unit: Callable[[], T], *, write: bool = False) -> T:
         """``unit()``, again after a lost connection (``retry.attempts`` in all) or, for a
-        write, a conflict (up to 50 times): the one retry loop of every read and write."""
+        write, a conflict or a transaction the database rolled back for a concurrent one
+        (a deadlock, a serialization failure; up to 50 times): the one retry loop of
+        every read and write."""
         attempt = 0
         while True:
             try:
@@ -386,18 +388,26 @@ class Ledger:
                     raise
                 log.debug("append conflict, retrying: %s", exc)
             except sa.exc.DBAPIError as exc:
-                problem = self._schema_error(exc)
-                if problem is not None:
-                    raise problem from None
-                if not is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
-                    raise
-                if write:
-                    log.warning(
-                        "ledger write failed (%s); retry %d/%d",
-                        type(exc.orig or exc).__name__,
-                        attempt + 1,
-                        self.retry.attempts - 1,
-                    )
+                if write and is_concurrency_failure(exc):
+                    # PostgreSQL rolled the whole transaction back (it lost a deadlock,
+                    # e.g. to prune's table locks, or a serialization failure): as safe
+                    # to run again as a conflict, and retried as one.
+                    if attempt >= 50:
+                        raise
+                    log.debug("ledger write rolled back by the database, retrying: %s", exc.orig)
+                else:
+                    problem = self._schema_error(exc)
+                    if problem is not None:
+                        raise problem from None
+                    if not is_disconnect(exc) or attempt + 1 >= self.retry.attempts:
+                        raise
+                    if write:
+                        log.warning(
+                            "ledger write failed (%s); retry %d/%d",
+                            type(exc.orig or exc).__name__,
+                            attempt + 1,
+                            self.retry.attempts - 1,
+                        )
             time.sleep(self.retry.sleep(attempt))
             attempt += 1
 

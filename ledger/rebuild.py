@@ -542,7 +542,8 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
     because PostgreSQL stamps ``recorded_at`` with the transaction's start time
     and times are therefore not strictly in position order. The projection
     tables are locked against writers (``SHARE`` mode; readers continue) for the
-    prune so that the rows deciding what is kept cannot move meanwhile.
+    prune so that the rows deciding what is kept cannot move meanwhile, in the
+    order writers take them (:data:`ledger.store.target.WRITE_ORDER`).
     """
     T, e = LIVE, events_table
     ledger.require_schema()
@@ -551,7 +552,7 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
 
     def work(conn: Connection) -> PruneReport:
         if not dry_run:
-            store.lock_for_prune(conn, T.all())
+            store.lock_for_prune(conn)
         cutoff = conn.execute(
             sa.select(sa.func.min(e.c.position)).where(e.c.recorded_at >= before)
         ).scalar()

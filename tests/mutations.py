@@ -248,8 +248,8 @@ MUTATIONS = [
     Mutation(
         "retries: the ledger's retried writes are not logged",
         "ledger/api.py",
-        '                    log.warning(\n                        "ledger write failed',
-        '                    log.debug(\n                        "ledger write failed',
+        '                        log.warning(\n                            "ledger write failed',
+        '                        log.debug(\n                            "ledger write failed',
         ("tests/faults/test_database_faults.py"
          "::test_2000_results_stored_exactly_once_while_every_connection_is_cut",),
     ),

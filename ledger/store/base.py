@@ -469,8 +469,9 @@ class MaintainableStore(FollowableStore):
     def drop_scratch_table(self, conn: Connection, scratch: sa.Table) -> None:
         """Drop what :meth:`create_scratch_table` made, where the rollback does not."""
 
-    def lock_for_prune(self, conn: Connection, tables: Sequence[sa.Table]) -> None:
-        """Keep writers off ``tables`` (readers continue) until the transaction ends."""
+    def lock_for_prune(self, conn: Connection) -> None:
+        """Keep writers off the live projection tables (readers continue) until the
+        transaction ends."""
 
     def allow_prune(self, conn: Connection) -> None:
         """Let this transaction delete from the append-only log."""

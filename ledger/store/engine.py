@@ -145,3 +145,14 @@ def is_disconnect(exc: BaseException) -> bool:
     return isinstance(exc, sa.exc.InterfaceError | sa.exc.TimeoutError)
 
 
+#: SQLSTATEs of a transaction the server rolled back whole because of a concurrent one:
+#: deadlock_detected (two transactions waited for each other's locks) and
+#: serialization_failure.
+_LOST_TO_A_CONCURRENT_TRANSACTION = frozenset({"40P01", "40001"})
+
+
+def is_concurrency_failure(exc: BaseException) -> bool:
+    """True for a transaction the database rolled back entirely because it collided
+    with another (a deadlock, a serialization failure): run again, it may succeed."""
+    orig = getattr(exc, "orig", None)
+    return isinstance(exc, sa.exc.DBAPIError) and getattr(orig, "sqlstate", None) in _LOST_TO_A_CONCURRENT_TRANSACTION

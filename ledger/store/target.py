@@ -58,6 +58,14 @@ from projections.lifecycle import RANK, STATE_OF, ready_at
 from projections.memory import Snapshot
 from projections.task_meta import READY_STATES, STICKY_STATE, TaskMeta
 
+#: The order in which a transaction of writers takes the projection tables (its events
+#: first, in ``ledger_events``): PostgreSQL's fused statements
+#: (:class:`ledger.store.postgres.FusedUpdates`: a task state's catalogue CTE before its
+#: task row; a chord part's row before its count; a claim after both) and the handlers
+#: below. Locks taken in the same order cannot wait in a cycle with them: prune takes
+#: its own in it (:meth:`ledger.store.postgres.PostgresStore.lock_for_prune`).
+WRITE_ORDER = ("catalogue", "task_meta", "groups", "chord_parts", "chord_counts", "chords")
+
 
 class SqlForms(Protocol):
     """A database's forms of what the statements here need (its store class has them)."""
@@ -91,6 +99,7 @@ class SqlTarget:
                 handler(self, conn, event)
 
     def _task_state(self, conn: Connection, e: RecordedEvent) -> None:
+        self._catalogue_state(conn, e)  # first: WRITE_ORDER
         t = self.t.task_meta
         status = e.data.status  # type: ignore[attr-defined]
         row = {
@@ -108,7 +117,6 @@ class SqlTarget:
             where=t.c.status != STICKY_STATE,
         )
         conn.execute(stmt)
-        self._catalogue_state(conn, e)
 
     def _catalogue_state(self, conn: Connection, e: RecordedEvent) -> None:
         # projections.catalogue.fold as an upsert; the fused form is _catalogue_sql.
@@ -184,9 +192,9 @@ class SqlTarget:
 
     def _task_gone(self, conn: Connection, e: RecordedEvent) -> None:
         t, c = self.t.task_meta, self.t.catalogue
-        conn.execute(sa.delete(t).where(t.c.task_id == e.stream_key))
         flag = "forgotten" if e.type == TaskForgotten.type else "expired"
-        conn.execute(sa.update(c).where(c.c.task_id == e.stream_key).values({flag: True}))
+        conn.execute(sa.update(c).where(c.c.task_id == e.stream_key).values({flag: True}))  # first: WRITE_ORDER
+        conn.execute(sa.delete(t).where(t.c.task_id == e.stream_key))
 
     def _group_saved(self, conn: Connection, e: RecordedEvent) -> None:
         t = self.t.groups
