@@ -41,7 +41,10 @@ rebuild
     (relay, ``follow``) back for the fill's duration, as any long reader does;
     the swap holds writers for the last catch-up plus the renames, and gives up
     after ``SWAP_LOCK_TIMEOUT`` (rolling back) rather than stall the application
-    behind a long reader. One rebuild runs at a time (an advisory lock).
+    behind a long reader. One rebuild runs at a time (an advisory lock), and never
+    beside a prune (another one, held by the rebuild for its whole run and by a
+    prune for its transaction): a prune committed after ``S`` would be undone by the
+    swap, its tables filled before it.
 
     SQLite has one writer at a time: the whole rebuild runs in one
     ``BEGIN IMMEDIATE`` transaction (writers wait for it; readers continue in WAL
@@ -543,7 +546,8 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
     and times are therefore not strictly in position order. The projection
     tables are locked against writers (``SHARE`` mode; readers continue) for the
     prune so that the rows deciding what is kept cannot move meanwhile, in the
-    order writers take them (:data:`ledger.store.target.WRITE_ORDER`).
+    order writers take them (:data:`ledger.store.target.WRITE_ORDER`), after
+    waiting for a running rebuild (:meth:`ledger.store.base.MaintainableStore.lock_for_prune`).
     """
     T, e = LIVE, events_table
     ledger.require_schema()

@@ -1,4 +1,4 @@
-"""prune while workers store: no store is lost, the projections equal the log."""
+"""prune and rebuild while workers store: no store is lost, the projections equal the log."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import multiprocessing as mp
 import queue
 import threading
 import time
+from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -14,11 +15,14 @@ from celery import Celery, states
 from celery.app.task import Context
 
 from ledger.api import Ledger
+from ledger.audit import read_events
 from ledger.cli import main
 from ledger.events import GroupSaved, NewEvent, TaskState
-from ledger.rebuild import verify
+from ledger.rebuild import rebuild, verify
 from ledger.store.base import EncodedEvent
+from ledger.store.postgres import MAINTENANCE_LOCK
 from tests.conftest import admin
+from tests.test_rebuild import workload
 
 pytestmark = pytest.mark.postgres
 
@@ -144,5 +148,74 @@ def test_a_write_that_loses_a_deadlock_to_prune_is_retried(pg_url, capsys):
     assert pruned == [0], capsys.readouterr().err
     assert len(attempts) == 2
     assert ledger.task_meta("t").status == "SUCCESS" and ledger.group("g") is not None
+    assert verify(ledger) == []
+
+
+class _PruneDuringFill:
+    """A rebuild's progress that starts ``prune --before cutoff`` at the fill's first
+    step and lets the fill go on once the prune has committed or waits for a lock."""
+
+    total = 0
+
+    def __init__(self, url: str, cutoff: datetime) -> None:
+        self.url, self.codes = url, []
+        self.prune = threading.Thread(target=lambda: self.codes.append(
+            main(["prune", "--before", cutoff.isoformat(), "--db", url])
+        ))
+        self._once = threading.Lock()
+
+    def advance(self, n: int) -> None:
+        if not self._once.acquire(blocking=False):
+            return
+        self.prune.start()
+        ledger, deadline = Ledger.open(self.url), time.monotonic() + 60
+        with ledger.engine.connect() as conn:
+            while self.prune.is_alive() and not conn.execute(sa.text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )).scalar_one():
+                assert time.monotonic() < deadline, "prune neither finished nor waited"
+                time.sleep(0.01)
+
+
+def test_prune_during_a_rebuild_waits_for_it_and_verify_is_clean(pg_url, capsys):
+    """A prune that commits while a rebuild fills would be undone by the swap: the
+    rebuild's tables come from a snapshot before the prune (verify then found every
+    catalogue row different, and the pruned chord back). The prune now waits for the
+    rebuild, then prunes the rebuilt tables."""
+    ledger = Ledger.open(pg_url)
+    workload(ledger, "old")
+    cutoff = max(e.recorded_at for e in read_events(ledger)) + timedelta(microseconds=1)
+    workload(ledger, "new")
+    during = _PruneDuringFill(pg_url, cutoff)
+    report = rebuild(ledger, progress=during)
+    during.prune.join(timeout=120)
+    assert during.codes == [0], capsys.readouterr().err
+    assert report.rows["ledger_tasks"] == 40
+    assert ledger.chord("old-c1") is None  # the prune's, not undone
+    assert verify(ledger) == []
+
+
+def test_a_rebuild_waits_for_a_prune_in_progress(pg_url):
+    """A rebuild started while a prune runs waits for its commit before taking its
+    snapshot (else the prune, committed before the swap, would be undone by it). The
+    prune is stood in for by a session holding what a prune holds."""
+    ledger = Ledger.open(pg_url)
+    workload(ledger)
+    done: list = []
+    with ledger.engine.connect() as pruning:
+        pruning.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MAINTENANCE_LOCK})
+        rebuilding = threading.Thread(target=lambda: done.append(rebuild(ledger)))
+        rebuilding.start()
+        deadline = time.monotonic() + 60
+        while not pruning.execute(sa.text(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        )).scalar_one():
+            assert rebuilding.is_alive(), "the rebuild ran beside the prune"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not done
+        pruning.rollback()
+    rebuilding.join(timeout=120)
+    assert done[0].rows["ledger_task_meta"] == 19
     assert verify(ledger) == []
 

@@ -470,8 +470,8 @@ class MaintainableStore(FollowableStore):
         """Drop what :meth:`create_scratch_table` made, where the rollback does not."""
 
     def lock_for_prune(self, conn: Connection) -> None:
-        """Keep writers off the live projection tables (readers continue) until the
-        transaction ends."""
+        """Wait for a rebuild (or another prune) to end, then keep writers off the live
+        projection tables (readers continue) until the transaction ends."""
 
     def allow_prune(self, conn: Connection) -> None:
         """Let this transaction delete from the append-only log."""

@@ -1310,6 +1310,10 @@ class PgRelayLock(RelayLock):
 
 #: Session advisory lock key: one rebuild at a time (they share the __rebuild tables).
 REBUILD_LOCK = 0x6C65646765720001
+#: Advisory lock key a rebuild holds for its whole run and a prune for its transaction:
+#: a prune that committed after the rebuild's snapshot would be undone by its swap (the
+#: swapped-in catalogue filled from before the prune), so each waits for the other.
+MAINTENANCE_LOCK = 0x6C65646765720003
 #: Transaction advisory lock key: one migration at a time per database.
 _MIGRATE_LOCK = 0x6C65646765720002
 #: Fill statements per worker connection, balanced by their measured cost on a
@@ -1499,15 +1503,22 @@ class PostgresStore(MaintainableStore):
     # -- rebuild ---------------------------------------------------------------------------
 
     def rebuild(self, plan: RebuildPlan) -> None:
-        """Blue/green with concurrent writers (the reasoning: :mod:`ledger.rebuild`)."""
+        """Blue/green with concurrent writers (the reasoning: :mod:`ledger.rebuild`).
+
+        One at a time, and never beside a prune: it waits for a running prune to
+        commit before its snapshot, and a prune waits for it (:data:`MAINTENANCE_LOCK`).
+        """
         with self.engine.connect() as guard:
             guard = guard.execution_options(isolation_level="AUTOCOMMIT")
             if not guard.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": REBUILD_LOCK}).scalar():
                 raise RebuildError("another rebuild is running on this database")
             try:
+                guard.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": MAINTENANCE_LOCK})
                 self._rebuild_locked(plan)
             finally:
-                guard.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": REBUILD_LOCK})
+                # Both session locks go with the connection if it was lost.
+                with contextlib.suppress(sa.exc.DBAPIError):
+                    guard.execute(sa.text("SELECT pg_advisory_unlock_all()"))
 
     def _rebuild_locked(self, plan: RebuildPlan) -> None:
         new, slots, report, progress = plan.new, plan.slots, plan.report, plan.progress
@@ -1641,6 +1652,11 @@ class PostgresStore(MaintainableStore):
         conn.execute(sa.text(f'CREATE TEMPORARY TABLE "{scratch.name}" (LIKE "{live.name}") ON COMMIT DROP'))
 
     def lock_for_prune(self, conn: Connection) -> None:
+        # First nothing but the advisory lock, held to the commit: a rebuild running
+        # now would swap in tables filled before this prune (MAINTENANCE_LOCK).
+        if not conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": MAINTENANCE_LOCK}).scalar():
+            log.warning("prune waits for the rebuild (or prune) running on this database")
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MAINTENANCE_LOCK})
         # SHARE conflicts with the writers' ROW EXCLUSIVE; readers continue. LOCK TABLE
         # takes the tables one after the other in the order listed, which must be the
         # writers' own (WRITE_ORDER). Taken task_meta first, a store holding the
