@@ -19,7 +19,8 @@ rebuild
        merely "position > max position seen", which would lose an event whose
        transaction took a lower position but committed after ``S``.
     3. Catch-up passes apply those events to the new tables with the *live*
-       statements (:class:`ledger.store.target.SqlTarget`), each pass in its own
+       statements (:class:`ledger.store.target.SqlTarget`), writing the rebuilt
+       tables only (a partial rebuild leaves the others to the writers), each pass in its own
        REPEATABLE READ transaction whose snapshot becomes the next ``S``, until
        a pass is small. Per stream, ``(tx_id, position)`` order is version order
        (ledger.store.postgres guarantees it), and every projection is per stream, so
@@ -44,7 +45,8 @@ rebuild
     behind a long reader. One rebuild runs at a time (an advisory lock), and never
     beside a prune (another one, held by the rebuild for its whole run and by a
     prune for its transaction): a prune committed after ``S`` would be undone by the
-    swap, its tables filled before it.
+    swap, its tables filled before it. A failed or interrupted rebuild drops its
+    new tables.
 
     SQLite has one writer at a time: the whole rebuild runs in one
     ``BEGIN IMMEDIATE`` transaction (writers wait for it; readers continue in WAL
@@ -116,7 +118,9 @@ class RebuildReport:
 
 
 def _names(projections: Sequence[str] | None) -> list[str]:
-    names = list(projections) if projections else list(REGISTRY)
+    # A projection named twice is rebuilt once (its tables were made twice, then
+    # swapped in twice: the second swap found its new table gone).
+    names = list(dict.fromkeys(projections)) if projections else list(REGISTRY)
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise ValueError(
@@ -134,7 +138,8 @@ def _prefixes(names: Sequence[str]) -> list[str]:
 
 
 def _mixed(new: ProjectionTables, slots: Sequence[str]) -> ProjectionTables:
-    """New tables for the rebuilt slots, live ones elsewhere (never touched: events are filtered)."""
+    """New tables for the rebuilt slots, live ones elsewhere: read, never written (a
+    catch-up's target writes the rebuilt slots only: ``SqlTarget(..., slots)``)."""
     return ProjectionTables(**{
         s: getattr(new if s in slots else LIVE, s)
         for s in ("task_meta", "groups", "chords", "chord_parts", "chord_counts", "catalogue")
@@ -392,16 +397,22 @@ def verify_report(
     with ledger.engine.connect() as conn:
         conn = conn.execution_options(**store.snapshot_options)
         with conn.begin() as tx:
-            for slot in slots:
-                store.create_scratch_table(conn, getattr(LIVE, slot), getattr(scratch, slot))
-            corrupt, gaps = _corrupt_events(conn), _version_gaps(ledger, conn)
-            # A corrupt payload stops the catalogue's fill; the lines above say where.
-            usable = [s for s in slots if not (corrupt and s == "catalogue")]
-            for _, stmt in _statements(store, scratch, usable):
-                run_fill(conn, stmt, type(store))
-            counts, rows = _differences(store, conn, scratch, usable, limit)
-            for slot in slots:
-                store.drop_scratch_table(conn, getattr(scratch, slot))
+            made = []
+            try:
+                for slot in slots:
+                    store.create_scratch_table(conn, getattr(LIVE, slot), getattr(scratch, slot))
+                    made.append(slot)
+                corrupt, gaps = _corrupt_events(conn), _version_gaps(ledger, conn)
+                # A corrupt payload stops the catalogue's fill; the lines above say where.
+                usable = [s for s in slots if not (corrupt and s == "catalogue")]
+                for _, stmt in _statements(store, scratch, usable):
+                    run_fill(conn, stmt, type(store))
+                counts, rows = _differences(store, conn, scratch, usable, limit)
+            finally:
+                # Also when verify failed: SQLite's temporary tables outlive the
+                # transaction, on the pooled connection the next verify gets.
+                for slot in made:
+                    store.drop_scratch_table(conn, getattr(scratch, slot))
             tx.rollback()
     counts = {"corrupt_events": len(corrupt), "version_gaps": len(gaps), **counts}
     described = corrupt[:limit] + gaps[:limit] + rows

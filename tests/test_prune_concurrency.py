@@ -219,3 +219,30 @@ def test_a_rebuild_waits_for_a_prune_in_progress(pg_url):
     assert done[0].rows["ledger_task_meta"] == 19
     assert verify(ledger) == []
 
+
+def test_a_partial_rebuild_while_workers_store_succeeds(pg_url, capsys):
+    """``rebuild --projection catalogue`` while two workers store: its catch-up
+    applied their task states to the live task rows too, in REPEATABLE READ, and
+    failed on a row a worker had changed (SerializationFailure, 3 runs of 3), leaving
+    ``ledger_tasks__rebuild`` behind. It now writes the catalogue only."""
+    ctx = mp.get_context("fork")
+    stop, done = ctx.Event(), ctx.Queue()
+    writers = [ctx.Process(target=_store_results, args=(pg_url, tag, stop, done)) for tag in "xy"]
+    for p in writers:
+        p.start()
+    ledger = Ledger.open(pg_url)
+    try:
+        while ledger.read(lambda c: c.execute(sa.text("SELECT count(*) FROM ledger_tasks")).scalar_one()) < 500:
+            time.sleep(0.05)
+        code = main(["rebuild", "--projection", "catalogue", "--db", pg_url])
+        _, err = capsys.readouterr()
+        assert code == 0, err
+        assert ledger.read(lambda c: c.execute(sa.text("SELECT count(*) FROM ledger_tasks")).scalar_one()) > 500
+    finally:
+        stop.set()
+        results = [done.get(timeout=120) for _ in writers]
+        for p in writers:
+            p.join(timeout=60)
+    assert [error for _, _, error, _ in results] == [None, None]
+    assert verify(ledger) == []
+    assert main(["db", "check", "--db", pg_url]) == 0

@@ -270,3 +270,40 @@ def _pinned(snapshot, event) -> bool:
     if kind == "group":
         return key in snapshot.groups and snapshot.groups[key].position == event.position
     return kind == "ledger"
+
+
+def test_a_projection_named_twice_is_rebuilt_and_verified_once(any_url, capsys):
+    """Before: rebuild failed (the second swap found ``ledger_tasks__rebuild`` gone)
+    and left it behind; verify failed on its scratch table made twice."""
+    ledger = Ledger.open(any_url)
+    workload(ledger)
+    code, out, err = run(capsys, "rebuild", "--projection", "catalogue", "--projection", "catalogue",
+                         "--db", any_url)
+    assert code == 0, err
+    assert "rebuilt catalogue from" in out and out.count("ledger_tasks") == 1
+    code, out, err = run(capsys, "verify", "--projection", "catalogue", "--projection", "catalogue",
+                         "--db", any_url)
+    assert (code, out) == (0, "projections match the log\n"), err
+    assert main(["db", "check", "--db", any_url]) == 0
+
+
+class _Interrupt:
+    """A rebuild's progress that stops it as Ctrl-C would, at the fill's first step."""
+
+    total = 0
+
+    def advance(self, n: int) -> None:
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_rebuild_leaves_no_table_behind(any_url, capsys):
+    ledger = Ledger.open(any_url)
+    workload(ledger)
+    before = ledger.snapshot()
+    with pytest.raises(KeyboardInterrupt):
+        rebuild(ledger, progress=_Interrupt())
+    with ledger.engine.connect() as conn:
+        assert [t for t in sa.inspect(conn).get_table_names() if t.endswith("__rebuild")] == []
+    assert main(["db", "check", "--db", any_url]) == 0, capsys.readouterr()
+    assert before.differences(ledger.snapshot()) == []
+    assert rebuild(ledger).rows["ledger_task_meta"] == 19

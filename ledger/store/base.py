@@ -347,9 +347,10 @@ class Store(ABC):
     def insert(table: sa.Table) -> Any:
         """An INSERT for ``table`` that has ``on_conflict_do_update``/``on_conflict_do_nothing``."""
 
-    def target_for(self, tables: ProjectionTables) -> SqlTarget:
-        """The projection target writing to ``tables`` with this database's upserts."""
-        return SqlTarget(tables, type(self))
+    def target_for(self, tables: ProjectionTables, slots: Sequence[str] | None = None) -> SqlTarget:
+        """The projection target writing to ``tables`` (only to those of ``slots``, when
+        given) with this database's upserts."""
+        return SqlTarget(tables, type(self), slots)
 
     def append(self, conn: Connection, items: Sequence[EncodedEvent]) -> Appended:
         """Append ``items`` and update the projections in the caller's transaction."""

@@ -1507,6 +1507,7 @@ class PostgresStore(MaintainableStore):
 
         One at a time, and never beside a prune: it waits for a running prune to
         commit before its snapshot, and a prune waits for it (:data:`MAINTENANCE_LOCK`).
+        A failed rebuild leaves no ``__rebuild`` table behind.
         """
         with self.engine.connect() as guard:
             guard = guard.execution_options(isolation_level="AUTOCOMMIT")
@@ -1514,11 +1515,24 @@ class PostgresStore(MaintainableStore):
                 raise RebuildError("another rebuild is running on this database")
             try:
                 guard.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": MAINTENANCE_LOCK})
-                self._rebuild_locked(plan)
+                try:
+                    self._rebuild_locked(plan)
+                except BaseException:
+                    self._drop_new_tables(plan)
+                    raise
             finally:
                 # Both session locks go with the connection if it was lost.
                 with contextlib.suppress(sa.exc.DBAPIError):
                     guard.execute(sa.text("SELECT pg_advisory_unlock_all()"))
+
+    def _drop_new_tables(self, plan: RebuildPlan) -> None:
+        """Drop what a failed rebuild filled (best effort: the failure is what to report)."""
+        try:
+            with self.engine.begin() as conn:
+                for slot in plan.slots:
+                    conn.execute(sa.text(f'DROP TABLE IF EXISTS "{getattr(plan.new, slot).name}"'))
+        except sa.exc.DBAPIError as exc:
+            log.warning("rebuild failed; its new tables could not be dropped: %s", exc.orig)
 
     def _rebuild_locked(self, plan: RebuildPlan) -> None:
         new, slots, report, progress = plan.new, plan.slots, plan.report, plan.progress
@@ -1551,12 +1565,13 @@ class PostgresStore(MaintainableStore):
                     problems = [p for future in futures for p in future.result()]
         report.fill_seconds = time.perf_counter() - fill_started
         if problems:
-            with self.engine.begin() as conn:
-                for slot in slots:
-                    conn.execute(sa.text(f'DROP TABLE IF EXISTS "{getattr(new, slot).name}"'))
-            raise plan.corruption(problems)
+            raise plan.corruption(problems)  # rebuild() drops the new tables
 
-        target = self.target_for(plan.mixed())
+        # Catch-up writes the rebuilt tables only: an event also updates tables that
+        # are not rebuilt (a task state's task row, when the catalogue is), and those
+        # are live, written by the writers themselves (and REPEATABLE READ would fail
+        # on a row a writer changed since the pass's snapshot).
+        target = self.target_for(plan.mixed(), slots)
         for _ in range(MAX_CATCH_UP_PASSES):
             with self.engine.connect() as conn:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")

@@ -85,9 +85,18 @@ class SqlTarget:
     (:class:`SqlForms`).
     """
 
-    def __init__(self, tables: ProjectionTables, store: SqlForms) -> None:
+    def __init__(
+        self, tables: ProjectionTables, store: SqlForms, slots: Iterable[str] | None = None
+    ) -> None:
         self.t = tables
         self.store = store
+        #: The tables (:class:`ProjectionTables` fields) it writes; None: all. A partial
+        #: rebuild catches up on its own tables only: a task state also changes the
+        #: task row when the catalogue is rebuilt, and that row is the live one.
+        self.slots = None if slots is None else frozenset(slots)
+
+    def _writes(self, slot: str) -> bool:
+        return self.slots is None or slot in self.slots
 
     # -- live updates -------------------------------------------------------------
 
@@ -99,7 +108,10 @@ class SqlTarget:
                 handler(self, conn, event)
 
     def _task_state(self, conn: Connection, e: RecordedEvent) -> None:
-        self._catalogue_state(conn, e)  # first: WRITE_ORDER
+        if self._writes("catalogue"):
+            self._catalogue_state(conn, e)  # first: WRITE_ORDER
+        if not self._writes("task_meta"):
+            return
         t = self.t.task_meta
         status = e.data.status  # type: ignore[attr-defined]
         row = {
@@ -155,6 +167,8 @@ class SqlTarget:
     def _lifecycle(self, conn: Connection, e: RecordedEvent) -> None:
         # projections.catalogue.fold for SENT/RECEIVED as an upsert; the fused form
         # is _catalogue_sql. Task meta ignores them (Celery sees PENDING).
+        if not self._writes("catalogue"):
+            return
         c = self.t.catalogue
         stmt = self.store.insert(c).values(
             task_id=e.stream_key, position=e.position, first_seen=e.recorded_at,
@@ -192,11 +206,15 @@ class SqlTarget:
 
     def _task_gone(self, conn: Connection, e: RecordedEvent) -> None:
         t, c = self.t.task_meta, self.t.catalogue
-        flag = "forgotten" if e.type == TaskForgotten.type else "expired"
-        conn.execute(sa.update(c).where(c.c.task_id == e.stream_key).values({flag: True}))  # first: WRITE_ORDER
-        conn.execute(sa.delete(t).where(t.c.task_id == e.stream_key))
+        if self._writes("catalogue"):  # first: WRITE_ORDER
+            flag = "forgotten" if e.type == TaskForgotten.type else "expired"
+            conn.execute(sa.update(c).where(c.c.task_id == e.stream_key).values({flag: True}))
+        if self._writes("task_meta"):
+            conn.execute(sa.delete(t).where(t.c.task_id == e.stream_key))
 
     def _group_saved(self, conn: Connection, e: RecordedEvent) -> None:
+        if not self._writes("groups"):
+            return
         t = self.t.groups
         stmt = self.store.insert(t).values(
             group_id=e.stream_key, position=e.position, saved_at=e.recorded_at, payload=e.payload
@@ -208,19 +226,26 @@ class SqlTarget:
         conn.execute(stmt)
 
     def _group_gone(self, conn: Connection, e: RecordedEvent) -> None:
+        if not self._writes("groups"):
+            return
         t = self.t.groups
         conn.execute(sa.delete(t).where(t.c.group_id == e.stream_key))
 
     def _chord_size(self, conn: Connection, e: RecordedEvent, new: Any, grown: Any) -> None:
         """Set the chord's size: ``new`` for a chord without a row, else ``grown`` (an
         expression of the row)."""
+        if not self._writes("chords"):
+            return
         c = self.t.chords
         stmt = self.store.insert(c).values(chord_id=e.stream_key, size=new, fired_position=None)
         conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.chord_id], set_={"size": grown}))
 
     def _chord_applied(self, conn: Connection, e: RecordedEvent) -> None:
         # A new life starts empty (projections.chord.fold): the earlier life's parts
-        # go, so the same header task ids count again.
+        # go, so the same header task ids count again. (The chords projection's three
+        # tables are rebuilt together: one slot of it stands for them all here.)
+        if not self._writes("chords"):
+            return
         c, p, n = self.t.chords, self.t.chord_parts, self.t.chord_counts
         conn.execute(sa.delete(p).where(p.c.chord_id == e.stream_key))
         conn.execute(sa.delete(n).where(n.c.chord_id == e.stream_key))
@@ -239,6 +264,8 @@ class SqlTarget:
         # A row per distinct task id: a part that already returned changes nothing.
         # The chord's own row is not touched: parts of one chord never wait for
         # each other (ledger.events.ChordPartReturned); the count is theirs.
+        if not self._writes("chords"):
+            return
         data = e.data
         inserted = conn.execute(
             self.store.insert(self.t.chord_parts)
@@ -254,6 +281,8 @@ class SqlTarget:
             ))
 
     def _chord_fired(self, conn: Connection, e: RecordedEvent) -> None:
+        if not self._writes("chords"):
+            return
         c = self.t.chords
         stmt = self.store.insert(c).values(chord_id=e.stream_key, size=None, fired_position=e.position)
         conn.execute(
