@@ -184,6 +184,25 @@ def test_a_script_stored_as_name_or_result_renders_as_text(site, chromium, worke
     assert chromium.errors == []
 
 
+def test_the_live_page_shows_bidi_overrides_and_escapes_as_the_cli_does(site, chromium, db_url):  # noqa: F811
+    """The Live page's rows come from /api/events through its script: a name with a
+    right-to-left override showed as "safeexe.txt", an ESC went into the page raw,
+    where the server-rendered pages and the CLI show both as escapes."""
+    live = chromium.open(f"{site}/live")
+    wait_live(live)
+    spoof = f"bidi-{uuid.uuid4().hex[:8]}"
+    Ledger.open(db_url).append([TaskState(task_id=spoof, status="SUCCESS", name="safe\u202etxt.exe",
+                                          worker="w\x1b[31m@h")])
+    row = live.locator("#live-events tr", has=live.locator(f'a[href="/tasks/{spoof}"]'))
+    row.wait_for(timeout=WAIT_MS)
+    cells = row.locator("td").all_inner_texts()
+    assert "safe\\u202etxt.exe" in cells and "w\\x1b[31m@h" in cells
+    assert not any("\u202e" in c or "\x1b" in c for c in cells)
+    shoot(live, "live-bidi-escaped")
+    live.close()
+    assert chromium.errors == []
+
+
 def test_redacted_arguments_stay_redacted(site, chromium, worker):  # noqa: F811
     result = task(worker, "login").delay("ann", "realm-1", "s3cret-arg", password="hunter2-kw")
     assert result.get(timeout=WAIT) == "ann@realm-1 logged in"

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ledger.audit import decode_value, describe, prunes_of, show_record, task_history
 from ledger.errors import UnknownTask
 from ledger.events import TASK, CorruptEvent, Encoded, RecordedEvent, TaskState, stream_id
+from ledger.output import terminal_safe
 from ledger.timeline import Workflow, to_json
 from ledger.times import parse_time
 
@@ -210,6 +211,10 @@ class LiveEvent(_Model):
     state: str | None
     name: str | None
     worker: str | None
+    #: the text fields above as the pages show them (control characters and bidi
+    #: overrides escaped as the CLI does, :func:`ledger.output.terminal_safe`): the Live
+    #: page's script displays these, its links use the stored ``task_id``
+    shown: dict[str, str | None]
 
     @classmethod
     def of(cls, event: RecordedEvent) -> LiveEvent:
@@ -221,15 +226,19 @@ class LiveEvent(_Model):
             data = None
         if isinstance(data, TaskState):
             name, worker = data.name, data.worker
+        text = {
+            "type": event.type,
+            "stream_id": event.stream_id,
+            "task_id": key if kind == "task" else None,
+            "state": describe(event)["state"] if kind == "task" else None,
+            "name": name,
+            "worker": worker,
+        }
         return cls(
             position=event.position,
             time=event.recorded_at.astimezone(timezone.utc),
-            type=event.type,
-            stream_id=event.stream_id,
-            task_id=key if kind == "task" else None,
-            state=describe(event)["state"] if kind == "task" else None,
-            name=name,
-            worker=worker,
+            **text,
+            shown={k: None if v is None else terminal_safe(v) for k, v in text.items()},
         )
 
 

@@ -10,11 +10,11 @@ function cell(row, text, cls) {
   return td;
 }
 
-function taskLink(td, taskId) {
+function taskLink(td, taskId, shownId) {
   td.textContent = "";
   const a = document.createElement("a");
   a.href = "/tasks/" + encodeURIComponent(taskId);
-  a.textContent = taskId;
+  a.textContent = shownId == null ? taskId : shownId;
   td.appendChild(a);
 }
 
@@ -51,12 +51,14 @@ function livePage() {
     cell(tr, e.position);
     const when = cell(tr, e.time.replace("T", " ").slice(0, 23), "time");
     when.title = e.time;
-    cell(tr, e.type);
-    stateBadge(cell(tr, ""), e.state);
-    const task = cell(tr, e.task_id || e.stream_id);
-    if (e.task_id) { taskLink(task, e.task_id); }
-    cell(tr, e.name);
-    cell(tr, e.worker);
+    // Text as the server escaped it for display (e.shown); the link keeps the stored id.
+    const shown = e.shown || e;
+    cell(tr, shown.type);
+    stateBadge(cell(tr, ""), shown.state);
+    const task = cell(tr, shown.task_id || shown.stream_id);
+    if (e.task_id) { taskLink(task, e.task_id, shown.task_id); }
+    cell(tr, shown.name);
+    cell(tr, shown.worker);
     body.insertBefore(tr, body.firstChild);
     while (body.rows.length > 500) { body.deleteRow(-1); }
   }, status);
