@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import threading
 import time
 import uuid
@@ -68,6 +69,7 @@ from ledger.errors import (
 from ledger.events import (
     CHORD,
     TASK,
+    TOMBSTONE_TYPES,
     ChordApplied,
     ChordPartAdded,
     ChordPartReturned,
@@ -429,6 +431,25 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
 
     # -- waiting ------------------------------------------------------------------------
 
+    def wait_for_pending(self, result, timeout=None, interval=0.5, no_ack=True, on_message=None,
+                         on_interval=None, callback=None, propagate=True):
+        """``AsyncResult.get()``; with ``on_message``, as on Celery's Redis backend: called
+        with the meta of each state the task reaches (``update_state``'s progress,
+        STARTED, RETRY), then of its ready state. Celery's base class refuses it
+        (``ImproperlyConfigured``). Here each state is read from the log, so none is
+        missed however quickly the next follows (see :meth:`get_many`)."""
+        if on_message is None:
+            return super().wait_for_pending(
+                result, timeout=timeout, interval=interval, no_ack=no_ack, on_interval=on_interval,
+                callback=callback, propagate=propagate,
+            )
+        self._ensure_not_eager()
+        for _, meta in self.get_many([result.id], timeout=timeout, interval=interval,
+                                     on_message=on_message, on_interval=on_interval):
+            result._maybe_set_cache(meta)
+            return result.maybe_throw(propagate=propagate, callback=callback)
+        raise TimeoutError("The operation timed out.")
+
     def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None):
         """The task's meta once it is ready; raises Celery's ``TimeoutError`` after ``timeout``."""
         self._ensure_not_eager()
@@ -444,6 +465,12 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
         One query per pass for all ids still waited for. Between passes it
         waits for a NOTIFY on one of their streams (PostgreSQL) or ``interval``
         seconds (SQLite).
+
+        ``on_message(meta)`` is called for each state a task reaches before its
+        ready one, in the order of the log, then for the ready one. Only ready
+        states NOTIFY (``ledger_notify``), so with ``on_message`` a pass runs at
+        least every ``interval`` seconds; a state stored and overwritten between
+        two passes is still delivered: it is read from the task's history.
         """
         interval = 0.5 if interval is None else interval
         ids = {str(t) for t in task_ids}
@@ -455,10 +482,15 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
         if not ids:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
+        delivered: dict[str, int] = {}  # with on_message: the last position handed over per task
         with self._wake_ups(enabled=max_iterations != 1) as listener:
             iterations = 0
             while ids:
                 ready = list(self._ready(ids, READY_STATES))
+                if on_message is not None:
+                    # After the read of the ready ones: their states before it are
+                    # then all in the log, and handed over first.
+                    self._deliver_states(ids, delivered, on_message, READY_STATES)
                 if ready and on_interval:
                     # Celery's drain loop calls it between a wake-up and handing over
                     # what came (see below), so AsyncResult.get() re-raises a failed
@@ -480,8 +512,11 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
                 if max_iterations and iterations >= max_iterations:
                     return
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"Operation timed out ({timeout})")
-                self._nap(listener, ids, deadline, interval)
+                    raise TimeoutError("The operation timed out.")  # Celery's own words
+                nap_until = deadline
+                if on_message is not None:  # the states before the ready one do not NOTIFY
+                    nap_until = min(deadline or math.inf, time.monotonic() + interval)
+                self._nap(listener, ids, nap_until, interval)
                 # After every wake-up and before reading what woke us, as Celery's
                 # drain loop (Drainer.drain_events_until) does: AsyncResult.get()
                 # re-raises a failed parent's own exception from here, so a chord
@@ -526,6 +561,35 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
             yield task_id, meta
             if not waiting:  # the group's own id need not be ready
                 return
+
+    def _deliver_states(self, ids: set[str], delivered: dict[str, int], on_message, ready_states) -> None:
+        """``on_message`` for each not-ready state of ``ids`` stored since the last call,
+        from the log: a task whose meta row moved past what was delivered has its
+        current life's ``task.state`` events read (those after its last tombstone)."""
+        try:
+            rows = self.ledger.task_metas(ids)
+            moved = [task_id for task_id, row in rows.items() if row.position > delivered.get(task_id, 0)]
+            histories = {task_id: self.ledger.history(task_id) for task_id in moved}
+        except sa.exc.SQLAlchemyError as exc:
+            if not is_disconnect(exc):
+                raise BackendGetMetaError(f"failed to get meta: {type(exc).__name__}",
+                                          task_id=next(iter(ids))) from exc
+            return  # a database restart: the next pass reads again
+        for task_id, events in histories.items():
+            life = [e for e in events if e.position > delivered.get(task_id, 0)]
+            ends = [i for i, e in enumerate(life) if e.type in TOMBSTONE_TYPES]
+            for event in life[ends[-1] + 1 if ends else 0:]:
+                if event.type != TaskState.type:
+                    continue
+                status = event.data.status  # type: ignore[attr-defined]
+                if status in ready_states:
+                    break  # handed over with the ready meta, by get_many
+                try:
+                    meta = self._meta(TaskMeta(task_id, status, event.position, None, event.payload))
+                except CorruptEvent as exc:
+                    raise BackendGetMetaError(str(exc), task_id=task_id) from None
+                on_message(meta)
+                delivered[task_id] = event.position
 
     def _ready(self, ids: Iterable[str], ready_states) -> Iterator[tuple[str, dict]]:
         try:

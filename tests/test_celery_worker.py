@@ -20,6 +20,7 @@ import redis
 import sqlalchemy as sa
 from celery import chain, chord, group, states
 from celery.exceptions import ChordError, TaskRevokedError, TimeoutError
+from celery.result import ResultSet
 
 from ledger.api import Ledger
 from ledger.events import LIFECYCLE_TYPES
@@ -281,6 +282,57 @@ def test_custom_state_is_visible_while_running(worker):
     redis.Redis.from_url(BROKER).set(f"{worker.conf.ledger_prefix}{gate}", 1)
     assert r.get(timeout=WAIT) == "finished"
     assert history_states(worker, r.id) == ["STARTED", "PROGRESS", "SUCCESS"]
+
+
+def test_get_with_on_message_hands_over_every_state_as_the_redis_backend_does(worker):
+    """``get(on_message=cb)`` raised ImproperlyConfigured ("Backend does not support
+    on_message callback"), where the Redis backend calls ``cb`` with each state's
+    meta: Celery's way of following ``update_state`` progress. The callback opens the
+    task's gate when it sees the progress, so the task cannot end before it is seen."""
+    gate = f"gate-{uuid.uuid4()}"
+    seen = []
+
+    def on_message(meta):
+        seen.append((meta["status"], meta["result"], meta["task_id"]))
+        if meta["status"] == "PROGRESS":
+            redis.Redis.from_url(BROKER).set(f"{worker.conf.ledger_prefix}{gate}", 1)
+
+    r = task(worker, "progress").delay(gate)
+    assert r.get(timeout=WAIT, on_message=on_message) == "finished"
+    assert [s for s, _, _ in seen] == ["STARTED", "PROGRESS", "SUCCESS"]
+    assert seen[1][1] == {"done": 1, "total": 2} and seen[2][1] == "finished"
+    assert {t for _, _, t in seen} == {r.id}
+
+
+def test_on_message_misses_no_state_however_quickly_the_next_overwrites_it(worker):
+    """Five states stored one right after another: a reader of the current meta sees
+    one or two of them; the log has all five, and on_message gets each, in order."""
+    seen = []
+    r = task(worker, "steps").delay(5)
+    assert r.get(timeout=WAIT, interval=0.5, on_message=lambda m: seen.append((m["status"], m["result"]))) == 5
+    assert [status for status, _ in seen] == ["STARTED"] + ["STEP"] * 5 + ["SUCCESS"]
+    assert [result for _, result in seen[1:]] == [{"i": i} for i in range(5)] + [5]
+
+
+def test_join_native_with_on_message_hands_over_each_members_states(worker):
+    """``join_native(on_message=cb)`` called ``cb`` for the members' ready states only."""
+    gates = {}
+    seen = []
+
+    def on_message(meta):
+        seen.append((meta["task_id"], meta["status"]))
+        if meta["status"] == "PROGRESS":
+            redis.Redis.from_url(BROKER).set(f"{worker.conf.ledger_prefix}{gates[meta['task_id']]}", 1)
+
+    results = []
+    for _ in range(2):
+        gate = f"gate-{uuid.uuid4()}"
+        r = task(worker, "progress").delay(gate)
+        gates[r.id] = gate
+        results.append(r)
+    assert ResultSet(results).join_native(timeout=WAIT, on_message=on_message) == ["finished", "finished"]
+    for r in results:
+        assert [s for t, s in seen if t == r.id] == ["STARTED", "PROGRESS", "SUCCESS"]
 
 
 def test_redacted_arguments_never_reach_the_log(worker):

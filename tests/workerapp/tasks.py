@@ -89,6 +89,13 @@ def register(app: Celery) -> None:
             time.sleep(0.05)
         return "finished"
 
+    @app.task(shared=False, name="workerapp.steps", bind=True)
+    def steps(self, n):
+        """``n`` custom states one right after another (each overwrites the last)."""
+        for i in range(n):
+            self.update_state(state="STEP", meta={"i": i})
+        return n
+
     @app.task(shared=False, name="workerapp.login")
     def login(user, realm, secret, password=None, token=None):
         return f"{user}@{realm} logged in"
