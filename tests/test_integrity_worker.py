@@ -81,7 +81,8 @@ def test_timeline_durations_without_started(worker, db_url):  # noqa: F811
     run = wf.tasks[r.id]
     assert run.duration is None and run.ended_at is not None
     text = render_text(wf)
-    assert "task_track_started=False" in text and "unknown" in text
+    # (folded from its task states alone: no SENT either, so the note for that case)
+    assert "task_track_started all off" in text and "unknown" in text
     row = next(line for line in text.splitlines() if line.startswith("└─"))
     assert r.id in row and re.search(r"SUCCESS\s+\+0ms\s+-\s+-\s+0\s", row), row  # wait, duration "-"
     assert to_json(wf)["notes"] and to_json(wf)["tasks"][0]["duration_s"] is None
