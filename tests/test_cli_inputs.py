@@ -64,6 +64,15 @@ def test_an_in_memory_sqlite_url_is_refused_in_one_line(url):
     assert "in-memory SQLite database" in line and "use a file" in line
 
 
+def test_a_sqlite_uri_filename_is_refused_in_one_line_naming_the_path_form(tmp_path):
+    """``sqlite:///file:/x.db?mode=ro&uri=true`` said "no ledger database at
+    file:/x.db" of a file that exists: the ledger finds its file by the URL's path."""
+    db = tmp_path / "ledger.db"
+    assert cli("db", "upgrade", "--db", f"sqlite:///{db}").returncode == 0
+    line = one_line(cli("tasks", "--db", f"sqlite:///file:{db}?mode=ro&uri=true"), 2)
+    assert "SQLite URI filename (uri=true)" in line and "use the file's path" in line
+
+
 def test_a_postgres_url_in_herokus_spelling_is_accepted(pg_url):
     Ledger.open(pg_url).append([TaskState(task_id="t1", status="SUCCESS")])
     heroku = "postgres://" + pg_url.split("://", 1)[1]

@@ -55,6 +55,14 @@ def normalize_url(url: str | URL) -> URL:
             f"{safe_url(text)!r} is an in-memory SQLite database, empty for every connection "
             "and gone at exit: use a file, sqlite:///path/ledger.db"
         )
+    if backend == "sqlite" and str(u.query.get("uri", "")).lower() in ("true", "1", "yes", "on"):
+        # The ledger finds its file by the URL's path (the existence check, the
+        # migration lock, the relay's lock, output files that must not be it):
+        # "file:/x.db?mode=ro" was "no ledger database at file:/x.db".
+        raise BadDatabaseURL(
+            f"{safe_url(text)!r} is a SQLite URI filename (uri=true), which the ledger does not "
+            "take: use the file's path, sqlite:////path/ledger.db"
+        )
     if backend == "postgresql":
         if u.get_driver_name() not in ("psycopg", "psycopg2") or "+" not in u.drivername:
             u = u.set(drivername="postgresql+psycopg")
