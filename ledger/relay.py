@@ -106,7 +106,8 @@ class Relay:
         self.batches = 0
         #: Batches Kafka failed to acknowledge (each followed by a backoff and a resend).
         self.kafka_failures = 0
-        #: Corrupt events skipped (logged with their position, never sent).
+        #: Events skipped (logged with their position, never sent): corrupt ones, and
+        #: those whose record is over the producer's ``max_request_size``.
         self.skipped = 0
         self._producer: Any = None
         self._batch_bytes = 0
@@ -244,8 +245,14 @@ class Relay:
         A corrupt event (its payload is not a valid event) is skipped, by rule:
         logged with its position, counted in ``skipped``, never sent (its bytes
         would make the record unreadable to every consumer), and the checkpoint
-        moves past it with the batch, so the relay keeps going.
+        moves past it with the batch, so the relay keeps going. So is an event
+        whose record is larger than the producer's ``max_request_size`` (8 MiB;
+        the ledger stores up to ``ledger_max_payload_bytes``, 64 MiB by default):
+        kafka-python refuses it at ``send``, before anything goes out, and resending
+        it would fail for ever -- the relay did that, reporting it as Kafka down,
+        and no later event was sent again. Its state-topic record likewise.
         """
+        from kafka.errors import MessageSizeTooLargeError
         from kafka.partitioner.default import murmur2
 
         producer = self._producer_or_new()
@@ -278,8 +285,15 @@ class Relay:
             if i % 256 == 255 and time.monotonic() > deadline:
                 consumed = i
                 break
+            try:
+                future = send(topic, key=key, value=value, headers=headers, partition=partition)
+            except MessageSizeTooLargeError as exc:
+                log.warning("relay %s: the event at position %d is too large to send (%s); skipped, "
+                            "not sent", self.topic, e.position, exc)
+                self.skipped += 1
+                continue
             filled[partition] += size
-            futures.append(send(topic, key=key, value=value, headers=headers, partition=partition))
+            futures.append(future)
         sent = len(futures)
         batch_end = events[consumed - 1]
         if self.state_topic is not None:
@@ -287,9 +301,11 @@ class Relay:
             # task and batch, so a reordering across a failed batch heals with the
             # resend: it needs no partition accounting.
             for task_id, meta in self._task_states(events[:consumed]).items():
-                futures.append(
-                    send(self.state_topic, key=task_id.encode(), value=state_value(meta))
-                )
+                try:
+                    futures.append(send(self.state_topic, key=task_id.encode(), value=state_value(meta)))
+                except MessageSizeTooLargeError as exc:
+                    log.warning("relay %s: the state of task %s is too large to send (%s); not sent",
+                                self.state_topic, task_id, exc)
         timeout = self.producer_config.get("delivery_timeout_ms", 30_000) / 1000
         flushed = self._flusher.submit(producer.flush, timeout)
 

@@ -54,6 +54,32 @@ def test_prune_never_deletes_what_the_relay_has_not_sent(any_url, kafka, topic):
     assert report.held_by is None and report.events_deleted == 10
 
 
+def test_an_event_too_large_for_the_producer_is_skipped_and_the_stream_keeps_going(pg_url, kafka, topic, caplog):  # noqa: F811
+    """A 10 MB result is stored (ledger_max_payload_bytes is 64 MiB by default), but its
+    record is over the producer's 8 MiB max_request_size: kafka-python refused it at
+    send, the relay took that for Kafka being down and resent the same batch for ever;
+    nothing after it was sent again."""
+    from celery import Celery
+
+    backend = Celery("big", backend=f"ledger+{pg_url}", set_as_current=False).backend
+    backend.store_result("before", 1, "SUCCESS")
+    backend.store_result("huge", "x" * 10_000_000, "SUCCESS")
+    backend.store_result("after", 2, "SUCCESS")
+    ledger = Ledger.open(pg_url)
+    huge = ledger.history("huge")[0].position
+    state_topic = create_topic(kafka)
+    relay = Relay(ledger, kafka, topic, state_topic=state_topic)
+    with caplog.at_level(logging.WARNING, logger="ledger.relay"):
+        assert relay.run(once=True) == 2
+    assert relay.skipped == 1 and relay.kafka_failures == 0
+    assert f"the event at position {huge} is too large to send" in caplog.text
+    assert "the state of task huge is too large to send" in caplog.text
+    assert sorted(decode_event(r.value).stream_key for r in read_all(kafka, topic, expect=2)) == ["after", "before"]
+    assert relay.checkpoint.position == ledger.history("after")[0].position
+    states = {r.key.decode() for r in read_all(kafka, state_topic, expect=2)}
+    assert states == {"before", "after"}
+
+
 def test_corrupt_events_are_skipped_by_rule_and_the_stream_keeps_going(any_url, kafka, topic, caplog):  # noqa: F811
     ledger = Ledger.open(any_url)
     store_tasks(ledger, "c", 5)
