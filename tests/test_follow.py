@@ -254,3 +254,26 @@ def test_follow_read_interval_gathers_a_stream_of_commits_into_few_reads(pg_url)
     # One read per interval, plus the one that found nothing new at the end.
     assert len(during) <= elapsed / interval + 3, (len(during), elapsed)
     assert len(during) < len(ids) / 4
+
+
+def test_following_after_a_position_with_no_event_resumes_after_it_not_at_the_start(any_url):
+    """On PostgreSQL a position with no event (pruned, past the head) became the
+    checkpoint (0, position), which sorts before every event in (tx_id, position)
+    order: read_from(99) and follow(99) gave the whole log again to a follower
+    resuming from a position prune had deleted. SQLite gave nothing, as it should."""
+    import sqlalchemy as sa
+
+    from ledger.store.schema import events
+    from tests.test_integrity import tamper
+
+    ledger = Ledger.open(any_url)
+    for i in range(4):
+        ledger.append([TaskState(task_id=f"t{i}", status="SUCCESS")])
+    positions = [ledger.history(f"t{i}")[0].position for i in range(4)]
+    past_head = positions[-1] + 50
+    assert ledger.read_from(past_head) == []
+    assert list(ledger.follow(past_head, idle_timeout=0)) == []
+    tamper(any_url, sa.delete(events).where(events.c.position.in_(positions[:2])))  # as prune does
+    assert [e.position for e in ledger.read_from(positions[1])] == positions[2:]
+    assert [e.position for e in ledger.follow(positions[1], idle_timeout=0)] == positions[2:]
+    assert [e.position for e in ledger.read_from(positions[0])] == positions[2:]  # none before it: the start

@@ -259,12 +259,23 @@ class FollowableLog(EventLog):
         """Up to ``limit`` committed events after ``after``, in follow order."""
 
     def checkpoint_of(self, conn: Connection, position: int) -> Checkpoint:
-        """The follow-order checkpoint of the event at ``position`` (0 = the start)."""
+        """The follow-order checkpoint of the event at ``position`` (0 = the start).
+
+        A position with no event (pruned, past the head, or never used) stands for
+        the last event before it: following after it is following after that one.
+        Taken as ``(0, position)``, it sorted before every event on PostgreSQL,
+        where the order is ``(tx_id, position)``, and a follower resuming from a
+        pruned position got the whole log again. With no event before it either
+        (all pruned), everything left is after it: the start.
+        """
         if position <= 0:
             return START
         t = self.table
-        tx = conn.execute(sa.select(t.c.tx_id).where(t.c.position == position)).scalar()
-        return Checkpoint(tx if tx is not None else 0, position)
+        row = conn.execute(
+            sa.select(t.c.tx_id, t.c.position).where(t.c.position <= position)
+            .order_by(t.c.position.desc()).limit(1)
+        ).first()
+        return START if row is None else Checkpoint(*row)
 
     def head(self, conn: Connection) -> Checkpoint:
         """The last event in follow order, visible or not yet."""
