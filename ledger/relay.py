@@ -32,6 +32,7 @@ import importlib.util
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +58,46 @@ MAX_BACKOFF = 3600.0
 # (length, attributes, timestamp and offset deltas, key/value/header lengths).
 _BATCH_OVERHEAD = 61
 _RECORD_OVERHEAD = 40
+
+
+#: Kafka's rule for a topic name (kafka-python refuses any other with a ValueError).
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def check_topic(name: str, what: str = "topic") -> str:
+    """``name`` if Kafka takes it as a topic name, else ``ValueError`` naming the rule."""
+    if not isinstance(name, str) or not _TOPIC.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"{what} {name!r} is not a Kafka topic name: 1 to 249 of a-z, A-Z, 0-9, '.', '_', '-'"
+            " (not '.' or '..')"
+        )
+    return name
+
+
+def check_bootstrap(servers: str | Sequence[str]) -> str | Sequence[str]:
+    """``servers`` (``HOST[:PORT]``, comma-separated or a list; an IPv6 address in
+    brackets when it has a port) if each is one, else ``ValueError`` naming it.
+    kafka-python raised a bare ``int()`` error for ``host:abc``, and took an empty
+    host or port 99999 only to fail to connect, reported as Kafka being down."""
+    for server in servers.split(",") if isinstance(servers, str) else servers:
+        text = server.strip()
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            bad = not _ or (rest != "" and not rest.startswith(":"))
+            port = rest[1:] if rest else None
+        elif text.count(":") == 1:
+            host, port = text.split(":")
+            bad = False
+        else:  # a name, an IPv4 address, or a bare IPv6 address: no port
+            host, port, bad = text, None, False
+        if bad or not host or any(c.isspace() for c in host) or (
+            port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535)
+        ):
+            raise ValueError(
+                f"bootstrap server {server!r} is not HOST:PORT (a port from 1 to 65535;"
+                " an IPv6 address in brackets: [::1]:9092)"
+            )
+    return servers
 
 
 def backoff(failures: int, cap: float) -> float:
@@ -88,6 +129,12 @@ class Relay:
             raise ValueError(f"batch_size must be a whole number from 1 to {MAX_BATCH:,}, not {batch_size!r}")
         if not 0 < max_backoff <= MAX_BACKOFF:  # also refuses NaN
             raise ValueError(f"max_backoff must be more than 0 and at most {MAX_BACKOFF:g} seconds, not {max_backoff!r}")
+        check_bootstrap(bootstrap)
+        check_topic(topic)
+        if state_topic is not None and check_topic(state_topic, "state topic") == topic:
+            # Its records (task metas, null tombstones) would be mixed into the event
+            # topic for good, and every consumer of events would stop at the first one.
+            raise ValueError(f"the state topic must not be the event topic ({topic!r})")
         self.ledger = ledger
         #: ``run(once=True)`` raises :class:`KafkaUnavailable` after this many failures in a row.
         self.once_attempts = once_attempts

@@ -530,12 +530,44 @@ def test_the_relays_backoff_never_overflows_and_stays_under_its_cap():
     ({"max_backoff": float("nan")}, "max_backoff must be more than 0 and at most 3600 seconds, not nan"),
     ({"max_backoff": float("inf")}, "max_backoff must be more than 0 and at most 3600 seconds, not inf"),
     ({"max_backoff": 0}, "max_backoff must be more than 0"),
+    ({"topic": "bad topic!"}, "topic 'bad topic!' is not a Kafka topic name"),
+    ({"topic": ""}, "topic '' is not a Kafka topic name"),
+    ({"topic": "a" * 250}, "is not a Kafka topic name: 1 to 249"),
+    ({"topic": ".."}, r"topic '\.\.' is not a Kafka topic name"),
+    ({"state_topic": "t"}, "the state topic must not be the event topic"),
+    ({"state_topic": "s/t"}, "state topic 's/t' is not a Kafka topic name"),
+    ({"bootstrap": "127.0.0.1:abc"}, "bootstrap server '127.0.0.1:abc' is not HOST:PORT"),
+    ({"bootstrap": "[::1"}, r"bootstrap server '\[::1' is not HOST:PORT"),
+    ({"bootstrap": "127.0.0.1:99999"}, "bootstrap server '127.0.0.1:99999' is not HOST:PORT"),
+    ({"bootstrap": "a:1,"}, "bootstrap server '' is not HOST:PORT"),
 ])
 def test_the_relay_refuses_a_batch_or_backoff_it_cannot_use(sqlite_url, kwargs, message):
+    """... and a topic Kafka would refuse, a bootstrap server that is no HOST:PORT (a
+    traceback from kafka-python, or a malformed address reported as Kafka being
+    down), a state topic that is the event topic (its records mixed into the event
+    stream, where every consumer stopped at the first)."""
     from ledger.relay import Relay
 
+    args = {"bootstrap": "127.0.0.1:1", "topic": "t", **kwargs}
     with pytest.raises(ValueError, match=message):
-        Relay(Ledger.open(sqlite_url), "127.0.0.1:1", "t", **kwargs)
+        Relay(Ledger.open(sqlite_url), args.pop("bootstrap"), args.pop("topic"), **args)
+
+
+@pytest.mark.parametrize("bootstrap", ["127.0.0.1:9092", "[::1]:9092", "::1", "kafka", "a:1, b:2"])
+def test_the_relay_takes_each_form_of_bootstrap_server(sqlite_url, bootstrap):
+    from ledger.relay import Relay
+
+    assert Relay(Ledger.open(sqlite_url), bootstrap, "t").bootstrap == bootstrap
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--bootstrap", "127.0.0.1:abc", "--topic", "t"], "Invalid value for '--bootstrap': bootstrap server"),
+    (["--bootstrap", "127.0.0.1:1", "--topic", "bad topic!"], "Invalid value for '--topic': topic 'bad topic!'"),
+    (["--bootstrap", "127.0.0.1:1", "--topic", "t", "--state-topic", "t"],
+     "Invalid value for '--state-topic': must not be the event topic ('t')"),
+])
+def test_relay_options_kafka_would_refuse_are_one_usage_line(sqlite_url, args, message):
+    assert message in one_line(cli("relay", *args, "--once", "--db", sqlite_url), 2)
 
 
 def test_relay_without_the_kafka_extra_says_what_to_install(sqlite_url):

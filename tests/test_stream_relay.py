@@ -143,6 +143,40 @@ def test_relay_killed_mid_stream_and_restarted_loses_nothing(pg_url, kafka, topi
     assert_topic_equals_log(ledger, records)
 
 
+def test_ctrl_c_stops_the_relay_after_its_checkpoint_so_nothing_is_sent_twice(pg_url, kafka, topic):  # noqa: F811
+    """Ctrl-C raised KeyboardInterrupt wherever the relay was, most often while the
+    flush was acknowledged: Kafka had the batch, the checkpoint did not, and the
+    next run sent that batch again (one batch duplicated at every Ctrl-C, where
+    SIGTERM, which stops after the checkpoint, duplicated none)."""
+    import signal
+
+    ledger = Ledger.open(pg_url)
+    done = threading.Event()
+
+    def writer() -> None:
+        events = task_lives("int", 1500, seed=11)
+        for i in range(0, len(events), 20):
+            ledger.append(events[i : i + 20])
+        done.set()
+
+    threading.Thread(target=writer, daemon=True).start()
+    for round_ in range(3):  # three Ctrl-Cs while the writer appends
+        relay = RelayProcess(pg_url, kafka, topic, "--batch", "37")
+        before = relay_checkpoint(ledger, topic)
+        eventually(lambda before=before: relay_checkpoint(ledger, topic) > before, what=f"round {round_} relaying")
+        relay.proc.send_signal(signal.SIGINT)
+        assert relay.proc.wait(30) == 0
+        assert f"checkpoint {tuple(relay_checkpoint(ledger, topic))}" in relay.stdout()
+    eventually(done.is_set, 120, "the writer")
+    last = RelayProcess(pg_url, kafka, topic, "--batch", "37")
+    wait_relayed_all(ledger, topic)
+    assert last.terminate() == 0
+    n = len(log_in_follow_order(ledger))
+    records = read_all(kafka, topic, expect=n)
+    assert len(records) == n  # no duplicate: each run started where the last one's checkpoint said
+    assert_topic_equals_log(ledger, records)
+
+
 def test_broker_down_relay_backs_off_resumes_and_writers_never_wait(pg_url, own_broker):  # noqa: F811
     ledger = Ledger.open(pg_url)
     topic_name = create_topic(own_broker.bootstrap)

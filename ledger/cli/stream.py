@@ -14,20 +14,42 @@ import click
 from ledger.cli.context import Env, Failure, db_option, echo, format_option, pass_env
 from ledger.cli.params import Seconds
 from ledger.events import TASK, stream_id
-from ledger.relay import MAX_BACKOFF, MAX_BATCH
+from ledger.relay import MAX_BACKOFF, MAX_BATCH, check_bootstrap, check_topic
 
 
-def _stop_on_sigterm() -> threading.Event:
+def _stop_on_sigterm(*, interrupt: bool = False) -> threading.Event:
+    """An event set by SIGTERM (and, with ``interrupt``, by the first Ctrl-C: a second
+    one interrupts at once)."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if interrupt:
+        def first_interrupt(*_) -> None:
+            stop.set()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        signal.signal(signal.SIGINT, first_interrupt)
     return stop
 
 
+class _Checked(click.ParamType):
+    """A value ``check`` accepts, else a usage error with its message."""
+
+    def __init__(self, name: str, check) -> None:
+        self.name, self.check = name, check
+
+    def convert(self, value, param, ctx):
+        try:
+            return self.check(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 @click.command()
-@click.option("--bootstrap", required=True, metavar="HOST:PORT", help="Kafka bootstrap servers")
-@click.option("--topic", required=True, help="event topic (one record per event)")
-@click.option("--state-topic", metavar="TOPIC",
-              help="also keep each task's latest meta here (null value when forgotten)")
+@click.option("--bootstrap", required=True, metavar="HOST:PORT", type=_Checked("HOST:PORT", check_bootstrap),
+              help="Kafka bootstrap servers (comma-separated)")
+@click.option("--topic", required=True, type=_Checked("TOPIC", check_topic), help="event topic (one record per event)")
+@click.option("--state-topic", metavar="TOPIC", type=_Checked("TOPIC", check_topic),
+              help="also keep each task's latest meta here (null value when forgotten); not the event topic")
 @click.option("--once", is_flag=True, help="relay what is there, then exit")
 @click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=5000, show_default=True,
               help="events per flush")
@@ -38,7 +60,13 @@ def _stop_on_sigterm() -> threading.Event:
 @pass_env
 def relay(env: Env, bootstrap: str, topic: str, state_topic: str | None, once: bool, batch: int,
           max_backoff: float, verbose: bool) -> None:
-    """Relay the log to a Kafka topic (at-least-once, in order)."""
+    """Relay the log to a Kafka topic (at-least-once, in order).
+
+    SIGTERM or Ctrl-C stops it after the batch in flight is acknowledged and its
+    checkpoint saved (a second Ctrl-C stops it at once).
+    """
+    if state_topic == topic:
+        raise click.BadParameter(f"must not be the event topic ({topic!r})", param_hint="'--state-topic'")
     try:
         import kafka  # noqa: F401
     except ImportError:
@@ -56,11 +84,13 @@ def relay(env: Env, bootstrap: str, topic: str, state_topic: str | None, once: b
     )
     if not verbose:
         logging.getLogger("kafka").setLevel(logging.CRITICAL)
+        # the schema check's Alembic context: nine INFO lines of its plugins otherwise
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     relayer = Relay(
         env.ledger(), bootstrap, topic, state_topic=state_topic, batch_size=batch,
         max_backoff=max_backoff,
     )
-    stop = _stop_on_sigterm()
+    stop = _stop_on_sigterm(interrupt=True)
     try:
         relayed = relayer.run(once=once, stop=stop)
     except KeyboardInterrupt:
