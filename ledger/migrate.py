@@ -120,6 +120,12 @@ def unknown_revision(engine: Engine) -> str | None:
 
 def check(engine: Engine) -> None:
     """Raise if the database schema differs from the table definitions (``alembic check``)."""
+    at, top = current(engine), head()
+    if at != top and unknown_revision(engine) is None:
+        # Alembic says only "Target database is not up to date."
+        url = safe_url(engine.url)
+        state = "has no ledger schema" if at is None else f"is at schema revision {at}"
+        raise SchemaError(f"{url} {state}, not {top}: run `celery-ledger db upgrade --db {url}`")
     cfg = config()
     try:
         with engine.connect() as conn:

@@ -599,6 +599,17 @@ def test_db_commands_on_an_unknown_revision_say_so_in_one_line(newer_schema, arg
     assert one_line(cli(*argv, "--db", newer_schema), 1) == UNKNOWN
 
 
+def test_db_check_on_an_older_revision_names_the_fix_in_one_line(tmp_path):
+    """Alembic's own words were "Target database is not up to date.", naming neither
+    the revision nor the command, where every other command names both."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    assert cli("db", "upgrade", "0003_catalogue", "--db", url).returncode == 0
+    assert one_line(cli("db", "check", "--db", url), 1) == (
+        f"celery-ledger: {url} is at schema revision 0003_catalogue, not 0005_chord_parts_streams: "
+        f"run `celery-ledger db upgrade --db {url}`"
+    )
+
+
 def test_a_read_command_on_an_unknown_revision_warns_and_reads(newer_schema):
     run = cli("history", "t1", "--db", newer_schema)
     assert run.returncode == 0 and "SUCCESS" in run.stdout
