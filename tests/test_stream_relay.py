@@ -117,18 +117,25 @@ def test_relay_once_stores_its_checkpoint_and_a_second_run_sends_nothing(any_url
     assert len(read_all(kafka, topic, expect=n)) == n
 
 
-def test_relay_killed_mid_stream_and_restarted_loses_nothing(pg_url, kafka, topic):  # noqa: F811
-    ledger = Ledger.open(pg_url)
+def start_writer(ledger: Ledger, prefix: str, tasks: int, seed: int) -> threading.Event:
+    """Append ``tasks`` task lives in transactions of 20 events from a thread; the
+    returned event is set when they are all in."""
     done = threading.Event()
 
     def writer() -> None:
-        events = task_lives("kill", 1200, seed=9)
+        events = task_lives(prefix, tasks, seed=seed)
         for i in range(0, len(events), 20):
             ledger.append(events[i : i + 20])
         done.set()
 
-    relay = RelayProcess(pg_url, kafka, topic, "--batch", "50")
     threading.Thread(target=writer, daemon=True).start()
+    return done
+
+
+def test_relay_killed_mid_stream_and_restarted_loses_nothing(pg_url, kafka, topic):  # noqa: F811
+    ledger = Ledger.open(pg_url)
+    relay = RelayProcess(pg_url, kafka, topic, "--batch", "50")
+    done = start_writer(ledger, "kill", 1200, seed=9)
     eventually(lambda: relay_checkpoint(ledger, topic).position > 0, what="first checkpoint")
     relay.kill()  # SIGKILL: no chance to flush or checkpoint
     killed_at = relay_checkpoint(ledger, topic)
@@ -151,15 +158,7 @@ def test_ctrl_c_stops_the_relay_after_its_checkpoint_so_nothing_is_sent_twice(pg
     import signal
 
     ledger = Ledger.open(pg_url)
-    done = threading.Event()
-
-    def writer() -> None:
-        events = task_lives("int", 1500, seed=11)
-        for i in range(0, len(events), 20):
-            ledger.append(events[i : i + 20])
-        done.set()
-
-    threading.Thread(target=writer, daemon=True).start()
+    done = start_writer(ledger, "int", 1500, seed=11)
     for round_ in range(3):  # three Ctrl-Cs while the writer appends
         relay = RelayProcess(pg_url, kafka, topic, "--batch", "37")
         before = relay_checkpoint(ledger, topic)
