@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -75,7 +76,7 @@ def running_worker(db_url: str, *celery_options: str, extended: bool = True):
         [sys.executable, "-m", "celery", *celery_options, "-A", "tests.workerapp.tasks", "worker",
          "-P", "prefork", "-c", "3", "-Q", queue, "-n", f"{queue}@%h",
          "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"],
-        cwd=ROOT, env=env,
+        cwd=ROOT, env=env, start_new_session=True,
     )
     app = make_app(BROKER, backend, queue, prefix, extended=extended)
     try:
@@ -83,7 +84,14 @@ def running_worker(db_url: str, *celery_options: str, extended: bool = True):
         yield app
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            # A warm shutdown waits for the running tasks: one a failed test left
+            # waiting (a gate never opened) kept the worker and its pool child
+            # running after the test run, consuming from Redis.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         r = redis.Redis.from_url(BROKER)
         keys = list(r.scan_iter(f"{prefix}*"))
         if keys:
