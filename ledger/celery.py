@@ -34,7 +34,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from typing import Any
@@ -486,11 +486,12 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
         with self._wake_ups(enabled=max_iterations != 1) as listener:
             iterations = 0
             while ids:
-                ready = list(self._ready(ids, READY_STATES))
+                rows = self._while_waiting(ids, lambda: self.ledger.task_metas(ids)) or {}
+                ready = list(self._ready(rows, READY_STATES))
                 if on_message is not None:
                     # After the read of the ready ones: their states before it are
                     # then all in the log, and handed over first.
-                    self._deliver_states(ids, delivered, on_message, READY_STATES)
+                    self._deliver_states(ids, rows, delivered, on_message, READY_STATES)
                 if ready and on_interval:
                     # Celery's drain loop calls it between a wake-up and handing over
                     # what came (see below), so AsyncResult.get() re-raises a failed
@@ -562,20 +563,15 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
             if not waiting:  # the group's own id need not be ready
                 return
 
-    def _deliver_states(self, ids: set[str], delivered: dict[str, int], on_message, ready_states) -> None:
+    def _deliver_states(self, ids: set[str], rows: dict[str, TaskMeta], delivered: dict[str, int],
+                        on_message, ready_states) -> None:
         """``on_message`` for each not-ready state of ``ids`` stored since the last call,
-        from the log: a task whose meta row moved past what was delivered has its
-        current life's ``task.state`` events read (those after its last tombstone)."""
-        try:
-            rows = self.ledger.task_metas(ids)
-            moved = [task_id for task_id, row in rows.items() if row.position > delivered.get(task_id, 0)]
-            histories = {task_id: self.ledger.history(task_id) for task_id in moved}
-        except sa.exc.SQLAlchemyError as exc:
-            if not is_disconnect(exc):
-                raise BackendGetMetaError(f"failed to get meta: {type(exc).__name__}",
-                                          task_id=next(iter(ids))) from exc
-            return  # a database restart: the next pass reads again
-        for task_id, events in histories.items():
+        from the log: a task whose meta row (``rows``, this pass's) moved past what was
+        delivered has its current life's ``task.state`` events read (those after its
+        last tombstone)."""
+        moved = [task_id for task_id, row in rows.items() if row.position > delivered.get(task_id, 0)]
+        histories = self._while_waiting(ids, lambda: {task_id: self.ledger.history(task_id) for task_id in moved})
+        for task_id, events in (histories or {}).items():
             life = [e for e in events if e.position > delivered.get(task_id, 0)]
             ends = [i for i, e in enumerate(life) if e.type in TOMBSTONE_TYPES]
             for event in life[ends[-1] + 1 if ends else 0:]:
@@ -591,9 +587,12 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
                 on_message(meta)
                 delivered[task_id] = event.position
 
-    def _ready(self, ids: Iterable[str], ready_states) -> Iterator[tuple[str, dict]]:
+    def _while_waiting(self, ids: Iterable[str], read: Callable[[], Any]) -> Any:
+        """``read()`` for a waiter on ``ids``: None after a lost connection (the next pass
+        reads again: a waiter outlives a database restart), Celery's
+        ``BackendGetMetaError`` for any other failure."""
         try:
-            rows = self.ledger.task_metas(ids)
+            return read()
         except SchemaMissing as exc:
             raise BackendGetMetaError(str(exc), task_id=next(iter(ids))) from None
         except sa.exc.SQLAlchemyError as exc:
@@ -601,9 +600,10 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
                 raise BackendGetMetaError(
                     f"failed to get meta: {type(exc).__name__}", task_id=next(iter(ids))
                 ) from exc
-            # A waiter outlives a database restart: try again on the next pass.
             logger.warning("ledger read failed while waiting (%s); retrying", type(exc).__name__)
-            return
+            return None
+
+    def _ready(self, rows: dict[str, TaskMeta], ready_states) -> Iterator[tuple[str, dict]]:
         for task_id, row in rows.items():
             if row.status in ready_states:
                 try:
@@ -637,9 +637,9 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
     # -- chords -------------------------------------------------------------------------
 
     def set_chord_size(self, group_id, chord_size):
+        # Built inside: an id or size refused as the event is built is Celery's error too.
         with self._storing(BackendStoreError, ChordStarted.type, task_id=group_id):
-            event = ChordStarted(chord_id=group_id, size=chord_size)  # a size no column holds
-        self._append(event, BackendStoreError, task_id=group_id)
+            self.ledger.append([ChordStarted(chord_id=group_id, size=chord_size)])
 
     def apply_chord(self, header_result_args, body, **kwargs):
         """Begin a life of the chord and save its header group, in one transaction.
@@ -659,12 +659,11 @@ class LedgerBackend(BaseBackend, lifecycle.Recorder):
             if not isinstance(results, _regen):
                 header_result = self.app.GroupResult(*header_result_args)
                 events.insert(0, GroupSaved(group_id=group_id, result=header_result.as_tuple()))
-        self._append(events, BackendStoreError, task_id=group_id)
+            self.ledger.append(events)
 
     def add_to_chord(self, chord_id, result):
         with self._storing(BackendStoreError, ChordPartAdded.type, task_id=chord_id):
-            event = ChordPartAdded(chord_id=chord_id, task_id=result.id)
-        self._append(event, BackendStoreError, task_id=chord_id)
+            self.ledger.append([ChordPartAdded(chord_id=chord_id, task_id=result.id)])
 
     def on_chord_part_return(self, request, state, result, **kwargs):
         """Count this header part; the one part that completes the chord sends the body."""
