@@ -61,9 +61,8 @@ class Env:
         commands, which report it themselves, turn that off).
         """
         from ledger.api import Ledger
-        from ledger.store import engine as database
 
-        path = database.sqlite_file(self.url)
+        path = self.database_file
         if not create and path is not None and not os.path.exists(path):
             # A mistyped path must not leave an empty database behind.
             raise Failure(f"no ledger database at {path} (create one: celery-ledger db upgrade)")
