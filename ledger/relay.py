@@ -109,6 +109,26 @@ def backoff(failures: int, cap: float) -> float:
     return random.uniform(0, min(cap, 0.2 * 2 ** min(failures, 64)))
 
 
+def _flush(producer: Any, timeout: float) -> None:
+    """``producer.flush(timeout)``, which kafka-python's flush ends early when the broker
+    refused a batch as too large (MESSAGE_TOO_LARGE) and it split the batch: the
+    flush raises ``UnknownError('Future not done')`` for the batch it split, while
+    the halves are still on their way. They are waited for by flushing again."""
+    from kafka.errors import UnknownError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return producer.flush(max(0.0, deadline - time.monotonic()))
+        except UnknownError as exc:
+            if "Future not done" not in str(exc) or time.monotonic() >= deadline:
+                raise
+
+
+class _Refused(DeliveryFailed):
+    """The broker refused records of a flush as too large: send them again, each alone."""
+
+
 class Relay:
     """Relays the ledger's log to ``topic`` (and task states to ``state_topic``)."""
 
@@ -153,9 +173,14 @@ class Relay:
         self.batches = 0
         #: Batches Kafka failed to acknowledge (each followed by a backoff and a resend).
         self.kafka_failures = 0
-        #: Events skipped (logged with their position, never sent): corrupt ones, and
-        #: those whose record is over the producer's ``max_request_size``.
+        #: Events skipped (logged with their position, never sent): corrupt ones, those
+        #: whose record is over the producer's ``max_request_size``, and those the
+        #: broker refused as too large when sent alone.
         self.skipped = 0
+        #: Positions of events the broker refused as too large in a flush with other
+        #: records: each is sent alone next, to tell a record too large from one failed
+        #: with it (:meth:`_produce`).
+        self._suspects: set[int] = set()
         self._producer: Any = None
         self._batch_bytes = 0
         self._linger = 0.0
@@ -244,7 +269,11 @@ class Relay:
                             Checkpoint(last_read.tx_id, last_read.position),
                             self.batch_size - len(unsent),
                         )
-                    batch_end = acknowledged()
+                    batch_end, sent = acknowledged()
+                except _Refused as exc:  # not Kafka down: resend from the checkpoint now
+                    log.info("relay %s: %s", self.topic, exc)
+                    unsent = []
+                    continue
                 except Exception as exc:  # any Kafka failure: back off, resend from checkpoint
                     from kafka.errors import KafkaError
 
@@ -282,7 +311,9 @@ class Relay:
 
     # -- one batch -----------------------------------------------------------------
 
-    def _produce(self, events: list[RecordedEvent]) -> tuple[int, int, Callable[[], RecordedEvent]]:
+    def _produce(
+        self, events: list[RecordedEvent]
+    ) -> tuple[int, int, Callable[[], tuple[RecordedEvent, int]]]:
         """Append a prefix of ``events`` to the producer and start its flush.
 
         Returns the prefix length, the records sent from it, and a function that
@@ -298,8 +329,22 @@ class Relay:
         kafka-python refuses it at ``send``, before anything goes out, and resending
         it would fail for ever -- the relay did that, reporting it as Kafka down,
         and no later event was sent again. Its state-topic record likewise.
-        """
-        from kafka.errors import MessageSizeTooLargeError
+
+        So is an event whose record the broker refuses as too large
+        (MESSAGE_TOO_LARGE: a Kafka broker takes record batches up to its
+        ``message.max.bytes``, 1 MiB by default, or a topic's
+        ``max.message.bytes``). kafka-python splits a refused batch until the
+        record is alone, but then fails every later send of that producer with
+        the same error, so a failed record may be innocent: the flush counts as
+        failed (:class:`_Refused`), the producer is replaced, and the batch is
+        sent again at once with each refused event in a flush of its own. Refused
+        alone, the event is skipped; taken, it goes on as any other. The batch's
+        other records are then on the topic twice, as after any failed flush.
+
+        The function returned gives the batch's last event and the number of
+        events the broker took.
+                """
+        from kafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
         from kafka.partitioner.default import murmur2
 
         producer = self._producer_or_new()
@@ -310,11 +355,17 @@ class Relay:
         room = self._batch_bytes - _BATCH_OVERHEAD
         deadline = time.monotonic() + self._linger / 2
         filled = dict.fromkeys(partitions, 0)
-        futures = []
+        #: (future, what it carries): an event's position, or the task id of a state record
+        futures: list[tuple[Any, int | str]] = []
         send = producer.send
         topic = self.topic
         consumed = len(events)
+        # A suspect (refused in a flush with others) goes in a flush of its own.
+        alone = events[0].position in self._suspects
         for i, e in enumerate(events):
+            if (alone and i) or (i and e.position in self._suspects):
+                consumed = i
+                break
             try:
                 e.data  # noqa: B018  (validates the payload, as consumers will decode it)
             except CorruptEvent as exc:
@@ -340,7 +391,7 @@ class Relay:
                 self.skipped += 1
                 continue
             filled[partition] += size
-            futures.append(future)
+            futures.append((future, e.position))
         sent = len(futures)
         batch_end = events[consumed - 1]
         if self.state_topic is not None:
@@ -349,21 +400,44 @@ class Relay:
             # resend: it needs no partition accounting.
             for task_id, meta in self._task_states(events[:consumed]).items():
                 try:
-                    futures.append(send(self.state_topic, key=task_id.encode(), value=state_value(meta)))
+                    futures.append((send(self.state_topic, key=task_id.encode(), value=state_value(meta)), task_id))
                 except MessageSizeTooLargeError as exc:
                     log.warning("relay %s: the state of task %s is too large to send (%s); not sent",
                                 self.state_topic, task_id, exc)
         timeout = self.producer_config.get("delivery_timeout_ms", 30_000) / 1000
-        flushed = self._flusher.submit(producer.flush, timeout)
+        flushed = self._flusher.submit(_flush, producer, timeout)
 
-        def acknowledged() -> RecordedEvent:
+        def acknowledged() -> tuple[RecordedEvent, int]:
             flushed.result()
-            for f in futures:
+            refused: list[tuple[int | str, Exception]] = []
+            for f, carried in futures:
                 if not f.is_done:
                     raise DeliveryFailed("flush returned before every record was acknowledged")
                 if f.failed():
-                    raise f.exception
-            return batch_end
+                    if not isinstance(f.exception, (MessageSizeTooLargeError, RecordListTooLargeError)):
+                        raise f.exception
+                    refused.append((carried, f.exception))
+            if not refused:
+                self._suspects.difference_update(p for _, p in futures[:sent])
+                return batch_end, sent
+            # kafka-python fails every later send of a producer that had a batch refused
+            # (its idempotence state is in error): the next flush gets a new one.
+            self._close_producer()
+            positions = [p for p, _ in refused if isinstance(p, int)]
+            if positions and not alone:
+                self._suspects.update(positions)
+                raise _Refused(f"the broker refused {len(positions)} record(s) as too large "
+                               f"({refused[0][1]}); sending each alone")
+            for carried, exc in refused:
+                if isinstance(carried, int):
+                    self._suspects.discard(carried)
+                    log.warning("relay %s: the broker refused the event at position %d as too large "
+                                "(%s); skipped, not sent", self.topic, carried, exc)
+                else:
+                    log.warning("relay %s: the broker refused the state of task %s as too large (%s); "
+                                "not sent", self.state_topic, carried, exc)
+            self.skipped += len(positions)
+            return batch_end, sent - len(positions)
 
         return consumed, sent, acknowledged
 

@@ -14,7 +14,9 @@ import importlib.util
 import os
 import signal
 import socket
+import struct
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +26,8 @@ from unittest import mock
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
+from kafka.errors import MessageSizeTooLargeError
+from kafka.protocol.producer import ProduceRequest, ProduceResponse
 from kafka.record import MemoryRecords
 
 EXTERNAL = os.environ.get("LEDGER_TEST_KAFKA")
@@ -47,6 +51,8 @@ class Broker:
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
+        #: Where Tansu listens: its advertised port (``port``) unless a proxy sits there.
+        self.listen_port = self.port
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -54,17 +60,18 @@ class Broker:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> Broker:
-        url = f"tcp://127.0.0.1:{self.port}"
+        url = f"tcp://127.0.0.1:{self.listen_port}"
         self.proc = subprocess.Popen(
             [str(tansu_binary()), "broker", "--listener-url", url,
-             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/", "--silent"],
+             "--advertised-listener-url", f"tcp://127.0.0.1:{self.port}",
+             "--storage-engine", "memory://tansu/", "--silent"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                socket.create_connection(("127.0.0.1", self.listen_port), timeout=0.2).close()
                 return self
             except OSError:
                 if self.proc.poll() is not None:
@@ -81,6 +88,120 @@ class Broker:
     def restart(self) -> None:
         self.kill()
         self.start()
+
+
+class SizeLimitedBroker(Broker):
+    """Tansu behind a proxy that refuses every record batch over ``limit`` bytes with
+    MESSAGE_TOO_LARGE, as a Kafka broker does past its ``message.max.bytes``
+    (1,048,588 by default; a topic's ``max.message.bytes``). Tansu takes records of
+    any size, so without the proxy that refusal never happens here.
+
+    Tansu listens on a port of its own and advertises the proxy's, so every
+    connection of a client goes through the proxy. Each request is forwarded
+    and its response returned, one at a time; a produce request carrying an
+    oversized batch is forwarded without that partition, and the broker's
+    response gets MESSAGE_TOO_LARGE for it (or the proxy answers alone when
+    nothing is left to forward). ``refused`` counts the batches refused.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.listen_port = free_port()
+        self.refused = 0
+        self._server: socket.socket | None = None
+
+    def start(self) -> SizeLimitedBroker:
+        super().start()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._server,), daemon=True).start()
+        return self
+
+    def kill(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        super().kill()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:  # closed by kill()
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client, socket.create_connection(("127.0.0.1", self.listen_port)) as upstream:
+            while (frame := _read_frame(client)) is not None:
+                api_key, version = struct.unpack_from(">hh", frame)
+                if api_key != ProduceRequest.API_KEY:
+                    upstream.sendall(_framed(frame))
+                    reply = _read_frame(upstream)
+                else:
+                    reply = self._produce(frame, version, upstream)
+                if reply is None:
+                    if api_key == ProduceRequest.API_KEY:
+                        continue  # acks=0: no response
+                    return
+                client.sendall(_framed(reply))
+
+    def _produce(self, frame: bytes, version: int, upstream: socket.socket) -> bytes | None:
+        request = ProduceRequest.decode(frame, version=version, header=True)
+        too_large = []
+        for topic_data in request.topic_data:
+            kept = [p for p in topic_data.partition_data if len(p.records or b"") <= self.limit]
+            too_large += [(topic_data.name, p.index) for p in topic_data.partition_data if p not in kept]
+            topic_data.partition_data = kept
+        request.topic_data = [t for t in request.topic_data if t.partition_data]
+        self.refused += len(too_large)
+        if not too_large:
+            upstream.sendall(_framed(frame))
+            return _read_frame(upstream) if request.acks != 0 else None
+        if request.topic_data:
+            upstream.sendall(_framed(request.encode(version=version, header=True)))
+            raw = _read_frame(upstream)
+            if raw is None or request.acks == 0:
+                return raw
+            response = ProduceResponse.decode(raw, version=version, header=True)
+        else:
+            if request.acks == 0:
+                return None
+            response = ProduceResponse[version](responses=[], throttle_time_ms=0)
+            response.with_header(correlation_id=request.header.correlation_id)
+        topic_class = ProduceResponse[version].TopicProduceResponse
+        partition_class = topic_class.PartitionProduceResponse
+        for name, index in too_large:
+            response.responses.append(topic_class(name=name, partition_responses=[partition_class(
+                index=index, error_code=MessageSizeTooLargeError.errno, base_offset=-1,
+                error_message=f"batch over the broker's {self.limit} bytes",
+            )]))
+        response._version = version  # a response's header has no version to set
+        return response.encode(header=True)
+
+
+def _read_frame(conn: socket.socket) -> bytes | None:
+    """One size-prefixed Kafka frame's body; None when the peer closed."""
+    head = _read_exactly(conn, 4)
+    return None if head is None else _read_exactly(conn, struct.unpack(">i", head)[0])
+
+
+def _read_exactly(conn: socket.socket, n: int) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        try:
+            chunk = conn.recv(min(left, 1 << 20))
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _framed(body: bytes) -> bytes:
+    return struct.pack(">i", len(body)) + body
 
 
 @pytest.fixture(scope="session")

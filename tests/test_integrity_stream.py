@@ -16,7 +16,7 @@ from ledger.rebuild import prune
 from ledger.relay import Relay
 from ledger.store.schema import events
 from ledger.stream import decode_event
-from tests.kafka import create_topic, kafka, read_all, topic  # noqa: F401
+from tests.kafka import SizeLimitedBroker, create_topic, kafka, read_all, topic  # noqa: F401
 from tests.test_integrity import CLI, NOT_AN_EVENT, cli, tamper
 
 FAR_FUTURE = datetime(2099, 1, 1, tzinfo=timezone.utc)
@@ -78,6 +78,37 @@ def test_an_event_too_large_for_the_producer_is_skipped_and_the_stream_keeps_goi
     assert relay.checkpoint.position == ledger.history("after")[0].position
     states = {r.key.decode() for r in read_all(kafka, state_topic, expect=2)}
     assert states == {"before", "after"}
+
+
+def test_an_event_the_broker_refuses_as_too_large_is_skipped_and_the_stream_keeps_going(pg_url, caplog):
+    """A Kafka broker refuses a record batch over its message.max.bytes (1 MiB by
+    default) with MESSAGE_TOO_LARGE: the relay took that for Kafka being down and
+    resent the batch for ever. kafka-python then also fails every later send of
+    the producer with that error, so a refused record is sent again alone before
+    it is skipped, and the small records refused with it are not lost."""
+    broker = SizeLimitedBroker(limit=100_000).start()
+    try:
+        topic, state_topic = create_topic(broker.bootstrap), create_topic(broker.bootstrap)
+        ledger = Ledger.open(pg_url)
+        store_tasks(ledger, "small", 10)
+        ledger.append([TaskState(task_id="big", status="SUCCESS", traceback="x" * 300_000)])
+        store_tasks(ledger, "late", 10)
+        big = ledger.history("big")[0].position
+        relay = Relay(ledger, broker.bootstrap, topic, state_topic=state_topic)
+        with caplog.at_level(logging.WARNING, logger="ledger.relay"):
+            assert relay.run(once=True) == 40
+        assert relay.skipped == 1 and relay.kafka_failures == 0
+        assert broker.refused >= 2  # in the batch, then alone
+        assert f"the broker refused the event at position {big} as too large" in caplog.text
+        assert "the broker refused the state of task big as too large" in caplog.text
+        records = [decode_event(r.value) for r in read_all(broker.bootstrap, topic, expect=40)]
+        assert {r.event_id for r in ledger.read_from(limit=100)} - {r.event_id for r in records} == {
+            ledger.history("big")[0].event_id}
+        assert relay.checkpoint.position == max(e.position for e in ledger.read_from(limit=100))
+        states = {r.key.decode() for r in read_all(broker.bootstrap, state_topic, expect=20)}
+        assert len(states) == 20 and "big" not in states
+    finally:
+        broker.kill()
 
 
 def test_corrupt_events_are_skipped_by_rule_and_the_stream_keeps_going(any_url, kafka, topic, caplog):  # noqa: F811
