@@ -416,12 +416,16 @@ class Ledger:
     def task_meta(self, task_id: str, *, as_of: datetime | int | None = None) -> TaskMeta | None:
         """The task's current projection row, or as it was at a time or log position."""
         if as_of is None:
+            if not self.could_hold(task_id):  # no task has that id (Redis: PENDING too)
+                return None
             return self._retrying(lambda: self.store.task_meta(task_id))
         return self._replay(stream_id(TASK, task_id), as_of).state.task_meta.get(task_id)
 
     def task_metas(self, task_ids: Iterable[str]) -> dict[str, TaskMeta]:
         """Current projection rows of many tasks by id (ids without a row are absent)."""
-        ids = list(task_ids)
+        ids = [i for i in task_ids if self.could_hold(i)]
+        if not ids:
+            return {}
         rows = self.read(lambda c: self.target.tasks(c, ids), single_statement=len(ids) <= 500)
         return {m.task_id: m for m in rows}
 
@@ -487,13 +491,19 @@ class Ledger:
         return self.read(lambda c: task_stats(c, by=by, since=since, until=until, tables=self.target.t))
 
     def group(self, group_id: str) -> GroupState | None:
+        if not self.could_hold(group_id):
+            return None
         return self.read(lambda c: self.target.group(c, group_id), single_statement=True)
 
     def chord(self, chord_id: str) -> ChordState | None:
+        if not self.could_hold(chord_id):
+            return None
         return self.read(lambda c: self.target.chord(c, chord_id))
 
     def chord_header(self, chord_id: str) -> tuple[GroupState | None, dict[str, TaskMeta | None]]:
         """The chord's saved header group and its returned parts' task rows, in one read."""
+        if not self.could_hold(chord_id):
+            return None, {}
         return self.read(lambda c: self.store.chord_header(c, chord_id), single_statement=True)
 
     def snapshot(self) -> Snapshot:
