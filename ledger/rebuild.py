@@ -651,11 +651,12 @@ def prune(ledger, before: datetime, *, dry_run: bool = False) -> PruneReport:
             keys = [stream_key(s) for s in chunk]
             conn.execute(sa.delete(T.catalogue).where(T.catalogue.c.task_id.in_(keys)))
             CatalogueFill(T.catalogue, catalogue_select(e, streams=chunk), whole_log=False).run(conn, type(store))
-        record = LogPruned(
-            before=before, events_deleted=deleted, streams=affected[:PRUNED_STREAMS_LISTED]
-        )
-        recorded, _ = ledger.log.append(conn, [EncodedEvent.of(NewEvent(record))])
-        ledger.target.apply(conn, recorded)
+        if deleted:  # a prune that changed nothing is no event: cron's hourly run adds none
+            record = LogPruned(
+                before=before, events_deleted=deleted, streams=affected[:PRUNED_STREAMS_LISTED]
+            )
+            recorded, _ = ledger.log.append(conn, [EncodedEvent.of(NewEvent(record))])
+            ledger.target.apply(conn, recorded)
         return PruneReport(before, deleted, affected, kept, False, held_by, for_followers)
 
     return ledger.read(work) if dry_run else ledger.write(work)

@@ -257,6 +257,14 @@ def test_prune_then_rebuild_then_verify_is_clean(any_url, capsys):
     code, out, _ = run(capsys, "verify", "--db", any_url)
     assert code == 0, out
 
+    # Again, with nothing left to delete: nothing changes, so nothing is recorded
+    # (an hourly cron job appended an event an hour, to the log and the topic).
+    head = ledger.read(ledger.log.head)
+    code, out, _ = run(capsys, "prune", "--before", cutoff.isoformat(), "--db", any_url)
+    assert code == 0 and "pruned 0 events" in out, out
+    assert ledger.read(ledger.log.head) == head
+    assert len(ledger.read_stream("ledger:maintenance")) == 1
+
 
 def _kept_streams() -> set[str]:
     # the incomplete chord, with its returned part's own stream, and the moving task
