@@ -95,7 +95,10 @@ def relay(env: Env, bootstrap: str, topic: str, state_topic: str | None, once: b
         relayed = relayer.run(once=once, stop=stop)
     except KeyboardInterrupt:
         relayed = relayer.relayed
-    echo(f"relayed {relayed} events to {topic}; checkpoint {tuple(relayer.checkpoint)}")
+    # Skipped events are not on the topic: say so even where warnings are not shown (--once).
+    skipped = (f" ({relayer.skipped} skipped, not sent: corrupt or too large for Kafka;"
+               " the warnings name them, -v shows them with --once)") if relayer.skipped else ""
+    echo(f"relayed {relayed} events to {topic}{skipped}; checkpoint {tuple(relayer.checkpoint)}")
 
 
 @click.command()
