@@ -94,6 +94,16 @@ class SqlTarget:
         #: rebuild catches up on its own tables only: a task state also changes the
         #: task row when the catalogue is rebuilt, and that row is the live one.
         self.slots = None if slots is None else frozenset(slots)
+        #: The upserts below, built once per target with bound parameters: built
+        #: per event, SQLAlchemy's construction and cache key cost more than the
+        #: statement (SQLite's store: ~1 ms of a ~2 ms append, measured).
+        self._upserts: dict[str, Any] = {}
+
+    def _upsert(self, key: str, build: Callable[[], Any]) -> Any:
+        stmt = self._upserts.get(key)
+        if stmt is None:
+            stmt = self._upserts[key] = build()
+        return stmt
 
     def _writes(self, slot: str) -> bool:
         return self.slots is None or slot in self.slots
@@ -112,42 +122,46 @@ class SqlTarget:
             self._catalogue_state(conn, e)  # first: WRITE_ORDER
         if not self._writes("task_meta"):
             return
-        t = self.t.task_meta
         status = e.data.status  # type: ignore[attr-defined]
-        row = {
+        conn.execute(self._upsert("task_meta", self._task_meta_upsert), {
             "task_id": e.stream_key,
             "status": status,
             "position": e.position,
             "done_at": e.recorded_at if status in READY_STATES else None,
             "payload": e.payload,
-        }
-        stmt = self.store.insert(t).values(row)
+        })
+
+    def _task_meta_upsert(self) -> Any:
+        t = self.t.task_meta
+        stmt = self.store.insert(t).values({k: _bound(t, k) for k in TASK_META_COLUMNS})
         # SUCCESS is sticky: the row is only replaced while it is not SUCCESS.
-        stmt = stmt.on_conflict_do_update(
+        return stmt.on_conflict_do_update(
             index_elements=[t.c.task_id],
             set_={k: stmt.excluded[k] for k in ("status", "position", "done_at", "payload")},
             where=t.c.status != STICKY_STATE,
         )
-        conn.execute(stmt)
 
     def _catalogue_state(self, conn: Connection, e: RecordedEvent) -> None:
         # projections.catalogue.fold as an upsert; the fused form is _catalogue_sql.
-        c = self.t.catalogue
         status = e.data.status  # type: ignore[attr-defined]
-        stmt = self.store.insert(c).values(
-            task_id=e.stream_key,
-            state=status,
-            position=e.position,
-            first_seen=e.recorded_at,
-            started_at=e.recorded_at if status == STARTED else None,
-            finished_at=e.recorded_at if status in READY_STATES else None,
-            forgotten=False,
-            expired=False,
+        conn.execute(self._upsert("catalogue_state", self._catalogue_state_upsert), {
+            "task_id": e.stream_key,
+            "state": status,
+            "position": e.position,
+            "first_seen": e.recorded_at,
+            "started_at": e.recorded_at if status == STARTED else None,
+            "finished_at": e.recorded_at if status in READY_STATES else None,
+            "forgotten": False,
+            "expired": False,
             **fields_of(e.data.__dict__),
-        )
+        })
+
+    def _catalogue_state_upsert(self) -> Any:
+        c = self.t.catalogue
+        stmt = self.store.insert(c).values({k: _bound(c, k) for k in CATALOGUE_STATE_COLUMNS})
         ended = sa.or_(c.c.forgotten, c.c.expired)
         x = stmt.excluded
-        stmt = stmt.on_conflict_do_update(
+        return stmt.on_conflict_do_update(
             index_elements=[c.c.task_id],
             set_={
                 **{k: x[k] for k in ("state", "position", "finished_at", "forgotten", "expired")},
@@ -162,33 +176,36 @@ class SqlTarget:
             },
             where=sa.or_(c.c.state != STICKY_STATE, ended),
         )
-        conn.execute(stmt)
 
     def _lifecycle(self, conn: Connection, e: RecordedEvent) -> None:
         # projections.catalogue.fold for SENT/RECEIVED as an upsert; the fused form
         # is _catalogue_sql. Task meta ignores them (Celery sees PENDING).
         if not self._writes("catalogue"):
             return
-        c = self.t.catalogue
-        stmt = self.store.insert(c).values(
-            task_id=e.stream_key, position=e.position, first_seen=e.recorded_at,
-            started_at=None, finished_at=None, forgotten=False, expired=False,
-            received_at=e.recorded_at if e.type == TaskReceived.type else None,
+        stmt = self._upsert(e.type, lambda: self._lifecycle_upsert(e.type))
+        conn.execute(stmt, {
+            "task_id": e.stream_key, "position": e.position, "first_seen": e.recorded_at,
+            "started_at": None, "finished_at": None, "forgotten": False, "expired": False,
+            "received_at": e.recorded_at if e.type == TaskReceived.type else None,
             **lifecycle_columns(e.data),
-        )
+        })
+
+    def _lifecycle_upsert(self, event_type: str) -> Any:
+        c = self.t.catalogue
+        stmt = self.store.insert(c).values({k: _bound(c, k) for k in LIFECYCLE_COLUMNS})
         x = stmt.excluded
         ended = sa.or_(c.c.forgotten, c.c.expired)
-        incoming = STATE_OF[e.type]
+        incoming = STATE_OF[event_type]
         # becomes the effective event over no state or a lifecycle state ranked no higher
         takes = sa.or_(ended, c.c.state.in_([s for s, r in RANK.items() if r <= RANK[incoming]]))
-        sent = e.type == TaskSent.type
+        sent = event_type == TaskSent.type
         # the attempt's SENT gives the columns a RECEIVED does not carry, under either state
         carried = sa.or_(ended, c.c.state.in_(list(RANK))) if sent else ended
 
         def pick(cond: sa.ColumnElement, k: str) -> sa.ColumnElement:
             return sa.case((cond, x[k]), else_=c.c[k])
 
-        stmt = stmt.on_conflict_do_update(
+        return stmt.on_conflict_do_update(
             index_elements=[c.c.task_id],
             set_={
                 **{k: pick(takes, k) for k in ("state", "position", *RECEIVED_FIELDS)},
@@ -201,8 +218,6 @@ class SqlTarget:
             },
             where=sa.or_(c.c.state != STICKY_STATE, ended),
         )
-        conn.execute(stmt)
-
 
     def _task_gone(self, conn: Connection, e: RecordedEvent) -> None:
         t, c = self.t.task_meta, self.t.catalogue
@@ -215,15 +230,17 @@ class SqlTarget:
     def _group_saved(self, conn: Connection, e: RecordedEvent) -> None:
         if not self._writes("groups"):
             return
+        conn.execute(self._upsert("group_saved", self._group_saved_upsert), {
+            "group_id": e.stream_key, "position": e.position, "saved_at": e.recorded_at, "payload": e.payload,
+        })
+
+    def _group_saved_upsert(self) -> Any:
         t = self.t.groups
-        stmt = self.store.insert(t).values(
-            group_id=e.stream_key, position=e.position, saved_at=e.recorded_at, payload=e.payload
-        )
-        stmt = stmt.on_conflict_do_update(
+        stmt = self.store.insert(t).values({k: _bound(t, k) for k in ("group_id", "position", "saved_at", "payload")})
+        return stmt.on_conflict_do_update(
             index_elements=[t.c.group_id],
             set_={k: stmt.excluded[k] for k in ("position", "saved_at", "payload")},
         )
-        conn.execute(stmt)
 
     def _group_gone(self, conn: Connection, e: RecordedEvent) -> None:
         if not self._writes("groups"):
@@ -267,29 +284,45 @@ class SqlTarget:
         if not self._writes("chords"):
             return
         data = e.data
-        inserted = conn.execute(
-            self.store.insert(self.t.chord_parts)
-            .values(chord_id=data.chord_id, task_id=data.task_id, status=data.status, position=e.position)  # type: ignore[attr-defined]
-            .on_conflict_do_nothing()
-            .returning(self.t.chord_parts.c.task_id)
-        ).first()
+        part = self._upsert("chord_part", self._chord_part_insert)
+        inserted = conn.execute(part, {
+            "chord_id": data.chord_id, "task_id": data.task_id,  # type: ignore[attr-defined]
+            "status": data.status, "position": e.position,  # type: ignore[attr-defined]
+        }).first()
         if inserted is not None:
-            n = self.t.chord_counts
-            stmt = self.store.insert(n).values(chord_id=data.chord_id, stripe=0, returned=1)  # type: ignore[attr-defined]
-            conn.execute(stmt.on_conflict_do_update(
-                index_elements=[n.c.chord_id, n.c.stripe], set_={"returned": n.c.returned + 1}
-            ))
+            conn.execute(self._upsert("chord_count", self._chord_count_upsert),
+                         {"chord_id": data.chord_id})  # type: ignore[attr-defined]
+
+    def _chord_part_insert(self) -> Any:
+        p = self.t.chord_parts
+        return (
+            self.store.insert(p)
+            .values({k: _bound(p, k) for k in ("chord_id", "task_id", "status", "position")})
+            .on_conflict_do_nothing()
+            .returning(p.c.task_id)
+        )
+
+    def _chord_count_upsert(self) -> Any:
+        n = self.t.chord_counts
+        stmt = self.store.insert(n).values(chord_id=_bound(n, "chord_id"), stripe=0, returned=1)
+        return stmt.on_conflict_do_update(
+            index_elements=[n.c.chord_id, n.c.stripe], set_={"returned": n.c.returned + 1}
+        )
 
     def _chord_fired(self, conn: Connection, e: RecordedEvent) -> None:
         if not self._writes("chords"):
             return
+        conn.execute(self._upsert("chord_fired", self._chord_fired_upsert),
+                     {"chord_id": e.stream_key, "fired_position": e.position})
+
+    def _chord_fired_upsert(self) -> Any:
         c = self.t.chords
-        stmt = self.store.insert(c).values(chord_id=e.stream_key, size=None, fired_position=e.position)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[c.c.chord_id],
-                set_={"fired_position": sa.func.coalesce(c.c.fired_position, e.position)},
-            )
+        stmt = self.store.insert(c).values(
+            chord_id=_bound(c, "chord_id"), size=None, fired_position=_bound(c, "fired_position")
+        )
+        return stmt.on_conflict_do_update(
+            index_elements=[c.c.chord_id],
+            set_={"fired_position": sa.func.coalesce(c.c.fired_position, stmt.excluded.fired_position)},
         )
 
     _handlers = {
@@ -646,6 +679,23 @@ def catalogue_select(events: sa.FromClause, streams: Iterable[str] | None = None
             .outerjoin(tomb, tomb.c.stream_id == summary.c.stream_id)
         )
     )
+
+
+#: The columns each cached upsert of :class:`SqlTarget` inserts (its parameters' names).
+TASK_META_COLUMNS = ("task_id", "status", "position", "done_at", "payload")
+CATALOGUE_STATE_COLUMNS = (
+    "task_id", "state", "position", "first_seen", "started_at", "finished_at", "forgotten", "expired",
+    *PAYLOAD_FIELDS,
+)
+LIFECYCLE_COLUMNS = (
+    "task_id", "position", "first_seen", "started_at", "finished_at", "forgotten", "expired",
+    "received_at", "state", "sent_at", "ready_at", *PAYLOAD_FIELDS,
+)
+
+
+def _bound(table: sa.Table, column: str) -> sa.BindParameter:
+    """A parameter for ``column`` of ``table``, typed as the column (UTC times, bytes)."""
+    return sa.bindparam(column, type_=table.c[column].type)
 
 
 def lifecycle_columns(data: EventData) -> dict:
