@@ -348,6 +348,10 @@ class Store(ABC):
     #: stored id or value has one, and the database refuses one in a statement's
     #: parameters: a lookup or filter with a NUL then finds nothing without asking.
     holds_nul: ClassVar[bool] = True
+    #: Whether write transactions run one at a time (SQLite's write lock, taken at
+    #: BEGIN): a transaction then sees every write committed before it, so a chord
+    #: part, its claim and the claim's read can be one transaction.
+    writes_serially: ClassVar[bool] = False
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

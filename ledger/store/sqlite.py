@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -143,6 +143,8 @@ class FileRelayLock(RelayLock):
 
 class SQLiteStore(MaintainableStore):
     """The ledger on a SQLite file."""
+
+    writes_serially: ClassVar[bool] = True  # BEGIN IMMEDIATE (create_engine)
 
     def __init__(self, engine: Engine, *, notify: str = "ready") -> None:
         # ``notify`` is PostgreSQL's NOTIFY policy: nothing here can be woken.
