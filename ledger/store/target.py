@@ -94,15 +94,15 @@ class SqlTarget:
         #: rebuild catches up on its own tables only: a task state also changes the
         #: task row when the catalogue is rebuilt, and that row is the live one.
         self.slots = None if slots is None else frozenset(slots)
-        #: The upserts below, built once per target with bound parameters: built
-        #: per event, SQLAlchemy's construction and cache key cost more than the
-        #: statement (SQLite's store: ~1 ms of a ~2 ms append, measured).
-        self._upserts: dict[str, Any] = {}
+        #: The upserts and the point read below, built once per target with bound
+        #: parameters: built per event, SQLAlchemy's construction and cache key cost
+        #: more than the statement (SQLite's store: ~1 ms of a ~2 ms append, measured).
+        self._statements: dict[str, Any] = {}
 
-    def _upsert(self, key: str, build: Callable[[], Any]) -> Any:
-        stmt = self._upserts.get(key)
+    def _statement(self, key: str, build: Callable[[], Any]) -> Any:
+        stmt = self._statements.get(key)
         if stmt is None:
-            stmt = self._upserts[key] = build()
+            stmt = self._statements[key] = build()
         return stmt
 
     def _writes(self, slot: str) -> bool:
@@ -123,7 +123,7 @@ class SqlTarget:
         if not self._writes("task_meta"):
             return
         status = e.data.status  # type: ignore[attr-defined]
-        conn.execute(self._upsert("task_meta", self._task_meta_upsert), {
+        conn.execute(self._statement("task_meta", self._task_meta_upsert), {
             "task_id": e.stream_key,
             "status": status,
             "position": e.position,
@@ -144,7 +144,7 @@ class SqlTarget:
     def _catalogue_state(self, conn: Connection, e: RecordedEvent) -> None:
         # projections.catalogue.fold as an upsert; the fused form is _catalogue_sql.
         status = e.data.status  # type: ignore[attr-defined]
-        conn.execute(self._upsert("catalogue_state", self._catalogue_state_upsert), {
+        conn.execute(self._statement("catalogue_state", self._catalogue_state_upsert), {
             "task_id": e.stream_key,
             "state": status,
             "position": e.position,
@@ -182,7 +182,7 @@ class SqlTarget:
         # is _catalogue_sql. Task meta ignores them (Celery sees PENDING).
         if not self._writes("catalogue"):
             return
-        stmt = self._upsert(e.type, lambda: self._lifecycle_upsert(e.type))
+        stmt = self._statement(e.type, lambda: self._lifecycle_upsert(e.type))
         conn.execute(stmt, {
             "task_id": e.stream_key, "position": e.position, "first_seen": e.recorded_at,
             "started_at": None, "finished_at": None, "forgotten": False, "expired": False,
@@ -230,7 +230,7 @@ class SqlTarget:
     def _group_saved(self, conn: Connection, e: RecordedEvent) -> None:
         if not self._writes("groups"):
             return
-        conn.execute(self._upsert("group_saved", self._group_saved_upsert), {
+        conn.execute(self._statement("group_saved", self._group_saved_upsert), {
             "group_id": e.stream_key, "position": e.position, "saved_at": e.recorded_at, "payload": e.payload,
         })
 
@@ -284,13 +284,13 @@ class SqlTarget:
         if not self._writes("chords"):
             return
         data = e.data
-        part = self._upsert("chord_part", self._chord_part_insert)
+        part = self._statement("chord_part", self._chord_part_insert)
         inserted = conn.execute(part, {
             "chord_id": data.chord_id, "task_id": data.task_id,  # type: ignore[attr-defined]
             "status": data.status, "position": e.position,  # type: ignore[attr-defined]
         }).first()
         if inserted is not None:
-            conn.execute(self._upsert("chord_count", self._chord_count_upsert),
+            conn.execute(self._statement("chord_count", self._chord_count_upsert),
                          {"chord_id": data.chord_id})  # type: ignore[attr-defined]
 
     def _chord_part_insert(self) -> Any:
@@ -312,7 +312,7 @@ class SqlTarget:
     def _chord_fired(self, conn: Connection, e: RecordedEvent) -> None:
         if not self._writes("chords"):
             return
-        conn.execute(self._upsert("chord_fired", self._chord_fired_upsert),
+        conn.execute(self._statement("chord_fired", self._chord_fired_upsert),
                      {"chord_id": e.stream_key, "fired_position": e.position})
 
     def _chord_fired_upsert(self) -> Any:
@@ -350,7 +350,8 @@ class SqlTarget:
 
     def task(self, conn: Connection, task_id: str) -> TaskMeta | None:
         t = self.t.task_meta
-        row = conn.execute(sa.select(t).where(t.c.task_id == task_id)).first()
+        read = self._statement("task", lambda: sa.select(t).where(t.c.task_id == _bound(t, "task_id")))
+        row = conn.execute(read, {"task_id": task_id}).first()
         return TaskMeta(**row._mapping) if row is not None else None
 
     def tasks(self, conn: Connection, task_ids: Iterable[str]) -> list[TaskMeta]:
