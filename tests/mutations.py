@@ -65,6 +65,7 @@ LOG_SQLITE = "tests/test_log.py::TestLogOnSQLite"
 CATALOGUE = "tests/test_catalogue.py"
 WEB_BROWSER = "tests/test_web_browser.py"
 LIFECYCLE = "tests/test_lifecycle.py"
+STREAM_INTEGRITY = "tests/test_integrity_stream.py"
 
 MUTATIONS = [
     Mutation(
@@ -373,7 +374,7 @@ MUTATIONS = [
         "ledger/store/postgres.py",
         "            pg.send_query_prepared(self.name, [key.encode()], self._binary, self._binary[0])\n",
         "            pg.send_query_prepared(self.name, [key.encode()], None, self._binary[0])\n",
-        (f"{BACKEND}::test_a_task_id_with_a_nul_is_refused_never_read_as_its_prefix",),
+        (f"{BACKEND}::test_an_id_with_a_nul_is_no_task_never_read_as_its_prefix",),
     ),
     Mutation(
         "get: a deallocated point read is not prepared again",
@@ -627,6 +628,42 @@ MUTATIONS = [
         "            with contextlib.suppress(ValueError):\n                return _json_decode",
         "            if True:\n                return _json_decode",
         (f"{BACKEND}::test_a_corrupt_json_result_raises_kombus_decode_error",),
+    ),
+    Mutation(
+        "relay: a record the broker refuses as too large is taken for Kafka down",
+        "ledger/relay.py",
+        "                    if not isinstance(f.exception, (MessageSizeTooLargeError, RecordListTooLargeError)):\n",
+        "                    if True:\n",
+        (f"{STREAM_INTEGRITY}::test_an_event_the_broker_refuses_as_too_large_is_skipped_and_the_stream_keeps_going",),
+    ),
+    Mutation(
+        "relay: records the broker refused with others are skipped without being sent alone",
+        "ledger/relay.py",
+        "            if positions and not alone:\n",
+        "            if False:\n",
+        (f"{STREAM_INTEGRITY}::test_an_event_the_broker_refuses_as_too_large_is_skipped_and_the_stream_keeps_going",),
+    ),
+    Mutation(
+        "SQLite chord part: its transaction claims the body without the chord being complete",
+        "ledger/api.py",
+        "        claimed = self._claim_chord(conn, chord_id, claim)\n",
+        "        claimed = bool(self._append_in(conn, [claim]).recorded)\n",
+        (f"{LOG_SQLITE}::test_a_part_returning_to_a_complete_unclaimed_chord_claims_the_body_once",
+         f"{LOG_SQLITE}::test_chord_part_returned_before_the_chord_started_still_counts"),
+    ),
+    Mutation(
+        "prune: a prune that deleted nothing still appends ledger.pruned",
+        "ledger/rebuild.py",
+        "        if deleted:  # a prune that changed nothing is no event: cron's hourly run adds none\n",
+        "        if True:\n",
+        ("tests/test_rebuild.py::test_prune_then_rebuild_then_verify_is_clean",),
+    ),
+    Mutation(
+        "get: an id with a NUL is sent to PostgreSQL (DataError) instead of being no task",
+        "ledger/api.py",
+        "            if not self.could_hold(task_id):  # no task has that id (Redis: PENDING too)\n",
+        "            if False:\n",
+        (f"{BACKEND}::test_an_id_with_a_nul_is_no_task_never_read_as_its_prefix",),
     ),
 ]
 
