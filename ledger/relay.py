@@ -343,7 +343,7 @@ class Relay:
 
         The function returned gives the batch's last event and the number of
         events the broker took.
-                """
+        """
         from kafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
         from kafka.partitioner.default import murmur2
 

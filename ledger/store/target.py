@@ -94,16 +94,6 @@ class SqlTarget:
         #: rebuild catches up on its own tables only: a task state also changes the
         #: task row when the catalogue is rebuilt, and that row is the live one.
         self.slots = None if slots is None else frozenset(slots)
-        #: The upserts and the point read below, built once per target with bound
-        #: parameters: built per event, SQLAlchemy's construction and cache key cost
-        #: more than the statement (SQLite's store: ~1 ms of a ~2 ms append, measured).
-        self._statements: dict[str, Any] = {}
-
-    def _statement(self, key: str, build: Callable[[], Any]) -> Any:
-        stmt = self._statements.get(key)
-        if stmt is None:
-            stmt = self._statements[key] = build()
-        return stmt
 
     def _writes(self, slot: str) -> bool:
         return self.slots is None or slot in self.slots
@@ -123,7 +113,7 @@ class SqlTarget:
         if not self._writes("task_meta"):
             return
         status = e.data.status  # type: ignore[attr-defined]
-        conn.execute(self._statement("task_meta", self._task_meta_upsert), {
+        conn.execute(self._task_meta_upsert, {
             "task_id": e.stream_key,
             "status": status,
             "position": e.position,
@@ -131,6 +121,10 @@ class SqlTarget:
             "payload": e.payload,
         })
 
+    # Each statement is built once per target (a cached property) with bound
+    # parameters: built per event, SQLAlchemy's construction and cache key cost more
+    # than the statement (SQLite's store: ~1 ms of a ~2 ms append, measured).
+    @cached_property
     def _task_meta_upsert(self) -> Any:
         t = self.t.task_meta
         stmt = self.store.insert(t).values({k: _bound(t, k) for k in TASK_META_COLUMNS})
@@ -144,7 +138,7 @@ class SqlTarget:
     def _catalogue_state(self, conn: Connection, e: RecordedEvent) -> None:
         # projections.catalogue.fold as an upsert; the fused form is _catalogue_sql.
         status = e.data.status  # type: ignore[attr-defined]
-        conn.execute(self._statement("catalogue_state", self._catalogue_state_upsert), {
+        conn.execute(self._catalogue_state_upsert, {
             "task_id": e.stream_key,
             "state": status,
             "position": e.position,
@@ -156,6 +150,7 @@ class SqlTarget:
             **fields_of(e.data.__dict__),
         })
 
+    @cached_property
     def _catalogue_state_upsert(self) -> Any:
         c = self.t.catalogue
         stmt = self.store.insert(c).values({k: _bound(c, k) for k in CATALOGUE_STATE_COLUMNS})
@@ -182,13 +177,16 @@ class SqlTarget:
         # is _catalogue_sql. Task meta ignores them (Celery sees PENDING).
         if not self._writes("catalogue"):
             return
-        stmt = self._statement(e.type, lambda: self._lifecycle_upsert(e.type))
-        conn.execute(stmt, {
+        conn.execute(self._lifecycle_upserts[e.type], {
             "task_id": e.stream_key, "position": e.position, "first_seen": e.recorded_at,
             "started_at": None, "finished_at": None, "forgotten": False, "expired": False,
             "received_at": e.recorded_at if e.type == TaskReceived.type else None,
             **lifecycle_columns(e.data),
         })
+
+    @cached_property
+    def _lifecycle_upserts(self) -> dict[str, Any]:
+        return {t: self._lifecycle_upsert(t) for t in (TaskSent.type, TaskReceived.type)}
 
     def _lifecycle_upsert(self, event_type: str) -> Any:
         c = self.t.catalogue
@@ -230,10 +228,11 @@ class SqlTarget:
     def _group_saved(self, conn: Connection, e: RecordedEvent) -> None:
         if not self._writes("groups"):
             return
-        conn.execute(self._statement("group_saved", self._group_saved_upsert), {
+        conn.execute(self._group_saved_upsert, {
             "group_id": e.stream_key, "position": e.position, "saved_at": e.recorded_at, "payload": e.payload,
         })
 
+    @cached_property
     def _group_saved_upsert(self) -> Any:
         t = self.t.groups
         stmt = self.store.insert(t).values({k: _bound(t, k) for k in ("group_id", "position", "saved_at", "payload")})
@@ -284,15 +283,15 @@ class SqlTarget:
         if not self._writes("chords"):
             return
         data = e.data
-        part = self._statement("chord_part", self._chord_part_insert)
-        inserted = conn.execute(part, {
+        inserted = conn.execute(self._chord_part_insert, {
             "chord_id": data.chord_id, "task_id": data.task_id,  # type: ignore[attr-defined]
             "status": data.status, "position": e.position,  # type: ignore[attr-defined]
         }).first()
         if inserted is not None:
-            conn.execute(self._statement("chord_count", self._chord_count_upsert),
+            conn.execute(self._chord_count_upsert,
                          {"chord_id": data.chord_id})  # type: ignore[attr-defined]
 
+    @cached_property
     def _chord_part_insert(self) -> Any:
         p = self.t.chord_parts
         return (
@@ -302,6 +301,7 @@ class SqlTarget:
             .returning(p.c.task_id)
         )
 
+    @cached_property
     def _chord_count_upsert(self) -> Any:
         n = self.t.chord_counts
         stmt = self.store.insert(n).values(chord_id=_bound(n, "chord_id"), stripe=0, returned=1)
@@ -312,9 +312,10 @@ class SqlTarget:
     def _chord_fired(self, conn: Connection, e: RecordedEvent) -> None:
         if not self._writes("chords"):
             return
-        conn.execute(self._statement("chord_fired", self._chord_fired_upsert),
+        conn.execute(self._chord_fired_upsert,
                      {"chord_id": e.stream_key, "fired_position": e.position})
 
+    @cached_property
     def _chord_fired_upsert(self) -> Any:
         c = self.t.chords
         stmt = self.store.insert(c).values(
@@ -348,10 +349,13 @@ class SqlTarget:
         t = self.t.task_meta
         return f"SELECT task_id, status, position, done_at, payload FROM {t.name} WHERE task_id = :key"
 
-    def task(self, conn: Connection, task_id: str) -> TaskMeta | None:
+    @cached_property
+    def _task_read(self) -> Any:  # built once, as the upserts are
         t = self.t.task_meta
-        read = self._statement("task", lambda: sa.select(t).where(t.c.task_id == _bound(t, "task_id")))
-        row = conn.execute(read, {"task_id": task_id}).first()
+        return sa.select(t).where(t.c.task_id == _bound(t, "task_id"))
+
+    def task(self, conn: Connection, task_id: str) -> TaskMeta | None:
+        row = conn.execute(self._task_read, {"task_id": task_id}).first()
         return TaskMeta(**row._mapping) if row is not None else None
 
     def tasks(self, conn: Connection, task_ids: Iterable[str]) -> list[TaskMeta]:
