@@ -150,8 +150,12 @@ class SizeLimitedBroker(Broker):
         request = ProduceRequest.decode(frame, version=version, header=True)
         too_large = []
         for topic_data in request.topic_data:
-            kept = [p for p in topic_data.partition_data if len(p.records or b"") <= self.limit]
-            too_large += [(topic_data.name, p.index) for p in topic_data.partition_data if p not in kept]
+            kept = []
+            for p in topic_data.partition_data:
+                if len(p.records or b"") > self.limit:
+                    too_large.append((topic_data.name, p.index))
+                else:
+                    kept.append(p)
             topic_data.partition_data = kept
         request.topic_data = [t for t in request.topic_data if t.partition_data]
         self.refused += len(too_large)
