@@ -46,7 +46,7 @@ from ledger.events import (
     validate,
 )
 from ledger.store import store_for
-from ledger.store.base import MAX_SQL_INT, START, Checkpoint, EncodedEvent
+from ledger.store.base import MAX_SQL_INT, START, Checkpoint, EncodedEvent, commits_relaxed
 from ledger.store.engine import engine_for, is_concurrency_failure, is_disconnect, safe_url
 from ledger.store.schema import checkpoints
 from ledger.store.schema import events as events_table
@@ -204,7 +204,7 @@ class Ledger:
             if missing:  # raises VersionConflict unless a duplicate
                 self.read(lambda conn: self.log.explain_no_row(conn, missing[0]))
             return AppendResult(recorded, [item.new.event_id for item in missing])
-        return self.write(lambda conn: self._append_in(conn, items))
+        return self.write(lambda conn: self._append_in(conn, items), relaxed=commits_relaxed(items))
 
     def _append_in(self, conn: Connection, items: list[EncodedEvent]) -> AppendResult:
         """Append ``items`` and update the projections in the caller's transaction."""
@@ -369,12 +369,17 @@ class Ledger:
         ]
         return applied[-1] if applied else None
 
-    def write(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in a write transaction, retrying conflicts and lost connections."""
+    def write(self, work: Callable[[Connection], T], *, relaxed: bool = False) -> T:
+        """Run ``work`` in a write transaction, retrying conflicts and lost connections.
+
+        ``relaxed``: the commit need not wait for its flush to disk
+        (:func:`ledger.store.base.commits_relaxed` says which appends may). SQLite
+        honours it here; PostgreSQL commits such an append in a statement of its
+        own (:meth:`ledger.store.postgres.PostgresLog.append_fused_autocommit`)."""
 
         def run() -> T:
             with self.engine.connect() as conn:
-                conn = conn.execution_options(ledger_write=True)
+                conn = conn.execution_options(ledger_write=True, ledger_relaxed=relaxed)
                 with conn.begin():
                     return work(conn)
 

@@ -567,6 +567,27 @@ MUTATIONS = [
         (f"{LIFECYCLE}::test_only_the_lone_lifecycle_event_skips_the_wal_flush_wait",),
     ),
     Mutation(
+        "lifecycle: on SQLite a lone SENT/RECEIVED commits at FULL (waits for the WAL's sync)",
+        "ledger/store/sqlite.py",
+        '_synchronous(conn, "NORMAL" if write and options.get("ledger_relaxed") else "FULL")',
+        '_synchronous(conn, "FULL")',
+        (f"{LIFECYCLE}::test_on_sqlite_only_the_lone_lifecycle_event_commits_without_the_wal_sync",),
+    ),
+    Mutation(
+        "lifecycle: on SQLite the transaction after a relaxed one keeps synchronous = NORMAL",
+        "ledger/store/sqlite.py",
+        "    if info.get(_SYNCHRONOUS) != level:\n",
+        "    if level == 'NORMAL' and info.get(_SYNCHRONOUS) != level:\n",
+        (f"{LIFECYCLE}::test_on_sqlite_only_the_lone_lifecycle_event_commits_without_the_wal_sync",),
+    ),
+    Mutation(
+        "lifecycle: several events in one append commit relaxed",
+        "ledger/store/base.py",
+        "    return len(items) == 1 and items[0].new.data.type in LIFECYCLE_TYPES\n",
+        "    return items[0].new.data.type in LIFECYCLE_TYPES\n",
+        (f"{LIFECYCLE}::test_on_sqlite_only_the_lone_lifecycle_event_commits_without_the_wal_sync",),
+    ),
+    Mutation(
         "lifecycle: a quiet worker (no banner) never connects task_received",
         "ledger/cli/plugin.py",
         "lifecycle.watch_workers()\n",

@@ -12,6 +12,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 from celery import Celery, states
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import TimeoutError
@@ -358,3 +359,40 @@ def test_only_the_lone_lifecycle_event_skips_the_wal_flush_wait(pg_url):
     ledger.append([TaskSent(task_id="a", name="proj.t", sent_at=T0)])
     (setting,) = postgres.pooled_fetch(ledger.engine, [("SHOW synchronous_commit", {})])
     assert setting == ("on",)
+
+
+def test_on_sqlite_only_the_lone_lifecycle_event_commits_without_the_wal_sync(sqlite_url):
+    """A lone SENT or RECEIVED commits at ``synchronous = NORMAL`` (the WAL not synced),
+    as PostgreSQL commits it without waiting for the WAL flush; every other
+    transaction commits at ``FULL``, also the next one on the same pooled
+    connection and one that is not the ledger's write."""
+    ledger = Ledger.open(sqlite_url)
+    levels: list[int] = []
+
+    @sa.event.listens_for(ledger.engine, "commit")
+    def level(conn):
+        (sync,) = conn.connection.driver_connection.execute("PRAGMA synchronous").fetchone()
+        levels.append(sync)
+
+    normal, full = 1, 2
+    for i in range(2):  # twice: the level goes back and forth on the one pooled connection
+        sent = TaskSent(task_id=f"a{i}", name="proj.t", sent_at=T0)
+        steps = [
+            ([sent], normal),
+            ([TaskState(task_id=f"a{i}", status="STARTED")], full),
+            ([TaskReceived(task_id=f"a{i}")], normal),
+            ([TaskSent(task_id=f"b{i}", name="proj.t", sent_at=T0), TaskSent(task_id=f"c{i}", name="proj.t",
+                                                                              sent_at=T0)], full),
+            ([TaskReceived(task_id=f"b{i}")], normal),
+            (None, full),  # a transaction that is not the ledger's write (a migration's, a test's)
+        ]
+        for events, expected in steps:
+            del levels[:]
+            if events is None:
+                with ledger.engine.begin() as conn:
+                    conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS scratch (x)")
+                    conn.exec_driver_sql("INSERT INTO scratch VALUES (1)")
+            else:
+                ledger.append(events)
+            assert levels == [expected], (events, levels)
+    assert [e.type for e in ledger.history("a1")] == ["task.sent", "task.state", "task.received"]

@@ -47,7 +47,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ledger.errors import VersionConflict
-from ledger.events import CHORD, PART, ChordPartReturned, NewEvent, RecordedEvent, encode, stream_id
+from ledger.events import (
+    CHORD,
+    LIFECYCLE_TYPES,
+    PART,
+    ChordPartReturned,
+    NewEvent,
+    RecordedEvent,
+    encode,
+    stream_id,
+)
 from ledger.store.schema import LIVE, ProjectionTables, checkpoints
 from ledger.store.schema import events as events_table
 from ledger.store.target import CatalogueFill, SqlTarget
@@ -106,6 +115,22 @@ class EncodedEvent:
             "chord_size": self.columns.get("chord_size"),
             "payload": self.payload,
         }
+
+
+def commits_relaxed(items: Sequence[EncodedEvent]) -> bool:
+    """Whether ``items`` commit without waiting for their flush to disk: a lone SENT or
+    RECEIVED does (``synchronous_commit`` off on PostgreSQL, ``synchronous = NORMAL``
+    on SQLite, for its own transaction only).
+
+    SENT is on the publisher's ``.delay()`` path and RECEIVED on the worker's
+    consumer; neither is a result. The commit is visible at once, in the same
+    order, and the next durable commit (the task's STARTED, anyone's store)
+    makes it durable too: only the database's host crashing in between (the
+    server, an OS crash, a power cut) can lose it, never a publisher's or a
+    worker's crash. Several events, a result, a chord's or group's event: a
+    durable commit, always.
+    """
+    return len(items) == 1 and items[0].new.data.type in LIFECYCLE_TYPES
 
 
 EVENT_COLUMNS = (

@@ -130,6 +130,7 @@ from ledger.store.base import (
     MaintainableStore,
     RebuildPlan,
     RelayLock,
+    commits_relaxed,
     row_to_event,
 )
 from ledger.store.schema import LIVE, PRUNE_SETTING, ProjectionTables
@@ -1000,10 +1001,9 @@ class PostgresLog(FollowableLog):
 
         A store notifies in its own statement (module docstring, "Which appends NOTIFY").
         """
-        alone = len(items) == 1
-        relaxed = alone and items[0].new.data.type in LIFECYCLE_TYPES
         return self._append_fused(
-            lambda st: pooled_fetch(engine, st), items, projections, relaxed=relaxed, checked=not alone
+            lambda st: pooled_fetch(engine, st), items, projections, relaxed=commits_relaxed(items),
+            checked=len(items) > 1,
         )
 
     #: NOTIFY as a transaction of its own, after the events' commit (module docstring).

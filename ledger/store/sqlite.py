@@ -4,6 +4,8 @@
   at BEGIN (the only way SQLite orders commits), and the file runs in WAL mode
   so readers never block writers. Positions are therefore assigned in commit
   order and ``position`` alone is the follow order (:class:`SQLiteLog`).
+* Every commit waits for the WAL's fsync (``synchronous = FULL``) but a lone SENT's
+  or RECEIVED's, which commits unsynced as on PostgreSQL (:func:`_synchronous`).
 * Nothing can wake a follower: they poll (:class:`ledger.store.base.Listener`).
 * Cross-process locks (one relay per name, one migration at a time) are
   ``flock`` on files beside the database: the processes share a host.
@@ -62,14 +64,38 @@ def create_engine(u: URL) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(conn):
+        options = conn.get_execution_options()
+        write = options.get("ledger_write", False)
+        _synchronous(conn, "NORMAL" if write and options.get("ledger_relaxed") else "FULL")
         # Writers take the write lock at BEGIN: two deferred transactions that both
         # read and then write would otherwise deadlock-fail with SQLITE_BUSY.
-        if conn.get_execution_options().get("ledger_write"):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+#: In a pooled connection's record ``info``: the ``synchronous`` level it was last set to.
+_SYNCHRONOUS = "ledger_synchronous"
+
+
+def _synchronous(conn: Connection, level: str) -> None:
+    """Set the connection's ``synchronous`` level for the transaction about to begin
+    (SQLite refuses to change it inside one), when it is not that already.
+
+    ``FULL`` -- every commit waits for the WAL's fsync -- for every transaction but a
+    lone SENT's or RECEIVED's (:func:`ledger.store.base.commits_relaxed`), which
+    commits at ``NORMAL``: written to the WAL, not synced, as PostgreSQL commits
+    it with ``synchronous_commit`` off. A process's crash loses nothing; an OS
+    crash or power cut can lose it until the next ``FULL`` commit (anyone's: the
+    WAL is synced in order) has synced the WAL. Measured here: 0.48 ms a SENT at
+    ``FULL``, 0.28 ms at ``NORMAL`` (one process, medians of 1,300 appends).
+    Set per transaction, and back to ``FULL`` before any other, also one that is
+    not the ledger's write (a migration, a rebuild): a pooled connection never
+    keeps ``NORMAL`` into the next transaction."""
+    info = conn.connection.info
+    if info.get(_SYNCHRONOUS) != level:
+        conn.exec_driver_sql(f"PRAGMA synchronous = {level}")
+        info[_SYNCHRONOUS] = level
 
 
 def _create_private(path: str) -> None:
