@@ -345,15 +345,15 @@ class Ledger:
     def _claim_chord(self, conn: Connection, chord_id: str, claim: EncodedEvent) -> bool:
         """Claim the body if the chord is complete and unclaimed.
 
-        The chord stream's version is read first, the chord after it, and the
-        claim expects that version: a claim (or any chord event) appended since
-        the version was read fails it, and the unit is retried -- to find the
-        claim, if that was one. Read the other way round, a claim committed
-        between the reads would be missed and a second one appended after it.
+        The chord stream's version and the chord's state are read in one statement
+        (one snapshot), and the claim expects that version: a claim (or any chord
+        event) appended since fails it, and the unit is retried -- to find the
+        claim, if that was one. (Read in two statements, the version had to come
+        first: a claim committed between the reads would otherwise be missed and
+        a second one appended after it.)
         """
-        version = self.log.stream_version(conn, stream_id(CHORD, chord_id))
-        state = self.target.chord(conn, chord_id)
-        if state is None or not state.complete or state.fired_position is not None:
+        version = self.target.claimable_version(conn, chord_id)
+        if version is None:
             return False
         expecting = EncodedEvent.of(NewEvent(claim.new.data, claim.new.event_id, version))
         try:

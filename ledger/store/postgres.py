@@ -135,7 +135,7 @@ from ledger.store.base import (
 )
 from ledger.store.schema import LIVE, PRUNE_SETTING, ProjectionTables
 from ledger.store.schema import events as events_table
-from ledger.store.target import WRITE_ORDER, CatalogueFill, lifecycle_columns
+from ledger.store.target import WRITE_ORDER, CatalogueFill, claimable_sql, lifecycle_columns
 from projections.catalogue import (
     LIFECYCLE_TIMES,
     PAYLOAD_FIELDS,
@@ -843,13 +843,7 @@ class FusedUpdates:
 
     def claimable(self) -> str:
         """SQL: the chord ``:key`` is complete and not claimed (:meth:`claim_guard`)."""
-        c, n = self.t.chords.name, self.t.chord_counts.name
-        return (
-            f"EXISTS (SELECT 1 FROM {c} c WHERE c.chord_id = CAST(:key AS varchar)"
-            " AND c.fired_position IS NULL AND c.size IS NOT NULL"
-            f" AND (SELECT COALESCE(sum(returned), 0) FROM {n} n"
-            " WHERE n.chord_id = CAST(:key AS varchar)) >= c.size)"
-        )
+        return claimable_sql(self.t)
 
 
 def _catalogue_binds(data: EventData) -> dict:

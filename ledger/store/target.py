@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 
 from ledger import codec
 from ledger.events import (
+    CHORD,
     TOMBSTONE_TYPES,
     ChordApplied,
     ChordFired,
@@ -40,8 +41,10 @@ from ledger.events import (
     TaskReceived,
     TaskSent,
     TaskState,
+    stream_id,
 )
 from ledger.store.schema import Position, ProjectionTables, UTCDateTime
+from ledger.store.schema import events as events_table
 from projections.catalogue import (
     LIFECYCLE_TIMES,
     PAYLOAD_FIELDS,
@@ -75,6 +78,19 @@ class SqlForms(Protocol):
 
     @staticmethod
     def fill_catalogue(conn: Connection, fill: CatalogueFill) -> int: ...
+
+
+def claimable_sql(t: ProjectionTables) -> str:
+    """SQL: the chord ``:key`` is complete -- as many distinct parts returned in its life
+    as its size (the sum of its ``chord_counts`` rows) -- and not claimed
+    (:class:`projections.chord.ChordState`'s ``complete`` and ``fired_position``)."""
+    c, n = t.chords.name, t.chord_counts.name
+    return (
+        f"EXISTS (SELECT 1 FROM {c} c WHERE c.chord_id = CAST(:key AS varchar)"
+        " AND c.fired_position IS NULL AND c.size IS NOT NULL"
+        f" AND (SELECT COALESCE(sum(returned), 0) FROM {n} n"
+        " WHERE n.chord_id = CAST(:key AS varchar)) >= c.size)"
+    )
 
 
 class SqlTarget:
@@ -410,6 +426,21 @@ class SqlTarget:
         if row is None and not parts:
             return None
         return _chord_state(chord_id, row, (tuple(r) for r in parts))
+
+    def claimable_version(self, conn: Connection, chord_id: str) -> int | None:
+        """The chord stream's version if the chord is complete and not claimed, else None:
+        one statement, so the version and the chord's state are read together (one
+        snapshot on PostgreSQL)."""
+        return conn.execute(
+            self._claimable_version_sql, {"stream": stream_id(CHORD, chord_id), "key": chord_id}
+        ).scalar()
+
+    @cached_property
+    def _claimable_version_sql(self) -> sa.TextClause:
+        return sa.text(
+            f"SELECT COALESCE(MAX(stream_version), 0) FROM {events_table.name}"
+            f" WHERE stream_id = CAST(:stream AS varchar) HAVING {claimable_sql(self.t)}"
+        )
 
     def chord_header(
         self, conn: Connection, chord_id: str
