@@ -836,14 +836,10 @@ class FusedUpdates:
         taking one: that claim's transaction has none before its insert.
         """
         return (
-            f" AND {self.claimable()}"
+            f" AND {claimable_sql(self.t)}"
             " AND COALESCE(MAX(tx_id), 0) < COALESCE("
             "pg_current_xact_id_if_assigned()::text::bigint, 9223372036854775807)"
         )
-
-    def claimable(self) -> str:
-        """SQL: the chord ``:key`` is complete and not claimed (:meth:`claim_guard`)."""
-        return claimable_sql(self.t)
 
 
 def _catalogue_binds(data: EventData) -> dict:
@@ -1361,7 +1357,7 @@ class PostgresStore(MaintainableStore):
         self._claimed_header_sql = driver_sql(
             f"SELECT * FROM ({self.target.chord_header_sql}) h WHERE {claimed}"
             f" UNION ALL SELECT NULL, '{CLAIMABLE}', NULL, NULL, NULL"
-            f" WHERE NOT {claimed} AND {self.fused.claimable()}"
+            f" WHERE NOT {claimed} AND {claimable_sql(self.target.t)}"
         )
 
     @staticmethod
