@@ -236,7 +236,7 @@ _PAYLOAD_SLOTS = {"task_meta": ("task_id", TaskState), "groups": ("group_id", Gr
 def _corrupt_payloads(conn: Connection, tables: ProjectionTables, slots: Sequence[str]) -> list[str]:
     """Rows about to be served that are not valid events (rebuild copies bytes set-based).
 
-    Each is validated as the live path validates it (its pydantic model, ~10 µs
+    Each is validated as the live path validates it (its pydantic model, ~9 µs
     a row; msgpack alone let ``{"task_id": ...}`` without a state through, to
     crash ``show`` and ``get()`` later). Only the rows a projection serves are
     checked here; ``verify`` checks every event of the log.

@@ -698,6 +698,28 @@ MUTATIONS = [
         "            if False:\n",
         (f"{BACKEND}::test_an_id_with_a_nul_is_no_task_never_read_as_its_prefix",),
     ),
+    Mutation(
+        "events: an id longer than the database column is accepted (no length bound)",
+        "ledger/events.py",
+        "Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]\n",
+        "Id = Annotated[str, Field(min_length=1)]\n",
+        ("tests/test_events.py::test_overlong_task_id_names_the_field_and_the_limit",
+         "tests/faults/test_bad_input.py"),
+    ),
+    Mutation(
+        "events: exception text with a lone surrogate is kept raw when an event is built",
+        "ledger/events.py",
+        "                fields[name] = _utf8_text(value)\n",
+        "                pass\n",
+        ("tests/test_events.py::test_exception_text_with_a_lone_surrogate_is_escaped_when_an_event_is_built",),
+    ),
+    Mutation(
+        "events: a model_construct() event (never validated) is appended unchecked",
+        "ledger/events.py",
+        "        made._validated = False\n",
+        "        pass\n",
+        (f"{LOG_PG}::test_invalid_event_is_rejected_before_anything_is_written",),
+    ),
 ]
 
 

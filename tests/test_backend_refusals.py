@@ -12,7 +12,7 @@ from celery import Celery
 from celery.exceptions import BackendGetMetaError, BackendStoreError
 from celery.result import AsyncResult, GroupResult
 
-from ledger.errors import CodecError, InvalidEvent
+from ledger.errors import InvalidEvent
 
 
 @pytest.fixture
@@ -28,10 +28,11 @@ STORES = {
     "save_group(None)": (lambda app: app.backend.save_group(None, _group(app, None)), InvalidEvent),
     "forget(256 chars)": (lambda app: app.backend.forget("a" * 256), InvalidEvent),
     "delete_group(256 chars)": (lambda app: app.backend.delete_group("g" * 256), InvalidEvent),
-    "store_result(surrogate)": (lambda app: app.backend.store_result("t\udcff", 1, "SUCCESS"), CodecError),
-    "forget(surrogate)": (lambda app: app.backend.forget("t\udcff"), CodecError),
+    # An id is checked as the event is built (its field named), before it is encoded.
+    "store_result(surrogate)": (lambda app: app.backend.store_result("t\udcff", 1, "SUCCESS"), InvalidEvent),
+    "forget(surrogate)": (lambda app: app.backend.forget("t\udcff"), InvalidEvent),
     "save_group(surrogate)": (lambda app: app.backend.save_group("g\udcff", _group(app, "g\udcff")),
-                              CodecError),
+                              InvalidEvent),
 }
 
 

@@ -47,3 +47,35 @@ def test_redelivered_chord_part_has_the_same_event_id():
     a = ChordPartReturned.deterministic_event_id("chord-1", "task-1")
     assert a == ChordPartReturned.deterministic_event_id("chord-1", "task-1")
     assert a != ChordPartReturned.deterministic_event_id("chord-1", "task-2")
+
+
+def test_decoding_validates_in_pydantic_core_without_the_builders_init(monkeypatch):
+    """A stored payload is validated by pydantic-core alone: the models' __init__
+    (which words a builder's errors and escapes exception text) is not called,
+    ~5 µs a payload (rebuild checks one per task). A pydantic that stops honouring
+    the mark on __init__ fails here, not silently in the benchmark."""
+    payload = events.encode(TaskState(task_id="t", status="SUCCESS", name="n"))
+    calls = []
+    monkeypatch.setattr(events.EventData, "__init__", lambda self, **kw: calls.append(kw))
+    for cls in events.EVENT_TYPES.values():
+        assert not cls.__pydantic_custom_init__, cls
+    decoded = events.decode("task.state", 1, payload)
+    assert (decoded.task_id, decoded.status, decoded.name, calls) == ("t", "SUCCESS", "n", [])
+    assert decoded._validated  # appended again as is: not validated a second time
+
+
+def test_a_corrupt_payload_names_the_field_and_an_id_its_problem():
+    from ledger import codec
+
+    with pytest.raises(events.CorruptEvent, match="cannot decode task.state payload: .*field 'status': Field required"):
+        events.decode("task.state", 1, codec.dumps({"task_id": "t"}))
+    with pytest.raises(events.CorruptEvent, match="field 'task_id': must not be empty"):
+        events.decode("task.state", 1, codec.dumps({"task_id": "", "status": "SUCCESS"}))
+    with pytest.raises(events.InvalidEvent, match="field 'group_id': is not valid Unicode text"):
+        events.GroupSaved(group_id="g\udcff", result=[])
+
+
+def test_exception_text_with_a_lone_surrogate_is_escaped_when_an_event_is_built():
+    state = TaskState(task_id="t", status="FAILURE", exc_type="E\udcff", exc_message="m\ud800", traceback="tb")
+    assert (state.exc_type, state.exc_message) == ("E\\udcff", "m\\ud800")
+    assert events.decode("task.state", 1, events.encode(state)).exc_type == "E\\udcff"
