@@ -720,6 +720,13 @@ MUTATIONS = [
         "        pass\n",
         (f"{LOG_PG}::test_invalid_event_is_rejected_before_anything_is_written",),
     ),
+    Mutation(
+        "cli: an argument that is not UTF-8 reaches the database driver (a traceback)",
+        "ledger/cli/root.py",
+        "        if _SURROGATE.search(arg):\n",
+        "        if False:\n",
+        ("tests/test_cli_inputs.py::test_an_argument_that_is_not_utf8_is_one_usage_line",),
+    ),
 ]
 
 

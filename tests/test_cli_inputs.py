@@ -639,3 +639,26 @@ def test_a_nul_in_an_id_or_a_filter_finds_nothing_on_either_database(any_url, ca
     assert main([*argv, "--db", any_url]) == status
     out = capsys.readouterr()
     assert (out.err if status else out.out).strip() == said
+
+
+@pytest.mark.parametrize(("argv", "shown", "where"), [
+    (("show", "t\udcff"), "'t\\xff'", "celery-ledger show"),
+    (("history", "t\udcff"), "'t\\xff'", "celery-ledger history"),
+    (("timeline", "\udcff"), "'\\xff'", "celery-ledger timeline"),
+    (("tasks", "--name", "a\udcffb"), "'a\\xffb'", "celery-ledger tasks"),
+    (("tasks", "--worker=w\udcff"), "'--worker=w\\xff'", "celery-ledger tasks"),
+    (("db", "upgrade", "\udcff"), "'\\xff'", "celery-ledger db upgrade"),
+])
+def test_an_argument_that_is_not_utf8_is_one_usage_line(sqlite_url, argv, shown, where):
+    """A raw byte from the shell (``$'\\xff'``; Python hands it over as a lone
+    surrogate) was a UnicodeEncodeError traceback from the database driver."""
+    line = one_line(cli(*argv, "--db", sqlite_url), 2)
+    assert line == f"celery-ledger: {shown} is not UTF-8 text: ids, names and filters must be (see: {where} --help)"
+
+
+def test_a_file_name_that_is_not_utf8_is_still_a_file_name(sqlite_url, tmp_path):
+    Ledger.open(sqlite_url).append([TaskState(task_id="t1", status="SUCCESS")])
+    target = tmp_path / "r\udcffsults.json"
+    run = cli("export", "--task", "t1", "-o", str(target), "--db", sqlite_url)
+    assert run.returncode == 0, run.stderr
+    assert os.path.exists(os.fsencode(tmp_path) + b"/r\xffsults.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,14 @@ class LedgerGroup(DYMGroup):
 
     Used by ``celery-ledger`` and by the ``celery ledger`` plugin alike.
     """
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None and not isinstance(cmd, click.Group):
+            problem = _undecodable(cmd, rest)
+            if problem is not None:
+                raise Failure(f"{problem} (see: {ctx.command_path} {name} --help)", exit_code=2)
+        return name, cmd, rest
 
     def invoke(self, ctx: click.Context):
         from sqlalchemy.exc import SQLAlchemyError
@@ -55,6 +64,37 @@ class LedgerGroup(DYMGroup):
         except OSError as exc:  # a file the user named: a directory, missing, disk full
             where = f"{exc.filename}: " if exc.filename else ""
             raise Failure(f"{where}{exc.strerror or exc}") from None
+
+
+#: Options whose value is a file's path or a database URL: a file name on Linux may be
+#: any bytes, which Python hands over as lone surrogates (PEP 383).
+_PATH_METAVARS = frozenset({"FILE", "URL"})
+
+
+def _undecodable(cmd: click.Command, args: list[str]) -> str | None:
+    """The usage error for an argument that is not UTF-8 (a raw byte from the shell,
+    ``$'\\xff'``): ids, names and filters are text, and no database of the ledger
+    stores anything else. It was a traceback from the database driver."""
+    paths = {
+        flag for p in cmd.params if isinstance(p, click.Option) and p.metavar in _PATH_METAVARS
+        for flag in p.opts
+    }
+    value_of_path = False
+    for arg in args:
+        if value_of_path:
+            value_of_path = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        if flag in paths:
+            value_of_path = not eq
+            continue
+        if _SURROGATE.search(arg):
+            shown = repr(arg.encode("utf-8", "surrogateescape"))[1:]  # b'...' as '...'
+            return f"{shown} is not UTF-8 text: ids, names and filters must be"
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _first_line(exc: BaseException) -> str:
