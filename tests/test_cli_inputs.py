@@ -658,7 +658,27 @@ def test_an_argument_that_is_not_utf8_is_one_usage_line(sqlite_url, argv, shown,
 
 def test_a_file_name_that_is_not_utf8_is_still_a_file_name(sqlite_url, tmp_path):
     Ledger.open(sqlite_url).append([TaskState(task_id="t1", status="SUCCESS")])
-    target = tmp_path / "r\udcffsults.json"
-    run = cli("export", "--task", "t1", "-o", str(target), "--db", sqlite_url)
-    assert run.returncode == 0, run.stderr
-    assert os.path.exists(os.fsencode(tmp_path) + b"/r\xffsults.json")
+    for i, form in enumerate((("-o", "{}"), ("--output={}",), ("-o{}",))):
+        target = str(tmp_path / f"r\udcffsults{i}.json")
+        run = cli("export", "--task", "t1", *(f.format(target) for f in form), "--db", sqlite_url)
+        assert run.returncode == 0, (form, run.stderr)
+        assert os.path.exists(os.fsencode(tmp_path) + b"/r\xffsults%d.json" % i), form
+
+
+@pytest.mark.parametrize("where", ["option", "environment"])
+def test_a_database_url_that_is_not_utf8_is_one_usage_line_naming_the_byte(tmp_path, where):
+    """``--db $'sqlite:////tmp/\\xff.db'`` was a UnicodeEncodeError traceback from
+    SQLAlchemy's URL; the URL is not echoed (it may hold a password)."""
+    url = "postgresql://bob:s3cr\udcffet@127.0.0.1/db" if where == "option" else f"sqlite:///{tmp_path}/l\udcfe.db"
+    if where == "option":
+        run = cli("tasks", "--db", url)
+    else:
+        env = {**os.environ, "LEDGER_DATABASE_URL": url}
+        run = subprocess.run([CLI, "tasks"], capture_output=True, text=True, timeout=120, env=env)
+        assert "Traceback" not in run.stderr, run.stderr
+    byte = "\\xff" if where == "option" else "\\xfe"
+    assert one_line(run, 2) == (
+        f"celery-ledger: the database URL is not UTF-8 text (it holds the byte {byte}):"
+        " SQLite's paths and PostgreSQL's names must be"
+    )
+    assert not list(tmp_path.iterdir())

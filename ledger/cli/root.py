@@ -88,6 +88,8 @@ def _undecodable(cmd: click.Command, args: list[str]) -> str | None:
         if flag in paths:
             value_of_path = not eq
             continue
+        if arg[:2] in paths and not arg.startswith("--"):  # -oFILE: the short form, glued
+            continue
         if _SURROGATE.search(arg):
             shown = repr(arg.encode("utf-8", "surrogateescape"))[1:]  # b'...' as '...'
             return f"{shown} is not UTF-8 text: ids, names and filters must be"

@@ -23,6 +23,8 @@ from ledger.errors import BadDatabaseURL
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
+#: A lone surrogate: how Python hands over a byte that is not UTF-8 (argv, environment).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _forget_engines_in_child() -> None:
@@ -42,6 +44,15 @@ def normalize_url(url: str | URL) -> URL:
     text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
     if text.startswith("ledger+"):
         text = text[len("ledger+") :]
+    if (raw := _SURROGATE.search(text)) is not None:
+        # A raw byte from the shell or the environment (PEP 383): neither SQLAlchemy's
+        # URL nor the drivers encode it (a UnicodeEncodeError traceback). Not shown
+        # whole: the URL may hold a password.
+        code = ord(raw.group())
+        what = f"the byte \\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+        raise BadDatabaseURL(
+            f"the database URL is not UTF-8 text (it holds {what}): SQLite's paths and PostgreSQL's names must be"
+        )
     try:
         u = make_url(text)
     except Exception as exc:  # ArgumentError and friends
