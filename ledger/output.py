@@ -20,7 +20,9 @@ from typing import Any
 # surrogates (a file name decoded with surrogateescape, JSON's "\ud800"): no
 # UTF-8 output can hold one, so printing it raised UnicodeEncodeError.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+#: A lone surrogate: no UTF-8 text, terminal or database holds one. Python hands a
+#: byte that is not UTF-8 over as one (argv, the environment, a file name: PEP 383).
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 #: OWASP's CSV injection rule: a cell starting with one of these is a formula to
 #: Excel, LibreOffice or Google Sheets.
@@ -42,7 +44,7 @@ def json_text(value: Any, **options: Any) -> str:
     surrogate is written as JSON's own escape (``\ud800``, as ``ensure_ascii`` writes
     it), so the text stays valid JSON and reads back as the value stored."""
     # A surrogate can only be inside a JSON string, where \uXXXX is its escape.
-    return _SURROGATE.sub(_escape, json.dumps(value, ensure_ascii=False, **options))
+    return LONE_SURROGATE.sub(_escape, json.dumps(value, ensure_ascii=False, **options))
 
 
 def csv_cell(value: Any) -> Any:

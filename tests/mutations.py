@@ -723,14 +723,14 @@ MUTATIONS = [
     Mutation(
         "cli: an argument that is not UTF-8 reaches the database driver (a traceback)",
         "ledger/cli/root.py",
-        "        if _SURROGATE.search(arg):\n",
+        "        if LONE_SURROGATE.search(arg):\n",
         "        if False:\n",
         ("tests/test_cli_inputs.py::test_an_argument_that_is_not_utf8_is_one_usage_line",),
     ),
     Mutation(
         "url: a database URL that is not UTF-8 reaches SQLAlchemy (a traceback)",
         "ledger/store/engine.py",
-        "    if (raw := _SURROGATE.search(text)) is not None:\n",
+        "    if (raw := LONE_SURROGATE.search(text)) is not None:\n",
         "    if False:\n",
         ("tests/test_cli_inputs.py::test_a_database_url_that_is_not_utf8_is_one_usage_line_naming_the_byte",),
     ),

@@ -682,3 +682,13 @@ def test_a_database_url_that_is_not_utf8_is_one_usage_line_naming_the_byte(tmp_p
         " SQLite's paths and PostgreSQL's names must be"
     )
     assert not list(tmp_path.iterdir())
+
+
+def test_a_lone_surrogate_no_byte_maps_to_is_refused_in_one_line_too(sqlite_url, capsys):
+    """``main(["show", "\\ud800"])`` from a program (no shell yields that one): the
+    usage line, not a UnicodeEncodeError while wording it."""
+    assert main(["show", "\ud800", "--db", sqlite_url]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "celery-ledger: '\\\\ud800' is not UTF-8 text: ids, names and filters must be"
+        " (see: celery-ledger show --help)"
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from click_didyoumean import DYMGroup
 
 from ledger import __version__
 from ledger.cli.context import DB_ENV, DEFAULT_DB, Env, Failure
+from ledger.output import LONE_SURROGATE
 
 #: What a shell reports for a process killed by SIGPIPE.
 SIGPIPE_STATUS = 128 + signal.SIGPIPE
@@ -88,15 +88,15 @@ def _undecodable(cmd: click.Command, args: list[str]) -> str | None:
         if flag in paths:
             value_of_path = not eq
             continue
-        if arg[:2] in paths and not arg.startswith("--"):  # -oFILE: the short form, glued
+        if arg[:2] in paths:  # -oFILE: the short form, glued
             continue
-        if _SURROGATE.search(arg):
-            shown = repr(arg.encode("utf-8", "surrogateescape"))[1:]  # b'...' as '...'
-            return f"{shown} is not UTF-8 text: ids, names and filters must be"
+        if LONE_SURROGATE.search(arg):
+            try:
+                raw = arg.encode("utf-8", "surrogateescape")  # the bytes the shell gave
+            except UnicodeEncodeError:  # a surrogate no byte maps to ("\ud800", in-process)
+                raw = arg.encode("utf-8", "backslashreplace")
+            return f"{repr(raw)[1:]} is not UTF-8 text: ids, names and filters must be"  # b'...' as '...'
     return None
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _first_line(exc: BaseException) -> str:

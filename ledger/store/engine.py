@@ -20,11 +20,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 
 from ledger.errors import BadDatabaseURL
+from ledger.output import LONE_SURROGATE
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
-#: A lone surrogate: how Python hands over a byte that is not UTF-8 (argv, environment).
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _forget_engines_in_child() -> None:
@@ -44,7 +43,7 @@ def normalize_url(url: str | URL) -> URL:
     text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
     if text.startswith("ledger+"):
         text = text[len("ledger+") :]
-    if (raw := _SURROGATE.search(text)) is not None:
+    if (raw := LONE_SURROGATE.search(text)) is not None:
         # A raw byte from the shell or the environment (PEP 383): neither SQLAlchemy's
         # URL nor the drivers encode it (a UnicodeEncodeError traceback). Not shown
         # whole: the URL may hold a password.
